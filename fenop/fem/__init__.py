@@ -1,0 +1,31 @@
+"""The finite-element layer: meshes, spaces, grid encoders/decoders and FE norms.
+
+Set-up happens on the CPU with scikit-fem; what comes out are torch modules and
+sparse tensors that move with ``.to(device)``.
+"""
+
+from fenop.fem.decoders import FEDecoder
+from fenop.fem.encoders import GridEncoder
+from fenop.fem.grid import Grid
+from fenop.fem.locate import PointLocator, locate
+from fenop.fem.mesh import l_shape, load_mesh, unit_cube, unit_interval, unit_square
+from fenop.fem.norms import RelativeH1Loss, RelativeL2Loss, h1_norm, l2_norm
+from fenop.fem.space import FunctionSpace
+
+__all__ = [
+    "FEDecoder",
+    "FunctionSpace",
+    "Grid",
+    "GridEncoder",
+    "PointLocator",
+    "RelativeH1Loss",
+    "RelativeL2Loss",
+    "h1_norm",
+    "l2_norm",
+    "l_shape",
+    "load_mesh",
+    "locate",
+    "unit_cube",
+    "unit_interval",
+    "unit_square",
+]

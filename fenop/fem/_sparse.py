@@ -1,0 +1,49 @@
+"""SciPy sparse matrices built on the CPU, applied as torch sparse CSR tensors."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse
+import torch
+
+
+def to_torch_csr(matrix: scipy.sparse.sparray | scipy.sparse.spmatrix) -> torch.Tensor:
+    """A float64 torch sparse CSR copy of a SciPy sparse ``(m, n)`` matrix."""
+    csr = scipy.sparse.csr_array(matrix, dtype=np.float64)
+    csr.sum_duplicates()
+    with warnings.catch_warnings():
+        # torch warns once per process that CSR support is beta; fenop uses only
+        # the matrix-times-dense product, which is stable on CPU and CUDA.
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(csr.indptr.astype(np.int64)),
+            torch.from_numpy(csr.indices.astype(np.int64)),
+            torch.from_numpy(csr.data),
+            size=csr.shape,
+            dtype=torch.float64,
+            check_invariants=False,
+        )
+
+
+def apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix @ x`` along the last dimension of ``x``.
+
+    Args:
+        matrix: sparse ``(m, n)``; converted to ``x``'s dtype if it differs.
+        x: ``(..., n)``.
+
+    Returns:
+        ``(..., m)``, differentiable in ``x``.
+    """
+    if matrix.device != x.device:
+        raise ValueError(
+            f"input is on {x.device} but the FE matrix is on {matrix.device}; "
+            "move the module with .to(device)"
+        )
+    if matrix.dtype != x.dtype:
+        matrix = matrix.to(x.dtype)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    return (matrix @ flat.T).T.reshape(*lead, matrix.shape[0])

@@ -1,0 +1,98 @@
+"""FE functions to grid tensors: the input side of an FE-wrapped grid processor.
+
+>>> import torch
+>>> from fenop.fem import FunctionSpace, l_shape
+>>> space = FunctionSpace(l_shape(9))
+>>> encoder = GridEncoder(space, 16)
+>>> encoder(torch.zeros(4, 1, space.n_dofs)).shape   # value, mask, x, y
+torch.Size([4, 4, 16, 16])
+>>> encoder.out_channels(1)
+4
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fenop._types import FETensor, GridTensor
+from fenop.fem._sparse import apply, to_torch_csr
+from fenop.fem.grid import Grid, as_resolution
+from fenop.fem.mesh import bounding_box
+from fenop.fem.space import FunctionSpace
+
+
+def bounding_grid(space: FunctionSpace, resolution: int | Sequence[int]) -> Grid:
+    """The grid of ``resolution`` points per axis spanning ``space``'s mesh."""
+    lower, upper = bounding_box(space.mesh)
+    return Grid(lower=tuple(lower), upper=tuple(upper), shape=as_resolution(resolution, space.dim))
+
+
+class GridEncoder(nn.Module):
+    """Evaluates FE functions on a tensor grid over the mesh's bounding box.
+
+    Grid points outside the domain (a non-convex or non-rectangular mesh) get the
+    value 0; the mask channel tells the processor which points those are.
+
+    Args:
+        space: the FE space of the input coefficients.
+        resolution: grid points per axis (an int for all axes, or one per axis).
+        mask: append a channel that is 1 at grid points in the domain, 0 outside.
+        coordinates: append ``dim`` channels holding each grid point's coordinates,
+            scaled to [0, 1] across the bounding box.
+
+    Shapes:
+        ``(B, C, n_dofs)`` -> ``(B, C + extra_channels, *grid.shape)``.
+    """
+
+    def __init__(
+        self,
+        space: FunctionSpace,
+        resolution: int | Sequence[int],
+        *,
+        mask: bool = True,
+        coordinates: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(space, FunctionSpace):
+            raise TypeError(f"`space` must be a FunctionSpace, got {type(space).__name__}")
+        self.space = space
+        self.grid = bounding_grid(space, resolution)
+        matrix, inside = space.evaluation_matrix(self.grid.points())
+        self.register_buffer("matrix", to_torch_csr(matrix), persistent=False)
+        extra = []
+        if mask:
+            extra.append(inside.astype(np.float64).reshape(self.grid.shape))
+        if coordinates:
+            extra.extend(
+                np.meshgrid(*(np.linspace(0.0, 1.0, n) for n in self.grid.shape), indexing="ij")
+            )
+        self.extra_channels = len(extra)
+        self.register_buffer(
+            "extra",
+            torch.from_numpy(np.stack(extra)) if extra else torch.zeros(0, *self.grid.shape),
+            persistent=False,
+        )
+        self.register_buffer(
+            "inside", torch.from_numpy(inside.reshape(self.grid.shape)), persistent=False
+        )
+
+    def out_channels(self, in_channels: int) -> int:
+        """Channels of the encoded tensor for ``in_channels`` input functions."""
+        return in_channels + self.extra_channels
+
+    def forward(self, x: FETensor) -> GridTensor:
+        """Encode ``x`` ``(B, C, n_dofs)`` as ``(B, C + extra_channels, *grid)``."""
+        if x.ndim != 3:
+            raise ValueError(
+                f"input must have shape (batch, channels, n_dofs), got {tuple(x.shape)}"
+            )
+        self.space.check_coefficients(x, "input")
+        values = apply(self.matrix, x).reshape(*x.shape[:2], *self.grid.shape)
+        if self.extra_channels == 0:
+            return values
+        extra = self.extra.to(values.dtype).expand(x.shape[0], *self.extra.shape)
+        return torch.cat([values, extra], dim=1)

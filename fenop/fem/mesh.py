@@ -1,0 +1,111 @@
+"""Mesh constructors and loading. The mesh type is scikit-fem's :class:`skfem.Mesh`.
+
+Every constructor returns a first-order scikit-fem mesh (``MeshLine1``,
+``MeshTri1``, ``MeshQuad1`` or ``MeshTet1``); nested hierarchies come from
+``mesh.refined()``.
+
+>>> mesh = unit_square(5)
+>>> mesh.p.shape, mesh.t.shape
+((2, 25), (3, 32))
+>>> l_shape(5).p.shape
+(2, 21)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import skfem
+
+SUPPORTED_MESHES = (skfem.MeshLine1, skfem.MeshTri1, skfem.MeshQuad1, skfem.MeshTet1)
+
+
+def _vertices_per_side(n: int) -> np.ndarray:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer):
+        raise TypeError(f"`n` must be an int (vertices per side), got {type(n).__name__}")
+    if n < 2:
+        raise ValueError(f"`n` must be at least 2 vertices per side, got {n}")
+    return np.linspace(0.0, 1.0, int(n))
+
+
+def unit_interval(n: int) -> skfem.MeshLine1:
+    """The interval [0, 1] with ``n`` equally spaced vertices.
+
+    >>> unit_interval(3).p
+    array([[0. , 0.5, 1. ]])
+    """
+    return skfem.MeshLine.init_tensor(_vertices_per_side(n))
+
+
+def unit_square(n: int, *, cell: str = "tri") -> skfem.MeshTri1 | skfem.MeshQuad1:
+    """The unit square [0, 1]^2 with ``n`` x ``n`` vertices.
+
+    Args:
+        n: vertices per side (at least 2).
+        cell: ``"tri"`` (each grid square cut into two triangles) or ``"quad"``.
+    """
+    x = _vertices_per_side(n)
+    if cell == "tri":
+        return skfem.MeshTri.init_tensor(x, x)
+    if cell == "quad":
+        return skfem.MeshQuad.init_tensor(x, x)
+    raise ValueError(f'`cell` must be "tri" or "quad", got {cell!r}')
+
+
+def unit_cube(n: int) -> skfem.MeshTet1:
+    """The unit cube [0, 1]^3 with ``n`` x ``n`` x ``n`` vertices, cut into tetrahedra."""
+    x = _vertices_per_side(n)
+    return skfem.MeshTet.init_tensor(x, x, x)
+
+
+def l_shape(n: int) -> skfem.MeshTri1:
+    """The L-shaped domain (-1, 1)^2 minus [0, 1) x (-1, 0], triangulated.
+
+    The mesh is the structured ``n`` x ``n`` triangulation of (-1, 1)^2 with the
+    lower-right quadrant removed, so the re-entrant corner at the origin is a
+    vertex; ``n`` must therefore be odd.
+    """
+    if isinstance(n, int | np.integer) and not isinstance(n, bool) and n % 2 == 0:
+        raise ValueError(f"`n` must be odd so that the re-entrant corner is a vertex, got {n}")
+    x = 2.0 * _vertices_per_side(n) - 1.0
+    square = skfem.MeshTri.init_tensor(x, x)
+    centroids = square.p[:, square.t].mean(axis=1)
+    removed = np.nonzero((centroids[0] > 0.0) & (centroids[1] < 0.0))[0]
+    return square.remove_elements(removed)
+
+
+def load_mesh(path: str | os.PathLike) -> skfem.Mesh:
+    """Read a mesh file through meshio (Gmsh ``.msh``, VTK ``.vtk``/``.vtu``, XDMF, ...).
+
+    Args:
+        path: the file.
+
+    Returns:
+        A first-order scikit-fem mesh of lines, triangles, quadrilaterals or
+        tetrahedra (the highest-dimensional cells of the file).
+
+    Raises:
+        ValueError: the file does not exist, cannot be read, or holds cells of a
+            kind fenop does not support; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"cannot read mesh {str(path)!r}: no such file")
+    try:
+        mesh = skfem.Mesh.load(str(path))
+    except Exception as exc:  # meshio and scikit-fem raise many types for bad files
+        raise ValueError(f"cannot read mesh {str(path)!r}: {exc}") from exc
+    if not isinstance(mesh, SUPPORTED_MESHES):
+        supported = ", ".join(cls.__name__ for cls in SUPPORTED_MESHES)
+        raise ValueError(
+            f"mesh {str(path)!r} has cells of type {type(mesh).__name__}; "
+            f"fenop supports {supported}"
+        )
+    return mesh
+
+
+def bounding_box(mesh: skfem.Mesh) -> tuple[np.ndarray, np.ndarray]:
+    """The lower and upper corners of the mesh's bounding box, each of shape ``(dim,)``."""
+    return mesh.p.min(axis=1), mesh.p.max(axis=1)
