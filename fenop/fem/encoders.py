@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.sparse
 import torch
+from scipy.spatial import cKDTree
 from torch import nn
 
 from fenop._types import FETensor, GridTensor
@@ -31,11 +33,28 @@ def bounding_grid(space: FunctionSpace, resolution: int | Sequence[int]) -> Grid
     return Grid(lower=tuple(lower), upper=tuple(upper), shape=as_resolution(resolution, space.dim))
 
 
+def _nearest_boundary_dof_matrix(
+    space: FunctionSpace, points: np.ndarray, rows: np.ndarray
+) -> scipy.sparse.csr_array:
+    """``(n_points, n_dofs)`` selecting, for each point where ``rows`` is True, the
+    boundary DOF nearest to it."""
+    facets = space.mesh.boundary_facets()
+    dofs = np.unique(space.basis.get_dofs(facets).all())
+    nearest = dofs[cKDTree(space.dof_points[dofs]).query(points[rows])[1]]
+    selected = np.nonzero(rows)[0]
+    return scipy.sparse.csr_array(
+        (np.ones(len(selected)), (selected, nearest)), shape=(len(points), space.n_dofs)
+    )
+
+
 class GridEncoder(nn.Module):
     """Evaluates FE functions on a tensor grid over the mesh's bounding box.
 
-    Grid points outside the domain (a non-convex or non-rectangular mesh) get the
-    value 0; the mask channel tells the processor which points those are.
+    Grid points outside the domain (a non-convex or non-rectangular mesh) take the
+    value of the nearest DOF on the domain's boundary: a continuous extension up to
+    the mesh size, so the processor sees no artificial jump where the domain ends
+    (``extend=False`` sets them to 0 instead). The mask channel tells the
+    processor which points are outside.
 
     Args:
         space: the FE space of the input coefficients.
@@ -43,6 +62,7 @@ class GridEncoder(nn.Module):
         mask: append a channel that is 1 at grid points in the domain, 0 outside.
         coordinates: append ``dim`` channels holding each grid point's coordinates,
             scaled to [0, 1] across the bounding box.
+        extend: fill outside grid points from the nearest boundary DOF (else 0).
 
     Shapes:
         ``(B, C, n_dofs)`` -> ``(B, C + extra_channels, *grid.shape)``.
@@ -55,13 +75,17 @@ class GridEncoder(nn.Module):
         *,
         mask: bool = True,
         coordinates: bool = True,
+        extend: bool = True,
     ):
         super().__init__()
         if not isinstance(space, FunctionSpace):
             raise TypeError(f"`space` must be a FunctionSpace, got {type(space).__name__}")
         self.space = space
         self.grid = bounding_grid(space, resolution)
-        matrix, inside = space.evaluation_matrix(self.grid.points())
+        points = self.grid.points()
+        matrix, inside = space.evaluation_matrix(points)
+        if extend and not inside.all():
+            matrix = matrix + _nearest_boundary_dof_matrix(space, points, ~inside)
         self.register_buffer("matrix", to_torch_csr(matrix), persistent=False)
         extra = []
         if mask:

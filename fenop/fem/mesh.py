@@ -13,6 +13,8 @@ Every constructor returns a first-order scikit-fem mesh (``MeshLine1``,
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -93,11 +95,19 @@ def load_mesh(path: str | os.PathLike) -> skfem.Mesh:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"cannot read mesh {str(path)!r}: no such file")
+    chatter = io.StringIO()
     try:
-        mesh = skfem.Mesh.load(str(path))
-    except Exception as exc:  # meshio and scikit-fem raise many types for bad files
-        raise ValueError(f"cannot read mesh {str(path)!r}: {exc}") from exc
-    if not isinstance(mesh, SUPPORTED_MESHES):
+        # meshio prints to stdout/stderr while reading, and for a file whose format it
+        # cannot tell apart it even calls sys.exit: keep both from reaching the caller.
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            mesh = skfem.Mesh.load(str(path))
+    except (Exception, SystemExit) as exc:
+        detail = str(exc) if not isinstance(exc, SystemExit) else chatter.getvalue().strip()
+        raise ValueError(
+            f"cannot read mesh {str(path)!r}: {detail or type(exc).__name__}"
+        ) from None
+    # Exact types: scikit-fem's second-order meshes subclass the first-order ones.
+    if type(mesh) not in SUPPORTED_MESHES:
         supported = ", ".join(cls.__name__ for cls in SUPPORTED_MESHES)
         raise ValueError(
             f"mesh {str(path)!r} has cells of type {type(mesh).__name__}; "

@@ -1,0 +1,29 @@
+"""Helpers shared by the tests."""
+
+import numpy as np
+import pytest
+import torch
+
+# Device-move tests run on every device present; CUDA is skipped, and said so, without a GPU.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ),
+]
+
+
+def l_shape_interior_points(rng: np.random.Generator, n: int, *, margin: float = 1e-6):
+    """``n`` uniform random points of the open L-shape (-1, 1)^2 minus [0, 1) x (-1, 0]."""
+    points = []
+    while sum(len(p) for p in points) < n:
+        p = rng.uniform(-1 + margin, 1 - margin, size=(2 * n, 2))
+        keep = ~((p[:, 0] > -margin) & (p[:, 1] < margin))
+        points.append(p[keep])
+    return np.concatenate(points)[:n]
+
+
+def loglog_slope(h, error) -> float:
+    """Least-squares slope of log(error) against log(h): the observed convergence order."""
+    return float(np.polyfit(np.log(h), np.log(error), 1)[0])
