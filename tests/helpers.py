@@ -1,5 +1,8 @@
 """Helpers shared by the tests."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -27,3 +30,15 @@ def l_shape_interior_points(rng: np.random.Generator, n: int, *, margin: float =
 def loglog_slope(h, error) -> float:
     """Least-squares slope of log(error) against log(h): the observed convergence order."""
     return float(np.polyfit(np.log(h), np.log(error), 1)[0])
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(relative_path: str):
+    """Import a script of the repository (an example, a benchmark) as a module."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
