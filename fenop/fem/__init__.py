@@ -6,6 +6,7 @@ sparse tensors that move with ``.to(device)``.
 
 from fenop.fem.decoders import FEDecoder
 from fenop.fem.encoders import GridEncoder
+from fenop.fem.forms import FEForms
 from fenop.fem.grid import Grid
 from fenop.fem.locate import PointLocator, locate
 from fenop.fem.mesh import l_shape, load_mesh, unit_cube, unit_interval, unit_square
@@ -14,6 +15,7 @@ from fenop.fem.space import FunctionSpace
 
 __all__ = [
     "FEDecoder",
+    "FEForms",
     "FunctionSpace",
     "Grid",
     "GridEncoder",

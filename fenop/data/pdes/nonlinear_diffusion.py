@@ -1,0 +1,97 @@
+"""Nonlinear diffusion: -div((1 + u²) ∇u) = f, u = 0 on the boundary, solved by Newton.
+
+>>> from fenop.fem import FunctionSpace, unit_square
+>>> problem = NonlinearDiffusion(FunctionSpace(unit_square(9), dirichlet="boundary"))
+>>> sample = problem.sample(seed=0, index=0)
+>>> bool(abs(sample["u"]).max() > 0.1)    # large enough for the nonlinearity to matter
+True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import skfem
+import torch
+from skfem.helpers import dot, grad
+
+from fenop.data.pdes.base import DirichletResidual, PDEFamily
+from fenop.fem import FunctionSpace
+
+
+@skfem.LinearForm
+def _weak_residual(v, w):
+    return (1 + w["u"] ** 2) * dot(grad(w["u"]), grad(v)) - w["f"] * v
+
+
+@skfem.BilinearForm
+def _jacobian(du, v, w):
+    u = w["u"]
+    return (1 + u**2) * dot(grad(du), grad(v)) + 2 * u * du * dot(grad(u), grad(v))
+
+
+class NonlinearDiffusion(PDEFamily):
+    """Quasilinear diffusion with a random source, Newton's method to a tolerance.
+
+    Args:
+        space: FE space with Dirichlet DOFs on the boundary.
+        scale: the source is ``scale`` times a GRF draw (the default makes u of
+            order one, where the nonlinearity matters).
+        tol: Newton stops when the residual's norm at free DOFs is below ``tol``
+            times the source's (its value at u = 0).
+        max_iterations: Newton iterations before giving up with an error.
+        grf: options of the Gaussian random field.
+    """
+
+    name = "nonlinear_diffusion"
+    inputs = ("f",)
+
+    def __init__(
+        self,
+        space: FunctionSpace,
+        *,
+        scale: float = 50.0,
+        tol: float = 1e-10,
+        max_iterations: int = 30,
+        grf: dict | None = None,
+    ):
+        super().__init__(space, grf=grf)
+        self.scale, self.tol, self.max_iterations = float(scale), float(tol), int(max_iterations)
+
+    def parameters(self) -> dict:
+        return {"scale": self.scale, "tol": self.tol, **super().parameters()}
+
+    def sample_inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {"f": self.scale * self.random_field(rng)}
+
+    def solve(self, *, f: np.ndarray) -> dict[str, np.ndarray]:
+        basis, free = self.space.basis, self.interior
+        f_h = basis.interpolate(f)
+        u = np.zeros(self.space.n_dofs)
+        reference = None
+        for _ in range(self.max_iterations + 1):
+            u_h = basis.interpolate(u)
+            r = _weak_residual.assemble(basis, u=u_h, f=f_h)
+            norm = np.linalg.norm(r[free])
+            reference = norm if reference is None else reference
+            if norm <= self.tol * reference:
+                return {"u": u}
+            u = u - self.solve_linear(_jacobian.assemble(basis, u=u_h), r)
+        raise RuntimeError(
+            f"Newton did not reach a relative residual of {self.tol} in "
+            f"{self.max_iterations} iterations (last {norm / reference:.2e})"
+        )
+
+    def residual(self) -> NonlinearDiffusionResidual:
+        return NonlinearDiffusionResidual(self.space)
+
+
+class NonlinearDiffusionResidual(DirichletResidual):
+    """``R(u; f) = ∫ (1 + u²) ∇u·∇v - ∫ f v`` at free DOFs, ``u`` at Dirichlet DOFs.
+
+    Shapes: ``u``, ``f``: ``(..., n_dofs)`` -> ``(..., n_dofs)``.
+    """
+
+    def weak_form(self, u: torch.Tensor, *, f: torch.Tensor) -> torch.Tensor:
+        forms = self.forms
+        flux = (1 + forms.values(u) ** 2).unsqueeze(-3) * forms.gradients(u)
+        return forms.assemble_gradient(flux) - forms.assemble_values(forms.values(f))
