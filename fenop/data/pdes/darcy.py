@@ -15,6 +15,8 @@ problem completely.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import skfem
 import torch
@@ -35,7 +37,8 @@ class Darcy(PDEFamily):
     Args:
         space: FE space with Dirichlet DOFs on the boundary.
         a_high, a_low: permeability where the GRF is >= 0 and < 0.
-        source: the constant right-hand side f.
+        source: the right-hand side f: a constant, or a callable of the coordinates
+            ``x`` ``(dim, ...)`` (integrated exactly as the quadrature allows).
         grf: options of the underlying Gaussian random field.
     """
 
@@ -48,20 +51,24 @@ class Darcy(PDEFamily):
         *,
         a_high: float = 12.0,
         a_low: float = 3.0,
-        source: float = 1.0,
+        source: float | Callable[[np.ndarray], np.ndarray] = 1.0,
         grf: dict | None = None,
     ):
         super().__init__(space, grf=grf)
         if not (a_high > 0 and a_low > 0):
             raise ValueError(f"permeabilities must be positive, got {a_high} and {a_low}")
-        self.a_high, self.a_low, self.source = float(a_high), float(a_low), float(source)
-        self._load = source * skfem.LinearForm(lambda v, _: v).assemble(space.basis)
+        self.a_high, self.a_low = float(a_high), float(a_low)
+        self.source = source if callable(source) else float(source)
+        f = source if callable(source) else (lambda x: self.source + 0.0 * x[0])
+        self._load = skfem.LinearForm(lambda v, w: f(w.x) * v).assemble(space.basis)
 
     def parameters(self) -> dict:
+        # A callable source cannot be recorded; data sets made by `generate` use numbers.
+        source = "callable" if callable(self.source) else self.source
         return {
             "a_high": self.a_high,
             "a_low": self.a_low,
-            "source": self.source,
+            "source": source,
             **super().parameters(),
         }
 
@@ -75,19 +82,22 @@ class Darcy(PDEFamily):
         return {"u": self.solve_linear(matrix, self._load)}
 
     def residual(self) -> DarcyResidual:
-        return DarcyResidual(self.space, source=self.source)
+        return DarcyResidual(self.space, load=torch.from_numpy(self._load))
 
 
 class DarcyResidual(DirichletResidual):
     """``R(u; a) = ∫ a ∇u·∇v - ∫ f v`` at free DOFs, ``u`` at Dirichlet DOFs.
 
     Shapes: ``u``, ``a``: ``(..., n_dofs)`` -> ``(..., n_dofs)``.
+
+    Args:
+        space: the FE space.
+        load: the assembled right-hand side ``∫ f v`` ``(n_dofs,)``.
     """
 
-    def __init__(self, space: FunctionSpace, *, source: float = 1.0):
+    def __init__(self, space: FunctionSpace, *, load: torch.Tensor):
         super().__init__(space)
-        ones = torch.ones(self.forms.dx.shape, dtype=torch.float64)
-        self.register_buffer("load", source * self.forms.assemble_values(ones), persistent=False)
+        self.register_buffer("load", load.to(torch.float64), persistent=False)
 
     def weak_form(self, u: torch.Tensor, *, a: torch.Tensor) -> torch.Tensor:
         flux = self.forms.values(a).unsqueeze(-3) * self.forms.gradients(u)
