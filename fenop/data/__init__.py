@@ -1,18 +1,24 @@
 """Data: Gaussian random fields, PDE families, the HDF5 store, generation, datasets."""
 
+from fenop.data.dataset import FieldDataset, Normalizer
 from fenop.data.generation import generate
 from fenop.data.grf import GaussianRandomField
+from fenop.data.grid_files import convert_neuralop_darcy, read_neuralop_darcy
 from fenop.data.pdes import PDES, get_pde
 from fenop.data.store import StoreError, open_store, read_header, store_space, validate_store
 
 __all__ = [
     "PDES",
+    "FieldDataset",
     "GaussianRandomField",
+    "Normalizer",
     "StoreError",
+    "convert_neuralop_darcy",
     "generate",
     "get_pde",
     "open_store",
     "read_header",
+    "read_neuralop_darcy",
     "store_space",
     "validate_store",
 ]

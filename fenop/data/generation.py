@@ -143,6 +143,7 @@ def _describe(family: PDEFamily, seed: int, n_samples: int) -> dict:
         "seed": int(seed),
         "n_samples": int(n_samples),
         "element": family.space.element,
+        "dirichlet": "boundary",
         "fields": list(family.fields),
     }
 

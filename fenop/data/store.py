@@ -3,8 +3,9 @@
 Layout (format 1), readable by ``xarray.open_dataset(path, engine="h5netcdf")``
 without fenop, thanks to HDF5 dimension scales::
 
-    / attrs      fenop_format = 1, pde, element, fields (JSON list), parameters
-                 (JSON), seed, n_samples, n_complete, chunk_size
+    / attrs      fenop_format = 1, pde, element, dirichlet ("boundary" or "none"),
+                 fields (JSON list), parameters (JSON), seed, n_samples,
+                 n_complete, chunk_size
     /mesh_points (vertex, axis)  float64   mesh vertices
     /mesh_cells  (cell, corner)  int64     connectivity into mesh_points
     /<field>     (sample, dof)   float64   one dataset per field
@@ -208,16 +209,21 @@ def _mesh(path, f: h5py.File) -> skfem.Mesh:
     return kind(np.ascontiguousarray(points.T), np.ascontiguousarray(cells.T))
 
 
-def store_space(path: str | os.PathLike, *, dirichlet: str | None = "boundary") -> FunctionSpace:
-    """The FE space a store's fields live in (its mesh and element)."""
+def store_space(path: str | os.PathLike) -> FunctionSpace:
+    """The FE space a store's fields live in: its mesh, element and Dirichlet DOFs."""
     with _open(path) as f:
         header = _header(path, f)
         mesh = _mesh(path, f)
+    dirichlet = header.get("dirichlet", "boundary")
+    if dirichlet not in ("boundary", "none"):
+        raise StoreError(path, f"unknown dirichlet attribute {dirichlet!r}")
     degree = _DEGREES.get(header["element"])
     if degree is None:
         raise StoreError(path, f"unknown element {header['element']!r}")
     try:
-        return FunctionSpace(mesh, degree=degree, dirichlet=dirichlet)
+        return FunctionSpace(
+            mesh, degree=degree, dirichlet=None if dirichlet == "none" else dirichlet
+        )
     except ValueError as exc:
         raise StoreError(path, str(exc)) from None
 
@@ -236,7 +242,7 @@ def validate_store(
     shape ``(n_samples, n_dofs)``, the store is complete (unless ``allow_partial``),
     and (with ``check_values``) the complete samples hold no NaN or Inf.
     """
-    space = store_space(path, dirichlet=None)
+    space = store_space(path)
     with _open(path) as f:
         header = _header(path, f)
         listed = header["fields"]
@@ -274,13 +280,17 @@ def open_store(path: str | os.PathLike, *, allow_partial: bool = False):
 
     The DOF coordinates are attached as ``x``, ``y`` (``z``) coordinates along
     ``dof``. With ``allow_partial``, an incomplete store opens with just its
-    complete samples.
+    complete samples. The file stays open while the dataset is used: close it (or
+    open it in a ``with`` block) before writing to the file again.
     """
     import xarray as xr
 
     header = validate_store(path, allow_partial=allow_partial)
-    space = store_space(path, dirichlet=None)
+    space = store_space(path)
     ds = xr.open_dataset(path, engine="h5netcdf")
-    ds = ds.isel(sample=slice(0, int(header["n_complete"])))
     names = ("x", "y", "z")[: space.dim]
-    return ds.assign_coords({n: ("dof", space.dof_points[:, i]) for i, n in enumerate(names)})
+    view = ds.isel(sample=slice(0, int(header["n_complete"]))).assign_coords(
+        {n: ("dof", space.dof_points[:, i]) for i, n in enumerate(names)}
+    )
+    view.set_close(ds.close)  # closing the view (or leaving its `with`) closes the file
+    return view

@@ -1,0 +1,138 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import fenop.data.generation as generation
+from fenop.data import StoreError, generate, open_store, read_header
+from fenop.fem import l_shape, unit_square
+
+
+def _values(path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {name: f[name][()] for name in ("a", "u")}
+
+
+def test_one_and_two_workers_write_the_same_file(tmp_path):
+    one = generate(
+        "darcy", 10, l_shape(9), seed=2, path=tmp_path / "one.h5", chunk_size=4, progress=False
+    )
+    two = generate(
+        "darcy",
+        10,
+        l_shape(9),
+        seed=2,
+        path=tmp_path / "two.h5",
+        chunk_size=4,
+        workers=2,
+        progress=False,
+    )
+    for name, value in _values(one).items():
+        np.testing.assert_array_equal(value, _values(two)[name])
+    assert read_header(two)["n_complete"] == 10
+
+
+def test_interrupted_run_resumes_to_the_same_values(tmp_path, monkeypatch):
+    reference = generate(
+        "poisson",
+        11,
+        unit_square(9),
+        seed=1,
+        path=tmp_path / "ref.h5",
+        chunk_size=3,
+        progress=False,
+    )
+
+    calls = []
+    real_write = generation.write_samples
+
+    def write_then_interrupt(path, start, values):
+        real_write(path, start, values)
+        calls.append(start)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C after two chunks
+
+    monkeypatch.setattr(generation, "write_samples", write_then_interrupt)
+    path = tmp_path / "resumed.h5"
+    with pytest.raises(KeyboardInterrupt):
+        generate("poisson", 11, unit_square(9), seed=1, path=path, chunk_size=3, progress=False)
+    assert read_header(path)["n_complete"] == 6
+    with open_store(path, allow_partial=True) as partial:
+        assert partial.sizes["sample"] == 6
+
+    monkeypatch.setattr(generation, "write_samples", real_write)
+    generate("poisson", 11, unit_square(9), seed=1, path=path, chunk_size=3, progress=False)
+    with h5py.File(reference) as f, h5py.File(path) as g:
+        for name in ("f", "u"):
+            np.testing.assert_array_equal(f[name][()], g[name][()])
+
+
+def test_killed_process_leaves_a_readable_file_that_resumes(tmp_path):
+    """SIGKILL mid-run: the complete chunks survive and the rerun matches an uninterrupted run."""
+    path = tmp_path / "killed.h5"
+    script = (
+        "from fenop.data import generate; from fenop.fem import unit_square; "
+        f"generate('darcy', 400, unit_square(17), seed=4, path=r'{path}', chunk_size=5, "
+        "progress=False)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 120
+        complete = 0
+        while complete < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            try:
+                with h5py.File(path, "r", locking=False) as f:
+                    complete = int(f.attrs["n_complete"])
+            except (OSError, KeyError):
+                pass
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    header = read_header(path)
+    assert 10 <= header["n_complete"] < 400, "the run ended before it could be killed mid-way"
+    with open_store(path, allow_partial=True) as partial:
+        assert np.isfinite(partial["u"].values).all()
+
+    generate("darcy", 400, unit_square(17), seed=4, path=path, chunk_size=5, progress=False)
+    reference = generate(
+        "darcy",
+        400,
+        unit_square(17),
+        seed=4,
+        path=tmp_path / "ref.h5",
+        chunk_size=5,
+        progress=False,
+    )
+    for name, value in _values(reference).items():
+        np.testing.assert_array_equal(value, _values(path)[name])
+
+
+def test_existing_file_of_another_recipe_is_left_alone(tmp_path):
+    path = generate("darcy", 3, unit_square(5), seed=0, path=tmp_path / "d.h5", progress=False)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="different seed"):
+        generate("darcy", 3, unit_square(5), seed=1, path=path, progress=False)
+    with pytest.raises(StoreError, match="different mesh"):
+        generate("darcy", 3, unit_square(6), seed=0, path=path, progress=False)
+    with pytest.raises(StoreError, match="different parameters"):
+        generate("darcy", 3, unit_square(5), seed=0, path=path, progress=False, a_high=10.0)
+    assert path.read_bytes() == before
+    generate("darcy", 3, unit_square(5), seed=1, path=path, progress=False, overwrite=True)
+    assert read_header(path)["seed"] == 1
+
+
+def test_bad_arguments_write_nothing(tmp_path):
+    path = tmp_path / "x.h5"
+    with pytest.raises(ValueError, match="unknown PDE"):
+        generate("navier-stokes", 3, unit_square(5), seed=0, path=path)
+    with pytest.raises(ValueError, match="n_samples"):
+        generate("darcy", 0, unit_square(5), seed=0, path=path)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        generate("darcy", 3, unit_square(5), seed=0, path=path, viscosity=1.0)
+    assert not os.path.exists(path)

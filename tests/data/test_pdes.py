@@ -1,0 +1,110 @@
+"""Each family's samples solve their own discrete systems, assembled here independently."""
+
+import numpy as np
+import pytest
+import skfem
+import torch
+from skfem.helpers import dot, grad
+
+from fenop.data.pdes import PDES, Darcy, NonlinearDiffusion, Poisson, get_pde
+from fenop.fem import FunctionSpace, l_shape, unit_square
+from tests.helpers import loglog_slope
+
+SPACES = {
+    "square-P1": lambda: FunctionSpace(unit_square(17), dirichlet="boundary"),
+    "lshape-P1": lambda: FunctionSpace(l_shape(17), dirichlet="boundary"),
+    "lshape-P2": lambda: FunctionSpace(l_shape(9), degree=2, dirichlet="boundary"),
+}
+
+
+def _weak_residual(name: str, basis: skfem.CellBasis, sample: dict, family) -> np.ndarray:
+    """The weak residual of the family's PDE at the stored u, written from scratch."""
+    u = basis.interpolate(sample["u"])
+    if name == "darcy":
+        a = basis.interpolate(sample["a"])
+        form = skfem.LinearForm(
+            lambda v, w: w["a"] * dot(grad(w["u"]), grad(v)) - family.source * v
+        )
+        return form.assemble(basis, u=u, a=a)
+    f = basis.interpolate(sample["f"])
+    if name == "poisson":
+        form = skfem.LinearForm(lambda v, w: dot(grad(w["u"]), grad(v)) - w["f"] * v)
+    else:
+        form = skfem.LinearForm(
+            lambda v, w: (1 + w["u"] ** 2) * dot(grad(w["u"]), grad(v)) - w["f"] * v
+        )
+    return form.assemble(basis, u=u, f=f)
+
+
+@pytest.mark.parametrize("space_id", sorted(SPACES))
+@pytest.mark.parametrize("name", sorted(PDES))
+def test_samples_satisfy_their_assembled_systems(name, space_id):
+    space = SPACES[space_id]()
+    family = get_pde(name)(space)
+    sample = family.sample(seed=5, index=3)
+    assert sorted(sample) == sorted(family.fields)
+    free = np.setdiff1d(np.arange(space.n_dofs), space.boundary_dofs)
+    residual = _weak_residual(name, space.basis, sample, family)
+    # Relative to the residual of u = 0, i.e. the size of the right-hand side.
+    at_zero = _weak_residual(name, space.basis, {**sample, "u": np.zeros(space.n_dofs)}, family)
+    assert np.linalg.norm(residual[free]) <= 1e-10 * np.linalg.norm(at_zero[free])
+    assert np.all(sample["u"][space.boundary_dofs] == 0.0)
+
+    # The torch residual module agrees, at the solution and at a random state.
+    module = family.residual()
+    tensors = {k: torch.from_numpy(v) for k, v in sample.items() if k != "u"}
+    u = torch.from_numpy(sample["u"])
+    assert module(u, **tensors)[free].norm() <= 1e-10 * np.linalg.norm(at_zero[free])
+    random_u = torch.randn(space.n_dofs, dtype=torch.float64)
+    expected = _weak_residual(name, space.basis, {**sample, "u": random_u.numpy()}, family)
+    got = module(random_u, **tensors)
+    np.testing.assert_allclose(got[free].numpy(), expected[free], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[space.boundary_dofs], random_u[space.boundary_dofs])
+
+
+def test_darcy_inputs_follow_the_recipe():
+    space = FunctionSpace(unit_square(33), dirichlet="boundary")
+    a = np.stack([Darcy(space).sample(seed=0, index=i)["a"] for i in range(20)])
+    assert set(np.unique(a)) == {3.0, 12.0}
+    assert 0.3 < (a == 12.0).mean() < 0.7  # a zero-mean field is non-negative about half the time
+
+
+@pytest.mark.parametrize(("degree", "order"), [(1, 2.0), (2, 3.0)])
+def test_darcy_solver_converges_to_a_manufactured_solution(degree, order):
+    """u = sin(πx) sin(πy), a = 1 + xy, f = -div(a ∇u): L2 error of order degree + 1."""
+
+    def exact(x):
+        return np.sin(np.pi * x[0]) * np.sin(np.pi * x[1])
+
+    def source(x):
+        ux = np.pi * np.cos(np.pi * x[0]) * np.sin(np.pi * x[1])
+        uy = np.pi * np.sin(np.pi * x[0]) * np.cos(np.pi * x[1])
+        return -(x[1] * ux + x[0] * uy) + 2 * np.pi**2 * (1 + x[0] * x[1]) * exact(x)
+
+    h, errors = [], []
+    for n in (9, 17, 33):
+        space = FunctionSpace(unit_square(n), degree=degree, dirichlet="boundary")
+        family = Darcy(space, source=source)
+        u = family.solve(a=space.interpolate(lambda x: 1 + x[0] * x[1]).numpy())["u"]
+        basis = skfem.Basis(space.mesh, space.basis.elem, intorder=8)
+        error = skfem.Functional(lambda w: (w["u"] - exact(w.x)) ** 2).assemble(
+            basis, u=basis.interpolate(u)
+        )
+        h.append(1 / (n - 1))
+        errors.append(np.sqrt(error))
+    assert abs(loglog_slope(h, errors) - order) <= 0.15
+
+
+def test_newton_gives_up_with_a_clear_error():
+    space = FunctionSpace(unit_square(9), dirichlet="boundary")
+    with pytest.raises(RuntimeError, match="Newton did not reach"):
+        NonlinearDiffusion(space, max_iterations=1).sample(seed=0, index=0)
+
+
+def test_families_reject_bad_arguments():
+    with pytest.raises(ValueError, match="unknown PDE 'stokes'; known: darcy"):
+        get_pde("stokes")
+    with pytest.raises(ValueError, match="Dirichlet DOFs"):
+        Poisson(FunctionSpace(unit_square(5)))
+    with pytest.raises(ValueError, match="positive"):
+        Darcy(FunctionSpace(unit_square(5), dirichlet="boundary"), a_low=0.0)

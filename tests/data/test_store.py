@@ -1,0 +1,123 @@
+import hashlib
+
+import h5py
+import numpy as np
+import pytest
+import xarray as xr
+
+from fenop.data.store import (
+    StoreError,
+    create_store,
+    open_store,
+    store_space,
+    validate_store,
+    write_samples,
+)
+from fenop.fem import FunctionSpace, l_shape
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A complete store of 5 samples of fields a and u on a P2 L-shape space."""
+    space = FunctionSpace(l_shape(5), degree=2, dirichlet="boundary")
+    path = tmp_path / "store.h5"
+    create_store(
+        path, space, fields=["a", "u"], n_samples=5, attrs={"pde": "test", "dirichlet": "boundary"}
+    )
+    values = {
+        "a": np.arange(5 * space.n_dofs, dtype=float).reshape(5, -1),
+        "u": -np.arange(5 * space.n_dofs, dtype=float).reshape(5, -1),
+    }
+    write_samples(path, 0, {k: v[:3] for k, v in values.items()})
+    write_samples(path, 3, {k: v[3:] for k, v in values.items()})
+    return path, space, values
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_round_trip_and_xarray_without_fenop(store):
+    path, space, values = store
+    with open_store(path) as ds:
+        np.testing.assert_array_equal(ds["u"].values, values["u"])
+        np.testing.assert_array_equal(ds["x"].values, space.dof_points[:, 0])
+    plain = xr.open_dataset(path, engine="h5netcdf")
+    assert plain["a"].dims == ("sample", "dof")
+    assert plain["mesh_points"].dims == ("vertex", "axis")
+    assert plain["mesh_cells"].dims == ("cell", "corner")
+    assert plain.attrs["fenop_format"] == 1
+    np.testing.assert_array_equal(plain["a"].values, values["a"])
+    rebuilt = store_space(path)
+    assert rebuilt.n_dofs == space.n_dofs and rebuilt.element == "P2"
+    np.testing.assert_array_equal(rebuilt.boundary_dofs, space.boundary_dofs)
+
+
+def _break(path, how: str) -> None:
+    if how == "truncated bytes":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+        return
+    if how == "not hdf5":
+        path.write_text("hello\n")
+        return
+    with h5py.File(path, "r+") as f:
+        if how == "missing field":
+            del f["u"]
+        elif how == "wrong shape":
+            del f["u"]
+            f.create_dataset("u", data=np.zeros((5, 7)))
+        elif how == "nan":
+            f["u"][3, 2] = np.nan
+        elif how == "inf":
+            f["a"][0, 0] = np.inf
+        elif how == "newer format":
+            f.attrs["fenop_format"] = 2
+        elif how == "not a store":
+            del f.attrs["fenop_format"]
+        elif how == "incomplete":
+            f.attrs["n_complete"] = 3
+        elif how == "bad mesh":
+            f["mesh_cells"][0, 0] = 10_000
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("missing field", r"missing field 'u'"),
+        ("wrong shape", r"field 'u' has shape \(5, 7\), expected \(5, 65\)"),
+        ("nan", r"field 'u' holds NaN or Inf in sample 3"),
+        ("inf", r"field 'a' holds NaN or Inf in sample 0"),
+        ("newer format", r"store format 2, newer than this fenop reads \(1\)"),
+        ("not a store", r"not a fenop store"),
+        ("incomplete", r"incomplete: 3 of 5 samples"),
+        ("bad mesh", r"mesh_cells refers to vertices"),
+        ("truncated bytes", r"not a readable HDF5 file"),
+        ("not hdf5", r"not a readable HDF5 file"),
+    ],
+)
+def test_bad_files_give_a_clear_error_naming_the_file(store, how, message):
+    path = store[0]
+    _break(path, how)
+    before = _digest(path)
+    with pytest.raises(StoreError, match=message) as info:
+        open_store(path)
+    assert str(path) in str(info.value)
+    assert _digest(path) == before  # reading never writes
+
+
+def test_missing_file_and_partial_opening(store, tmp_path):
+    with pytest.raises(StoreError, match="no such file"):
+        validate_store(tmp_path / "nope.h5")
+    path = store[0]
+    _break(path, "incomplete")
+    with open_store(path, allow_partial=True) as partial:
+        assert partial.sizes["sample"] == 3
+
+
+def test_writes_must_come_in_order(store):
+    path, space, _ = store
+    with pytest.raises(ValueError, match="in order"):
+        write_samples(path, 2, {"a": np.zeros((1, space.n_dofs)), "u": np.zeros((1, space.n_dofs))})
+    with pytest.raises(ValueError, match=r"reserved"):
+        create_store(path.parent / "x.h5", space, fields=["mesh_points"], n_samples=1)
