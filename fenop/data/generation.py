@@ -163,7 +163,7 @@ def _resume_from(path: Path, family: PDEFamily, expected: dict) -> int:
         raise StoreError(
             path,
             f"exists and was made with a different {', '.join(differs)}; "
-            "choose another output path or pass overwrite",
+            "choose another output path or overwrite it",
         )
     return int(header["n_complete"])
 

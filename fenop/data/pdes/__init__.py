@@ -1,15 +1,18 @@
 """PDE families: parameter samplers, scikit-fem solvers and torch residuals.
 
 >>> sorted(PDES)
-['darcy', 'nonlinear_diffusion', 'poisson']
+['darcy', 'heat', 'nonlinear_diffusion', 'poisson']
 """
 
 from fenop.data.pdes.base import PDEFamily
 from fenop.data.pdes.darcy import Darcy
+from fenop.data.pdes.heat import Heat
 from fenop.data.pdes.nonlinear_diffusion import NonlinearDiffusion
 from fenop.data.pdes.poisson import Poisson
 
-PDES: dict[str, type[PDEFamily]] = {cls.name: cls for cls in (Darcy, Poisson, NonlinearDiffusion)}
+PDES: dict[str, type[PDEFamily]] = {
+    cls.name: cls for cls in (Darcy, Poisson, NonlinearDiffusion, Heat)
+}
 
 
 def get_pde(name: str) -> type[PDEFamily]:
@@ -19,4 +22,4 @@ def get_pde(name: str) -> type[PDEFamily]:
     return PDES[name]
 
 
-__all__ = ["PDES", "Darcy", "NonlinearDiffusion", "PDEFamily", "Poisson", "get_pde"]
+__all__ = ["PDES", "Darcy", "Heat", "NonlinearDiffusion", "PDEFamily", "Poisson", "get_pde"]

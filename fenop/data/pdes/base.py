@@ -39,6 +39,9 @@ class PDEFamily:
     name: ClassVar[str]
     inputs: ClassVar[tuple[str, ...]]
     outputs: ClassVar[tuple[str, ...]] = ("u",)
+    # Further stored fields that are neither model input nor output (e.g. the state
+    # before the last time step, which a residual check needs).
+    auxiliary: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, space: FunctionSpace, *, grf: dict | None = None):
         if not isinstance(space, FunctionSpace):
@@ -56,7 +59,7 @@ class PDEFamily:
 
     @property
     def fields(self) -> tuple[str, ...]:
-        return self.inputs + self.outputs
+        return self.inputs + self.outputs + self.auxiliary
 
     def parameters(self) -> dict:
         """The family's parameters, JSON-ready; stored with every data set."""
