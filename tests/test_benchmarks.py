@@ -14,3 +14,9 @@ def test_fem_overhead_runs(capsys):
     assert results["bare FNO, MSE"]["ratio"] == 1.0
     assert all(r["median_ms"] > 0 for r in results.values())
     assert "ratio to bare" in capsys.readouterr().out
+
+
+def test_data_generation_runs(capsys):
+    load_script("benchmarks/data_generation.py").main(["--samples", "4", "--resolution", "9"])
+    out = capsys.readouterr().out
+    assert "samples/s" in out and "fenop darcy (16 x 16 vertices)" in out

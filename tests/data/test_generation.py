@@ -37,6 +37,28 @@ def test_one_and_two_workers_write_the_same_file(tmp_path):
     assert read_header(two)["n_complete"] == 10
 
 
+def test_dask_cluster_writes_the_same_file(tmp_path):
+    distributed = pytest.importorskip("distributed", reason="the cluster extra is not installed")
+    local = generate(
+        "darcy", 7, l_shape(9), seed=2, path=tmp_path / "local.h5", chunk_size=3, progress=False
+    )
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        remote = generate(
+            "darcy",
+            7,
+            l_shape(9),
+            seed=2,
+            path=tmp_path / "cluster.h5",
+            chunk_size=3,
+            progress=False,
+            scheduler=cluster.scheduler_address,
+        )
+    for name, value in _values(local).items():
+        np.testing.assert_array_equal(value, _values(remote)[name])
+
+
 def test_interrupted_run_resumes_to_the_same_values(tmp_path, monkeypatch):
     reference = generate(
         "poisson",

@@ -20,15 +20,10 @@ from collections.abc import Callable
 import numpy as np
 import skfem
 import torch
-from skfem.helpers import dot, grad
 
 from fenop.data.pdes.base import DirichletResidual, PDEFamily
 from fenop.fem import FunctionSpace
-
-
-@skfem.BilinearForm
-def _diffusion(u, v, w):
-    return w["a"] * dot(grad(u), grad(v))
+from fenop.fem.weighted import WeightedStiffness
 
 
 class Darcy(PDEFamily):
@@ -61,6 +56,7 @@ class Darcy(PDEFamily):
         self.source = source if callable(source) else float(source)
         f = source if callable(source) else (lambda x: self.source + 0.0 * x[0])
         self._load = skfem.LinearForm(lambda v, w: f(w.x) * v).assemble(space.basis)
+        self._stiffness = WeightedStiffness(space)
 
     def parameters(self) -> dict:
         # A callable source cannot be recorded; data sets made by `generate` use numbers.
@@ -77,9 +73,7 @@ class Darcy(PDEFamily):
         return {"a": np.where(field >= 0.0, self.a_high, self.a_low)}
 
     def solve(self, *, a: np.ndarray) -> dict[str, np.ndarray]:
-        basis = self.space.basis
-        matrix = _diffusion.assemble(basis, a=basis.interpolate(a))
-        return {"u": self.solve_linear(matrix, self._load)}
+        return {"u": self.solve_linear(self._stiffness(a), self._load)}
 
     def residual(self) -> DarcyResidual:
         return DarcyResidual(self.space, load=torch.from_numpy(self._load))

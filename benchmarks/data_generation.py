@@ -1,0 +1,129 @@
+"""Data generation: Darcy throughput and memory, and fenop's Darcy beside the peer's.
+
+1. Throughput: `generate("darcy", N, unit_square(129), workers=W)` end to end (start-up
+   of the workers and HDF5 writes included), for W = 1 and 2, each in a fresh process.
+2. Memory: peak resident memory of the generating process and of its workers for N
+   and 5 N samples: flat in N means samples stream to disk.
+3. Statistics of fenop's Darcy at 16 x 16 vertices beside neuraloperator's
+   `darcy_train_16.pt` (if present in ../shared/data/).
+
+    python benchmarks/data_generation.py              # the recorded configuration
+    python benchmarks/data_generation.py --samples 40 --skip-stats   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER = ROOT.parent / "shared" / "data" / "darcy_train_16.pt"
+
+
+def _child(n_samples: int, workers: int, resolution: int) -> None:
+    """Runs in a fresh process: generate, then report time and peak memory as JSON."""
+    from fenop.data import generate
+    from fenop.fem import unit_square
+
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        generate(
+            "darcy",
+            n_samples,
+            unit_square(resolution),
+            seed=0,
+            path=Path(folder) / "darcy.h5",
+            workers=workers,
+            progress=False,
+        )
+        seconds = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "samples_per_second": n_samples / seconds,
+                # ru_maxrss is in KiB on Linux
+                "peak_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            }
+        )
+    )
+
+
+def _run(n_samples: int, workers: int, resolution: int) -> dict:
+    command = [sys.executable, __file__, "--child", str(n_samples), str(workers), str(resolution)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def throughput_and_memory(n_samples: int, resolution: int) -> None:
+    print(f"Darcy on unit_square({resolution}), {n_samples} samples, end to end:")
+    columns = ("workers", "samples", "seconds", "samples/s", "peak main MiB", "peak worker MiB")
+    print(" ".join(f"{c:>{max(8, len(c))}}" for c in columns))
+    for workers, count in ((1, n_samples), (2, n_samples), (2, 5 * n_samples)):
+        r = _run(count, workers, resolution)
+        print(
+            f"{workers:>8} {count:>8} {r['seconds']:>8.1f} {r['samples_per_second']:>10.1f} "
+            f"{r['peak_main_mib']:>13.0f} "
+            + (f"{r['peak_worker_mib']:>15.0f}" if workers > 1 else f"{'-':>15}")
+        )
+
+
+def statistics(n_samples: int) -> None:
+    import torch
+
+    from fenop.data.pdes import Darcy
+    from fenop.fem import FunctionSpace, unit_square
+
+    space = FunctionSpace(unit_square(16), dirichlet="boundary")
+    darcy = Darcy(space)
+    samples = [darcy.sample(0, i) for i in range(n_samples)]
+    a = np.stack([s["a"] for s in samples])
+    u = np.stack([s["u"] for s in samples])
+    boundary = space.boundary_dofs
+    rows = [("fenop darcy (16 x 16 vertices)", u, a == darcy.a_high, np.abs(u[:, boundary]).max())]
+    if PEER.is_file():
+        peer = torch.load(PEER, weights_only=True)
+        y, x = peer["y"].double().numpy(), peer["x"].numpy()
+        edge = np.concatenate([y[:, 0], y[:, -1], y[:, :, 0], y[:, :, -1]], axis=1)
+        rows.append(("peer darcy_train_16.pt", y, x, np.abs(edge).max()))
+    else:
+        print(f"(peer data not found at {PEER}: only fenop's statistics)")
+    print(f"Darcy statistics at 16 x 16, {n_samples} fenop samples:")
+    columns = ("mean u", "std u", "std/mean", "max u", "high-a fraction", "max |u| on boundary")
+    print(f"{'data':<32} " + " ".join(f"{c:>{max(8, len(c))}}" for c in columns))
+    for name, values, high, edge in rows:
+        print(
+            f"{name:<32} {values.mean():>8.4f} {values.std():>8.4f} "
+            f"{values.std() / values.mean():>8.3f} {values.max():>8.4f} "
+            f"{high.mean():>15.3f} {edge:>19.4f}"
+        )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--samples", type=int, default=400, help="N (memory is also measured at 5 N)"
+    )
+    parser.add_argument("--resolution", type=int, default=129)
+    parser.add_argument("--skip-stats", action="store_true")
+    parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(*args.child)
+        return
+    throughput_and_memory(args.samples, args.resolution)
+    if not args.skip_stats:
+        statistics(1000)
+
+
+if __name__ == "__main__":
+    main()
