@@ -6,11 +6,11 @@ The finite-element layer is :mod:`fenop.fem`; tensor layouts are described in
 
 from importlib.metadata import PackageNotFoundError, version
 
-from fenop import fem
+from fenop import data, fem, operators
 
 try:
     __version__ = version("fenop")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "fem"]
+__all__ = ["__version__", "data", "fem", "operators"]

@@ -66,26 +66,8 @@ class FEDecoder(nn.Module):
             "boundary_dofs", torch.from_numpy(space.boundary_dofs), persistent=False
         )
         self.register_buffer(
-            "boundary_values", self._boundary_tensor(boundary_values), persistent=False
+            "boundary_values", boundary_tensor(space, boundary_values), persistent=False
         )
-
-    def _boundary_tensor(self, values: BoundaryValues | None) -> torch.Tensor:
-        n_boundary = len(self.space.boundary_dofs)
-        if values is None:
-            return torch.zeros(n_boundary, dtype=torch.float64)
-        if callable(values):
-            values = values(self.space.dof_points[self.space.boundary_dofs].T.copy())
-        values = torch.as_tensor(values, dtype=torch.float64)
-        if values.ndim == 0:
-            values = values.expand(n_boundary).clone()
-        if values.shape != (n_boundary,):
-            raise ValueError(
-                f"`boundary_values` must have shape ({n_boundary},), one per Dirichlet DOF, "
-                f"got {tuple(values.shape)}"
-            )
-        if not torch.isfinite(values).all():
-            raise ValueError("`boundary_values` must be finite")
-        return values
 
     def forward(self, y: GridTensor, *, boundary_values: torch.Tensor | None = None) -> FETensor:
         """Decode ``y`` ``(B, C, *grid)`` to FE coefficients ``(B, C, n_dofs)``.
@@ -107,7 +89,42 @@ class FEDecoder(nn.Module):
                 raise ValueError("`boundary_values` given but the space has no Dirichlet DOFs")
             return u
         g = self.boundary_values if boundary_values is None else boundary_values
-        u = u.clone()
-        # Assignment, not addition of a lifting: the boundary DOFs hold g exactly.
-        u[..., self.boundary_dofs] = g.to(u.dtype).expand(*u.shape[:2], len(self.boundary_dofs))
-        return u
+        return impose_dirichlet(u, self.boundary_dofs, g)
+
+
+def boundary_tensor(space: FunctionSpace, values: BoundaryValues | None) -> torch.Tensor:
+    """Dirichlet data as a float64 tensor ``(n_boundary,)`` in ``space.boundary_dofs`` order.
+
+    ``values``: ``None`` (zero), a number, an array ``(n_boundary,)``, or a callable of
+    the Dirichlet DOF coordinates ``x`` ``(dim, n_boundary)``.
+    """
+    n_boundary = len(space.boundary_dofs)
+    if values is None:
+        return torch.zeros(n_boundary, dtype=torch.float64)
+    if callable(values):
+        values = values(space.dof_points[space.boundary_dofs].T.copy())
+    values = torch.as_tensor(values, dtype=torch.float64)
+    if values.ndim == 0:
+        values = values.expand(n_boundary).clone()
+    if values.shape != (n_boundary,):
+        raise ValueError(
+            f"`boundary_values` must have shape ({n_boundary},), one per Dirichlet DOF, "
+            f"got {tuple(values.shape)}"
+        )
+    if not torch.isfinite(values).all():
+        raise ValueError("`boundary_values` must be finite")
+    return values
+
+
+def impose_dirichlet(u: torch.Tensor, dofs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``u`` with ``u[..., dofs] = values``, differentiably (in ``u`` and ``values``).
+
+    Args:
+        u: ``(B, C, n_dofs)`` coefficients.
+        dofs: ``(n_boundary,)`` indices of the Dirichlet DOFs.
+        values: broadcastable to ``(B, C, n_boundary)``.
+    """
+    u = u.clone()
+    # Assignment, not the addition of a lifting: the boundary DOFs hold g exactly.
+    u[..., dofs] = values.to(u.dtype).expand(*u.shape[:-1], len(dofs))
+    return u

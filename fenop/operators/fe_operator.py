@@ -1,0 +1,193 @@
+"""FEOperator: encoder + processor + decoder, FE functions in and out.
+
+>>> import torch
+>>> from fenop.fem import FunctionSpace, unit_square
+>>> from fenop.operators import FNO
+>>> space = FunctionSpace(unit_square(17), dirichlet="boundary")
+>>> model = FEOperator(space, space, FNO(4, 1, n_modes=(8, 8), hidden_channels=8), resolution=16)
+>>> u = model(torch.randn(2, 1, space.n_dofs))
+>>> u.shape, float(u[..., space.boundary_dofs].abs().max())
+(torch.Size([2, 1, 289]), 0.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fenop._types import FETensor
+from fenop.fem import FEDecoder, FunctionSpace, GridEncoder
+from fenop.fem.decoders import BoundaryValues, boundary_tensor, impose_dirichlet
+from fenop.fem.mesh import bounding_box
+from fenop.operators.multigrid import FEMultigrid
+
+
+class _Affine(nn.Module):
+    """Per-channel ``x * std + mean`` (or its inverse) on ``(B, C, ...)`` tensors.
+
+    Holds the same statistics as :class:`fenop.data.Normalizer`, which ``operators``
+    may not import: the data layer hands them over as plain numbers.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float64).reshape(-1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float64).reshape(-1))
+
+    def _shape(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        return self.mean.to(x.dtype).reshape(view), self.std.to(x.dtype).reshape(view)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._shape(x)
+        return (x - mean) / std
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._shape(x)
+        return x * std + mean
+
+
+class FEOperator(nn.Module):
+    """A neural operator between FE spaces: ``(B, C_in, n_dofs_in) -> (B, C_out, n_dofs_out)``.
+
+    With a grid processor (FNO, MgNO, LSM) the input is encoded on a grid over the
+    mesh's bounding box (values, domain mask, coordinates), processed, and decoded to
+    the output space's DOFs. A mesh-native processor (:class:`FEMultigrid`) works on
+    the coefficients directly. Either way the Dirichlet DOFs of ``space_out`` are
+    then set to the boundary values exactly.
+
+    Args:
+        space_in, space_out: FE spaces of input and output.
+        processor: an ``nn.Module`` with ``in_channels`` and ``out_channels``; for a
+            grid processor ``in_channels`` counts the encoder's extra channels too
+            (``GridEncoder.out_channels``).
+        resolution: grid points per axis (grid processors only).
+        input_stats, output_stats: optional ``(mean, std)`` per channel: inputs are
+            normalised with the first, outputs un-normalised with the second.
+        boundary_values: Dirichlet data (see :class:`~fenop.fem.FEDecoder`).
+    """
+
+    def __init__(
+        self,
+        space_in: FunctionSpace,
+        space_out: FunctionSpace,
+        processor: nn.Module,
+        *,
+        resolution: int | Sequence[int] | None = None,
+        input_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+        output_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+        boundary_values: BoundaryValues | None = None,
+    ):
+        super().__init__()
+        for name, space in (("space_in", space_in), ("space_out", space_out)):
+            if not isinstance(space, FunctionSpace):
+                raise TypeError(f"`{name}` must be a FunctionSpace, got {type(space).__name__}")
+        if not all(hasattr(processor, a) for a in ("in_channels", "out_channels")):
+            raise TypeError("`processor` must have `in_channels` and `out_channels` attributes")
+        self.space_in, self.space_out, self.processor = space_in, space_out, processor
+        self.native = isinstance(processor, FEMultigrid)
+        self.resolution = resolution
+        if self.native:
+            if resolution is not None:
+                raise ValueError("`resolution` is for grid processors; FEMultigrid has no grid")
+            for name, space in (("space_in", space_in), ("space_out", space_out)):
+                if space.n_dofs != processor.space.n_dofs:
+                    raise ValueError(
+                        f"`{name}` has {space.n_dofs} DOFs but the FEMultigrid's finest space "
+                        f"has {processor.space.n_dofs}"
+                    )
+            self.encoder = self.decoder = None
+            self.in_channels = processor.in_channels
+            if boundary_values is not None and len(space_out.boundary_dofs) == 0:
+                raise ValueError("`boundary_values` given but `space_out` has no Dirichlet DOFs")
+            dofs = torch.from_numpy(space_out.boundary_dofs)
+            self.register_buffer("boundary_dofs", dofs, persistent=False)
+            g = boundary_tensor(space_out, boundary_values)
+            self.register_buffer("boundary_values", g, persistent=False)
+        else:
+            if resolution is None:
+                raise ValueError("`resolution` is required with a grid processor")
+            self.encoder = GridEncoder(space_in, resolution)
+            self.decoder = FEDecoder(space_out, resolution, boundary_values=boundary_values)
+            self.in_channels = processor.in_channels - self.encoder.extra_channels
+            if self.in_channels < 1:
+                raise ValueError(
+                    f"the processor takes {processor.in_channels} channels, but the encoder "
+                    f"alone adds {self.encoder.extra_channels} (mask and coordinates)"
+                )
+        self.out_channels = processor.out_channels
+        self.input_stats = None if input_stats is None else _Affine(*input_stats)
+        self.output_stats = None if output_stats is None else _Affine(*output_stats)
+
+    def forward(self, x: FETensor, *, boundary_values: torch.Tensor | None = None) -> FETensor:
+        """``(B, C_in, n_dofs_in)`` -> ``(B, C_out, n_dofs_out)``, Dirichlet DOFs exact."""
+        if x.ndim != 3 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"input must have shape (batch, {self.in_channels}, {self.space_in.n_dofs}), "
+                f"got {tuple(x.shape)}"
+            )
+        self.space_in.check_coefficients(x, "input")
+        if self.input_stats is not None:
+            x = self.input_stats.encode(x)
+        if self.native:
+            y = self.processor(x)
+            if self.output_stats is not None:
+                y = self.output_stats.decode(y)
+            if len(self.boundary_dofs) == 0:
+                return y
+            g = self.boundary_values if boundary_values is None else boundary_values
+            return impose_dirichlet(y, self.boundary_dofs, g)
+        y = self.processor(self.encoder(x))
+        if self.output_stats is not None:
+            # Affine per channel, so it commutes with the decoder's interpolation
+            # (whose weights sum to one) and comes before the exact boundary values.
+            y = self.output_stats.decode(y)
+        return self.decoder(y, boundary_values=boundary_values)
+
+    def transfer(
+        self,
+        space_in: FunctionSpace,
+        space_out: FunctionSpace | None = None,
+        *,
+        boundary_values: BoundaryValues | None = None,
+    ) -> FEOperator:
+        """The same network on other meshes of the same domain, sharing its weights.
+
+        Args:
+            space_in, space_out: the new spaces (``space_out`` defaults to ``space_in``).
+            boundary_values: Dirichlet data on the new output space (default zero).
+
+        Raises:
+            ValueError: a new mesh's bounding box is not this model's (the grid would
+                cover another region), or the processor is mesh-native.
+        """
+        space_out = space_in if space_out is None else space_out
+        if self.native:
+            raise ValueError(
+                "an FEMultigrid is tied to its mesh hierarchy; build one on the new hierarchy"
+            )
+        for new, old in ((space_in, self.space_in), (space_out, self.space_out)):
+            (lo, hi), (lo0, hi0) = bounding_box(new.mesh), bounding_box(old.mesh)
+            tol = 1e-9 * float(np.max(hi0 - lo0))
+            if not (np.allclose(lo, lo0, atol=tol) and np.allclose(hi, hi0, atol=tol)):
+                raise ValueError(
+                    f"the mesh spans {lo.tolist()} to {hi.tolist()}, but the model's domain "
+                    f"spans {lo0.tolist()} to {hi0.tolist()}"
+                )
+        clone = FEOperator(
+            space_in,
+            space_out,
+            self.processor,
+            resolution=self.resolution,
+            input_stats=_stats(self.input_stats),
+            output_stats=_stats(self.output_stats),
+            boundary_values=boundary_values,
+        )
+        return clone.to(next(self.processor.parameters()).device)
+
+
+def _stats(affine: _Affine | None) -> tuple[list[float], list[float]] | None:
+    return None if affine is None else (affine.mean.tolist(), affine.std.tolist())
