@@ -42,3 +42,26 @@ def load_script(relative_path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def unstructured_square(n_interior: int, n_side: int, seed: int):
+    """An unstructured Delaunay triangulation of the unit square: ``n_side`` points on
+    each side and ``n_interior`` random points inside.
+
+    Returns ``(points (n, 2), triangles (m, 3))``.
+    """
+    import scipy.spatial
+
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0.0, 1.0, n_side)
+    zero, one = np.zeros_like(t), np.ones_like(t)
+    boundary = np.concatenate(
+        [
+            np.stack([t, zero], 1),
+            np.stack([t, one], 1),
+            np.stack([zero, t], 1)[1:-1],
+            np.stack([one, t], 1)[1:-1],
+        ]
+    )
+    points = np.concatenate([boundary, rng.uniform(0.02, 0.98, size=(n_interior, 2))])
+    return points, scipy.spatial.Delaunay(points).simplices

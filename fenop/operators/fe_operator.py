@@ -6,7 +6,7 @@
 >>> space = FunctionSpace(unit_square(17), dirichlet="boundary")
 >>> model = FEOperator(space, space, FNO(4, 1, n_modes=(8, 8), hidden_channels=8), resolution=16)
 >>> u = model(torch.randn(2, 1, space.n_dofs))
->>> u.shape, float(u[..., space.boundary_dofs].abs().max())
+>>> u.shape, u[..., space.boundary_dofs].abs().max().item()
 (torch.Size([2, 1, 289]), 0.0)
 """
 
@@ -98,6 +98,10 @@ class FEOperator(nn.Module):
                     raise ValueError(
                         f"`{name}` has {space.n_dofs} DOFs but the FEMultigrid's finest space "
                         f"has {processor.space.n_dofs}"
+                    )
+                if not np.allclose(space.dof_points, processor.space.dof_points):
+                    raise ValueError(
+                        f"`{name}` is not the FEMultigrid's finest space: its DOFs lie elsewhere"
                     )
             self.encoder = self.decoder = None
             self.in_channels = processor.in_channels

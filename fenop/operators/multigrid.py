@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import scipy.sparse
 import skfem
 import torch
@@ -208,33 +209,50 @@ class MgNO(nn.Module):
 # -- FE multigrid -------------------------------------------------------------------
 
 
-def _stencils(space: FunctionSpace) -> list[torch.Tensor]:
-    """The FE stencils of a level, each scaled to have unit diagonal (so O(1) entries
-    on any mesh): the identity, the mass matrix and the stiffness matrix."""
-    basis = space.basis
-    mass = skfem.BilinearForm(lambda u, v, _: u * v).assemble(basis)
-    stiffness = skfem.BilinearForm(
-        lambda u, v, _: skfem.helpers.dot(skfem.helpers.grad(u), skfem.helpers.grad(v))
-    ).assemble(basis)
+def _stencils(space: FunctionSpace) -> tuple[torch.Tensor, int]:
+    """The FE stencils of a level, the mesh analogue of a 3x3 convolution's taps.
+
+    The mass matrix, the first-derivative matrices ``∫ ∂_p φ_j φ_i`` and the
+    second-derivative matrices ``∫ ∂_p φ_j ∂_q φ_i`` (symmetrised for p != q): a
+    learned channel mixing of them represents averages, directional derivatives and
+    anisotropic diffusion, as a convolution does, on any mesh. Each is scaled by the
+    inverse of its rows' absolute sums, so its entries are O(1) on every level.
+    """
+    basis, dim = space.basis, space.dim
+    forms = [lambda u, v, _: u * v]
+    forms += [lambda u, v, _, p=p: u.grad[p] * v for p in range(dim)]
+    forms += [
+        lambda u, v, _, p=p, q=q: u.grad[p] * v.grad[q] + (u.grad[q] * v.grad[p] if p != q else 0)
+        for p in range(dim)
+        for q in range(p, dim)
+    ]
     scaled = []
-    for matrix in (mass, stiffness):
-        inverse_diagonal = scipy.sparse.diags(1.0 / matrix.diagonal())
-        scaled.append(to_torch_csr(inverse_diagonal @ matrix))
-    return scaled
+    for form in forms:
+        matrix = scipy.sparse.csr_array(skfem.BilinearForm(form).assemble(basis))
+        row_sums = np.asarray(abs(matrix).sum(axis=1)).ravel()
+        scaled.append(scipy.sparse.diags(1.0 / row_sums) @ matrix)
+    # Stacked (n_stencils * n_dofs, n_dofs): one sparse product applies them all.
+    stacked = to_torch_csr(scipy.sparse.vstack(scaled)).to(torch.get_default_dtype())
+    return stacked, len(scaled)
 
 
 class _StencilOperator(nn.Module):
-    """``u -> u Θ_0 + (D_M⁻¹ M u) Θ_1 + (D_K⁻¹ K u) Θ_2``: channel mixing of FE stencils,
-    the mesh analogue of a 3x3 convolution. Stencils are passed in per call."""
+    """``u -> u Θ_0 + Σ_s (S_s u) Θ_s``: channel mixing of the FE stencils ``S_s`` of
+    :func:`_stencils`, the mesh analogue of a convolution. Stencils come per call."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, n_stencils: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(3, channels, channels) / (3 * channels) ** 0.5)
+        # The initialisation of a convolution with the same fan-in (taps x channels),
+        # so that a V-cycle neither blows up nor dies out at the start.
+        taps = n_stencils + 1
+        bound = 1.0 / (taps * channels) ** 0.5
+        self.weight = nn.Parameter(torch.empty(taps, channels, channels).uniform_(-bound, bound))
 
-    def forward(self, u: torch.Tensor, stencils: list[torch.Tensor]) -> torch.Tensor:
-        terms = [u] + [apply(s, u) for s in stencils]  # each (B, C, n)
-        weight = self.weight.to(u.dtype)
-        return sum(torch.einsum("bcn,cd->bdn", t, w) for t, w in zip(terms, weight, strict=True))
+    def forward(self, u: torch.Tensor, stencils: torch.Tensor) -> torch.Tensor:
+        """``u`` ``(B, C, n)``, ``stencils`` stacked ``(S * n, n)`` -> ``(B, C, n)``."""
+        applied = apply(stencils, u).reshape(*u.shape[:2], -1, u.shape[-1])  # (B, C, S, n)
+        terms = torch.cat([u.unsqueeze(2), applied], dim=2)
+        return torch.einsum("bcsn,scd->bdn", terms, self.weight)
 
 
 class FEMultigrid(nn.Module):
@@ -272,22 +290,33 @@ class FEMultigrid(nn.Module):
         self._pre, self._post = pre, post
         self._set_hierarchy(spaces)
         steps = pre + post
+        n_stencils = self._n_stencils
         self.smoothers = nn.ModuleList(
             nn.ModuleList(
-                nn.ModuleList(_StencilOperator(width) for _ in range(steps)) for _ in spaces
+                nn.ModuleList(_StencilOperator(width, n_stencils) for _ in range(steps))
+                for _ in spaces
             )
             for _ in range(n_layers)
         )
         self.operators = nn.ModuleList(  # A for smoothing steps 1, 2, ... (step 0 has none)
             nn.ModuleList(
-                nn.ModuleList(_StencilOperator(width) for _ in range(steps - 1)) for _ in spaces
+                nn.ModuleList(_StencilOperator(width, n_stencils) for _ in range(steps - 1))
+                for _ in spaces
             )
             for _ in range(n_layers)
         )
         self.residuals = nn.ModuleList(  # A of the residual restricted from each finer level
-            nn.ModuleList(_StencilOperator(width) for _ in spaces[1:]) for _ in range(n_layers)
+            nn.ModuleList(_StencilOperator(width, n_stencils) for _ in spaces[1:])
+            for _ in range(n_layers)
         )
-        self.lift = nn.Linear(in_channels, width)
+        # Like the grid encoder's coordinate channels: the DOF coordinates, scaled to
+        # [0, 1] over the bounding box, are appended to the input.
+        points = self.space.dof_points
+        lower, upper = points.min(axis=0), points.max(axis=0)
+        coordinates = torch.from_numpy(((points - lower) / (upper - lower)).T.copy())
+        coordinates = coordinates.to(torch.get_default_dtype())
+        self.register_buffer("coordinates", coordinates, persistent=False)
+        self.lift = nn.Linear(in_channels + self.space.dim, width)
         self.skips = nn.ModuleList(nn.Linear(width, width) for _ in range(n_layers))
         self.project = nn.Sequential(
             nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, out_channels)
@@ -304,20 +333,28 @@ class FEMultigrid(nn.Module):
 
     def _set_hierarchy(self, spaces: list[FunctionSpace]) -> None:
         """Stencils per level and FE interpolation between consecutive levels, as buffers."""
-        self._n_stencil_levels = len(spaces)
         for level, space in enumerate(spaces):
-            for k, stencil in enumerate(_stencils(space)):
-                self.register_buffer(f"stencil_{level}_{k}", stencil, persistent=False)
+            stencils, self._n_stencils = _stencils(space)
+            self.register_buffer(f"stencils_{level}", stencils, persistent=False)
         for level in range(len(spaces) - 1):
             coarse, fine = spaces[level], spaces[level + 1]
             matrix, inside = coarse.evaluation_matrix(fine.dof_points)
             if not inside.all():
                 raise ValueError("`spaces` must be nested: a finer mesh leaves the coarser one")
-            self.register_buffer(f"prolong_{level}", to_torch_csr(matrix), persistent=False)
-            self.register_buffer(f"restrict_{level}", to_torch_csr(matrix.T), persistent=False)
+            dtype = torch.get_default_dtype()
+            self.register_buffer(
+                f"prolong_{level}", to_torch_csr(matrix).to(dtype), persistent=False
+            )
+            # The fields restricted are nodal values, not functionals: average the fine
+            # values (P^T with unit row sums) rather than sum them, so that magnitudes
+            # stay alike on every level.
+            restrict = scipy.sparse.csr_array(matrix.T)
+            restrict = scipy.sparse.diags(1.0 / restrict.sum(axis=1)) @ restrict
+            restrict = to_torch_csr(restrict).to(dtype)
+            self.register_buffer(f"restrict_{level}", restrict, persistent=False)
 
-    def _level_stencils(self, level: int) -> list[torch.Tensor]:
-        return [getattr(self, f"stencil_{level}_{k}") for k in range(2)]
+    def _level_stencils(self, level: int) -> torch.Tensor:
+        return getattr(self, f"stencils_{level}")
 
     def _cycle(self, layer: int, f: torch.Tensor) -> torch.Tensor:
         smoothers, operators = self.smoothers[layer], self.operators[layer]
@@ -352,6 +389,8 @@ class FEMultigrid(nn.Module):
                 f"input must have shape (batch, {self.in_channels}, n_dofs), got {tuple(x.shape)}"
             )
         self.space.check_coefficients(x, "input")
+        coordinates = self.coordinates.to(x.dtype).expand(x.shape[0], -1, -1)
+        x = torch.cat([x, coordinates], dim=1)
         u = self.lift(x.transpose(1, 2)).transpose(1, 2)
         for layer, skip in enumerate(self.skips):
             u = nn.functional.gelu(self._cycle(layer, u) + skip(u.transpose(1, 2)).transpose(1, 2))

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+
+from fenop.fem import FunctionSpace, l_shape, unit_square
+from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
+from tests.helpers import DEVICES
+
+SPACE = FunctionSpace(l_shape(9), dirichlet="boundary")
+
+
+def _models(space: FunctionSpace, coarse=None):
+    coarse = l_shape(5) if coarse is None else coarse
+    spaces = hierarchy(coarse, 2, dirichlet="boundary")
+    return {
+        "fno": FEOperator(
+            space, space, FNO(4, 1, n_modes=(6, 6), hidden_channels=8), resolution=16
+        ),
+        "mgno": FEOperator(
+            space, space, MgNO(4, 1, grid=(16, 16), width=6, n_layers=2), resolution=16
+        ),
+        "lsm": FEOperator(space, space, LSM(4, 1, width=8, depth=3), resolution=16),
+        "femultigrid": FEOperator(
+            spaces[-1], spaces[-1], FEMultigrid(spaces, 1, 1, width=6, n_layers=2)
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["fno", "mgno", "lsm", "femultigrid"])
+def test_dirichlet_values_are_exact_for_every_processor(name):
+    torch.manual_seed(0)
+    model = _models(SPACE)[name]
+    space = model.space_out
+    x = 100 * torch.randn(3, 1, space.n_dofs)
+    u = model(x)
+    assert u.shape == (3, 1, space.n_dofs)
+    assert torch.max(torch.abs(u[..., space.boundary_dofs])).item() == 0.0
+    g = torch.randn(3, 1, len(space.boundary_dofs))
+    assert torch.equal(model(x, boundary_values=g)[..., space.boundary_dofs], g)
+    u.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["fno", "mgno", "lsm", "femultigrid"])
+def test_float64_and_normalisation(name):
+    torch.manual_seed(0)
+    model = _models(SPACE)[name]
+    space = model.space_out
+    stats = FEOperator(
+        model.space_in,
+        space,
+        model.processor,
+        resolution=model.resolution,
+        input_stats=([2.0], [3.0]),
+        output_stats=([0.0], [0.5]),
+    )
+    x = torch.randn(2, 1, space.n_dofs)
+    # Normalisation is an affine map around the very same network.
+    expected = model((x - 2.0) / 3.0) * 0.5
+    torch.testing.assert_close(stats(x), expected, rtol=1e-5, atol=1e-6)
+    double = stats.double()
+    assert double(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moves_to_device(device):
+    model = _models(SPACE)["mgno"].to(device)
+    u = model(torch.randn(2, 1, SPACE.n_dofs, device=device))
+    assert u.device.type == device
+    assert {p.device.type for p in model.parameters()} == {device}
+
+
+def test_transfer_to_another_mesh_of_the_domain():
+    torch.manual_seed(0)
+    model = _models(SPACE)["fno"]
+    finer = FunctionSpace(l_shape(17), dirichlet="boundary")
+    moved = model.transfer(finer)
+    assert moved.processor is model.processor
+    assert moved(torch.randn(2, 1, finer.n_dofs)).shape == (2, 1, finer.n_dofs)
+    with pytest.raises(ValueError, match=r"model's domain spans \[-1.0, -1.0\] to \[1.0, 1.0\]"):
+        model.transfer(FunctionSpace(unit_square(9), dirichlet="boundary"))
+    with pytest.raises(ValueError, match="hierarchy"):
+        _models(SPACE)["femultigrid"].transfer(finer)
+
+
+def test_bad_construction_and_input():
+    fno = FNO(4, 1, n_modes=(4, 4), hidden_channels=4)
+    with pytest.raises(ValueError, match="`resolution` is required"):
+        FEOperator(SPACE, SPACE, fno)
+    with pytest.raises(ValueError, match="encoder alone adds 3"):
+        FEOperator(SPACE, SPACE, FNO(2, 1, n_modes=(4, 4)), resolution=8)
+    with pytest.raises(TypeError, match="in_channels"):
+        FEOperator(SPACE, SPACE, torch.nn.Identity(), resolution=8)
+    with pytest.raises(ValueError, match="finest space has 21"):
+        FEOperator(SPACE, SPACE, FEMultigrid(hierarchy(l_shape(3), 2), 1, 1))
+    # Same number of DOFs, numbered differently: refinement is not the structured mesh.
+    with pytest.raises(ValueError, match="DOFs lie elsewhere"):
+        FEOperator(SPACE, SPACE, FEMultigrid(hierarchy(l_shape(5), 2), 1, 1))
+    model = FEOperator(SPACE, SPACE, fno, resolution=8)
+    with pytest.raises(ValueError, match=r"\(batch, 1, 65\), got \(2, 2, 65\)"):
+        model(torch.zeros(2, 2, SPACE.n_dofs))
+    assert np.array_equal(model.decoder.boundary_dofs.numpy(), SPACE.boundary_dofs)
