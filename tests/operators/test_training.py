@@ -4,6 +4,10 @@ The default run trains briefly (100 samples, 12 epochs) and checks that the erro
 fell far below that of an untrained model (about 1); the slow run trains longer
 and checks the accuracy reached. Thresholds carry a margin over the measured
 values (in comments) for platform differences.
+
+On another mesh the reference is that mesh's own FE solution, which differs from
+the training mesh's by the discretisation gap; a model cannot beat it. The
+transfer check is therefore: error there < 1.5 x (error on the training mesh + gap).
 """
 
 import meshio
@@ -85,6 +89,20 @@ def _test_error(model: FEOperator, path, n_train: int) -> float:
         return RelativeL2Loss(test.space)(on_mesh(x), y).item()
 
 
+def _discretisation_gap(train_store, other_store, n_train: int) -> float:
+    """How far the training mesh's FE solutions are from the other mesh's, there.
+
+    The model learns the training mesh's solutions; on another mesh the reference is
+    that mesh's own solve, so a perfect model is still off by this much.
+    """
+    rows = range(n_train, n_train + N_TEST)
+    coarse, fine = FieldDataset(train_store, indices=rows), FieldDataset(other_store, indices=rows)
+    _, u_coarse = next(iter(DataLoader(coarse, batch_size=N_TEST)))
+    _, u_fine = next(iter(DataLoader(fine, batch_size=N_TEST)))
+    there = coarse.space.evaluate(u_coarse.double(), fine.space.dof_points)
+    return RelativeL2Loss(fine.space)(there, u_fine.double()).item()
+
+
 def _check(stores, name: str, n_train: int, epochs: int, threshold: float) -> None:
     store = stores["train_hierarchy" if name == "femultigrid" else "train"]
     train = FieldDataset(store, indices=range(n_train))
@@ -95,7 +113,11 @@ def _check(stores, name: str, n_train: int, epochs: int, threshold: float) -> No
     if name != "femultigrid":  # tied to its hierarchy; the grid processors transfer
         for other in ("finer", "unstructured"):
             moved = _test_error(model, stores[other], 200)
-            assert moved < 1.5 * error, f"{name} on the {other} mesh: {moved:.4f} vs {error:.4f}"
+            gap = _discretisation_gap(stores["train"], stores[other], 200)
+            assert moved < 1.5 * (error + gap), (
+                f"{name} on the {other} mesh: {moved:.4f}; on the training mesh {error:.4f}, "
+                f"discretisation gap {gap:.4f}"
+            )
 
 
 # measured (2-core CPU): fno 0.285, mgno 0.120, lsm 0.102, femultigrid 0.393

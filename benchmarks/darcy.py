@@ -1,0 +1,198 @@
+"""Darcy flow: every fenop processor in FEOperator beside plain neuralop FNO, same data, same time.
+
+Data: fenop's Darcy recipe (GRF thresholded to a = 12 / 3, f = 1, u = 0 on the
+boundary) on `unit_square(R)`, P1. Plain FNO (`neuralop.models.FNO`, its default grid
+embedding) trains on the DOF values laid out as an R x R grid (for P1 on this mesh
+they are the same numbers); the fenop models train on the FE coefficients. All are
+scored by the same FE relative L2 error on the test set, and each trains for the
+same wall-clock budget (the cosine schedule is sized from the first epoch's time).
+
+FEMultigrid needs a refinement hierarchy: it trains on the same recipe on the
+uniformly refined mesh with the same vertices (R - 1 divisible by 4), whose DOFs
+are numbered differently, with the same seeds.
+
+    python benchmarks/darcy.py                                  # CPU budget, see BENCHMARKS.md
+    python benchmarks/darcy.py --resolution 85 --minutes 30     # the full recipe (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from neuralop.models import FNO as NeuralopFNO
+from torch.utils.data import DataLoader
+
+from fenop.data import FieldDataset, generate
+from fenop.fem import RelativeL2Loss, unit_square
+from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
+
+
+class _GridFNO(torch.nn.Module):
+    """Plain neuralop FNO on the R x R vertex grid, fed with and returning DOF vectors."""
+
+    def __init__(self, space, n: int, **options):
+        super().__init__()
+        index = np.rint(space.dof_points * (n - 1)).astype(np.int64)
+        self.register_buffer("flat", torch.from_numpy(index[:, 0] * n + index[:, 1]))
+        self.n = n
+        self.net = NeuralopFNO(in_channels=1, out_channels=1, **options)
+
+    def forward(self, x):
+        grid = x.new_zeros(x.shape[0], 1, self.n * self.n)
+        grid[..., self.flat] = x
+        return self.net(grid.reshape(-1, 1, self.n, self.n)).reshape(-1, 1, self.n * self.n)[
+            ..., self.flat
+        ]
+
+
+def _models(names, space, space_mg, spaces_mg, n, stats, width):
+    modes = min(12, n // 2)
+    builders = {
+        "neuralop-fno": lambda: _GridFNO(space, n, n_modes=(modes, modes), hidden_channels=width),
+        "fenop-fno": lambda: FEOperator(
+            space,
+            space,
+            FNO(4, 1, n_modes=(modes, modes), hidden_channels=width),
+            resolution=n,
+            **stats,
+        ),
+        "fenop-mgno": lambda: FEOperator(
+            space, space, MgNO(4, 1, grid=(n, n), width=width, n_layers=4), resolution=n, **stats
+        ),
+        "fenop-lsm": lambda: FEOperator(
+            space, space, LSM(4, 1, width=width // 2, depth=4), resolution=n, **stats
+        ),
+        "fenop-femultigrid": lambda: FEOperator(
+            space_mg, space_mg, FEMultigrid(spaces_mg, 1, 1, width=width, n_layers=4), **stats
+        ),
+    }
+    for name in names:
+        torch.manual_seed(0)
+        yield name, builders[name]()
+
+
+def _fit(model, train, test, *, minutes, device, batch):
+    loss_fn = RelativeL2Loss(train.space).to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(train, batch_size=batch, shuffle=True, generator=generator)
+    batches = [(x.to(device), y.to(device)) for x, y in loader]  # small enough to hold
+    start, epoch_times, schedule, epochs = time.perf_counter(), [], None, None
+    step_times = []
+    while epochs is None or len(epoch_times) < epochs:
+        t0 = time.perf_counter()
+        for x, y in batches:
+            s0 = time.perf_counter()
+            optimiser.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimiser.step()
+            if schedule is not None:
+                schedule.step()
+            step_times.append(time.perf_counter() - s0)
+        epoch_times.append(time.perf_counter() - t0)
+        if epochs is None:  # size the schedule from the first epoch
+            epochs = max(2, int(60 * minutes / epoch_times[0]))
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs - 1)
+        if time.perf_counter() - start > 60 * minutes * 1.05:
+            break
+    x, y = next(iter(DataLoader(test, batch_size=len(test))))
+    with torch.no_grad():
+        error = RelativeL2Loss(test.space).to(device)(model(x.to(device)), y.to(device)).item()
+    return {
+        "error": error,
+        "epochs": len(epoch_times),
+        "epoch_s": float(np.median(epoch_times)),
+        "step_ms": 1e3 * float(np.median(step_times)),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--resolution", type=int, default=33, help="vertices per side (R - 1 divisible by 4)"
+    )
+    parser.add_argument("--train", type=int, default=1000)
+    parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--minutes", type=float, default=3.0, help="training budget per model")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument(
+        "--models", default="neuralop-fno,fenop-fno,fenop-mgno,fenop-lsm,fenop-femultigrid"
+    )
+    parser.add_argument(
+        "--data", type=Path, help="folder for the generated stores (default: temporary)"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    n = args.resolution
+    if (n - 1) % 4:
+        raise SystemExit(f"--resolution must be 4k + 1, got {n}")
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = args.data or Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        total = args.train + args.test
+        spaces_mg = hierarchy(unit_square((n - 1) // 4 + 1), 3, dirichlet="boundary")
+        stores = {
+            "grid": generate(
+                "darcy", total, unit_square(n), seed=0, path=folder / f"darcy{n}.h5", workers=2
+            ),
+            "hierarchy": generate(
+                "darcy",
+                total,
+                spaces_mg[-1].mesh,
+                seed=0,
+                path=folder / f"darcy{n}_mg.h5",
+                workers=2,
+            ),
+        }
+        data = {
+            key: (
+                FieldDataset(p, indices=range(args.train)),
+                FieldDataset(p, indices=range(args.train, total)),
+            )
+            for key, p in stores.items()
+        }
+        train = data["grid"][0]
+        a, u = train.normalizer(["a"]), train.normalizer(["u"])
+        stats = {
+            "input_stats": (a.mean.tolist(), a.std.tolist()),
+            "output_stats": ([0.0], [float(math.sqrt(u.mean.item() ** 2 + u.std.item() ** 2))]),
+        }
+        threads = torch.get_num_threads()
+        print(
+            f"darcy: {args.train} train / {args.test} test at {n} x {n} vertices, "
+            f"{args.minutes} min per model, batch {args.batch}, "
+            f"device {device} ({platform.machine()}, {threads} threads)"
+        )
+        columns = ("params", "epochs", "s/epoch", "step ms", "step / FNO", "test rel L2")
+        print(f"{'model':<20} " + " ".join(f"{c:>{max(8, len(c))}}" for c in columns))
+        results = {}
+        models = _models(
+            args.models.split(","), train.space, spaces_mg[-1], spaces_mg, n, stats, args.width
+        )
+        for name, model in models:
+            key = "hierarchy" if name == "fenop-femultigrid" else "grid"
+            r = _fit(
+                model.to(device), *data[key], minutes=args.minutes, device=device, batch=args.batch
+            )
+            results[name] = r
+            base = results.get("neuralop-fno", r)["step_ms"]
+            print(
+                f"{name:<20} {r['params']:>8} {r['epochs']:>8} {r['epoch_s']:>8.2f} "
+                f"{r['step_ms']:>8.1f} {r['step_ms'] / base:>10.2f} {r['error']:>11.4f}",
+                flush=True,
+            )
+    return results
+
+
+if __name__ == "__main__":
+    main()
