@@ -29,7 +29,7 @@ from fenop.fem import FEDecoder, GridEncoder, RelativeL2Loss, l_shape
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny run, for the test suite")
-    parser.add_argument("--data", type=Path, help="store to use or create (default: a temporary one)")
+    parser.add_argument("--data", type=Path, help="store to use or create (default: temporary)")
     args = parser.parse_args(argv)
     n_vertices, n_train, n_test, epochs = (17, 16, 4, 2) if args.quick else (33, 400, 100, 40)
     torch.manual_seed(0)
@@ -37,8 +37,9 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         path = args.data or Path(folder) / "poisson.h5"
         generate("poisson", n_train + n_test, l_shape(n_vertices), seed=0, path=path, workers=1)
-        train = FieldDataset(path, inputs=["f"], outputs=["u"], indices=range(n_train))
-        test = FieldDataset(path, inputs=["f"], outputs=["u"], indices=range(n_train, n_train + n_test))
+        fields = {"inputs": ["f"], "outputs": ["u"]}
+        train = FieldDataset(path, **fields, indices=range(n_train))
+        test = FieldDataset(path, **fields, indices=range(n_train, n_train + n_test))
         return _fit(train, test, n_vertices=n_vertices, epochs=epochs)
 
 

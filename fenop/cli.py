@@ -1,6 +1,9 @@
 """The ``fenop`` command.
 
     fenop generate darcy -n 1000 --resolution 85 --seed 0 -o darcy.h5 [-j 2]
+    fenop train CONFIG.toml [--resume] [--device cpu|cuda]
+    fenop evaluate CHECKPOINT DATA.h5
+    fenop predict CHECKPOINT INPUT.h5 -o OUTPUT.h5 [--overwrite]
     fenop info FILE
 
 Bad input ends with one line on stderr naming the file and the problem, and exit
@@ -82,10 +85,143 @@ def _generate(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from fenop.train.run import train_from_config
+
+    history = train_from_config(
+        args.config, resume=args.resume, device=args.device, progress=not args.quiet
+    )
+    if history and not args.quiet:
+        last = history[-1]
+        l2, h1 = last["test_l2"], last["test_h1"]
+        print(f"epoch {last['epoch']}: test relative L2 {l2:.4f}, H1 {h1:.4f}")
+    return 0
+
+
+def _model_on(checkpoint: str, data: Path, device: str | None):
+    """The checkpoint's model on the data's mesh, and the data's input and output fields."""
+    import torch
+
+    from fenop.data import store_space, validate_store
+    from fenop.train import load_model, read_config
+
+    config = read_config(checkpoint) if Path(checkpoint).is_dir() else {}
+    described = config.get("data", {})
+    inputs, outputs = described.get("inputs", ["a"]), described.get("outputs", ["u"])
+    validate_store(data, fields=inputs)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(checkpoint, device=device)
+    space = store_space(data)
+    same = space.n_dofs == model.space_in.n_dofs and bool(
+        (abs(space.dof_points - model.space_in.dof_points) < 1e-12).all()
+    )
+    if not same:
+        try:
+            model = model.transfer(space)
+        except ValueError as exc:
+            raise ValueError(f"{data}: this mesh is not in the model's domain: {exc}") from None
+    return model, space, inputs, outputs, device
+
+
+def _batches(path: Path, inputs: list[str], batch: int):
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "r") as f:
+        n = int(f.attrs["n_complete"])
+        for start in range(0, n, batch):
+            yield start, np.stack([f[name][start : start + batch] for name in inputs], axis=1)
+
+
+def _evaluate(args) -> int:
+    import h5py
+    import numpy as np
+    import torch
+
+    from fenop.fem import RelativeH1Loss, RelativeL2Loss
+
+    data = Path(args.data)
+    model, space, inputs, outputs, device = _model_on(args.checkpoint, data, args.device)
+    l2 = RelativeL2Loss(space, reduction="none").to(device)
+    h1 = RelativeH1Loss(space, reduction="none").to(device)
+    errors_l2, errors_h1 = [], []
+    with torch.no_grad():
+        for start, x in _batches(data, inputs, args.batch_size):
+            with h5py.File(data, "r") as f:
+                y = np.stack([f[name][start : start + len(x)] for name in outputs], axis=1)
+            x = torch.as_tensor(x, dtype=torch.float32, device=device)
+            y = torch.as_tensor(y, dtype=torch.float32, device=device)
+            prediction = model(x)
+            errors_l2 += l2(prediction, y).tolist()
+            errors_h1 += h1(prediction, y).tolist()
+    for name, errors in (("relative L2", errors_l2), ("relative H1", errors_h1)):
+        e = np.asarray(errors)
+        print(
+            f"{name}: mean {e.mean():.4f}, median {np.median(e):.4f}, max {e.max():.4f} "
+            f"over {len(e)} samples of {data}"
+        )
+    if args.per_sample:
+        for i, (a, b) in enumerate(zip(errors_l2, errors_h1, strict=True)):
+            print(f"{i} {a:.6f} {b:.6f}")
+    return 0
+
+
+def _predict(args) -> int:
+    import os
+    import tempfile
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from fenop import __version__
+    from fenop.data import read_header
+    from fenop.data.store import create_store, write_samples
+
+    data, output = Path(args.input), Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"{output}: exists; pass --overwrite to replace it")
+    model, space, inputs, outputs, device = _model_on(args.model, data, args.device)
+    header = read_header(data)
+    n = int(header["n_complete"])
+    # Write beside the target and rename at the end: no half-written output, ever.
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{output.name}.", suffix=".h5", dir=output.parent or "."
+    )
+    os.close(handle)
+    try:
+        attrs = {
+            "pde": header.get("pde", "unknown"),
+            "dirichlet": header.get("dirichlet", "boundary"),
+            "model": str(args.model),
+            "fenop_version": __version__,
+            "source": str(data),
+        }
+        create_store(temporary, space, fields=outputs, n_samples=n, attrs=attrs)
+        with torch.no_grad(), tqdm(total=n, unit="sample", disable=args.quiet) as bar:
+            for start, x in _batches(data, inputs, args.batch_size):
+                y = (
+                    model(torch.as_tensor(x, dtype=torch.float32, device=device))
+                    .double()
+                    .cpu()
+                    .numpy()
+                )
+                write_samples(temporary, start, {name: y[:, k] for k, name in enumerate(outputs)})
+                bar.update(len(x))
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    if not args.quiet:
+        print(f"wrote {n} predictions of {', '.join(outputs)} to {output}")
+    return 0
+
+
 def _info(args) -> int:
     from fenop.data import store_space, validate_store
 
     path = Path(args.file)
+    if path.is_dir():
+        return _checkpoint_info(path)
     header = validate_store(path, allow_partial=True)
     space = store_space(path)
     mesh = space.mesh
@@ -139,7 +275,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(run=_generate)
 
-    info = commands.add_parser("info", help="what a store holds")
+    train = commands.add_parser("train", help="train a model from a TOML configuration")
+    train.add_argument("config")
+    train.add_argument("--resume", action="store_true", help="continue from OUTPUT/last")
+    train.add_argument("--device", help="cpu or cuda (default: the configuration's, else auto)")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("evaluate", help="errors of a checkpoint on a store")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("data")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument(
+        "--per-sample", action="store_true", help="also list each sample's errors"
+    )
+    evaluate.add_argument("--device")
+    evaluate.set_defaults(run=_evaluate)
+
+    predict = commands.add_parser("predict", help="run a model on the input fields of a store")
+    predict.add_argument("model", help="checkpoint directory")
+    predict.add_argument("input")
+    predict.add_argument("-o", "--output", required=True)
+    predict.add_argument("--overwrite", action="store_true")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--device")
+    predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(run=_predict)
+
+    info = commands.add_parser("info", help="what a store or checkpoint holds")
     info.add_argument("file")
     info.set_defaults(run=_info)
     return parser
@@ -151,9 +314,30 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
+    except FloatingPointError as exc:  # a diverged training run
+        print(f"fenop {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except (StoreError, ValueError, TypeError, OSError, ImportError) as exc:
         print(f"fenop {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _checkpoint_info(path: Path) -> int:
+    from fenop.train import read_config
+
+    config = read_config(path)
+    model = config["model"]
+    mesh = model["space_in"]["mesh"]
+    version = config["fenop_version"]
+    print(f"{path}: fenop checkpoint, format {config['format_version']}, fenop {version}")
+    print(f"  processor   {model['processor']} {json.dumps(model['options'])}")
+    print(f"  resolution  {model['resolution']}")
+    element, vertices = model["space_in"]["element"], len(mesh["points"])
+    print(f"  space       {element} on {mesh['type']}, {vertices} vertices")
+    for key in ("epoch", "test_error", "data"):
+        if key in config:
+            print(f"  {key:<11} {json.dumps(config[key])}")
+    return 0
 
 
 if __name__ == "__main__":

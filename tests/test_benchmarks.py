@@ -20,3 +20,17 @@ def test_data_generation_runs(capsys):
     load_script("benchmarks/data_generation.py").main(["--samples", "4", "--resolution", "9"])
     out = capsys.readouterr().out
     assert "samples/s" in out and "fenop darcy (16 x 16 vertices)" in out
+
+
+def test_darcy_runs(capsys):
+    args = ["--resolution", "9", "--train", "8", "--test", "4", "--minutes", "0.001"]
+    results = load_script("benchmarks/darcy.py").main([*args, "--width", "8", "--workers", "1"])
+    assert set(results) == {
+        "neuralop-fno",
+        "fenop-fno",
+        "fenop-mgno",
+        "fenop-lsm",
+        "fenop-femultigrid",
+    }
+    assert all(0 < r["error"] < 10 and r["epochs"] >= 1 for r in results.values())
+    assert "test rel L2" in capsys.readouterr().out

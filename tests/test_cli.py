@@ -69,53 +69,22 @@ def _status(args) -> int:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("command", "message"),
     [
-        (
-            ["generate", "darcy", "-n", "2", "--mesh", "{tmp}/none.msh", "-o", "{out}"],
-            "none.msh': no such file",
-        ),
-        (
-            [
-                "generate",
-                "darcy",
-                "-n",
-                "2",
-                "--mesh",
-                "{tmp}/m.vtk",
-                "--resolution",
-                "5",
-                "-o",
-                "{out}",
-            ],
-            "not both",
-        ),
-        (["generate", "darcy", "-n", "0", "-o", "{out}"], "n_samples"),
-        (["generate", "darcy", "-n", "2", "--option", "viscosity=1", "-o", "{out}"], "viscosity"),
-        (
-            [
-                "generate",
-                "darcy",
-                "-n",
-                "2",
-                "--domain",
-                "lshape",
-                "--resolution",
-                "8",
-                "-o",
-                "{out}",
-            ],
-            "odd",
-        ),
-        (["generate", "stokes", "-n", "2", "-o", "{out}"], "invalid choice: 'stokes'"),
-        (["generate", "darcy", "-n", "2", "--option", "a_high", "-o", "{out}"], "KEY=VALUE"),
-        (["info", "{tmp}/none.h5"], "none.h5: no such file"),
+        ("generate darcy -n 2 --mesh {tmp}/none.msh -o {out}", "none.msh': no such file"),
+        ("generate darcy -n 2 --mesh {tmp}/m.vtk --resolution 5 -o {out}", "not both"),
+        ("generate darcy -n 0 -o {out}", "n_samples"),
+        ("generate darcy -n 2 --option viscosity=1 -o {out}", "viscosity"),
+        ("generate darcy -n 2 --domain lshape --resolution 8 -o {out}", "odd"),
+        ("generate stokes -n 2 -o {out}", "invalid choice: 'stokes'"),
+        ("generate darcy -n 2 --option a_high -o {out}", "KEY=VALUE"),
+        ("info {tmp}/none.h5", "none.h5: no such file"),
     ],
 )
-def test_bad_input_is_one_line_with_status_2_and_no_output(tmp_path, capsys, args, message):
+def test_bad_input_is_one_line_with_status_2_and_no_output(tmp_path, capsys, command, message):
     (tmp_path / "m.vtk").write_text("")
     out = tmp_path / "out.h5"
-    args = [a.format(tmp=tmp_path, out=out) for a in args]
+    args = command.format(tmp=tmp_path, out=out).split()
     assert _status(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
@@ -141,3 +110,107 @@ def test_console_script_is_installed(tmp_path):
         text=True,
     )
     assert result.returncode == 2 and "no such file" in result.stderr
+
+
+CONFIG = """
+[data]
+path = "d.h5"
+n_train = 12
+n_test = 4
+
+[model]
+processor = "mgno"
+resolution = 8
+[model.options]
+width = 4
+n_layers = 1
+
+[training]
+epochs = 2
+batch_size = 4
+output = "run"
+device = "cpu"
+"""
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A tiny model trained by `fenop train` on Darcy data; returns the folder."""
+    assert (
+        main(
+            [
+                "generate",
+                "darcy",
+                "-n",
+                "16",
+                "--resolution",
+                "9",
+                "-o",
+                str(tmp_path / "d.h5"),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    (tmp_path / "c.toml").write_text(CONFIG)
+    assert main(["train", str(tmp_path / "c.toml"), "-q"]) == 0
+    return tmp_path
+
+
+def test_train_evaluate_predict(trained, capsys):
+    run = trained / "run"
+    assert (run / "best" / "model.safetensors").is_file() and (run / "metrics.jsonl").is_file()
+    assert main(["evaluate", str(run / "best"), str(trained / "d.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "relative L2: mean" in out and "over 16 samples" in out
+    output = trained / "pred.h5"
+    assert main(["predict", str(run / "best"), str(trained / "d.h5"), "-o", str(output), "-q"]) == 0
+    with h5py.File(output) as f, h5py.File(trained / "d.h5") as g:
+        assert f["u"].shape == g["u"].shape
+        assert f.attrs["model"] == str(run / "best") and "fenop_version" in f.attrs
+        relative = np.linalg.norm(f["u"][()] - g["u"][()]) / np.linalg.norm(g["u"][()])
+        assert relative < 1.0
+    assert main(["info", str(run / "best")]) == 0
+    assert "fenop checkpoint" in capsys.readouterr().out
+
+
+def test_predict_on_another_mesh_and_bad_input(trained, capsys):
+    best = str(trained / "run" / "best")
+    finer = trained / "finer.h5"
+    assert main(["generate", "darcy", "-n", "3", "--resolution", "17", "-o", str(finer), "-q"]) == 0
+    assert main(["predict", best, str(finer), "-o", str(trained / "p.h5"), "-q"]) == 0
+    lshape = trained / "lshape.h5"
+    assert (
+        main(
+            [
+                "generate",
+                "darcy",
+                "-n",
+                "2",
+                "--domain",
+                "lshape",
+                "--resolution",
+                "9",
+                "-o",
+                str(lshape),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    cases = [
+        (["predict", best, str(lshape), "-o", str(trained / "x.h5")], "not in the model's domain"),
+        (["predict", best, str(trained / "none.h5"), "-o", str(trained / "x.h5")], "no such file"),
+        (
+            ["predict", str(trained / "nomodel"), str(finer), "-o", str(trained / "x.h5")],
+            "no such checkpoint",
+        ),
+        (["predict", best, str(finer), "-o", str(trained / "p.h5")], "exists; pass --overwrite"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert not (trained / "x.h5").exists()
+    assert [p.name for p in trained.iterdir() if p.name.startswith(".")] == []

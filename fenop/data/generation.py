@@ -9,6 +9,7 @@ values an uninterrupted run would have written.
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "darcy.h5"
 >>> generate("darcy", 4, unit_square(9), seed=0, path=path, progress=False)
 PosixPath('...darcy.h5')
+>>> from fenop.data import open_store
 >>> open_store(path)["u"].shape
 (4, 81)
 """
@@ -28,23 +29,16 @@ import skfem
 from tqdm.auto import tqdm
 
 from fenop.data.pdes import PDEFamily, get_pde
-from fenop.data.store import (
-    StoreError,
-    create_store,
-    open_store,
-    read_header,
-    store_space,
-    write_samples,
-)
+from fenop.data.store import StoreError, create_store, read_header, store_space, write_samples
 from fenop.fem import FunctionSpace
 
-__all__ = ["generate", "open_store"]
+__all__ = ["generate"]
 
-# A recipe rebuilds the same PDE family in a worker process: cheap to send, and the
-# workers cache what they built from it.
+# A recipe rebuilds the same PDE family in a worker process: cheap to send. Local
+# workers build it once when they start; cluster workers cache it by content.
 _Recipe = tuple[str, dict, int, np.ndarray, np.ndarray, str]
-_worker_families: dict[str, PDEFamily] = {}
-_worker_recipe: _Recipe | None = None
+_worker_family: PDEFamily | None = None
+_cluster_families: dict[str, PDEFamily] = {}
 
 
 def _build(recipe: _Recipe) -> PDEFamily:
@@ -60,22 +54,22 @@ def _recipe_key(recipe: _Recipe) -> str:
     return json.dumps([name, options, degree, mesh_type, digest], sort_keys=True)
 
 
-def _sample_in_worker(recipe: _Recipe, seed: int, index: int) -> dict[str, np.ndarray]:
+def _cluster_task(recipe: _Recipe, seed: int, index: int) -> dict[str, np.ndarray]:
     key = _recipe_key(recipe)
-    family = _worker_families.get(key)
+    family = _cluster_families.get(key)
     if family is None:
-        _worker_families.clear()
-        family = _worker_families[key] = _build(recipe)
+        _cluster_families.clear()
+        family = _cluster_families[key] = _build(recipe)
     return family.sample(seed, index)
 
 
 def _init_worker(recipe: _Recipe) -> None:
-    global _worker_recipe
-    _worker_recipe = recipe
+    global _worker_family
+    _worker_family = _build(recipe)
 
 
 def _sample_by_index(seed_index: tuple[int, int]) -> dict[str, np.ndarray]:
-    return _sample_in_worker(_worker_recipe, *seed_index)
+    return _worker_family.sample(*seed_index)
 
 
 def _single_threaded_env() -> dict[str, str]:
@@ -126,7 +120,7 @@ def _samples_on_cluster(recipe: _Recipe, seed: int, indices: range, scheduler: s
     with Client(scheduler) as client:
         shared = client.scatter(recipe, broadcast=True)
         futures = client.map(
-            _sample_in_worker,
+            _cluster_task,
             [shared] * len(indices),
             [seed] * len(indices),
             list(indices),

@@ -116,6 +116,8 @@ class FNO(nn.Module):
             "hidden_channels": hidden_channels,
             "n_layers": n_layers,
             "positional_embedding": positional_embedding,
+            # further neuraloperator options, as given (the convolution class is ours)
+            **{key: value for key, value in options.items() if key != "conv_module"},
         }
         self.net = _NeuralopFNO(
             n_modes=tuple(n_modes),

@@ -285,7 +285,7 @@ class FEMultigrid(nn.Module):
         spaces = list(spaces)
         if not spaces or not all(isinstance(s, FunctionSpace) for s in spaces):
             raise TypeError("`spaces` must be a non-empty sequence of FunctionSpace")
-        self.space = spaces[-1]
+        self.space, self.coarse_space = spaces[-1], spaces[0]
         self.in_channels, self.out_channels, self.levels = in_channels, out_channels, len(spaces)
         self._pre, self._post = pre, post
         self._set_hierarchy(spaces)

@@ -1,0 +1,240 @@
+"""Checkpoints: a directory with ``model.safetensors`` and ``config.json``.
+
+Weights are stored with safetensors (no pickle: loading never runs code from the
+file). ``config.json`` holds everything needed to rebuild the model: fenop
+version, checkpoint format, the processor and its options, the FE space and its
+mesh (vertices and cells), the normalisation statistics, and whatever the caller
+adds (training data, test error). A checkpoint written by a newer format is
+refused, never guessed at.
+
+Writing is atomic: files go to a temporary sibling directory that is renamed into
+place, so an interrupted save never leaves a half-written checkpoint.
+
+>>> import tempfile, pathlib, torch
+>>> from fenop.fem import FunctionSpace, unit_square
+>>> from fenop.operators import FEOperator, MgNO
+>>> space = FunctionSpace(unit_square(9), dirichlet="boundary")
+>>> model = FEOperator(space, space, MgNO(4, 1, grid=(8, 8), width=4, n_layers=1), resolution=8)
+>>> folder = pathlib.Path(tempfile.mkdtemp()) / "ckpt"
+>>> _ = save_checkpoint(folder, model, extra={"test_error": 0.1})
+>>> loaded = load_checkpoint(folder)
+>>> x = torch.randn(1, 1, space.n_dofs)
+>>> torch.equal(loaded(x), model(x))
+True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import skfem
+import torch
+from safetensors.torch import load_file, save_file
+
+from fenop.fem import FunctionSpace
+from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
+
+FORMAT_VERSION = 1
+PROCESSORS = {"fno": FNO, "mgno": MgNO, "lsm": LSM, "femultigrid": FEMultigrid}
+_MESH_TYPES = {
+    cls.__name__: cls for cls in (skfem.MeshLine1, skfem.MeshTri1, skfem.MeshQuad1, skfem.MeshTet1)
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names it and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        super().__init__(f"{os.fspath(path)}: {problem}")
+
+
+def _processor_name(processor) -> str:
+    for name, cls in PROCESSORS.items():
+        if type(processor) is cls:
+            return name
+    raise TypeError(f"cannot checkpoint a processor of type {type(processor).__name__}")
+
+
+def _space_config(space: FunctionSpace) -> dict:
+    mesh = space.mesh
+    return {
+        "degree": space.degree,
+        "element": space.element,
+        "dirichlet": "boundary" if len(space.boundary_dofs) else "none",
+        "mesh": {
+            "type": type(mesh).__name__,
+            "points": mesh.p.T.tolist(),
+            "cells": mesh.t.T.tolist(),
+        },
+    }
+
+
+def _space(path, config: dict) -> FunctionSpace:
+    mesh_config = config["mesh"]
+    mesh_type = _MESH_TYPES.get(mesh_config["type"])
+    if mesh_type is None:
+        raise CheckpointError(path, f"unknown mesh type {mesh_config['type']!r}")
+    mesh = mesh_type(
+        np.asarray(mesh_config["points"], dtype=np.float64).T.copy(),
+        np.asarray(mesh_config["cells"], dtype=np.int64).T.copy(),
+    )
+    dirichlet = "boundary" if config["dirichlet"] == "boundary" else None
+    return FunctionSpace(mesh, degree=config["degree"], dirichlet=dirichlet)
+
+
+def model_config(model: FEOperator) -> dict:
+    """The JSON description :func:`build_model` rebuilds ``model`` from (weights aside)."""
+    processor = model.processor
+    if getattr(processor, "activation", torch.nn.functional.gelu) is not torch.nn.functional.gelu:
+        raise TypeError("a processor with a custom activation cannot be described in JSON")
+    config = {
+        "processor": _processor_name(processor),
+        "options": dict(processor.config),
+        "resolution": model.resolution,
+        "space_in": _space_config(model.space_in),
+        "space_out": _space_config(model.space_out),
+        "input_stats": None
+        if model.input_stats is None
+        else [model.input_stats.mean.tolist(), model.input_stats.std.tolist()],
+        "output_stats": None
+        if model.output_stats is None
+        else [model.output_stats.mean.tolist(), model.output_stats.std.tolist()],
+    }
+    if isinstance(processor, FEMultigrid):
+        # The hierarchy: its coarsest mesh and the number of refinements.
+        config["options"]["coarse"] = _space_config(processor.coarse_space)
+    return config
+
+
+def build_model(config: dict, *, path: str | os.PathLike = "<config>") -> FEOperator:
+    """A freshly initialised :class:`FEOperator` from :func:`model_config`'s description."""
+    try:
+        name = config["processor"]
+        if name not in PROCESSORS:
+            raise CheckpointError(path, f"unknown processor {name!r}; known: {sorted(PROCESSORS)}")
+        options = dict(config["options"])
+        space_in, space_out = _space(path, config["space_in"]), _space(path, config["space_out"])
+        if name == "femultigrid":
+            coarse = _space(path, options.pop("coarse"))
+            levels = options.pop("levels")
+            spaces = hierarchy(coarse.mesh, levels, degree=coarse.degree)
+            in_channels, out_channels = options.pop("in_channels"), options.pop("out_channels")
+            processor = FEMultigrid(spaces, in_channels, out_channels, **options)
+        else:
+            if name == "mgno":
+                options["grid"] = tuple(options["grid"])
+            if name == "fno":
+                options["n_modes"] = tuple(options["n_modes"])
+            in_channels, out_channels = options.pop("in_channels"), options.pop("out_channels")
+            processor = PROCESSORS[name](in_channels, out_channels, **options)
+        resolution = config["resolution"]
+        return FEOperator(
+            space_in,
+            space_out,
+            processor,
+            resolution=tuple(resolution) if isinstance(resolution, list) else resolution,
+            input_stats=config["input_stats"],
+            output_stats=config["output_stats"],
+        )
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(path, f"config.json does not describe a model: {exc!r}") from None
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: FEOperator,
+    *,
+    extra: dict | None = None,
+    attach: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``model`` to ``directory`` atomically (replacing a checkpoint already there).
+
+    Args:
+        directory: the checkpoint directory.
+        model: the model.
+        extra: further JSON for ``config.json`` (data description, test error, ...).
+        attach: writes further files into the (staging) directory before it is
+            renamed into place, so they appear together with the weights.
+    """
+    from fenop import __version__
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    config = {
+        "fenop_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "model": model_config(model),
+        **(extra or {}),
+    }
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        # Tensors only: neuraloperator adds its constructor arguments as "_metadata".
+        state = {
+            k: v.detach().cpu().contiguous()
+            for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        }
+        save_file(state, staging / "model.safetensors")
+        (staging / "config.json").write_text(json.dumps(config, indent=1))
+        if attach is not None:
+            attach(staging)
+        if directory.exists():
+            # Move the old one aside first: a rename cannot replace a non-empty folder.
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """A checkpoint's ``config.json``, after checking that this fenop can read it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(directory, "no such checkpoint directory")
+    for name in ("config.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise CheckpointError(directory, f"missing {name}")
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(directory, f"config.json is not readable JSON: {exc}") from None
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(directory, "config.json has no format_version")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            directory,
+            f"written in checkpoint format {version} by fenop {config.get('fenop_version')}; "
+            f"this fenop reads format {FORMAT_VERSION}: upgrade fenop",
+        )
+    return config
+
+
+def load_checkpoint(
+    directory: str | os.PathLike, *, device: str | torch.device = "cpu"
+) -> FEOperator:
+    """The model saved in ``directory``, ready for use (in evaluation mode)."""
+    config = read_config(directory)
+    model = build_model(config["model"], path=directory)
+    try:
+        state = load_file(Path(directory) / "model.safetensors")
+    except Exception as exc:  # safetensors raises its own error types for bad files
+        raise CheckpointError(directory, f"model.safetensors is not readable: {exc}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(directory, f"weights do not fit the described model: {exc}") from None
+    return model.to(device).eval()

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+
+from fenop.fem import FunctionSpace, l_shape
+from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
+from fenop.train import CheckpointError, load_checkpoint, load_model, read_config, save_checkpoint
+
+SPACE = FunctionSpace(l_shape(9), dirichlet="boundary")
+
+
+def _models():
+    spaces = hierarchy(l_shape(5), 2, dirichlet="boundary")
+    stats = {"input_stats": ([1.0], [2.0]), "output_stats": ([0.0], [0.5])}
+    return {
+        "fno": FEOperator(
+            SPACE, SPACE, FNO(4, 1, n_modes=(6, 6), hidden_channels=8), resolution=16, **stats
+        ),
+        "mgno": FEOperator(
+            SPACE, SPACE, MgNO(4, 1, grid=(16, 16), width=4, n_layers=1), resolution=16
+        ),
+        "lsm": FEOperator(SPACE, SPACE, LSM(4, 1, width=8, depth=2), resolution=(16, 12), **stats),
+        "femultigrid": FEOperator(
+            spaces[-1], spaces[-1], FEMultigrid(spaces, 1, 1, width=4, n_layers=1)
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["fno", "mgno", "lsm", "femultigrid"])
+def test_round_trip_gives_the_same_function(tmp_path, name):
+    torch.manual_seed(0)
+    model = _models()[name]
+    save_checkpoint(tmp_path / "ckpt", model, extra={"test_error": 0.5})
+    loaded = load_model(tmp_path / "ckpt")
+    x = torch.randn(2, 1, model.space_in.n_dofs)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    assert read_config(tmp_path / "ckpt")["test_error"] == 0.5
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+
+
+def test_save_replaces_atomically_and_leaves_no_debris(tmp_path):
+    model = _models()["mgno"]
+    target = tmp_path / "ckpt"
+    save_checkpoint(target, model)
+    save_checkpoint(target, model, extra={"epoch": 2})
+    assert read_config(target)["epoch"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+    def fail(_):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(target, model, extra={"epoch": 3}, attach=fail)
+    assert read_config(target)["epoch"] == 2  # the previous checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_bad_checkpoints_are_refused_with_a_reason(tmp_path):
+    model = _models()["mgno"]
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "none")
+    with pytest.raises(CheckpointError, match="no pretrained models"):
+        load_model("darcy-fno-unknown")
+    target = save_checkpoint(tmp_path / "ckpt", model)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(CheckpointError, match=r"format 99 .* upgrade fenop"):
+        load_checkpoint(target)
+    (target / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not readable JSON"):
+        load_checkpoint(target)
+    (target / "config.json").write_text(json.dumps(config))
+    (target / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not readable"):
+        load_checkpoint(target)
+    other = save_checkpoint(tmp_path / "other", _models()["fno"])
+    (target / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_checkpoint(target)
+    (target / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"missing model\.safetensors"):
+        load_checkpoint(target)
+
+
+def test_checkpoint_of_a_transferred_model_is_on_its_new_mesh(tmp_path):
+    model = _models()["fno"]
+    finer = FunctionSpace(l_shape(17), dirichlet="boundary")
+    moved = model.transfer(finer)
+    loaded = load_model(save_checkpoint(tmp_path / "ckpt", moved))
+    assert loaded.space_in.n_dofs == finer.n_dofs
+    x = torch.randn(1, 1, finer.n_dofs)
+    torch.testing.assert_close(loaded(x), moved(x))

@@ -1,0 +1,50 @@
+import pytest
+
+from fenop.train.config import ConfigError, read_config
+
+GOOD = """
+[data]
+path = "d.h5"
+n_train = 8
+n_test = 4
+
+[model]
+processor = "mgno"
+resolution = 16
+[model.options]
+width = 8
+
+[training]
+epochs = 2
+output = "run"
+"""
+
+
+def test_defaults_and_paths(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD)
+    config = read_config(path)
+    assert config["data"]["inputs"] == ["a"] and config["training"]["lr"] == 1e-3
+    assert config["data"]["path"] == str(tmp_path / "d.h5")
+    assert config["model"]["options"] == {"width": 8}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("epochs = 2", "epochs = 2\nepoch = 3"), r"unknown key training\.epoch"),
+        (("epochs = 2", 'epochs = "two"'), r"training\.epochs must be int, got 'two'"),
+        (("epochs = 2", "epochs = true"), r"training\.epochs must be int"),
+        (("n_test = 4", ""), r"missing key data\.n_test"),
+        (("[training]", "[trainig]"), r"unknown section \[trainig\]"),
+        (("resolution = 16", "resolution = 16.5"), r"model\.resolution must be int or list"),
+        (("epochs = 2", "epochs = 0"), r"training\.epochs must be positive"),
+        (("[data]", "[data"), "not valid TOML"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, change, message):
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD.replace(*change))
+    with pytest.raises(ConfigError, match=message) as info:
+        read_config(path)
+    assert str(path) in str(info.value)

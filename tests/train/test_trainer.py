@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+
+from fenop.data import FieldDataset, generate
+from fenop.fem import unit_square
+from fenop.operators import FEOperator, MgNO
+from fenop.train import Trainer, load_model, read_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = generate(
+        "darcy",
+        16,
+        unit_square(9),
+        seed=0,
+        path=tmp_path_factory.mktemp("d") / "d.h5",
+        progress=False,
+    )
+    return FieldDataset(path, indices=range(12)), FieldDataset(path, indices=range(12, 16))
+
+
+def _model(train):
+    torch.manual_seed(0)
+    a, u = train.normalizer(["a"]), train.normalizer(["u"])
+    return FEOperator(
+        train.space,
+        train.space,
+        MgNO(4, 1, grid=(8, 8), width=4, n_layers=1),
+        resolution=8,
+        input_stats=(a.mean.tolist(), a.std.tolist()),
+        output_stats=(u.mean.tolist(), u.std.tolist()),
+    )
+
+
+def _trainer(data, directory, **kwargs):
+    train, test = data
+    options = dict(
+        epochs=4, batch_size=5, lr=3e-3, directory=directory, progress=False, device="cpu"
+    )
+    return Trainer(_model(train), train, test, **{**options, **kwargs})
+
+
+def test_training_writes_metrics_and_checkpoints(data, tmp_path):
+    history = _trainer(data, tmp_path / "run").fit()
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    assert history[-1]["test_l2"] < history[0]["test_l2"]  # it learns
+    best = read_config(tmp_path / "run" / "best")
+    assert best["test_error"] == min(h["test_l2"] for h in history)
+    assert read_config(tmp_path / "run" / "last")["epoch"] == 4
+    model = load_model(tmp_path / "run" / "last")
+    x, _ = data[1][0]
+    assert model(x[None]).shape == (1, 1, data[0].space.n_dofs)
+
+
+def test_resumed_run_ends_with_the_same_weights(data, tmp_path, monkeypatch):
+    reference = _trainer(data, tmp_path / "reference")
+    reference.fit()
+
+    interrupted = _trainer(data, tmp_path / "resumed")
+    real_write = Trainer._write
+
+    def write_then_stop(self, metrics):
+        real_write(self, metrics)
+        if metrics["epoch"] == 2:
+            raise KeyboardInterrupt  # killed after the second epoch's checkpoint
+
+    monkeypatch.setattr(Trainer, "_write", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    monkeypatch.setattr(Trainer, "_write", real_write)
+
+    resumed = _trainer(data, tmp_path / "resumed", resume=True)
+    assert resumed.epoch == 2
+    history = resumed.fit()
+    assert [h["epoch"] for h in history] == [3, 4]
+    for name, value in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="other settings"):
+        _trainer(data, tmp_path / "resumed", resume=True, lr=1e-2)
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(
+    data, tmp_path, monkeypatch
+):
+    trainer = _trainer(data, tmp_path / "run")
+    real_loss = trainer.loss_fn.forward
+    calls = []
+
+    def poisoned(pred, target):
+        calls.append(1)
+        loss = real_loss(pred, target)
+        return loss * float("nan") if len(calls) == 5 else loss  # epoch 2, step 2
+
+    monkeypatch.setattr(trainer.loss_fn, "forward", poisoned)
+    with pytest.raises(
+        FloatingPointError, match=r"nan at epoch 2, step 2; the last good checkpoint"
+    ):
+        trainer.fit()
+    assert read_config(tmp_path / "run" / "last")["epoch"] == 1
+
+
+def test_bad_settings(data):
+    with pytest.raises(ValueError, match="schedule"):
+        _trainer(data, None, schedule="linear")
+    with pytest.raises(ValueError, match="loss"):
+        _trainer(data, None, loss="l1")
