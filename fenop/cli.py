@@ -103,14 +103,17 @@ def _model_on(checkpoint: str, data: Path, device: str | None):
     import torch
 
     from fenop.data import store_space, validate_store
-    from fenop.train import load_model, read_config
+    from fenop.train import PRETRAINED, load_model, pretrained_names, read_config
 
-    config = read_config(checkpoint) if Path(checkpoint).is_dir() else {}
+    folder = Path(checkpoint)
+    if not folder.is_dir() and checkpoint in pretrained_names():
+        folder = PRETRAINED / checkpoint
+    config = read_config(folder) if folder.is_dir() else {}
     described = config.get("data", {})
     inputs, outputs = described.get("inputs", ["a"]), described.get("outputs", ["u"])
     validate_store(data, fields=inputs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(checkpoint, device=device)
+    model = load_model(folder, device=device)
     space = store_space(data)
     same = space.n_dofs == model.space_in.n_dofs and bool(
         (abs(space.dof_points - model.space_in.dof_points) < 1e-12).all()
@@ -144,7 +147,7 @@ def _evaluate(args) -> int:
     model, space, inputs, outputs, device = _model_on(args.checkpoint, data, args.device)
     l2 = RelativeL2Loss(space, reduction="none").to(device)
     h1 = RelativeH1Loss(space, reduction="none").to(device)
-    errors_l2, errors_h1 = [], []
+    errors_l2, errors_h1, shown = [], [], None
     with torch.no_grad():
         for start, x in _batches(data, inputs, args.batch_size):
             with h5py.File(data, "r") as f:
@@ -154,6 +157,8 @@ def _evaluate(args) -> int:
             prediction = model(x)
             errors_l2 += l2(prediction, y).tolist()
             errors_h1 += h1(prediction, y).tolist()
+            if shown is None:  # the first few samples go into the picture
+                shown = [t[:3, 0].cpu().numpy() for t in (x, y, prediction)]
     for name, errors in (("relative L2", errors_l2), ("relative H1", errors_h1)):
         e = np.asarray(errors)
         print(
@@ -163,6 +168,12 @@ def _evaluate(args) -> int:
     if args.per_sample:
         for i, (a, b) in enumerate(zip(errors_l2, errors_h1, strict=True)):
             print(f"{i} {a:.6f} {b:.6f}")
+    if args.plot:
+        from fenop.train.plots import plot_predictions
+
+        metrics = Path(args.checkpoint).parent / "metrics.jsonl"
+        plot_predictions(space, *shown, args.plot, metrics=metrics)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -289,11 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--per-sample", action="store_true", help="also list each sample's errors"
     )
+    evaluate.add_argument("--plot", help="save a picture of a few samples and the training curves")
     evaluate.add_argument("--device")
     evaluate.set_defaults(run=_evaluate)
 
     predict = commands.add_parser("predict", help="run a model on the input fields of a store")
-    predict.add_argument("model", help="checkpoint directory")
+    predict.add_argument("model", help="checkpoint directory or shipped name (e.g. darcy-fno)")
     predict.add_argument("input")
     predict.add_argument("-o", "--output", required=True)
     predict.add_argument("--overwrite", action="store_true")

@@ -160,9 +160,11 @@ def trained(tmp_path):
 def test_train_evaluate_predict(trained, capsys):
     run = trained / "run"
     assert (run / "best" / "model.safetensors").is_file() and (run / "metrics.jsonl").is_file()
-    assert main(["evaluate", str(run / "best"), str(trained / "d.h5")]) == 0
+    picture = trained / "eval.png"
+    assert main(["evaluate", str(run / "best"), str(trained / "d.h5"), "--plot", str(picture)]) == 0
     out = capsys.readouterr().out
     assert "relative L2: mean" in out and "over 16 samples" in out
+    assert picture.read_bytes()[:4] == b"\x89PNG"
     output = trained / "pred.h5"
     assert main(["predict", str(run / "best"), str(trained / "d.h5"), "-o", str(output), "-q"]) == 0
     with h5py.File(output) as f, h5py.File(trained / "d.h5") as g:
@@ -204,7 +206,7 @@ def test_predict_on_another_mesh_and_bad_input(trained, capsys):
         (["predict", best, str(trained / "none.h5"), "-o", str(trained / "x.h5")], "no such file"),
         (
             ["predict", str(trained / "nomodel"), str(finer), "-o", str(trained / "x.h5")],
-            "no such checkpoint",
+            "nor a shipped model",
         ),
         (["predict", best, str(finer), "-o", str(trained / "p.h5")], "exists; pass --overwrite"),
     ]

@@ -1,4 +1,9 @@
-"""Training, checkpoints and loading models."""
+"""Training, checkpoints and loading models (shipped or saved)."""
+
+import os
+from pathlib import Path
+
+import torch
 
 from fenop.train.checkpoint import (
     CheckpointError,
@@ -9,29 +14,39 @@ from fenop.train.checkpoint import (
 )
 from fenop.train.trainer import Trainer
 
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 
-def load_model(name_or_path, *, device="cpu"):
-    """A ready :class:`~fenop.operators.FEOperator` from a checkpoint directory.
 
-    Shipped pretrained names are not available yet; a name that is not a directory
-    is refused with the list of what is known.
+def pretrained_names() -> list[str]:
+    """Names of the models shipped in ``fenop/pretrained/`` (e.g. ``"darcy-fno"``)."""
+    return sorted(p.name for p in PRETRAINED.iterdir() if (p / "config.json").is_file())
+
+
+def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu"):
+    """A ready :class:`~fenop.operators.FEOperator`: a shipped name or a checkpoint directory.
+
+    >>> load_model("darcy-fno").space_in
+    FunctionSpace(P1 on MeshTri1, 1089 DOFs, 128 Dirichlet)
     """
-    from pathlib import Path
-
     path = Path(name_or_path)
     if path.is_dir():
         return load_checkpoint(path, device=device)
+    if str(name_or_path) in pretrained_names():
+        return load_checkpoint(PRETRAINED / str(name_or_path), device=device)
+    shipped = ", ".join(pretrained_names())
     raise CheckpointError(
-        path, "no such checkpoint directory (no pretrained models are shipped yet)"
+        path, f"neither a checkpoint directory nor a shipped model; shipped: {shipped}"
     )
 
 
 __all__ = [
+    "PRETRAINED",
     "CheckpointError",
     "Trainer",
     "build_model",
     "load_checkpoint",
     "load_model",
+    "pretrained_names",
     "read_config",
     "save_checkpoint",
 ]

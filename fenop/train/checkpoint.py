@@ -184,6 +184,10 @@ def save_checkpoint(
         (staging / "config.json").write_text(json.dumps(config, indent=1))
         if attach is not None:
             attach(staging)
+        # mkdtemp makes a private folder; a checkpoint is an ordinary one.
+        staging.chmod(0o755)
+        for file in staging.iterdir():
+            file.chmod(0o644)
         if directory.exists():
             # Move the old one aside first: a rename cannot replace a non-empty folder.
             old = directory.with_name(f".{directory.name}.old")

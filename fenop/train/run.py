@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from fenop.data import FieldDataset, read_header
 from fenop.operators import FNO, LSM, FEOperator, MgNO
@@ -94,8 +95,11 @@ def train_from_config(
         progress=progress,
         extra={
             "data": {
-                "path": config["data"]["path"],
+                # the file's name, not the machine's path: checkpoints get shared
+                "file": Path(config["data"]["path"]).name,
                 "pde": header.get("pde"),
+                "seed": header.get("seed"),
+                "n_samples": header.get("n_samples"),
                 "parameters": header.get("parameters"),
                 "inputs": config["data"]["inputs"],
                 "outputs": config["data"]["outputs"],
