@@ -4,7 +4,12 @@ from tests.helpers import ROOT, load_script
 
 
 def test_every_example_is_covered_here():
-    assert {p.stem for p in (ROOT / "examples").glob("*.py")} == {"fem_tour"}
+    assert {p.stem for p in (ROOT / "examples").glob("*.py")} == {
+        "fem_tour",
+        "predict_hdf5",
+        "train_darcy",
+        "train_lshape",
+    }
 
 
 def test_fem_tour(capsys):
@@ -20,3 +25,20 @@ def test_quick_start_configuration_is_valid():
     config = read_config(ROOT / "examples" / "darcy_quick.toml")
     assert config["data"]["path"] == str(ROOT / "darcy.h5")
     assert config["model"]["processor"] == "fno"
+
+
+def test_train_darcy(tmp_path):
+    result = load_script("examples/train_darcy.py").main(["--quick", "--output", str(tmp_path)])
+    assert 0 < result["test_error"] < 10 and result["picture"].is_file()
+    assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def test_train_lshape(tmp_path):
+    result = load_script("examples/train_lshape.py").main(["--quick", "--output", str(tmp_path)])
+    assert result["boundary_max"] == 0.0 and result["picture"].is_file()
+
+
+def test_predict_hdf5(tmp_path):
+    result = load_script("examples/predict_hdf5.py").main(["--quick", "--output", str(tmp_path)])
+    assert result["test_error"] <= 0.05  # the shipped model, on a mesh it never saw
+    assert result["output"].is_file()
