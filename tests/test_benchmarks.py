@@ -34,3 +34,9 @@ def test_darcy_runs(capsys):
     }
     assert all(0 < r["error"] < 10 and r["epochs"] >= 1 for r in results.values())
     assert "test rel L2" in capsys.readouterr().out
+
+
+def test_inference_runs(capsys):
+    results = load_script("benchmarks/inference.py").main(["--resolutions", "9", "--samples", "3"])
+    assert results[9]["solve"] > 0 and results[9]["model"] > 0 and results["first_prediction_s"] > 0
+    assert "time to first prediction" in capsys.readouterr().out
