@@ -88,8 +88,13 @@ def _generate(args) -> int:
 def _train(args) -> int:
     from fenop.train.run import train_from_config
 
+    output = args.resume if isinstance(args.resume, str) else None
     history = train_from_config(
-        args.config, resume=args.resume, device=args.device, progress=not args.quiet
+        args.config,
+        resume=bool(args.resume),
+        output=output,
+        device=args.device,
+        progress=not args.quiet,
     )
     if history and not args.quiet:
         last = history[-1]
@@ -288,7 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model from a TOML configuration")
     train.add_argument("config")
-    train.add_argument("--resume", action="store_true", help="continue from OUTPUT/last")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="DIR",
+        help="continue a killed run from DIR/last (DIR defaults to the configuration's output)",
+    )
     train.add_argument("--device", help="cpu or cuda (default: the configuration's, else auto)")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)

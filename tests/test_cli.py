@@ -25,18 +25,7 @@ def test_generate_then_info(tmp_path, capsys):
 
 def test_options_domain_and_mesh_files(tmp_path, capsys):
     path = tmp_path / "l.h5"
-    args = [
-        "generate",
-        "darcy",
-        "-n",
-        "2",
-        "--domain",
-        "lshape",
-        "--resolution",
-        "9",
-        "-o",
-        str(path),
-    ]
+    args = f"generate darcy -n 2 --domain lshape --resolution 9 -o {path}".split()
     assert main([*args, "--option", "a_high=20", "-q"]) == 0
     with h5py.File(path) as f:
         assert set(np.unique(f["a"][()])) == {3.0, 20.0}
@@ -176,30 +165,27 @@ def test_train_evaluate_predict(trained, capsys):
     assert "fenop checkpoint" in capsys.readouterr().out
 
 
+def test_train_resume(trained, capsys):
+    """Exact resumption is tested on the Trainer; here, the command's side of it."""
+    config = trained / "c.toml"
+    before = (trained / "run" / "last" / "model.safetensors").read_bytes()
+    assert main(["train", str(config), "-q", "--resume"]) == 0  # finished: nothing left to do
+    assert (trained / "run" / "last" / "model.safetensors").read_bytes() == before
+    assert main(["train", str(config), "-q", "--resume", str(trained / "missing")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    config.write_text(CONFIG.replace("epochs = 2", "epochs = 3"))
+    assert main(["train", str(config), "-q", "--resume"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
 def test_predict_on_another_mesh_and_bad_input(trained, capsys):
     best = str(trained / "run" / "best")
     finer = trained / "finer.h5"
     assert main(["generate", "darcy", "-n", "3", "--resolution", "17", "-o", str(finer), "-q"]) == 0
     assert main(["predict", best, str(finer), "-o", str(trained / "p.h5"), "-q"]) == 0
     lshape = trained / "lshape.h5"
-    assert (
-        main(
-            [
-                "generate",
-                "darcy",
-                "-n",
-                "2",
-                "--domain",
-                "lshape",
-                "--resolution",
-                "9",
-                "-o",
-                str(lshape),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    command = f"generate darcy -n 2 --domain lshape --resolution 9 -o {lshape} -q"
+    assert main(command.split()) == 0
     capsys.readouterr()
     cases = [
         (["predict", best, str(lshape), "-o", str(trained / "x.h5")], "not in the model's domain"),
@@ -209,6 +195,19 @@ def test_predict_on_another_mesh_and_bad_input(trained, capsys):
             "nor a shipped model",
         ),
         (["predict", best, str(finer), "-o", str(trained / "p.h5")], "exists; pass --overwrite"),
+    ]
+    no_a = trained / "no_a.h5"
+    assert main(["generate", "poisson", "-n", "2", "--resolution", "9", "-o", str(no_a), "-q"]) == 0
+    nan = trained / "nan.h5"
+    nan.write_bytes(finer.read_bytes())
+    with h5py.File(nan, "r+") as f:
+        f["a"][1, 5] = np.nan
+    truncated = trained / "truncated.h5"
+    truncated.write_bytes(finer.read_bytes()[:2000])
+    cases += [
+        (["predict", best, str(no_a), "-o", str(trained / "x.h5")], "missing field 'a'"),
+        (["predict", best, str(nan), "-o", str(trained / "x.h5")], "NaN or Inf in sample 1"),
+        (["predict", best, str(truncated), "-o", str(trained / "x.h5")], "truncated or corrupt"),
     ]
     for args, message in cases:
         assert main(args) == 2

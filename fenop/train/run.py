@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from fenop.data import FieldDataset, read_header
 from fenop.operators import FNO, LSM, FEOperator, MgNO
 from fenop.train.config import ConfigError, read_config
@@ -68,11 +70,19 @@ def train_from_config(
     config_path: str | os.PathLike,
     *,
     resume: bool = False,
+    output: str | os.PathLike | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Train as ``config_path`` says; checkpoints go to its ``training.output``."""
+    """Train as ``config_path`` says; checkpoints go to ``output`` (default: its
+    ``training.output``). With ``resume``, continue from ``output/last``."""
     config = read_config(config_path)
+    if output is not None:
+        config["training"]["output"] = str(output)
+    if resume and not (Path(config["training"]["output"]) / "last").is_dir():
+        raise ConfigError(config_path, f"nothing to resume: no {config['training']['output']}/last")
+    # The seed fixes the initial weights too, so the same command gives the same model.
+    torch.manual_seed(config["training"]["seed"])
     model, train, test = build_from_config(config, path=config_path)
     training = config["training"]
     device = device or (None if training["device"] == "auto" else training["device"])
