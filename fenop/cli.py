@@ -103,8 +103,9 @@ def _train(args) -> int:
     return 0
 
 
-def _model_on(checkpoint: str, data: Path, device: str | None):
-    """The checkpoint's model on the data's mesh, and the data's input and output fields."""
+def _model_on(checkpoint: str, data: Path, device: str | None, *, with_outputs: bool = False):
+    """The checkpoint's model on the data's mesh, and the names of its input and output
+    fields; the store is validated for the inputs (and the outputs, ``with_outputs``)."""
     import torch
 
     from fenop.data import store_space, validate_store
@@ -116,7 +117,7 @@ def _model_on(checkpoint: str, data: Path, device: str | None):
     config = read_config(folder) if folder.is_dir() else {}
     described = config.get("data", {})
     inputs, outputs = described.get("inputs", ["a"]), described.get("outputs", ["u"])
-    validate_store(data, fields=inputs)
+    validate_store(data, fields=inputs + outputs if with_outputs else inputs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(folder, device=device)
     space = store_space(data)
@@ -142,23 +143,22 @@ def _batches(path: Path, inputs: list[str], batch: int):
 
 
 def _evaluate(args) -> int:
-    import h5py
     import numpy as np
     import torch
 
     from fenop.fem import RelativeH1Loss, RelativeL2Loss
 
     data = Path(args.data)
-    model, space, inputs, outputs, device = _model_on(args.checkpoint, data, args.device)
+    model, space, inputs, outputs, device = _model_on(
+        args.checkpoint, data, args.device, with_outputs=True
+    )
     l2 = RelativeL2Loss(space, reduction="none").to(device)
     h1 = RelativeH1Loss(space, reduction="none").to(device)
     errors_l2, errors_h1, shown = [], [], None
     with torch.no_grad():
-        for start, x in _batches(data, inputs, args.batch_size):
-            with h5py.File(data, "r") as f:
-                y = np.stack([f[name][start : start + len(x)] for name in outputs], axis=1)
-            x = torch.as_tensor(x, dtype=torch.float32, device=device)
-            y = torch.as_tensor(y, dtype=torch.float32, device=device)
+        for _, fields in _batches(data, inputs + outputs, args.batch_size):
+            fields = torch.as_tensor(fields, dtype=torch.float32, device=device)
+            x, y = fields[:, : len(inputs)], fields[:, len(inputs) :]
             prediction = model(x)
             errors_l2 += l2(prediction, y).tolist()
             errors_h1 += h1(prediction, y).tolist()

@@ -205,6 +205,7 @@ def test_predict_on_another_mesh_and_bad_input(trained, capsys):
     truncated = trained / "truncated.h5"
     truncated.write_bytes(finer.read_bytes()[:2000])
     cases += [
+        (["evaluate", best, str(no_a)], "missing field 'a'"),
         (["predict", best, str(no_a), "-o", str(trained / "x.h5")], "missing field 'a'"),
         (["predict", best, str(nan), "-o", str(trained / "x.h5")], "NaN or Inf in sample 1"),
         (["predict", best, str(truncated), "-o", str(trained / "x.h5")], "truncated or corrupt"),
