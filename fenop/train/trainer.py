@@ -155,7 +155,10 @@ class Trainer:
         (folder / "training.json").write_text(json.dumps(training))
 
     def _restore(self, folder: Path) -> None:
-        training = json.loads((folder / "training.json").read_text())
+        try:
+            training = json.loads((folder / "training.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{folder}: cannot resume, no readable training.json: {exc}") from None
         if training["settings"] != self.settings:
             raise ValueError(
                 f"{folder}: cannot resume a run made with other settings: "
