@@ -27,6 +27,17 @@ from torch import nn
 from fenop.fem.space import FunctionSpace
 
 
+def quadrature_data(space: FunctionSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local basis values ``(N, E, Q)``, their gradients ``(N, d, E, Q)`` and the
+    quadrature weights ``(E, Q)`` of every cell, from the space's scikit-fem basis."""
+    basis = space.basis
+    # basis.basis[i][0] is the i-th local basis function on every cell, as a
+    # scikit-fem DiscreteField: value (E, Q), grad (d, E, Q).
+    phi = np.stack([np.asarray(b[0]) for b in basis.basis])
+    dphi = np.stack([np.asarray(b[0].grad) for b in basis.basis])
+    return phi, dphi, np.asarray(basis.dx)
+
+
 class FEForms(nn.Module):
     """Quadrature data of a space, as torch buffers, and batched assembly with it.
 
@@ -44,15 +55,11 @@ class FEForms(nn.Module):
         if not isinstance(space, FunctionSpace):
             raise TypeError(f"`space` must be a FunctionSpace, got {type(space).__name__}")
         self.space = space
-        basis = space.basis
-        # basis.basis[i][0] is the i-th local basis function on every cell, as a
-        # scikit-fem DiscreteField: value (E, Q), grad (d, E, Q).
-        phi = np.stack([np.asarray(b[0]) for b in basis.basis])  # (N, E, Q)
-        dphi = np.stack([np.asarray(b[0].grad) for b in basis.basis])  # (N, d, E, Q)
+        phi, dphi, dx = quadrature_data(space)
         self.register_buffer("phi", torch.from_numpy(phi), persistent=False)
         self.register_buffer("dphi", torch.from_numpy(dphi), persistent=False)
-        self.register_buffer("dx", torch.from_numpy(np.asarray(basis.dx)), persistent=False)
-        dofs = torch.from_numpy(basis.element_dofs.astype(np.int64))  # (N, E)
+        self.register_buffer("dx", torch.from_numpy(dx), persistent=False)
+        dofs = torch.from_numpy(space.basis.element_dofs.astype(np.int64))  # (N, E)
         self.register_buffer("element_dofs", dofs, persistent=False)
 
     def _local(self, coeffs: torch.Tensor) -> torch.Tensor:

@@ -250,11 +250,21 @@ class FunctionSpace:
     # -- FE matrices ------------------------------------------------------------------
 
     @cached_property
+    def mass_matrix(self) -> scipy.sparse.csr_array:
+        """The mass matrix ``M_ij = ∫ φ_i φ_j`` as SciPy CSR ``(n_dofs, n_dofs)`` (CPU solvers)."""
+        return scipy.sparse.csr_array(_mass_form.assemble(self.basis))
+
+    @cached_property
+    def stiffness_matrix(self) -> scipy.sparse.csr_array:
+        """The stiffness matrix ``K_ij = ∫ ∇φ_i · ∇φ_j`` as SciPy CSR ``(n_dofs, n_dofs)``."""
+        return scipy.sparse.csr_array(_stiffness_form.assemble(self.basis))
+
+    @cached_property
     def mass(self) -> torch.Tensor:
-        """The mass matrix ``M_ij = ∫ φ_i φ_j``, float64 CSR ``(n_dofs, n_dofs)``."""
-        return to_torch_csr(_mass_form.assemble(self.basis))
+        """:attr:`mass_matrix` as a float64 torch CSR tensor ``(n_dofs, n_dofs)``."""
+        return to_torch_csr(self.mass_matrix)
 
     @cached_property
     def stiffness(self) -> torch.Tensor:
-        """The stiffness matrix ``K_ij = ∫ ∇φ_i · ∇φ_j``, float64 CSR ``(n_dofs, n_dofs)``."""
-        return to_torch_csr(_stiffness_form.assemble(self.basis))
+        """:attr:`stiffness_matrix` as a float64 torch CSR tensor ``(n_dofs, n_dofs)``."""
+        return to_torch_csr(self.stiffness_matrix)

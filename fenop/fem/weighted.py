@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
+from fenop.fem.forms import quadrature_data
 from fenop.fem.space import FunctionSpace
 
 
@@ -34,12 +35,9 @@ class WeightedStiffness:
     """
 
     def __init__(self, space: FunctionSpace):
-        basis = space.basis
-        phi = np.stack([np.asarray(b[0]) for b in basis.basis])  # (N, E, Q)
-        dphi = np.stack([np.asarray(b[0].grad) for b in basis.basis])  # (N, d, E, Q)
-        dx = np.asarray(basis.dx)  # (E, Q)
+        phi, dphi, dx = quadrature_data(space)
         self._tensor = np.einsum("meq,ideq,jdeq,eq->mije", phi, dphi, dphi, dx)
-        self._dofs = basis.element_dofs  # (N, E)
+        self._dofs = space.basis.element_dofs  # (N, E)
         n = space.n_dofs
         rows = np.broadcast_to(self._dofs[:, None, :], self._tensor.shape[1:]).ravel()
         cols = np.broadcast_to(self._dofs[None, :, :], self._tensor.shape[1:]).ravel()

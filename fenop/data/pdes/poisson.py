@@ -9,9 +9,7 @@
 from __future__ import annotations
 
 import numpy as np
-import skfem
 import torch
-from skfem.helpers import dot, grad
 
 from fenop.data.pdes.base import DirichletResidual, PDEFamily
 from fenop.fem import FunctionSpace
@@ -32,9 +30,6 @@ class Poisson(PDEFamily):
     def __init__(self, space: FunctionSpace, *, scale: float = 1.0, grf: dict | None = None):
         super().__init__(space, grf=grf)
         self.scale = float(scale)
-        basis = space.basis
-        self._stiffness = skfem.BilinearForm(lambda u, v, _: dot(grad(u), grad(v))).assemble(basis)
-        self._mass = skfem.BilinearForm(lambda u, v, _: u * v).assemble(basis)
 
     def parameters(self) -> dict:
         return {"scale": self.scale, **super().parameters()}
@@ -43,7 +38,8 @@ class Poisson(PDEFamily):
         return {"f": self.scale * self.random_field(rng)}
 
     def solve(self, *, f: np.ndarray) -> dict[str, np.ndarray]:
-        return {"u": self.solve_linear(self._stiffness, self._mass @ f)}
+        space = self.space
+        return {"u": self.solve_linear(space.stiffness_matrix, space.mass_matrix @ f)}
 
     def residual(self) -> PoissonResidual:
         return PoissonResidual(self.space)
