@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import cached_property
 
 import h5py
 import numpy as np
@@ -123,10 +124,18 @@ class FieldDataset(Dataset):
         self._file: h5py.File | None = None
         self._pid: int | None = None
 
-    @property
+    @cached_property
     def space(self) -> FunctionSpace:
         """The FE space of the fields (mesh and element of the store)."""
         return store_space(self.path)
+
+    def __getstate__(self) -> dict:
+        # For DataLoader workers started by spawn: an open h5py file does not pickle,
+        # and the space is cheaper to rebuild than to send.
+        state = dict(self.__dict__)
+        state.pop("space", None)
+        state["_file"] = state["_pid"] = None
+        return state
 
     def _fields(self) -> h5py.File:
         # h5py handles do not survive fork: each process opens its own.

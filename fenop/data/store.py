@@ -242,6 +242,11 @@ def validate_store(
     shape ``(n_samples, n_dofs)``, the store is complete (unless ``allow_partial``),
     and (with ``check_values``) the complete samples hold no NaN or Inf.
     """
+    return _validate(path, fields, allow_partial, check_values)[0]
+
+
+def _validate(path, fields, allow_partial: bool, check_values: bool) -> tuple[dict, FunctionSpace]:
+    """:func:`validate_store`, also returning the space it built on the way."""
     space = store_space(path)
     with _open(path) as f:
         header = _header(path, f)
@@ -272,7 +277,7 @@ def validate_store(
                     if bad.any():
                         row = start + int(np.nonzero(bad.any(axis=1))[0][0])
                         raise StoreError(path, f"field {name!r} holds NaN or Inf in sample {row}")
-    return header
+    return header, space
 
 
 def open_store(path: str | os.PathLike, *, allow_partial: bool = False):
@@ -285,8 +290,7 @@ def open_store(path: str | os.PathLike, *, allow_partial: bool = False):
     """
     import xarray as xr
 
-    header = validate_store(path, allow_partial=allow_partial)
-    space = store_space(path)
+    header, space = _validate(path, None, allow_partial, check_values=True)
     ds = xr.open_dataset(path, engine="h5netcdf")
     names = ("x", "y", "z")[: space.dim]
     view = ds.isel(sample=slice(0, int(header["n_complete"]))).assign_coords(

@@ -90,3 +90,14 @@ def test_bad_arguments(darcy):
         FieldDataset(darcy, inputs=["p"])
     with pytest.raises(ValueError, match=r"\[0, 12\)"):
         FieldDataset(darcy, indices=[0, 12])
+
+
+def test_dataset_pickles_after_use_for_spawned_workers(darcy):
+    import pickle
+
+    dataset = FieldDataset(darcy, dtype=torch.float64)
+    first = dataset[3]  # opens the file and builds the space
+    _ = dataset.space
+    copy = pickle.loads(pickle.dumps(dataset))
+    torch.testing.assert_close(copy[3][1], first[1])
+    assert copy.space.n_dofs == dataset.space.n_dofs
