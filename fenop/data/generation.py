@@ -142,8 +142,9 @@ def _describe(family: PDEFamily, seed: int, n_samples: int) -> dict:
     }
 
 
-def _resume_from(path: Path, family: PDEFamily, expected: dict) -> int:
-    """Samples already complete in an existing store made by the same recipe."""
+def _resume_from(path: Path, family: PDEFamily, expected: dict) -> tuple[int, int]:
+    """Samples already complete in an existing store made by the same recipe, and the
+    store's chunk size."""
     header = read_header(path)
     differs = [key for key, value in expected.items() if header.get(key) != value]
     if not differs:
@@ -159,7 +160,7 @@ def _resume_from(path: Path, family: PDEFamily, expected: dict) -> int:
             f"exists and was made with a different {', '.join(differs)}; "
             "choose another output path or overwrite it",
         )
-    return int(header["n_complete"])
+    return int(header["n_complete"]), int(header["chunk_size"])
 
 
 def generate(
@@ -213,8 +214,7 @@ def generate(
 
     start = 0
     if path.exists() and not overwrite:
-        start = _resume_from(path, family, expected)
-        chunk_size = int(read_header(path)["chunk_size"])
+        start, chunk_size = _resume_from(path, family, expected)
     else:
         create_store(
             path,
