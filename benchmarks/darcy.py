@@ -87,6 +87,13 @@ def _models(names, space, space_mg, spaces_mg, n, stats, width):
         yield name, builders[name]()
 
 
+def _clock(device) -> float:
+    """Seconds, after the GPU's queued work has finished (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _fit(model, train, test, *, minutes, device, batch):
     loss_fn = RelativeL2Loss(train.space).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -96,9 +103,9 @@ def _fit(model, train, test, *, minutes, device, batch):
     start, epoch_times, schedule, epochs = time.perf_counter(), [], None, None
     step_times = []
     while epochs is None or len(epoch_times) < epochs:
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         for x, y in batches:
-            s0 = time.perf_counter()
+            s0 = _clock(device)
             optimiser.zero_grad()
             loss_fn(model(x), y).backward()
             # The same safeguards for every model: clipped gradients, a warm-up epoch.
@@ -109,8 +116,8 @@ def _fit(model, train, test, *, minutes, device, batch):
             optimiser.step()
             if schedule is not None:
                 schedule.step()
-            step_times.append(time.perf_counter() - s0)
-        epoch_times.append(time.perf_counter() - t0)
+            step_times.append(_clock(device) - s0)
+        epoch_times.append(_clock(device) - t0)
         if epochs is None:  # the first epoch warms up and sizes the cosine schedule
             epochs = max(2, int(60 * minutes / epoch_times[0]))
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(

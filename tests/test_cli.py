@@ -4,6 +4,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from fenop.cli import main
 from fenop.data import generate
@@ -216,3 +217,17 @@ def test_predict_on_another_mesh_and_bad_input(trained, capsys):
         assert message in err and len(err.splitlines()) == 1
     assert not (trained / "x.h5").exists()
     assert [p.name for p in trained.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_predict_with_the_shipped_model_on_cuda_matches_the_cpu(tmp_path):
+    data = tmp_path / "in.h5"
+    assert main(["generate", "darcy", "-n", "8", "--resolution", "33", "-o", str(data), "-q"]) == 0
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        outputs[device] = tmp_path / f"{device}.h5"
+        command = ["predict", "darcy-fno", str(data), "-o", str(outputs[device])]
+        assert main([*command, "--device", device, "-q"]) == 0
+    with h5py.File(outputs["cpu"]) as f, h5py.File(outputs["cuda"]) as g:
+        relative = np.linalg.norm(f["u"][()] - g["u"][()]) / np.linalg.norm(f["u"][()])
+    assert relative < 1e-4  # float32 on both; FFT and reduction order differ

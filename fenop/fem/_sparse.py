@@ -35,15 +35,21 @@ def apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x: ``(..., n)``.
 
     Returns:
-        ``(..., m)``, differentiable in ``x``.
+        ``(..., m)`` in ``x``'s dtype (float32 for half-precision ``x``),
+        differentiable in ``x``.
     """
     if matrix.device != x.device:
         raise ValueError(
             f"input is on {x.device} but the FE matrix is on {matrix.device}; "
             "move the module with .to(device)"
         )
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # Sparse kernels lack half precision on the CPU, and FE stencils lose too many
+        # digits in it: the product is done in float32 (also under autocast).
+        x = x.float()
     if matrix.dtype != x.dtype:
         matrix = matrix.to(x.dtype)
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
-    return (matrix @ flat.T).T.reshape(*lead, matrix.shape[0])
+    with torch.autocast(x.device.type, enabled=False):
+        return (matrix @ flat.T).T.reshape(*lead, matrix.shape[0])

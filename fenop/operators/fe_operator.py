@@ -134,22 +134,26 @@ class FEOperator(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         self.space_in.check_coefficients(x, "input")
-        if self.input_stats is not None:
-            x = self.input_stats.encode(x)
-        if self.native:
-            y = self.processor(x)
+        # Under autocast (mixed precision) only the processor runs in low precision:
+        # the FE maps, the statistics and the boundary values stay in x's dtype, so
+        # Dirichlet values remain exact and the output has the input's dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            if self.input_stats is not None:
+                x = self.input_stats.encode(x)
+            z = x if self.native else self.encoder(x)
+        y = self.processor(z)
+        with torch.autocast(x.device.type, enabled=False):
+            y = y.to(x.dtype)
             if self.output_stats is not None:
+                # Affine per channel, so it commutes with the decoder's interpolation
+                # (whose weights sum to one) and comes before the exact boundary values.
                 y = self.output_stats.decode(y)
+            if not self.native:
+                return self.decoder(y, boundary_values=boundary_values)
             if len(self.boundary_dofs) == 0:
                 return y
             g = self.boundary_values if boundary_values is None else boundary_values
             return impose_dirichlet(y, self.boundary_dofs, g)
-        y = self.processor(self.encoder(x))
-        if self.output_stats is not None:
-            # Affine per channel, so it commutes with the decoder's interpolation
-            # (whose weights sum to one) and comes before the exact boundary values.
-            y = self.output_stats.decode(y)
-        return self.decoder(y, boundary_values=boundary_values)
 
     def transfer(
         self,

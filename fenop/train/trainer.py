@@ -216,8 +216,11 @@ class Trainer:
                 for step, (x, y) in enumerate(loader):
                     x, y = x.to(self.device), y.to(self.device)
                     self.optimiser.zero_grad(set_to_none=True)
+                    # bfloat16 needs no loss scaling; FEOperator keeps its FE maps and
+                    # output in float32, so only the processor runs in low precision.
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                        loss = self.loss_fn(self.model(x), y)
+                        prediction = self.model(x)
+                    loss = self.loss_fn(prediction, y)
                     if not torch.isfinite(loss):
                         where = (
                             f"the loss is {loss.item()} at epoch {self.epoch + 1}, step {step + 1}"

@@ -100,3 +100,55 @@ def test_bad_construction_and_input():
     with pytest.raises(ValueError, match=r"\(batch, 1, 65\), got \(2, 2, 65\)"):
         model(torch.zeros(2, 2, SPACE.n_dofs))
     assert np.array_equal(model.decoder.boundary_dofs.numpy(), SPACE.boundary_dofs)
+
+
+@pytest.mark.parametrize("name", ["fno", "mgno", "lsm", "femultigrid"])
+def test_mixed_precision_runs_only_the_processor_in_bfloat16(name):
+    torch.manual_seed(0)
+    model = _models(SPACE)[name]
+    space = model.space_out
+    x = torch.randn(2, 1, space.n_dofs)
+    reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = model(x)
+    assert u.dtype == torch.float32
+    assert torch.max(torch.abs(u[..., space.boundary_dofs])).item() == 0.0
+    # bfloat16 keeps 8 significant bits: about 0.4% per operation.
+    assert (torch.linalg.norm(u - reference) / torch.linalg.norm(reference)).item() < 0.05
+    u.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["fno", "mgno", "lsm", "femultigrid"])
+def test_every_processor_on_cuda_computes_what_it_computes_on_the_cpu(name, dtype):
+    torch.manual_seed(0)
+    model = _models(SPACE)[name].to(dtype)
+    space = model.space_out
+    x = torch.randn(3, 1, space.n_dofs, dtype=dtype)
+    expected = model(x)
+    expected.square().mean().backward()
+    cpu_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    model.cuda()
+    x = x.cuda()
+    # Any host synchronisation in forward (.item(), .cpu(), data-dependent shapes)
+    # raises here: nothing may leave the GPU inside the model.
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        u = model(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    u.square().mean().backward()
+    assert u.device.type == "cuda" and u.dtype == dtype
+    assert torch.max(torch.abs(u[..., space.boundary_dofs])).item() == 0.0
+    # cuDNN may use TF32 for float32 convolutions: 10 mantissa bits.
+    rtol = 1e-9 if dtype == torch.float64 else 2e-2
+    relative = torch.linalg.norm(u.cpu() - expected) / torch.linalg.norm(expected)
+    assert relative.item() < rtol
+    for p, g in zip(model.parameters(), cpu_grads, strict=True):
+        assert p.grad is not None and p.grad.device.type == "cuda"
+        scale = torch.linalg.norm(g).item() + 1e-30
+        assert torch.linalg.norm(p.grad.cpu() - g).item() / scale < 10 * rtol

@@ -109,3 +109,18 @@ def test_bad_settings(data):
         _trainer(data, None, schedule="linear")
     with pytest.raises(ValueError, match="loss"):
         _trainer(data, None, loss="l1")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("amp", [False, True])
+def test_training_on_cuda_with_and_without_mixed_precision(data, tmp_path, amp):
+    trainer = _trainer(data, tmp_path / "run", device="cuda", amp=amp, epochs=6)
+    assert trainer.amp == amp
+    history = trainer.fit()
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in history)
+    assert history[-1]["test_l2"] < history[0]["test_l2"]  # it learns
+    # The checkpoint of a CUDA run loads on the CPU and computes the same function.
+    model = load_model(tmp_path / "run" / "last")
+    x, _ = data[1][0]
+    on_gpu = trainer.model(x[None].cuda()).cpu()
+    torch.testing.assert_close(model(x[None]), on_gpu, rtol=2e-2, atol=1e-6)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go: the CUDA tests, then the GPU benchmarks.
+# Each step's log goes to LOG_FOLDER; a failing step does not stop the later ones,
+# and the exit status says whether all passed.
+#
+#   benchmarks/cuda.sh [LOG_FOLDER]           # DARCY_MINUTES=1 per Darcy model by default
+set -uo pipefail
+cd "$(dirname "$0")/.."
+logs=${1:-cuda-logs}
+mkdir -p "$logs"
+export PYTHONUNBUFFERED=1
+status=0
+step() {  # step NAME COMMAND...: run, log to $logs/NAME.txt, remember a failure
+    local name=$1
+    shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$logs/$name.txt" || status=1
+}
+step gpu python -c "import torch; print(torch.__version__, torch.version.cuda, \
+torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory >> 30, 'GiB')"
+step tests python -m pytest -q -rs -k cuda
+step fem_overhead python benchmarks/fem_overhead.py --device cuda
+step inference python benchmarks/inference.py --device cuda
+step darcy python benchmarks/darcy.py --device cuda --resolution 85 \
+    --minutes "${DARCY_MINUTES:-1}" --workers "$(nproc)"
+exit $status
