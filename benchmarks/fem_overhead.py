@@ -6,6 +6,7 @@ time). A step is forward + loss + backward + optimiser step.
 
     python benchmarks/fem_overhead.py                 # the recorded configuration
     python benchmarks/fem_overhead.py --rounds 3      # quicker, noisier
+    python benchmarks/fem_overhead.py --profile       # also where a wrapped step spends time
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--profile", action="store_true", help="print torch.profiler's table of a wrapped step"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -102,7 +106,20 @@ def main(argv=None) -> dict:
         ratio = statistics.median(t / b for t, b in zip(ts, base, strict=True))
         results[name] = {"median_ms": 1e3 * statistics.median(ts), "ratio": ratio}
         print(f"{name:<28} {results[name]['median_ms']:>17.1f} {ratio:>14.3f}")
+    if args.profile:
+        _profile(variants["wrapped, FE relative L2"], device)
     return results
+
+
+def _profile(step, device: torch.device) -> None:
+    """The operations of a few steps, most expensive first (device time on a GPU)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        _time(step, 3, device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=40))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from fenop._types import FETensor
 from fenop.fem import FEDecoder, FunctionSpace, GridEncoder
 from fenop.fem.decoders import BoundaryValues, boundary_tensor, impose_dirichlet
 from fenop.fem.mesh import bounding_box
+from fenop.operators._module import KeepsComplexModule
 from fenop.operators.multigrid import FEMultigrid
 
 
@@ -50,7 +51,7 @@ class _Affine(nn.Module):
         return x * std + mean
 
 
-class FEOperator(nn.Module):
+class FEOperator(KeepsComplexModule):
     """A neural operator between FE spaces: ``(B, C_in, n_dofs_in) -> (B, C_out, n_dofs_out)``.
 
     With a grid processor (FNO, MgNO, LSM) the input is encoded on a grid over the

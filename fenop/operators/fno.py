@@ -27,7 +27,8 @@ from collections.abc import Sequence
 import torch
 from neuralop.layers.spectral_convolution import SpectralConv
 from neuralop.models import FNO as _NeuralopFNO
-from torch import nn
+
+from fenop.operators._module import KeepsComplexModule
 
 
 class SpectralConv64(SpectralConv):
@@ -78,7 +79,7 @@ class SpectralConv64(SpectralConv):
         return y
 
 
-class FNO(nn.Module):
+class FNO(KeepsComplexModule):
     """The Fourier Neural Operator of neuraloperator on ``(B, C, *grid)`` tensors.
 
     Args:

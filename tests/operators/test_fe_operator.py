@@ -152,3 +152,18 @@ def test_every_processor_on_cuda_computes_what_it_computes_on_the_cpu(name, dtyp
         assert p.grad is not None and p.grad.device.type == "cuda"
         scale = torch.linalg.norm(g).item() + 1e-30
         assert torch.linalg.norm(p.grad.cpu() - g).item() / scale < 10 * rtol
+
+
+def test_to_a_dtype_keeps_complex_spectral_weights_complex():
+    # torch's Module.to(float32) would cast the FNO's complex weights to real.
+    torch.manual_seed(0)
+    model = _models(SPACE)["fno"]
+    x = torch.randn(2, 1, SPACE.n_dofs)
+    expected = model(x)
+    model.to(torch.float64)
+    dtypes = {p.dtype for p in model.parameters()}
+    assert dtypes == {torch.float64, torch.complex128}
+    torch.testing.assert_close(model(x.double()).float(), expected, rtol=1e-5, atol=1e-6)
+    model.to(torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32, torch.complex64}
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-7)
