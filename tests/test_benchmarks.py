@@ -40,3 +40,12 @@ def test_inference_runs(capsys):
     results = load_script("benchmarks/inference.py").main(["--resolutions", "9", "--samples", "3"])
     assert results[9]["solve"] > 0 and results[9]["model"] > 0 and results["first_prediction_s"] > 0
     assert "time to first prediction" in capsys.readouterr().out
+
+
+def test_direct_solver_runs(capsys):
+    results = load_script("benchmarks/direct_solver.py").main(
+        ["--resolutions", "9", "--repeats", "1"]
+    )
+    assert set(results) == {("structured", 9), ("refined", 9)}
+    assert all(t > 0 for row in results.values() for t in row.values())
+    assert "RCM + MMD" in capsys.readouterr().out

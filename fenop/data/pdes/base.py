@@ -20,6 +20,7 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.linalg
 import torch
+from scipy.sparse.csgraph import reverse_cuthill_mckee
 from torch import nn
 
 from fenop.data.grf import GaussianRandomField, sample_rng
@@ -56,6 +57,7 @@ class PDEFamily:
         self.grf = GaussianRandomField(lower, upper, **(grf or {}))
         self._grf_at_dofs = self.grf.at(space.dof_points)
         self.interior = np.setdiff1d(np.arange(space.n_dofs), space.boundary_dofs)
+        self._ordering: np.ndarray | None = None  # of the free DOFs, see solve_linear
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -85,11 +87,17 @@ class PDEFamily:
 
     def solve_linear(self, matrix: scipy.sparse.sparray, load: np.ndarray) -> np.ndarray:
         """Solve ``matrix u = load`` with u = 0 on the Dirichlet DOFs (direct solver)."""
-        free = self.interior
+        if self._ordering is None:
+            # The sparsity pattern is the space's, whatever the coefficients: order
+            # once. SuperLU's minimum degree (MMD on A^T + A) fills in less than its
+            # default COLAMD on these symmetric systems, but depends on the DOF
+            # numbering: on a refined mesh's numbering it ran 100x slower. A reverse
+            # Cuthill-McKee renumbering first makes it robust (BENCHMARKS.md).
+            pattern = scipy.sparse.csr_array(matrix)[self.interior][:, self.interior]
+            self._ordering = self.interior[reverse_cuthill_mckee(pattern, symmetric_mode=True)]
+        free = self._ordering
         u = np.zeros(self.space.n_dofs)
         reduced = scipy.sparse.csc_array(matrix)[free][:, free]
-        # The systems are symmetric: a minimum-degree ordering of A^T + A fills in less
-        # than SuperLU's default COLAMD (about 1.7x faster at 129 x 129 vertices).
         u[free] = scipy.sparse.linalg.spsolve(reduced, load[free], permc_spec="MMD_AT_PLUS_A")
         return u
 
