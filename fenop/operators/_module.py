@@ -16,6 +16,7 @@ class KeepsComplexModule(nn.Module):
     """
 
     def to(self, *args, **kwargs):
+        # The argument parser that nn.Module.to itself uses: the same signatures.
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is None or not dtype.is_floating_point or memory_format is not None:
             return super().to(*args, **kwargs)
