@@ -158,3 +158,14 @@ def test_bad_arguments_write_nothing(tmp_path):
     with pytest.raises(TypeError, match="unexpected keyword"):
         generate("darcy", 3, unit_square(5), seed=0, path=path, viscosity=1.0)
     assert not os.path.exists(path)
+
+
+def test_workers_do_not_import_the_operators():
+    # Each spawned worker imports fenop.data.generation: it should not pay for
+    # neuraloperator (or any network code) it never uses.
+    code = (
+        "import sys, fenop.data.generation, fenop; "
+        "assert 'neuralop' not in sys.modules and 'fenop.operators' not in sys.modules; "
+        "fenop.operators; assert 'neuralop' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
