@@ -27,17 +27,8 @@ def to_torch_csr(matrix: scipy.sparse.sparray | scipy.sparse.spmatrix) -> torch.
         )
 
 
-def apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``matrix @ x`` along the last dimension of ``x``.
-
-    Args:
-        matrix: sparse ``(m, n)``; converted to ``x``'s dtype if it differs.
-        x: ``(..., n)``.
-
-    Returns:
-        ``(..., m)`` in ``x``'s dtype (float32 for half-precision ``x``),
-        differentiable in ``x``.
-    """
+def _operands(matrix: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``matrix`` and ``x`` in one dtype for a sparse product, or a clear error."""
     if matrix.device != x.device:
         raise ValueError(
             f"input is on {x.device} but the FE matrix is on {matrix.device}; "
@@ -49,7 +40,40 @@ def apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
     if matrix.dtype != x.dtype:
         matrix = matrix.to(x.dtype)
+    return matrix, x
+
+
+def apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix @ x`` along the last dimension of ``x``.
+
+    Args:
+        matrix: sparse ``(m, n)``; converted to ``x``'s dtype if it differs.
+        x: ``(..., n)``.
+
+    Returns:
+        ``(..., m)`` in ``x``'s dtype (float32 for half-precision ``x``),
+        differentiable in ``x``.
+    """
+    matrix, x = _operands(matrix, x)
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
         return (matrix @ flat.T).T.reshape(*lead, matrix.shape[0])
+
+
+def apply_rows(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix @ x`` along the first dimension of ``x``: no transposes, no copies.
+
+    For node-major layouts ``(n, ...)``, as inside :class:`~fenop.operators.FEMultigrid`.
+
+    Args:
+        matrix: sparse ``(m, n)``; converted to ``x``'s dtype if it differs.
+        x: ``(n, ...)``.
+
+    Returns:
+        ``(m, ...)`` in ``x``'s dtype (float32 for half-precision ``x``),
+        differentiable in ``x``.
+    """
+    matrix, x = _operands(matrix, x)
+    with torch.autocast(x.device.type, enabled=False):
+        return (matrix @ x.reshape(x.shape[0], -1)).reshape(matrix.shape[0], *x.shape[1:])

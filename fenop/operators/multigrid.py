@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from fenop.fem import FunctionSpace
-from fenop.fem._sparse import apply, to_torch_csr
+from fenop.fem._sparse import apply_rows, to_torch_csr
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -249,10 +249,11 @@ class _StencilOperator(nn.Module):
         self.weight = nn.Parameter(torch.empty(taps, channels, channels).uniform_(-bound, bound))
 
     def forward(self, u: torch.Tensor, stencils: torch.Tensor) -> torch.Tensor:
-        """``u`` ``(B, C, n)``, ``stencils`` stacked ``(S * n, n)`` -> ``(B, C, n)``."""
-        applied = apply(stencils, u).reshape(*u.shape[:2], -1, u.shape[-1])  # (B, C, S, n)
-        terms = torch.cat([u.unsqueeze(2), applied], dim=2)
-        return torch.einsum("bcsn,scd->bdn", terms, self.weight)
+        """``u`` ``(n, B, C)``, ``stencils`` stacked ``(S * n, n)`` -> ``(n, B, C)``."""
+        applied = apply_rows(stencils, u).reshape(-1, *u.shape)  # (S, n, B, C)
+        # Node-major, so each tap is a plain matrix product over channels.
+        mixed = torch.matmul(applied, self.weight[1:, None]).sum(dim=0)
+        return u @ self.weight[0] + mixed
 
 
 class FEMultigrid(nn.Module):
@@ -313,7 +314,7 @@ class FEMultigrid(nn.Module):
         # [0, 1] over the bounding box, are appended to the input.
         points = self.space.dof_points
         lower, upper = points.min(axis=0), points.max(axis=0)
-        coordinates = torch.from_numpy(((points - lower) / (upper - lower)).T.copy())
+        coordinates = torch.from_numpy((points - lower) / (upper - lower))[:, None]  # (n, 1, dim)
         coordinates = coordinates.to(torch.get_default_dtype())
         self.register_buffer("coordinates", coordinates, persistent=False)
         self.lift = nn.Linear(in_channels + self.space.dim, width)
@@ -357,6 +358,7 @@ class FEMultigrid(nn.Module):
         return getattr(self, f"stencils_{level}")
 
     def _cycle(self, layer: int, f: torch.Tensor) -> torch.Tensor:
+        """One V-cycle of layer ``layer`` on ``f`` ``(n, B, C)``, node-major."""
         smoothers, operators = self.smoothers[layer], self.operators[layer]
         residuals = self.residuals[layer]
         rhs, solutions = [f], []
@@ -371,12 +373,12 @@ class FEMultigrid(nn.Module):
             solutions.append(u)
             if level > 0:
                 residual = f_level - residuals[level - 1](u, stencils)
-                rhs.append(apply(getattr(self, f"restrict_{level - 1}"), residual))
+                rhs.append(apply_rows(getattr(self, f"restrict_{level - 1}"), residual))
         u = solutions[-1]
         for depth in range(len(solutions) - 2, -1, -1):
             level = self.levels - 1 - depth
             stencils = self._level_stencils(level)
-            u = solutions[depth] + apply(getattr(self, f"prolong_{level - 1}"), u)
+            u = solutions[depth] + apply_rows(getattr(self, f"prolong_{level - 1}"), u)
             for step in range(self._pre, self._pre + self._post):
                 residual = rhs[depth] - operators[level][step - 1](u, stencils)
                 u = u + smoothers[level][step](residual, stencils)
@@ -389,12 +391,13 @@ class FEMultigrid(nn.Module):
                 f"input must have shape (batch, {self.in_channels}, n_dofs), got {tuple(x.shape)}"
             )
         self.space.check_coefficients(x, "input")
-        coordinates = self.coordinates.to(x.dtype).expand(x.shape[0], -1, -1)
-        x = torch.cat([x, coordinates], dim=1)
-        u = self.lift(x.transpose(1, 2)).transpose(1, 2)
+        # Inside, fields are node-major (n, B, C): sparse products act on the first
+        # dimension and channel mixings on the last, neither needing a transpose.
+        coordinates = self.coordinates.to(x.dtype).expand(-1, x.shape[0], -1)
+        u = self.lift(torch.cat([x.permute(2, 0, 1), coordinates], dim=-1))
         for layer, skip in enumerate(self.skips):
-            u = nn.functional.gelu(self._cycle(layer, u) + skip(u.transpose(1, 2)).transpose(1, 2))
-        return self.project(u.transpose(1, 2)).transpose(1, 2)
+            u = nn.functional.gelu(self._cycle(layer, u) + skip(u))
+        return self.project(u).permute(1, 2, 0).contiguous()
 
 
 def hierarchy(

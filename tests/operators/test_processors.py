@@ -90,7 +90,7 @@ def test_fe_multigrid_on_a_hierarchy():
     x = torch.randn(1, 1, small.space.n_dofs, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(small, (x,), fast_mode=True)
     cycle = FEMultigrid(spaces, 1, 1, width=4, n_layers=1).double()
-    f, g = torch.randn(2, 1, 4, 65, dtype=torch.float64)
+    f, g = torch.randn(2, 65, 1, 4, dtype=torch.float64)  # node-major (n, B, C) inside
     torch.testing.assert_close(cycle._cycle(0, f + g), cycle._cycle(0, f) + cycle._cycle(0, g))
 
 
