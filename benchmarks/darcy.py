@@ -101,13 +101,17 @@ def _fit(model, train, test, *, minutes, device, batch):
     loader = DataLoader(train, batch_size=batch, shuffle=True, generator=generator)
     batches = [(x.to(device), y.to(device)) for x, y in loader]  # small enough to hold
     start, epoch_times, schedule, epochs = time.perf_counter(), [], None, None
-    step_times = []
-    while epochs is None or len(epoch_times) < epochs:
+    step_times, diverged = [], None
+    while diverged is None and (epochs is None or len(epoch_times) < epochs):
         t0 = _clock(device)
         for x, y in batches:
             s0 = _clock(device)
             optimiser.zero_grad()
-            loss_fn(model(x), y).backward()
+            loss = loss_fn(model(x), y)
+            if not torch.isfinite(loss):  # reported, not hidden: the model diverged
+                diverged = len(epoch_times) + 1
+                break
+            loss.backward()
             # The same safeguards for every model: clipped gradients, a warm-up epoch.
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             if schedule is None:
@@ -117,6 +121,8 @@ def _fit(model, train, test, *, minutes, device, batch):
             if schedule is not None:
                 schedule.step()
             step_times.append(_clock(device) - s0)
+        if diverged is not None:
+            break
         epoch_times.append(_clock(device) - t0)
         if epochs is None:  # the first epoch warms up and sizes the cosine schedule
             epochs = max(2, int(60 * minutes / epoch_times[0]))
@@ -130,9 +136,10 @@ def _fit(model, train, test, *, minutes, device, batch):
         error = RelativeL2Loss(test.space).to(device)(model(x.to(device)), y.to(device)).item()
     return {
         "error": error,
+        "diverged_epoch": diverged,
         "epochs": len(epoch_times),
-        "epoch_s": float(np.median(epoch_times)),
-        "step_ms": 1e3 * float(np.median(step_times)),
+        "epoch_s": float(np.median(epoch_times)) if epoch_times else float("nan"),
+        "step_ms": 1e3 * float(np.median(step_times)) if step_times else float("nan"),
         "params": sum(p.numel() for p in model.parameters()),
     }
 
@@ -215,9 +222,14 @@ def main(argv=None) -> dict:
             )
             results[name] = r
             base = results.get("neuralop-fno", r)["step_ms"]
+            error = (
+                f"{r['error']:>11.4f}"
+                if r["diverged_epoch"] is None
+                else f"diverged in epoch {r['diverged_epoch']}"
+            )
             print(
                 f"{name:<20} {r['params']:>8} {r['epochs']:>8} {r['epoch_s']:>8.2f} "
-                f"{r['step_ms']:>8.1f} {r['step_ms'] / base:>10.2f} {r['error']:>11.4f}",
+                f"{r['step_ms']:>8.1f} {r['step_ms'] / base:>10.2f} {error:>11}",
                 flush=True,
             )
     return results

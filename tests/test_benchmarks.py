@@ -49,3 +49,25 @@ def test_direct_solver_runs(capsys):
     assert set(results) == {("structured", 9), ("refined", 9)}
     assert all(t > 0 for row in results.values() for t in row.values())
     assert "RCM + MMD" in capsys.readouterr().out
+
+
+def test_darcy_reports_a_diverged_model(tmp_path):
+    import torch
+
+    from fenop.data import FieldDataset, generate
+    from fenop.fem import unit_square
+
+    darcy = load_script("benchmarks/darcy.py")
+    path = generate("darcy", 6, unit_square(5), seed=0, path=tmp_path / "d.h5", progress=False)
+    train, test = FieldDataset(path, indices=range(4)), FieldDataset(path, indices=range(4, 6))
+
+    class Blows(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return x * self.scale * float("inf")
+
+    result = darcy._fit(Blows(), train, test, minutes=0.01, device=torch.device("cpu"), batch=2)
+    assert result["diverged_epoch"] == 1 and result["epochs"] == 0
