@@ -54,11 +54,8 @@ def apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ``(..., m)`` in ``x``'s dtype (float32 for half-precision ``x``),
         differentiable in ``x``.
     """
-    matrix, x = _operands(matrix, x)
-    lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
-    with torch.autocast(x.device.type, enabled=False):
-        return (matrix @ flat.T).T.reshape(*lead, matrix.shape[0])
+    return apply_rows(matrix, flat.T).T.reshape(*x.shape[:-1], matrix.shape[0])
 
 
 def apply_rows(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
