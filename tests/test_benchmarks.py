@@ -69,5 +69,7 @@ def test_darcy_reports_a_diverged_model(tmp_path):
         def forward(self, x):
             return x * self.scale * float("inf")
 
-    result = darcy._fit(Blows(), train, test, minutes=0.01, device=torch.device("cpu"), batch=2)
+    result = darcy._fit(
+        Blows(), train, test, minutes=0.01, device=torch.device("cpu"), batch=2, lr=1e-3
+    )
     assert result["diverged_epoch"] == 1 and result["epochs"] == 0
