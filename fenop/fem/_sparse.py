@@ -1,4 +1,8 @@
-"""SciPy sparse matrices built on the CPU, applied as torch sparse CSR tensors."""
+"""SciPy sparse matrices built on the CPU, applied as torch sparse CSR tensors.
+
+Modules hold their constant FE matrices as :class:`SparseMatrix`; :func:`apply`
+multiplies by a bare torch CSR tensor (such as ``FunctionSpace.mass``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import warnings
 import numpy as np
 import scipy.sparse
 import torch
+from torch import nn
 
 
 def to_torch_csr(matrix: scipy.sparse.sparray | scipy.sparse.spmatrix) -> torch.Tensor:
@@ -27,6 +32,117 @@ def to_torch_csr(matrix: scipy.sparse.sparray | scipy.sparse.spmatrix) -> torch.
         )
 
 
+def _csr_like(csr: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``csr`` with its values in ``dtype``, sharing its index tensors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(
+            csr.crow_indices(),
+            csr.col_indices(),
+            csr.values().to(dtype),
+            size=csr.shape,
+            check_invariants=False,
+        )
+
+
+class _Product(torch.autograd.Function):
+    """``matrix @ x`` whose backward multiplies by a transpose stored in advance.
+
+    Autograd's own backward of a CSR product forms ``matrix.t()``, a CSC tensor,
+    and converts it back to CSR (a sort) on every call.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, matrix: torch.Tensor, transpose: torch.Tensor) -> torch.Tensor:
+        return matrix @ x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.transpose = inputs[2]  # a constant: nothing to save for autograd
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Differentiable in `grad`, so double backward works too.
+        return ctx.transpose @ grad, None, None
+
+
+class SparseMatrix(nn.Module):
+    """A constant sparse ``(m, n)`` matrix that moves with its module.
+
+    It keeps CSR copies of the matrix and of its transpose in float64 and float32
+    (values only; the index tensors are shared): a product in either precision
+    converts nothing, and its backward pass uses the stored transpose. ``.to(device)``
+    moves the copies; ``.to(dtype)`` (``.float()``, ``.double()``) leaves them, so a
+    model sent to float32 and back to float64 still has its float64 FE matrix.
+
+    The copies are not buffers: they are built from the mesh, so they stay out of
+    state dicts (checkpoints) and out of what distributed training broadcasts.
+
+    Args:
+        matrix: a SciPy sparse ``(m, n)`` matrix.
+
+    Shapes:
+        ``(..., n)`` -> ``(..., m)`` (call), ``(n, ...)`` -> ``(m, ...)`` (:meth:`rows`).
+    """
+
+    def __init__(self, matrix: scipy.sparse.sparray | scipy.sparse.spmatrix):
+        super().__init__()
+        forward, backward = to_torch_csr(matrix), to_torch_csr(matrix.T)
+        self.shape = tuple(forward.shape)
+        self.device = forward.device
+        self._copies = {torch.float64: (forward, backward)}
+        self._copies[torch.float32] = (
+            _csr_like(forward, torch.float32),
+            _csr_like(backward, torch.float32),
+        )
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to/.cuda/.double/... all come here with a per-tensor function;
+        # following it on an empty tensor tells where it sends them. Only the device
+        # is taken over: the copies keep their precisions.
+        device = fn(torch.empty(0, dtype=torch.float64, device=self.device)).device
+        if device != self.device:
+            self._copies = {
+                dtype: tuple(m.to(device) for m in pair) for dtype, pair in self._copies.items()
+            }
+            self.device = device
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, device={self.device}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``matrix @ x`` along the last dimension: ``(..., n)`` -> ``(..., m)``."""
+        flat = x.reshape(-1, x.shape[-1])
+        return self.rows(flat.T).T.reshape(*x.shape[:-1], self.shape[0])
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``matrix @ x`` along the first dimension, for node-major layouts.
+
+        Args:
+            x: ``(n, ...)``.
+
+        Returns:
+            ``(m, ...)`` in ``x``'s dtype (float32 for half-precision ``x``, also
+            under autocast: FE stencils lose too many digits in half precision),
+            differentiable in ``x``.
+        """
+        if x.device != self.device:
+            raise ValueError(
+                f"input is on {x.device} but the FE matrix is on {self.device}; "
+                "move the module with .to(device)"
+            )
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        pair = self._copies.get(x.dtype)
+        if pair is None:  # another dtype (complex, say): converted once, then kept
+            pair = tuple(m.to(x.dtype) for m in self._copies[torch.float64])
+            self._copies[x.dtype] = pair
+        with torch.autocast(x.device.type, enabled=False):
+            out = _Product.apply(x.reshape(x.shape[0], -1), *pair)
+        return out.reshape(self.shape[0], *x.shape[1:])
+
+
 def _operands(matrix: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``matrix`` and ``x`` in one dtype for a sparse product, or a clear error."""
     if matrix.device != x.device:
@@ -44,7 +160,7 @@ def _operands(matrix: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``matrix @ x`` along the last dimension of ``x``.
+    """``matrix @ x`` along the last dimension of ``x``, for a bare torch CSR ``matrix``.
 
     Args:
         matrix: sparse ``(m, n)``; converted to ``x``'s dtype if it differs.
@@ -54,23 +170,7 @@ def apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ``(..., m)`` in ``x``'s dtype (float32 for half-precision ``x``),
         differentiable in ``x``.
     """
-    flat = x.reshape(-1, x.shape[-1])
-    return apply_rows(matrix, flat.T).T.reshape(*x.shape[:-1], matrix.shape[0])
-
-
-def apply_rows(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``matrix @ x`` along the first dimension of ``x``: no transposes, no copies.
-
-    For node-major layouts ``(n, ...)``, as inside :class:`~fenop.operators.FEMultigrid`.
-
-    Args:
-        matrix: sparse ``(m, n)``; converted to ``x``'s dtype if it differs.
-        x: ``(n, ...)``.
-
-    Returns:
-        ``(m, ...)`` in ``x``'s dtype (float32 for half-precision ``x``),
-        differentiable in ``x``.
-    """
     matrix, x = _operands(matrix, x)
+    flat = x.reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
-        return (matrix @ x.reshape(x.shape[0], -1)).reshape(matrix.shape[0], *x.shape[1:])
+        return (matrix @ flat.T).T.reshape(*x.shape[:-1], matrix.shape[0])

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fenop._types import FETensor, GridTensor
-from fenop.fem._sparse import apply, to_torch_csr
+from fenop.fem._sparse import SparseMatrix
 from fenop.fem.encoders import bounding_grid
 from fenop.fem.space import FunctionSpace
 
@@ -58,7 +58,7 @@ class FEDecoder(nn.Module):
         self.space = space
         self.grid = bounding_grid(space, resolution)
         matrix = self.grid.interpolation_matrix(space.dof_points)
-        self.register_buffer("matrix", to_torch_csr(matrix), persistent=False)
+        self.matrix = SparseMatrix(matrix)
         n_boundary = len(space.boundary_dofs)
         if boundary_values is not None and n_boundary == 0:
             raise ValueError("`boundary_values` given but `space` has no Dirichlet DOFs")
@@ -83,7 +83,7 @@ class FEDecoder(nn.Module):
                 f"input must have shape (batch, channels, {', '.join(map(str, shape))}), "
                 f"got {tuple(y.shape)}"
             )
-        u = apply(self.matrix, y.reshape(*y.shape[:2], -1))
+        u = self.matrix(y.reshape(*y.shape[:2], -1))
         if len(self.boundary_dofs) == 0:
             if boundary_values is not None:
                 raise ValueError("`boundary_values` given but the space has no Dirichlet DOFs")

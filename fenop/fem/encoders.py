@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 from torch import nn
 
 from fenop._types import FETensor, GridTensor
-from fenop.fem._sparse import apply, to_torch_csr
+from fenop.fem._sparse import SparseMatrix
 from fenop.fem.grid import Grid, as_resolution
 from fenop.fem.mesh import bounding_box
 from fenop.fem.space import FunctionSpace
@@ -86,7 +86,7 @@ class GridEncoder(nn.Module):
         matrix, inside = space.evaluation_matrix(points)
         if extend and not inside.all():
             matrix = matrix + _nearest_boundary_dof_matrix(space, points, ~inside)
-        self.register_buffer("matrix", to_torch_csr(matrix), persistent=False)
+        self.matrix = SparseMatrix(matrix)
         extra = []
         if mask:
             extra.append(inside.astype(np.float64).reshape(self.grid.shape))
@@ -115,7 +115,7 @@ class GridEncoder(nn.Module):
                 f"input must have shape (batch, channels, n_dofs), got {tuple(x.shape)}"
             )
         self.space.check_coefficients(x, "input")
-        values = apply(self.matrix, x).reshape(*x.shape[:2], *self.grid.shape)
+        values = self.matrix(x).reshape(*x.shape[:2], *self.grid.shape)
         if self.extra_channels == 0:
             return values
         extra = self.extra.to(values.dtype).expand(x.shape[0], *self.extra.shape)

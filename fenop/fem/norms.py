@@ -22,15 +22,16 @@ import torch
 from torch import nn
 
 from fenop._types import FETensor
-from fenop.fem._sparse import apply
+from fenop.fem._sparse import SparseMatrix, apply
 from fenop.fem.space import FunctionSpace
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _quadratic_form(matrix: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _quadratic_form(matrix: torch.Tensor | SparseMatrix, u: torch.Tensor) -> torch.Tensor:
     """``u^T A u`` over the last dimension: ``(..., n)`` -> ``(...)``."""
-    return (u * apply(matrix, u)).sum(dim=-1)
+    product = matrix(u) if isinstance(matrix, SparseMatrix) else apply(matrix, u)
+    return (u * product).sum(dim=-1)
 
 
 def _safe_sqrt(q: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ class _RelativeLoss(nn.Module):
             raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
         self.space = space
         self.reduction = reduction
-        self.register_buffer("mass", space.mass, persistent=False)
+        self.mass = SparseMatrix(space.mass_matrix)
 
     def _squared_norm(self, u: torch.Tensor) -> torch.Tensor:
         return _quadratic_form(self.mass, u)
@@ -128,7 +129,7 @@ class RelativeH1Loss(_RelativeLoss):
     def __init__(self, space: FunctionSpace, *, reduction: str = "mean", seminorm: bool = False):
         super().__init__(space, reduction=reduction)
         self.seminorm = seminorm
-        self.register_buffer("stiffness", space.stiffness, persistent=False)
+        self.stiffness = SparseMatrix(space.stiffness_matrix)
 
     def _squared_norm(self, u: torch.Tensor) -> torch.Tensor:
         q = _quadratic_form(self.stiffness, u)

@@ -21,7 +21,7 @@ import skfem
 import torch
 from skfem.helpers import dot, grad
 
-from fenop.fem._sparse import apply, to_torch_csr
+from fenop.fem._sparse import SparseMatrix, to_torch_csr
 from fenop.fem.locate import PointLocator
 
 # (mesh type, degree) -> (element name used in stores and checkpoints, scikit-fem element)
@@ -239,13 +239,13 @@ class FunctionSpace:
                     f"{int((~inside).sum())} of {len(points)} points lie outside the mesh "
                     f"(first: {tuple(first.tolist())})"
                 )
-            matrix = to_torch_csr(scipy_matrix).to(coeffs.device)
+            matrix = SparseMatrix(scipy_matrix).to(coeffs.device)
             self._evaluation_cache[key] = matrix
             if len(self._evaluation_cache) > _CACHED_POINT_SETS:
                 self._evaluation_cache.popitem(last=False)
         else:
             self._evaluation_cache.move_to_end(key)
-        return apply(matrix, coeffs)
+        return matrix(coeffs)
 
     # -- FE matrices ------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from fenop.fem import FunctionSpace
-from fenop.fem._sparse import apply_rows, to_torch_csr
+from fenop.fem._sparse import SparseMatrix
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -209,7 +209,7 @@ class MgNO(nn.Module):
 # -- FE multigrid -------------------------------------------------------------------
 
 
-def _stencils(space: FunctionSpace) -> tuple[torch.Tensor, int]:
+def _stencils(space: FunctionSpace) -> tuple[SparseMatrix, int]:
     """The FE stencils of a level, the mesh analogue of a 3x3 convolution's taps.
 
     The mass matrix, the first-derivative matrices ``∫ ∂_p φ_j φ_i`` and the
@@ -232,8 +232,7 @@ def _stencils(space: FunctionSpace) -> tuple[torch.Tensor, int]:
         row_sums = np.asarray(abs(matrix).sum(axis=1)).ravel()
         scaled.append(scipy.sparse.diags(1.0 / row_sums) @ matrix)
     # Stacked (n_stencils * n_dofs, n_dofs): one sparse product applies them all.
-    stacked = to_torch_csr(scipy.sparse.vstack(scaled)).to(torch.get_default_dtype())
-    return stacked, len(scaled)
+    return SparseMatrix(scipy.sparse.vstack(scaled)), len(scaled)
 
 
 class _StencilOperator(nn.Module):
@@ -248,9 +247,9 @@ class _StencilOperator(nn.Module):
         bound = 1.0 / (taps * channels) ** 0.5
         self.weight = nn.Parameter(torch.empty(taps, channels, channels).uniform_(-bound, bound))
 
-    def forward(self, u: torch.Tensor, stencils: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, stencils: SparseMatrix) -> torch.Tensor:
         """``u`` ``(n, B, C)``, ``stencils`` stacked ``(S * n, n)`` -> ``(n, B, C)``."""
-        applied = apply_rows(stencils, u).reshape(-1, *u.shape)  # (S, n, B, C)
+        applied = stencils.rows(u).reshape(-1, *u.shape)  # (S, n, B, C)
         # Node-major, so each tap is a plain matrix product over channels.
         mixed = torch.matmul(applied, self.weight[1:, None]).sum(dim=0)
         return u @ self.weight[0] + mixed
@@ -333,29 +332,24 @@ class FEMultigrid(nn.Module):
         }
 
     def _set_hierarchy(self, spaces: list[FunctionSpace]) -> None:
-        """Stencils per level and FE interpolation between consecutive levels, as buffers."""
-        for level, space in enumerate(spaces):
+        """Stencils per level and FE interpolation between consecutive levels."""
+        self.stencils = nn.ModuleList()
+        for space in spaces:
             stencils, self._n_stencils = _stencils(space)
-            self.register_buffer(f"stencils_{level}", stencils, persistent=False)
+            self.stencils.append(stencils)
+        self.prolong, self.restrict = nn.ModuleList(), nn.ModuleList()
         for level in range(len(spaces) - 1):
             coarse, fine = spaces[level], spaces[level + 1]
             matrix, inside = coarse.evaluation_matrix(fine.dof_points)
             if not inside.all():
                 raise ValueError("`spaces` must be nested: a finer mesh leaves the coarser one")
-            dtype = torch.get_default_dtype()
-            self.register_buffer(
-                f"prolong_{level}", to_torch_csr(matrix).to(dtype), persistent=False
-            )
+            self.prolong.append(SparseMatrix(matrix))
             # The fields restricted are nodal values, not functionals: average the fine
             # values (P^T with unit row sums) rather than sum them, so that magnitudes
             # stay alike on every level.
             restrict = scipy.sparse.csr_array(matrix.T)
             restrict = scipy.sparse.diags(1.0 / restrict.sum(axis=1)) @ restrict
-            restrict = to_torch_csr(restrict).to(dtype)
-            self.register_buffer(f"restrict_{level}", restrict, persistent=False)
-
-    def _level_stencils(self, level: int) -> torch.Tensor:
-        return getattr(self, f"stencils_{level}")
+            self.restrict.append(SparseMatrix(restrict))
 
     def _cycle(self, layer: int, f: torch.Tensor) -> torch.Tensor:
         """One V-cycle of layer ``layer`` on ``f`` ``(n, B, C)``, node-major."""
@@ -363,7 +357,7 @@ class FEMultigrid(nn.Module):
         residuals = self.residuals[layer]
         rhs, solutions = [f], []
         for level in range(self.levels - 1, -1, -1):  # finest (levels - 1) to coarsest (0)
-            stencils = self._level_stencils(level)
+            stencils = self.stencils[level]
             f_level = rhs[-1]
             u = smoothers[level][0](f_level, stencils)
             # The coarsest level has no way back up: it smooths pre + post times at once.
@@ -373,12 +367,12 @@ class FEMultigrid(nn.Module):
             solutions.append(u)
             if level > 0:
                 residual = f_level - residuals[level - 1](u, stencils)
-                rhs.append(apply_rows(getattr(self, f"restrict_{level - 1}"), residual))
+                rhs.append(self.restrict[level - 1].rows(residual))
         u = solutions[-1]
         for depth in range(len(solutions) - 2, -1, -1):
             level = self.levels - 1 - depth
-            stencils = self._level_stencils(level)
-            u = solutions[depth] + apply_rows(getattr(self, f"prolong_{level - 1}"), u)
+            stencils = self.stencils[level]
+            u = solutions[depth] + self.prolong[level - 1].rows(u)
             for step in range(self._pre, self._pre + self._post):
                 residual = rhs[depth] - operators[level][step - 1](u, stencils)
                 u = u + smoothers[level][step](residual, stencils)

@@ -1,0 +1,66 @@
+"""SparseMatrix: products and gradients against dense matrices, precision and device moves."""
+
+import pytest
+import scipy.sparse
+import torch
+
+from fenop.fem import FunctionSpace, unit_square
+from fenop.fem._sparse import SparseMatrix, apply
+from tests.helpers import DEVICES
+
+
+def _random_matrix(m=7, n=5, seed=0):
+    return scipy.sparse.random_array((m, n), density=0.4, random_state=seed, format="csr")
+
+
+def test_products_match_the_dense_matrix():
+    a = _random_matrix()
+    dense = torch.from_numpy(a.toarray())
+    matrix = SparseMatrix(a)
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    torch.testing.assert_close(matrix(x), x @ dense.T, rtol=1e-14, atol=1e-14)
+    rows = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(
+        matrix.rows(rows), torch.einsum("mn,nbc->mbc", dense, rows), rtol=1e-14, atol=1e-14
+    )
+    torch.testing.assert_close(matrix(x), apply(torch.from_numpy(a.toarray()).to_sparse_csr(), x))
+
+
+def test_gradients_use_the_transpose():
+    matrix = SparseMatrix(_random_matrix())
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(matrix, (x,))
+    assert torch.autograd.gradgradcheck(matrix, (x,))
+    rows = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(matrix.rows, (rows,))
+
+
+def test_precision_follows_the_input_and_the_float64_copy_survives_float():
+    a = _random_matrix()
+    module = torch.nn.Sequential(torch.nn.Identity())
+    module.matrix = SparseMatrix(a)
+    module.float().double()  # must not round the float64 matrix through float32
+    x = torch.randn(3, 5, dtype=torch.float64)
+    expected = x @ torch.from_numpy(a.toarray()).T
+    torch.testing.assert_close(module.matrix(x), expected, rtol=1e-15, atol=1e-15)
+    out32 = module.matrix(x.float())
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32, expected.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # FE products stay in float32
+        assert module.matrix(x.bfloat16()).dtype == torch.float32
+    assert module.state_dict() == {}  # built from the mesh: never in checkpoints
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moves_with_its_module_and_refuses_other_devices(device):
+    space = FunctionSpace(unit_square(5))
+    module = torch.nn.Module()
+    module.mass = SparseMatrix(space.mass_matrix)
+    module.to(device)
+    assert module.mass.device.type == device
+    u = torch.ones(space.n_dofs, dtype=torch.float64, device=device)
+    assert abs(float(u @ module.mass(u)) - 1.0) < 1e-12  # ∫ 1 over the unit square
+    if device == "cpu":
+        return
+    with pytest.raises(ValueError, match=r"move the module with \.to"):
+        module.mass(u.cpu())
