@@ -87,14 +87,16 @@ class SparseMatrix(nn.Module):
 
     def __init__(self, matrix: scipy.sparse.sparray | scipy.sparse.spmatrix):
         super().__init__()
-        forward, backward = to_torch_csr(matrix), to_torch_csr(matrix.T)
-        self.shape = tuple(forward.shape)
-        self.device = forward.device
-        self._copies = {torch.float64: (forward, backward)}
-        self._copies[torch.float32] = (
-            _csr_like(forward, torch.float32),
-            _csr_like(backward, torch.float32),
-        )
+        self._set((to_torch_csr(matrix), to_torch_csr(matrix.T)))
+        self.shape = tuple(self._copies[torch.float64][0].shape)
+
+    def _set(self, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Keep the float64 ``(matrix, transpose)`` and float32 copies sharing its indices."""
+        self.device = pair[0].device
+        self._copies = {
+            torch.float64: pair,
+            torch.float32: tuple(_csr_like(m, torch.float32) for m in pair),
+        }
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to/.cuda/.double/... all come here with a per-tensor function;
@@ -102,10 +104,7 @@ class SparseMatrix(nn.Module):
         # is taken over: the copies keep their precisions.
         device = fn(torch.empty(0, dtype=torch.float64, device=self.device)).device
         if device != self.device:
-            self._copies = {
-                dtype: tuple(m.to(device) for m in pair) for dtype, pair in self._copies.items()
-            }
-            self.device = device
+            self._set(tuple(m.to(device) for m in self._copies[torch.float64]))
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -64,3 +64,14 @@ def test_moves_with_its_module_and_refuses_other_devices(device):
         return
     with pytest.raises(ValueError, match=r"move the module with \.to"):
         module.mass(u.cpu())
+
+
+def test_a_device_move_moves_every_copy():
+    # The meta device stands in for a GPU on machines without one.
+    module = torch.nn.Module()
+    module.matrix = SparseMatrix(_random_matrix())
+    module.to("meta")
+    assert module.matrix.device.type == "meta"
+    assert all(m.device.type == "meta" for pair in module.matrix._copies.values() for m in pair)
+    with pytest.raises(ValueError, match="input is on cpu but the FE matrix is on meta"):
+        module.matrix(torch.zeros(5, dtype=torch.float64))
