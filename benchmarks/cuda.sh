@@ -20,6 +20,7 @@ step gpu python -c "import torch; print(torch.__version__, torch.version.cuda, \
 torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory >> 30, 'GiB')"
 step tests python -m pytest -q -rs -k cuda
 step fem_overhead python benchmarks/fem_overhead.py --device cuda
+step sparse_product python benchmarks/sparse_product.py --device cuda
 step inference python benchmarks/inference.py --device cuda
 step darcy python benchmarks/darcy.py --device cuda --resolution 85 \
     --minutes "${DARCY_MINUTES:-1}" --workers "$(nproc)"

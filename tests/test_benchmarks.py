@@ -73,3 +73,9 @@ def test_darcy_reports_a_diverged_model(tmp_path):
         Blows(), train, test, minutes=0.01, device=torch.device("cpu"), batch=2, lr=1e-3
     )
     assert result["diverged_epoch"] == 1 and result["epochs"] == 0
+
+
+def test_sparse_product_runs(capsys):
+    results = load_script("benchmarks/sparse_product.py").main(["--rounds", "1", "--steps", "1"])
+    assert len(results) == 4 and all(r["ratio"] > 0 for r in results.values())
+    assert "autograd ms" in capsys.readouterr().out
