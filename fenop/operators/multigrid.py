@@ -151,7 +151,7 @@ class MgNO(nn.Module):
     Training: each V-cycle chains many learned convolutions, so large learning rates
     can make long runs blow up. On fenop's Darcy benchmark AdamW at 2e-3 diverged
     within 20 minutes, while 5e-4 (the value the MgNO authors use) trained stably
-    to the lowest error of all processors (BENCHMARKS.md).
+    over 30 minutes to the second-lowest error of the processors (BENCHMARKS.md).
     """
 
     def __init__(
