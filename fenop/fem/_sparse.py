@@ -32,6 +32,20 @@ def to_torch_csr(matrix: scipy.sparse.sparray | scipy.sparse.spmatrix) -> torch.
         )
 
 
+def _prepared(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` ready for a product with an FE matrix on ``device``, or a clear error."""
+    if x.device != device:
+        raise ValueError(
+            f"input is on {x.device} but the FE matrix is on {device}; "
+            "move the module with .to(device)"
+        )
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # Sparse kernels lack half precision on the CPU, and FE stencils lose too many
+        # digits in it: the product is done in float32 (also under autocast).
+        x = x.float()
+    return x
+
+
 def _csr_like(csr: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``csr`` with its values in ``dtype``, sharing its index tensors."""
     with warnings.catch_warnings():
@@ -126,13 +140,7 @@ class SparseMatrix(nn.Module):
             under autocast: FE stencils lose too many digits in half precision),
             differentiable in ``x``.
         """
-        if x.device != self.device:
-            raise ValueError(
-                f"input is on {x.device} but the FE matrix is on {self.device}; "
-                "move the module with .to(device)"
-            )
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
+        x = _prepared(x, self.device)
         pair = self._copies.get(x.dtype)
         if pair is None:  # another dtype (complex, say): converted once, then kept
             pair = tuple(m.to(x.dtype) for m in self._copies[torch.float64])
@@ -140,22 +148,6 @@ class SparseMatrix(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             out = _Product.apply(x.reshape(x.shape[0], -1), *pair)
         return out.reshape(self.shape[0], *x.shape[1:])
-
-
-def _operands(matrix: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``matrix`` and ``x`` in one dtype for a sparse product, or a clear error."""
-    if matrix.device != x.device:
-        raise ValueError(
-            f"input is on {x.device} but the FE matrix is on {matrix.device}; "
-            "move the module with .to(device)"
-        )
-    if x.dtype in (torch.float16, torch.bfloat16):
-        # Sparse kernels lack half precision on the CPU, and FE stencils lose too many
-        # digits in it: the product is done in float32 (also under autocast).
-        x = x.float()
-    if matrix.dtype != x.dtype:
-        matrix = matrix.to(x.dtype)
-    return matrix, x
 
 
 def apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +161,9 @@ def apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ``(..., m)`` in ``x``'s dtype (float32 for half-precision ``x``),
         differentiable in ``x``.
     """
-    matrix, x = _operands(matrix, x)
+    x = _prepared(x, matrix.device)
+    if matrix.dtype != x.dtype:
+        matrix = matrix.to(x.dtype)
     flat = x.reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
         return (matrix @ flat.T).T.reshape(*x.shape[:-1], matrix.shape[0])
