@@ -108,7 +108,7 @@ def _fit(model, train, test, *, minutes, device, batch, lr):
     batches = [(x.to(device), y.to(device)) for x, y in loader]  # small enough to hold
     start, epoch_times, schedule, epochs = time.perf_counter(), [], None, None
     step_times, diverged = [], None
-    while diverged is None and (epochs is None or len(epoch_times) < epochs):
+    while epochs is None or len(epoch_times) < epochs:
         t0 = _clock(device)
         for x, y in batches:
             s0 = _clock(device)

@@ -26,7 +26,7 @@ from fenop.fem._sparse import SparseMatrix
 from fenop.operators.multigrid import _stencils
 
 
-def _cases(device):
+def _cases():
     space = FunctionSpace(unit_square(64))
     yield "decoder 64x64 grid -> P1 64", FEDecoder(space, 64).matrix, 16
     for n in (33, 65, 129):
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     print(f"sparse product, float32, forward + backward, device {device} ({name})")
     print(f"{'matrix':<30} {'rows':>8} {'autograd ms':>12} {'stored ms':>10} {'ratio':>7}")
     results = {}
-    for label, matrix, columns in _cases(device):
+    for label, matrix, columns in _cases():
         matrix = matrix.to(device)
         x = torch.randn(matrix.shape[1], columns, device=device, requires_grad=True)
         own, stored = (_timer(matrix, x, stored=s, device=device) for s in (False, True))
