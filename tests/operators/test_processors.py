@@ -5,7 +5,7 @@ import torch
 
 from fenop.fem import l_shape, unit_square
 from fenop.operators import FNO, LSM, FEMultigrid, MgNO, hierarchy
-from fenop.operators.multigrid import MgConv, grid_levels
+from fenop.operators.multigrid import MgConv, _StencilOperator, _stencils, grid_levels
 
 
 def _all_parameters_get_gradients(model, x):
@@ -92,6 +92,20 @@ def test_fe_multigrid_on_a_hierarchy():
     cycle = FEMultigrid(spaces, 1, 1, width=4, n_layers=1).double()
     f, g = torch.randn(2, 65, 1, 4, dtype=torch.float64)  # node-major (n, B, C) inside
     torch.testing.assert_close(cycle._cycle(0, f + g), cycle._cycle(0, f) + cycle._cycle(0, g))
+
+
+def test_stencil_operator_is_its_definition():
+    # u Θ_0 + Σ_s (S_s u) Θ_s, written out tap by tap with dense stencils.
+    space = hierarchy(l_shape(3), 2)[-1]
+    stencils, n_stencils = _stencils(space)
+    operator = _StencilOperator(5, n_stencils).double()
+    u = torch.randn(space.n_dofs, 3, 5, dtype=torch.float64)  # (n, B, C)
+    dense = stencils.rows(torch.eye(space.n_dofs, dtype=torch.float64))
+    dense = dense.reshape(n_stencils, space.n_dofs, space.n_dofs)
+    expected = u @ operator.weight[0]
+    for s in range(n_stencils):
+        expected = expected + torch.einsum("ij,jbc,cd->ibd", dense[s], u, operator.weight[s + 1])
+    torch.testing.assert_close(operator(u, stencils), expected)
 
 
 def test_processors_reject_bad_input():
