@@ -12,10 +12,12 @@ train with (at 2e-3 its chained 3x3 convolutions blow up within minutes).
 
 FEMultigrid needs a refinement hierarchy: it trains on the same recipe on the
 uniformly refined mesh with the same vertices (R - 1 divisible by 4), whose DOFs
-are numbered differently, with the same seeds.
+are numbered differently, from the same data seed. ``--seed`` sets the models'
+initialisation and batch order; the data are the same for every seed.
 
     python benchmarks/darcy.py                                  # CPU budget, see BENCHMARKS.md
     python benchmarks/darcy.py --resolution 85 --minutes 30     # the full recipe (GPU)
+    python benchmarks/darcy.py --minutes 30 --seed 1            # another initialisation
 """
 
 from __future__ import annotations
