@@ -36,6 +36,26 @@ def test_darcy_runs(capsys):
     assert "test rel L2" in capsys.readouterr().out
 
 
+def test_darcy_seed_sets_the_initialisation():
+    import torch
+
+    from fenop.fem import FunctionSpace, unit_square
+    from fenop.operators import hierarchy
+
+    darcy = load_script("benchmarks/darcy.py")
+    space = FunctionSpace(unit_square(9), dirichlet="boundary")
+    spaces_mg = hierarchy(unit_square(3), 3, dirichlet="boundary")
+    stats = {"input_stats": ([0.0], [1.0]), "output_stats": ([0.0], [1.0])}
+
+    def weights(seed):
+        ((_, model),) = darcy._models(
+            ["fenop-mgno"], space, spaces_mg[-1], spaces_mg, 9, stats, 4, seed
+        )
+        return torch.cat([p.detach().ravel() for p in model.parameters()])
+
+    assert torch.equal(weights(0), weights(0)) and not torch.equal(weights(0), weights(1))
+
+
 def test_inference_runs(capsys):
     results = load_script("benchmarks/inference.py").main(["--resolutions", "9", "--samples", "3"])
     assert results[9]["solve"] > 0 and results[9]["model"] > 0 and results["first_prediction_s"] > 0
@@ -70,7 +90,7 @@ def test_darcy_reports_a_diverged_model(tmp_path):
             return x * self.scale * float("inf")
 
     result = darcy._fit(
-        Blows(), train, test, minutes=0.01, device=torch.device("cpu"), batch=2, lr=1e-3
+        Blows(), train, test, minutes=0.01, device=torch.device("cpu"), batch=2, lr=1e-3, seed=0
     )
     assert result["diverged_epoch"] == 1 and result["epochs"] == 0
 
