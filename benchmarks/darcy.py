@@ -62,8 +62,9 @@ class _GridFNO(torch.nn.Module):
         return self.scale * out[..., self.flat]
 
 
-def _models(names, space, space_mg, spaces_mg, n, stats, width, seed):
+def _models(names, space, spaces_mg, n, *, stats, width, seed):
     modes = min(12, n // 2)
+    space_mg = spaces_mg[-1]  # FEMultigrid's finest level, the same vertices as `space`
     builders = {
         "neuralop-fno": lambda: _GridFNO(
             space, n, n_modes=(modes, modes), hidden_channels=width, **stats
@@ -227,12 +228,11 @@ def main(argv=None) -> dict:
         models = _models(
             args.models.split(","),
             train.space,
-            spaces_mg[-1],
             spaces_mg,
             n,
-            stats,
-            args.width,
-            args.seed,
+            stats=stats,
+            width=args.width,
+            seed=args.seed,
         )
         for name, model in models:
             key = "hierarchy" if name == "fenop-femultigrid" else "grid"

@@ -49,7 +49,7 @@ def test_darcy_seed_sets_the_initialisation():
 
     def weights(seed):
         ((_, model),) = darcy._models(
-            ["fenop-mgno"], space, spaces_mg[-1], spaces_mg, 9, stats, 4, seed
+            ["fenop-mgno"], space, spaces_mg, 9, stats=stats, width=4, seed=seed
         )
         return torch.cat([p.detach().ravel() for p in model.parameters()])
 
