@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -103,16 +104,22 @@ def _clock(device) -> float:
     return time.perf_counter()
 
 
-def _fit(model, train, test, *, minutes, device, batch, lr, seed):
+def _fit(model, train, test, *, minutes, device, batch, lr, seed, name="model"):
+    """Train `model` for about `minutes` of wall clock; return its test error and timings.
+
+    Progress (epoch, elapsed time, mean training loss) goes to stderr after the
+    first epoch and then about once a minute, so that a long or interrupted run
+    still shows how far it got; the table goes to stdout.
+    """
     loss_fn = RelativeL2Loss(train.space).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch, shuffle=True, generator=generator)
     batches = [(x.to(device), y.to(device)) for x, y in loader]  # small enough to hold
     start, epoch_times, schedule, epochs = time.perf_counter(), [], None, None
-    step_times, diverged = [], None
+    step_times, diverged, reported = [], None, -math.inf
     while epochs is None or len(epoch_times) < epochs:
-        t0 = _clock(device)
+        t0, losses = _clock(device), []
         for x, y in batches:
             s0 = _clock(device)
             optimiser.zero_grad()
@@ -130,6 +137,7 @@ def _fit(model, train, test, *, minutes, device, batch, lr, seed):
             if schedule is not None:
                 schedule.step()
             step_times.append(_clock(device) - s0)
+            losses.append(loss.item())
         if diverged is not None:
             break
         epoch_times.append(_clock(device) - t0)
@@ -138,7 +146,17 @@ def _fit(model, train, test, *, minutes, device, batch, lr, seed):
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
                 optimiser, T_max=(epochs - 1) * len(batches)
             )
-        if time.perf_counter() - start > 60 * minutes * 1.05:
+        elapsed = time.perf_counter() - start
+        out_of_time = elapsed > 60 * minutes * 1.05
+        if elapsed - reported >= 60 or len(epoch_times) == epochs or out_of_time:
+            reported = elapsed
+            print(
+                f"  {name}: epoch {len(epoch_times)}/{epochs}, {elapsed / 60:.1f} min, "
+                f"train loss {np.mean(losses):.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        if out_of_time:
             break
     x, y = next(iter(DataLoader(test, batch_size=len(test))))
     with torch.no_grad():
@@ -244,6 +262,7 @@ def main(argv=None) -> dict:
                 batch=args.batch,
                 lr=_LR.get(name, _DEFAULT_LR),
                 seed=args.seed,
+                name=name,
             )
             results[name] = r
             base = results.get("neuralop-fno", r)["step_ms"]
