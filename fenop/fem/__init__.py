@@ -1,4 +1,4 @@
-"""The finite-element layer: meshes, spaces, grid encoders/decoders and FE norms.
+"""The finite-element layer: meshes, spaces, grid encoders/decoders, interpolation, FE norms.
 
 Set-up happens on the CPU with scikit-fem; what comes out are torch modules and
 sparse tensors that move with ``.to(device)``.
@@ -8,6 +8,7 @@ from fenop.fem.decoders import FEDecoder
 from fenop.fem.encoders import GridEncoder
 from fenop.fem.forms import FEForms
 from fenop.fem.grid import Grid
+from fenop.fem.interpolation import SpaceInterpolator
 from fenop.fem.locate import PointLocator, locate
 from fenop.fem.mesh import l_shape, load_mesh, unit_cube, unit_interval, unit_square
 from fenop.fem.norms import RelativeH1Loss, RelativeL2Loss, h1_norm, l2_norm
@@ -22,6 +23,7 @@ __all__ = [
     "PointLocator",
     "RelativeH1Loss",
     "RelativeL2Loss",
+    "SpaceInterpolator",
     "h1_norm",
     "l2_norm",
     "l_shape",

@@ -21,6 +21,7 @@ from torch import nn
 from fenop._types import FETensor
 from fenop.fem import FEDecoder, FunctionSpace, GridEncoder
 from fenop.fem.decoders import BoundaryValues, boundary_tensor, impose_dirichlet
+from fenop.fem.interpolation import SpaceInterpolator
 from fenop.fem.mesh import bounding_box
 from fenop.operators._module import KeepsComplexModule
 from fenop.operators.multigrid import FEMultigrid
@@ -57,8 +58,10 @@ class FEOperator(KeepsComplexModule):
     With a grid processor (FNO, MgNO, LSM) the input is encoded on a grid over the
     mesh's bounding box (values, domain mask, coordinates), processed, and decoded to
     the output space's DOFs. A mesh-native processor (:class:`FEMultigrid`) works on
-    the coefficients directly. Either way the Dirichlet DOFs of ``space_out`` are
-    then set to the boundary values exactly.
+    the coefficients of its finest space: inputs on another mesh of the domain are
+    interpolated into that space, and its outputs into ``space_out``
+    (:class:`~fenop.fem.SpaceInterpolator`). Either way the Dirichlet DOFs of
+    ``space_out`` are then set to the boundary values exactly.
 
     Args:
         space_in, space_out: FE spaces of input and output.
@@ -94,17 +97,13 @@ class FEOperator(KeepsComplexModule):
         if self.native:
             if resolution is not None:
                 raise ValueError("`resolution` is for grid processors; FEMultigrid has no grid")
-            for name, space in (("space_in", space_in), ("space_out", space_out)):
-                if space.n_dofs != processor.space.n_dofs:
-                    raise ValueError(
-                        f"`{name}` has {space.n_dofs} DOFs but the FEMultigrid's finest space "
-                        f"has {processor.space.n_dofs}"
-                    )
-                if not np.allclose(space.dof_points, processor.space.dof_points):
-                    raise ValueError(
-                        f"`{name}` is not the FEMultigrid's finest space: its DOFs lie elsewhere"
-                    )
-            self.encoder = self.decoder = None
+            # The processor's finest space plays the grid's part: inputs on other
+            # meshes are interpolated into it, outputs from it into `space_out`.
+            fine = processor.space
+            self.encoder = None if _same_dofs(space_in, fine) else SpaceInterpolator(space_in, fine)
+            self.decoder = (
+                None if _same_dofs(fine, space_out) else SpaceInterpolator(fine, space_out)
+            )
             self.in_channels = processor.in_channels
             if boundary_values is not None and len(space_out.boundary_dofs) == 0:
                 raise ValueError("`boundary_values` given but `space_out` has no Dirichlet DOFs")
@@ -141,7 +140,7 @@ class FEOperator(KeepsComplexModule):
         with torch.autocast(x.device.type, enabled=False):
             if self.input_stats is not None:
                 x = self.input_stats.encode(x)
-            z = x if self.native else self.encoder(x)
+            z = x if self.encoder is None else self.encoder(x)
         y = self.processor(z)
         with torch.autocast(x.device.type, enabled=False):
             y = y.to(x.dtype)
@@ -151,6 +150,8 @@ class FEOperator(KeepsComplexModule):
                 y = self.output_stats.decode(y)
             if not self.native:
                 return self.decoder(y, boundary_values=boundary_values)
+            if self.decoder is not None:
+                y = self.decoder(y)
             if len(self.boundary_dofs) == 0:
                 return y
             g = self.boundary_values if boundary_values is None else boundary_values
@@ -171,13 +172,10 @@ class FEOperator(KeepsComplexModule):
 
         Raises:
             ValueError: a new mesh's bounding box is not this model's (the grid would
-                cover another region), or the processor is mesh-native.
+                cover another region), or, for a mesh-native processor, a new mesh does
+                not cover the processor's mesh or leaves it.
         """
         space_out = space_in if space_out is None else space_out
-        if self.native:
-            raise ValueError(
-                "an FEMultigrid is tied to its mesh hierarchy; build one on the new hierarchy"
-            )
         for new, old in ((space_in, self.space_in), (space_out, self.space_out)):
             (lo, hi), (lo0, hi0) = bounding_box(new.mesh), bounding_box(old.mesh)
             tol = 1e-9 * float(np.max(hi0 - lo0))
@@ -196,6 +194,11 @@ class FEOperator(KeepsComplexModule):
             boundary_values=boundary_values,
         )
         return clone.to(next(self.processor.parameters()).device)
+
+
+def _same_dofs(a: FunctionSpace, b: FunctionSpace) -> bool:
+    """Whether ``a`` and ``b`` have the same DOFs at the same points, in the same order."""
+    return a.n_dofs == b.n_dofs and bool(np.allclose(a.dof_points, b.dof_points))
 
 
 def _stats(affine: _Affine | None) -> tuple[list[float], list[float]] | None:

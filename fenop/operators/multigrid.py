@@ -278,6 +278,10 @@ class FEMultigrid(nn.Module):
 
     Shapes:
         ``(B, in_channels, n_dofs)`` -> ``(B, out_channels, n_dofs)`` on the finest space.
+
+    Inside :class:`~fenop.operators.FEOperator` it also reads and writes functions on
+    other meshes of its domain: they are interpolated into its finest space and back
+    (:class:`~fenop.fem.SpaceInterpolator`), as a grid processor's go through its grid.
     """
 
     def __init__(

@@ -9,9 +9,9 @@ from tests.helpers import DEVICES
 SPACE = FunctionSpace(l_shape(9), dirichlet="boundary")
 
 
-def _models(space: FunctionSpace, coarse=None):
-    coarse = l_shape(5) if coarse is None else coarse
-    spaces = hierarchy(coarse, 2, dirichlet="boundary")
+def _models(space: FunctionSpace):
+    spaces = hierarchy(l_shape(5), 2, dirichlet="boundary")
+    coarser = hierarchy(l_shape(3), 2)  # finest level: 21 DOFs, against `space`'s 65
     return {
         "fno": FEOperator(
             space, space, FNO(4, 1, n_modes=(6, 6), hidden_channels=8), resolution=16
@@ -23,10 +23,17 @@ def _models(space: FunctionSpace, coarse=None):
         "femultigrid": FEOperator(
             spaces[-1], spaces[-1], FEMultigrid(spaces, 1, 1, width=6, n_layers=2)
         ),
+        # on another mesh than its own: input and output interpolated
+        "femultigrid-interpolated": FEOperator(
+            space, space, FEMultigrid(coarser, 1, 1, width=6, n_layers=2)
+        ),
     }
 
 
-@pytest.mark.parametrize("name", ["fno", "mgno", "lsm", "femultigrid"])
+NAMES = ["fno", "mgno", "lsm", "femultigrid", "femultigrid-interpolated"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_dirichlet_values_are_exact_for_every_processor(name):
     torch.manual_seed(0)
     model = _models(SPACE)[name]
@@ -41,7 +48,7 @@ def test_dirichlet_values_are_exact_for_every_processor(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["fno", "mgno", "lsm", "femultigrid"])
+@pytest.mark.parametrize("name", NAMES)
 def test_float64_and_normalisation(name):
     torch.manual_seed(0)
     model = _models(SPACE)[name]
@@ -79,8 +86,26 @@ def test_transfer_to_another_mesh_of_the_domain():
     assert moved(torch.randn(2, 1, finer.n_dofs)).shape == (2, 1, finer.n_dofs)
     with pytest.raises(ValueError, match=r"model's domain spans \[-1.0, -1.0\] to \[1.0, 1.0\]"):
         model.transfer(FunctionSpace(unit_square(9), dirichlet="boundary"))
-    with pytest.raises(ValueError, match="hierarchy"):
-        _models(SPACE)["femultigrid"].transfer(finer)
+
+
+def test_femultigrid_transfers_by_interpolation_through_its_own_mesh():
+    torch.manual_seed(0)
+    model = _models(SPACE)["femultigrid"]
+    own = model.processor.space
+    finer = FunctionSpace(l_shape(17), degree=2, dirichlet="boundary")
+    moved = model.transfer(finer)
+    assert moved.processor is model.processor
+    x = torch.randn(2, 1, finer.n_dofs, dtype=torch.float64)
+    # The definition, written with point evaluation: the input's values at the
+    # processor's nodes, the output's values at the new DOF points, zero on the boundary.
+    model.double()
+    expected = own.evaluate(model.processor(finer.evaluate(x, own.dof_points)), finer.dof_points)
+    expected[..., finer.boundary_dofs] = 0.0
+    torch.testing.assert_close(moved(x), expected, rtol=1e-12, atol=1e-12)
+    # The square (-1, 1)^2 has the L-shape's bounding box, but not its domain.
+    square = FunctionSpace(unit_square(9).scaled([2.0, 2.0]).translated([-1.0, -1.0]))
+    with pytest.raises(ValueError, match="16 of 81 DOF points of the target mesh lie outside"):
+        model.transfer(square)
 
 
 def test_bad_construction_and_input():
@@ -91,18 +116,16 @@ def test_bad_construction_and_input():
         FEOperator(SPACE, SPACE, FNO(2, 1, n_modes=(4, 4)), resolution=8)
     with pytest.raises(TypeError, match="in_channels"):
         FEOperator(SPACE, SPACE, torch.nn.Identity(), resolution=8)
-    with pytest.raises(ValueError, match="finest space has 21"):
-        FEOperator(SPACE, SPACE, FEMultigrid(hierarchy(l_shape(3), 2), 1, 1))
-    # Same number of DOFs, numbered differently: refinement is not the structured mesh.
-    with pytest.raises(ValueError, match="DOFs lie elsewhere"):
-        FEOperator(SPACE, SPACE, FEMultigrid(hierarchy(l_shape(5), 2), 1, 1))
+    # FEMultigrid on another domain: the L-shape's nodes are not all in the unit square.
+    with pytest.raises(ValueError, match="40 of 65 DOF points of the target mesh lie outside"):
+        FEOperator(SPACE, SPACE, FEMultigrid(hierarchy(unit_square(3), 3), 1, 1))
     model = FEOperator(SPACE, SPACE, fno, resolution=8)
     with pytest.raises(ValueError, match=r"\(batch, 1, 65\), got \(2, 2, 65\)"):
         model(torch.zeros(2, 2, SPACE.n_dofs))
     assert np.array_equal(model.decoder.boundary_dofs.numpy(), SPACE.boundary_dofs)
 
 
-@pytest.mark.parametrize("name", ["fno", "mgno", "lsm", "femultigrid"])
+@pytest.mark.parametrize("name", NAMES)
 def test_mixed_precision_runs_only_the_processor_in_bfloat16(name):
     torch.manual_seed(0)
     model = _models(SPACE)[name]
@@ -121,7 +144,7 @@ def test_mixed_precision_runs_only_the_processor_in_bfloat16(name):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", ["fno", "mgno", "lsm", "femultigrid"])
+@pytest.mark.parametrize("name", NAMES)
 def test_every_processor_on_cuda_computes_what_it_computes_on_the_cpu(name, dtype):
     torch.manual_seed(0)
     model = _models(SPACE)[name].to(dtype)

@@ -110,19 +110,20 @@ def _check(stores, name: str, n_train: int, epochs: int, threshold: float) -> No
     _train(model, train, epochs)
     error = _test_error(model, store, 200)
     assert error < threshold, f"{name}: relative L2 test error {error:.4f}"
-    if name != "femultigrid":  # tied to its hierarchy; the grid processors transfer
-        for other in ("finer", "unstructured"):
-            moved = _test_error(model, stores[other], 200)
-            gap = _discretisation_gap(stores["train"], stores[other], 200)
-            assert moved < 1.5 * (error + gap), (
-                f"{name} on the {other} mesh: {moved:.4f}; on the training mesh {error:.4f}, "
-                f"discretisation gap {gap:.4f}"
-            )
+    for other in ("finer", "unstructured"):
+        moved = _test_error(model, stores[other], 200)
+        gap = _discretisation_gap(store, stores[other], 200)
+        assert moved < 1.5 * (error + gap), (
+            f"{name} on the {other} mesh: {moved:.4f}; on the training mesh {error:.4f}, "
+            f"discretisation gap {gap:.4f}"
+        )
 
 
-# measured (2-core CPU): fno 0.285, mgno 0.120, lsm 0.102, femultigrid 0.393
+# measured (2-core CPU): fno 0.266, mgno 0.198, lsm 0.112, femultigrid 0.138; on the
+# finer / unstructured mesh (discretisation gaps 0.033 / 0.032): fno 0.308 / 0.275,
+# mgno 0.226 / 0.206, lsm 0.123 / 0.114, femultigrid 0.163 / 0.147
 @pytest.mark.parametrize(
-    ("name", "threshold"), [("fno", 0.4), ("mgno", 0.2), ("lsm", 0.2), ("femultigrid", 0.55)]
+    ("name", "threshold"), [("fno", 0.4), ("mgno", 0.3), ("lsm", 0.2), ("femultigrid", 0.25)]
 )
 def test_brief_training_learns(stores, name, threshold):
     _check(stores, name, n_train=100, epochs=12, threshold=threshold)

@@ -86,8 +86,9 @@ def test_bad_checkpoints_are_refused_with_a_reason(tmp_path):
         load_checkpoint(target)
 
 
-def test_checkpoint_of_a_transferred_model_is_on_its_new_mesh(tmp_path):
-    model = _models()["fno"]
+@pytest.mark.parametrize("name", ["fno", "femultigrid"])
+def test_checkpoint_of_a_transferred_model_is_on_its_new_mesh(tmp_path, name):
+    model = _models()[name]
     finer = FunctionSpace(l_shape(17), dirichlet="boundary")
     moved = model.transfer(finer)
     loaded = load_model(save_checkpoint(tmp_path / "ckpt", moved))
