@@ -353,8 +353,16 @@ def _checkpoint_info(path: Path) -> int:
     mesh = model["space_in"]["mesh"]
     version = config["fenop_version"]
     print(f"{path}: fenop checkpoint, format {config['format_version']}, fenop {version}")
-    print(f"  processor   {model['processor']} {json.dumps(model['options'])}")
-    print(f"  resolution  {model['resolution']}")
+    options = dict(model["options"])
+    coarse = options.pop("coarse", None)  # FEMultigrid's coarsest mesh: too long to print
+    print(f"  processor   {model['processor']} {json.dumps(options)}")
+    if model["resolution"] is not None:
+        print(f"  resolution  {model['resolution']}")
+    if coarse is not None:
+        print(
+            f"  hierarchy   {options['levels']} levels from {coarse['element']} on "
+            f"{coarse['mesh']['type']}, {len(coarse['mesh']['points'])} vertices"
+        )
     element, vertices = model["space_in"]["element"], len(mesh["points"])
     print(f"  space       {element} on {mesh['type']}, {vertices} vertices")
     for key in ("epoch", "test_error", "data"):

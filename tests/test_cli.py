@@ -9,6 +9,7 @@ import torch
 from fenop.cli import main
 from fenop.data import generate
 from fenop.fem import unit_square
+from fenop.train import load_model
 
 
 def test_generate_then_info(tmp_path, capsys):
@@ -217,6 +218,53 @@ def test_predict_on_another_mesh_and_bad_input(trained, capsys):
         assert message in err and len(err.splitlines()) == 1
     assert not (trained / "x.h5").exists()
     assert [p.name for p in trained.iterdir() if p.name.startswith(".")] == []
+
+
+FEMULTIGRID = """
+[data]
+path = "d.h5"
+n_train = 12
+n_test = 4
+
+[model]
+processor = "femultigrid"
+[model.hierarchy]   # 3 -> 5 vertices a side; the data's 9 x 9 mesh is interpolated to it
+domain = "square"
+resolution = 3
+levels = 2
+[model.options]
+width = 4
+n_layers = 1
+
+[training]
+epochs = 2
+batch_size = 4
+output = "run"
+device = "cpu"
+"""
+
+
+def test_femultigrid_from_a_configuration(tmp_path, capsys):
+    data = tmp_path / "d.h5"
+    assert main(["generate", "darcy", "-n", "16", "--resolution", "9", "-o", str(data), "-q"]) == 0
+    (tmp_path / "c.toml").write_text(FEMULTIGRID)
+    assert main(["train", str(tmp_path / "c.toml"), "-q"]) == 0
+    best = tmp_path / "run" / "best"
+    model = load_model(best)
+    assert model.space_in.n_dofs == 81 and model.processor.space.n_dofs == 25
+    finer = tmp_path / "finer.h5"
+    assert main(["generate", "darcy", "-n", "2", "--resolution", "17", "-o", str(finer), "-q"]) == 0
+    assert main(["predict", str(best), str(finer), "-o", str(tmp_path / "p.h5"), "-q"]) == 0
+    with h5py.File(tmp_path / "p.h5") as f:
+        assert f["u"].shape == (2, 289) and np.isfinite(f["u"][()]).all()
+    capsys.readouterr()
+    assert main(["info", str(best)]) == 0
+    out = capsys.readouterr().out
+    assert "hierarchy   2 levels from P1 on MeshTri1, 9 vertices" in out
+    assert "resolution" not in out and len(out) < 2000  # the coarse mesh is not printed
+    (tmp_path / "c.toml").write_text(FEMULTIGRID.replace('"square"', '"lshape"'))
+    assert main(["train", str(tmp_path / "c.toml"), "-q"]) == 2
+    assert "not in the domain of [model.hierarchy]" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

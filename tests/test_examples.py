@@ -27,6 +27,22 @@ def test_quick_start_configuration_is_valid():
     assert config["model"]["processor"] == "fno"
 
 
+def test_femultigrid_configuration_builds_on_the_quick_start_data(tmp_path):
+    from fenop.data import generate
+    from fenop.fem import unit_square
+    from fenop.train.config import read_config
+    from fenop.train.run import build_from_config
+
+    config = read_config(ROOT / "examples" / "darcy_femultigrid.toml")
+    config["data"].update(path=str(tmp_path / "d.h5"), n_train=3, n_test=1)
+    generate("darcy", 4, unit_square(33), seed=0, path=config["data"]["path"], progress=False)
+    model, train, _ = build_from_config(config)
+    # the hierarchy ends on the data's own nodes: the interpolation is a renumbering
+    assert model.processor.space.n_dofs == train.space.n_dofs == 33 * 33
+    x, _ = train[0]
+    assert model(x[None]).shape == (1, 1, 33 * 33)
+
+
 def test_train_darcy(tmp_path):
     result = load_script("examples/train_darcy.py").main(["--quick", "--output", str(tmp_path)])
     assert 0 < result["test_error"] < 10 and result["picture"].is_file()

@@ -8,11 +8,20 @@
     n_test = 200
 
     [model]
-    processor = "fno"          # fno | mgno | lsm
-    resolution = 64
+    processor = "fno"          # fno | mgno | lsm | femultigrid
+    resolution = 64            # grid points per axis (grid processors)
     [model.options]            # the processor's own keyword options
     n_modes = [16, 16]
     hidden_channels = 32
+
+FEMultigrid has no grid; instead of ``resolution`` it takes its mesh hierarchy, a
+coarse mesh of the data's domain refined ``levels - 1`` times (the data's mesh may
+be any mesh of that domain: fields are interpolated to and from the finest level):
+
+    [model.hierarchy]
+    domain = "square"          # square | lshape, with `resolution` vertices a side,
+    resolution = 9             # or mesh = "coarse.msh" (a file, relative to this one)
+    levels = 3                 # 9 -> 17 -> 33 vertices a side
 
     [training]
     epochs = 50
@@ -36,7 +45,8 @@ import tomllib
 from pathlib import Path
 
 _REQUIRED = object()
-_SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], object]]] = {
+_Keys = dict[str, tuple[type | tuple[type, ...], object]]
+_SCHEMA: dict[str, _Keys] = {
     "data": {
         "path": (str, _REQUIRED),
         "inputs": (list, ["a"]),
@@ -46,8 +56,9 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], object]]] = {
     },
     "model": {
         "processor": (str, _REQUIRED),
-        "resolution": ((int, list), _REQUIRED),
+        "resolution": ((int, list), None),  # required for grid processors, see below
         "options": (dict, {}),
+        "hierarchy": (dict, None),  # required for femultigrid
     },
     "training": {
         "epochs": (int, _REQUIRED),
@@ -62,6 +73,13 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], object]]] = {
         "amp": (bool, False),
     },
 }
+_HIERARCHY: _Keys = {
+    "domain": (str, "square"),
+    "resolution": (int, None),
+    "mesh": (str, None),
+    "levels": (int, 3),
+}
+_DOMAINS = ("square", "lshape")
 
 
 class ConfigError(ValueError):
@@ -85,29 +103,21 @@ def read_config(path: str | os.PathLike) -> dict:
         raise ConfigError(path, f"unknown section [{sorted(unknown)[0]}]; known: {sorted(_SCHEMA)}")
     config = {}
     for section, keys in _SCHEMA.items():
-        given = raw.get(section, {})
-        if not isinstance(given, dict):
-            raise ConfigError(path, f"[{section}] must be a table")
-        for key in given:
-            if key not in keys:
-                raise ConfigError(path, f"unknown key {section}.{key}; known: {sorted(keys)}")
-        config[section] = {}
-        for key, (kind, default) in keys.items():
-            if key not in given:
-                if default is _REQUIRED:
-                    raise ConfigError(path, f"missing key {section}.{key}")
-                config[section][key] = default
-                continue
-            value = given[key]
-            # bool is an int in Python; a flag given where a count is wanted is an error
-            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-                names = (
-                    kind.__name__
-                    if isinstance(kind, type)
-                    else " or ".join(k.__name__ for k in kind)
-                )
-                raise ConfigError(path, f"{section}.{key} must be {names}, got {value!r}")
-            config[section][key] = value
+        config[section] = _checked(path, section, raw.get(section, {}), keys)
+    model = config["model"]
+    if model["processor"] == "femultigrid":
+        if model["hierarchy"] is None:
+            raise ConfigError(path, "model.processor femultigrid needs a [model.hierarchy] table")
+        if model["resolution"] is not None:
+            raise ConfigError(
+                path, "model.resolution is for grid processors; femultigrid has [model.hierarchy]"
+            )
+        model["hierarchy"] = _hierarchy(path, model["hierarchy"])
+    else:
+        if model["resolution"] is None:
+            raise ConfigError(path, "missing key model.resolution")
+        if model["hierarchy"] is not None:
+            raise ConfigError(path, "[model.hierarchy] is for femultigrid only")
     for key in ("n_train", "n_test", "epochs", "batch_size"):
         section = "data" if key.startswith("n_") else "training"
         if config[section][key] < 1:
@@ -115,4 +125,55 @@ def read_config(path: str | os.PathLike) -> dict:
     base = path.parent
     config["data"]["path"] = str((base / config["data"]["path"]).resolve())
     config["training"]["output"] = str((base / config["training"]["output"]).resolve())
+    if model["hierarchy"] is not None and model["hierarchy"]["mesh"] is not None:
+        model["hierarchy"]["mesh"] = str((base / model["hierarchy"]["mesh"]).resolve())
     return config
+
+
+def _checked(path: Path, section: str, given: object, keys: _Keys) -> dict:
+    """The table ``given`` with defaults filled in, or an error naming the key."""
+    if not isinstance(given, dict):
+        raise ConfigError(path, f"[{section}] must be a table")
+    for key in given:
+        if key not in keys:
+            raise ConfigError(path, f"unknown key {section}.{key}; known: {sorted(keys)}")
+    table = {}
+    for key, (kind, default) in keys.items():
+        if key not in given:
+            if default is _REQUIRED:
+                raise ConfigError(path, f"missing key {section}.{key}")
+            table[key] = default
+            continue
+        value = given[key]
+        # bool is an int in Python; a flag given where a count is wanted is an error
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            names = (
+                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            )
+            raise ConfigError(path, f"{section}.{key} must be {names}, got {value!r}")
+        table[key] = value
+    return table
+
+
+def _hierarchy(path: Path, given: dict) -> dict:
+    """The checked ``[model.hierarchy]`` table: a built-in domain or a mesh file, and levels."""
+    table = _checked(path, "model.hierarchy", given, _HIERARCHY)
+    if table["mesh"] is not None:
+        if "domain" in given or "resolution" in given:
+            raise ConfigError(
+                path, "model.hierarchy: give either mesh, or domain and resolution, not both"
+            )
+    else:
+        if table["domain"] not in _DOMAINS:
+            raise ConfigError(
+                path, f"model.hierarchy.domain must be one of {_DOMAINS}, got {table['domain']!r}"
+            )
+        if table["resolution"] is None or table["resolution"] < 2:
+            raise ConfigError(
+                path,
+                "model.hierarchy.resolution (vertices a side of the coarsest mesh, at least 2) "
+                f"is required without a mesh file, got {table['resolution']}",
+            )
+    if table["levels"] < 1:
+        raise ConfigError(path, f"model.hierarchy.levels must be positive, got {table['levels']}")
+    return table

@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 
 from fenop.data import FieldDataset, read_header
-from fenop.operators import FNO, LSM, FEOperator, MgNO
+from fenop.fem import l_shape, load_mesh, unit_square
+from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
 from fenop.train.config import ConfigError, read_config
 from fenop.train.trainer import Trainer
 
 _GRID_PROCESSORS = {"fno": FNO, "mgno": MgNO, "lsm": LSM}
+_DOMAINS = {"square": unit_square, "lshape": l_shape}
 
 
 def build_from_config(config: dict, *, path: str | os.PathLike = "<config>"):
@@ -34,36 +36,59 @@ def build_from_config(config: dict, *, path: str | os.PathLike = "<config>"):
     train = FieldDataset(data["path"], **fields, indices=range(n_train))
     test = FieldDataset(data["path"], **fields, indices=range(n_train, n_train + n_test))
     name = model_config["processor"]
-    if name not in _GRID_PROCESSORS:
+    if name != "femultigrid" and name not in _GRID_PROCESSORS:
         raise ConfigError(
             path,
-            f"model.processor must be one of {sorted(_GRID_PROCESSORS)}, got {name!r} "
-            "(FEMultigrid needs a mesh hierarchy: build it with the Python API)",
+            f"model.processor must be one of {sorted([*_GRID_PROCESSORS, 'femultigrid'])}, "
+            f"got {name!r}",
         )
     space = train.space
-    resolution = model_config["resolution"]
-    grid = tuple(resolution) if isinstance(resolution, list) else (resolution,) * space.dim
     options = dict(model_config["options"])
     for key in ("n_modes", "grid"):
         if key in options:
             options[key] = tuple(options[key])
+    a, u = train.normalizer(data["inputs"]), train.normalizer(data["outputs"])
+    stats = {
+        "input_stats": (a.mean.tolist(), a.std.tolist()),
+        "output_stats": (u.mean.tolist(), u.std.tolist()),
+    }
+    n_in, n_out = len(data["inputs"]), len(data["outputs"])
+    if name == "femultigrid":
+        table = model_config["hierarchy"]
+        spaces = hierarchy(_coarse_mesh(table, path), table["levels"], degree=space.degree)
+        try:
+            processor = FEMultigrid(spaces, n_in, n_out, **options)
+        except TypeError as exc:
+            raise ConfigError(path, f"model.options: {exc}") from None
+        try:
+            # Data on another mesh of the hierarchy's domain are interpolated to it.
+            model = FEOperator(space, space, processor, **stats)
+        except ValueError as exc:
+            raise ConfigError(
+                path, f"the data's mesh is not in the domain of [model.hierarchy]: {exc}"
+            ) from None
+        return model, train, test
+    resolution = model_config["resolution"]
+    grid = tuple(resolution) if isinstance(resolution, list) else (resolution,) * space.dim
     if name == "mgno":
         options.setdefault("grid", grid)
-    in_channels = len(data["inputs"]) + 1 + space.dim  # + domain mask + coordinates
     try:
-        processor = _GRID_PROCESSORS[name](in_channels, len(data["outputs"]), **options)
+        # + the encoder's domain mask and coordinates
+        processor = _GRID_PROCESSORS[name](n_in + 1 + space.dim, n_out, **options)
     except TypeError as exc:
         raise ConfigError(path, f"model.options: {exc}") from None
-    a, u = train.normalizer(data["inputs"]), train.normalizer(data["outputs"])
-    model = FEOperator(
-        space,
-        space,
-        processor,
-        resolution=grid,
-        input_stats=(a.mean.tolist(), a.std.tolist()),
-        output_stats=(u.mean.tolist(), u.std.tolist()),
-    )
+    model = FEOperator(space, space, processor, resolution=grid, **stats)
     return model, train, test
+
+
+def _coarse_mesh(table: dict, path: str | os.PathLike):
+    """The coarsest mesh that ``[model.hierarchy]`` describes."""
+    try:
+        if table["mesh"] is not None:
+            return load_mesh(table["mesh"])
+        return _DOMAINS[table["domain"]](table["resolution"])
+    except ValueError as exc:
+        raise ConfigError(path, f"model.hierarchy: {exc}") from None
 
 
 def train_from_config(

@@ -48,3 +48,50 @@ def test_errors_name_the_key(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message) as info:
         read_config(path)
     assert str(path) in str(info.value)
+
+
+HIERARCHY = GOOD.replace(
+    'processor = "mgno"\nresolution = 16',
+    'processor = "femultigrid"\n[model.hierarchy]\ndomain = "lshape"\nresolution = 5',
+)
+
+
+def test_femultigrid_takes_a_hierarchy_instead_of_a_resolution(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(HIERARCHY)
+    model = read_config(path)["model"]
+    assert model["resolution"] is None
+    assert model["hierarchy"] == {"domain": "lshape", "resolution": 5, "mesh": None, "levels": 3}
+    path.write_text(HIERARCHY.replace('domain = "lshape"\nresolution = 5', 'mesh = "m/c.msh"'))
+    assert read_config(path)["model"]["hierarchy"]["mesh"] == str(tmp_path / "m" / "c.msh")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ('[model.hierarchy]\ndomain = "lshape"\nresolution = 5', ""),
+            r"femultigrid needs a \[model.hierarchy\]",
+        ),
+        (
+            ("[model.hierarchy]", "resolution = 8\n[model.hierarchy]"),
+            "model.resolution is for grid",
+        ),
+        (
+            ('"femultigrid"', '"fno"\nresolution = 8'),
+            r"\[model.hierarchy\] is for femultigrid only",
+        ),
+        (('"lshape"', '"disc"'), r"hierarchy.domain must be one of \('square', 'lshape'\)"),
+        (("resolution = 5", "levels = 2"), r"hierarchy.resolution .* is required"),
+        (("resolution = 5", 'resolution = 5\nmesh = "c.msh"'), "either mesh, or domain"),
+        (("resolution = 5", "resolution = 5\nlevels = 0"), "levels must be positive"),
+        (("resolution = 5", "resolution = 5\nlevel = 2"), r"unknown key model\.hierarchy\.level"),
+        (("resolution = 5", "resolution = 5.0"), r"model\.hierarchy\.resolution must be int"),
+    ],
+)
+def test_hierarchy_errors_name_the_key(tmp_path, change, message):
+    path = tmp_path / "c.toml"
+    path.write_text(HIERARCHY.replace(*change))
+    with pytest.raises(ConfigError, match=message) as info:
+        read_config(path)
+    assert str(path) in str(info.value)
