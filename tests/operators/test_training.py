@@ -129,10 +129,12 @@ def test_brief_training_learns(stores, name, threshold):
     _check(stores, name, n_train=100, epochs=12, threshold=threshold)
 
 
-# measured (2-core CPU): fno 0.037, mgno 0.026, lsm 0.042, femultigrid 0.152
+# measured (2-core CPU): fno 0.036, mgno 0.025, lsm 0.041, femultigrid 0.021; on the
+# finer / unstructured mesh (discretisation gaps 0.033 / 0.032): fno 0.080 / 0.056,
+# mgno 0.072 / 0.049, lsm 0.052 / 0.046, femultigrid 0.054 / 0.038
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "threshold"), [("fno", 0.06), ("mgno", 0.04), ("lsm", 0.06), ("femultigrid", 0.25)]
+    ("name", "threshold"), [("fno", 0.06), ("mgno", 0.04), ("lsm", 0.06), ("femultigrid", 0.04)]
 )
 def test_training_reaches_its_accuracy(stores, name, threshold):
     _check(stores, name, n_train=200, epochs=30, threshold=threshold)
