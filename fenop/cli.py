@@ -223,6 +223,10 @@ def _predict(args) -> int:
                 )
                 write_samples(temporary, start, {name: y[:, k] for k, name in enumerate(outputs)})
                 bar.update(len(x))
+        # mkstemp makes a private file; the output is an ordinary one (umask applies).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, output)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

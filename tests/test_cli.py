@@ -158,6 +158,8 @@ def test_train_evaluate_predict(trained, capsys):
     assert picture.read_bytes()[:4] == b"\x89PNG"
     output = trained / "pred.h5"
     assert main(["predict", str(run / "best"), str(trained / "d.h5"), "-o", str(output), "-q"]) == 0
+    # written privately and renamed, yet an ordinary file like the input
+    assert output.stat().st_mode & 0o777 == (trained / "d.h5").stat().st_mode & 0o777
     with h5py.File(output) as f, h5py.File(trained / "d.h5") as g:
         assert f["u"].shape == g["u"].shape
         assert f.attrs["model"] == str(run / "best") and "fenop_version" in f.attrs
