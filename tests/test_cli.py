@@ -222,28 +222,11 @@ def test_predict_on_another_mesh_and_bad_input(trained, capsys):
     assert [p.name for p in trained.iterdir() if p.name.startswith(".")] == []
 
 
-FEMULTIGRID = """
-[data]
-path = "d.h5"
-n_train = 12
-n_test = 4
-
-[model]
-processor = "femultigrid"
-[model.hierarchy]   # 3 -> 5 vertices a side; the data's 9 x 9 mesh is interpolated to it
-domain = "square"
-resolution = 3
-levels = 2
-[model.options]
-width = 4
-n_layers = 1
-
-[training]
-epochs = 2
-batch_size = 4
-output = "run"
-device = "cpu"
-"""
+# 3 -> 5 vertices a side; the data's 9 x 9 mesh is interpolated to it
+FEMULTIGRID = CONFIG.replace(
+    'processor = "mgno"\nresolution = 8',
+    'processor = "femultigrid"\n[model.hierarchy]\ndomain = "square"\nresolution = 3\nlevels = 2',
+)
 
 
 def test_femultigrid_from_a_configuration(tmp_path, capsys):

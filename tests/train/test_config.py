@@ -43,8 +43,13 @@ def test_defaults_and_paths(tmp_path):
     ],
 )
 def test_errors_name_the_key(tmp_path, change, message):
+    _refused(tmp_path, GOOD.replace(*change), message)
+
+
+def _refused(tmp_path, text: str, message: str) -> None:
+    """``text`` as a configuration file is refused with ``message`` and the file's name."""
     path = tmp_path / "c.toml"
-    path.write_text(GOOD.replace(*change))
+    path.write_text(text)
     with pytest.raises(ConfigError, match=message) as info:
         read_config(path)
     assert str(path) in str(info.value)
@@ -90,8 +95,4 @@ def test_femultigrid_takes_a_hierarchy_instead_of_a_resolution(tmp_path):
     ],
 )
 def test_hierarchy_errors_name_the_key(tmp_path, change, message):
-    path = tmp_path / "c.toml"
-    path.write_text(HIERARCHY.replace(*change))
-    with pytest.raises(ConfigError, match=message) as info:
-        read_config(path)
-    assert str(path) in str(info.value)
+    _refused(tmp_path, HIERARCHY.replace(*change), message)
