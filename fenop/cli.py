@@ -39,16 +39,14 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def _mesh(args):
-    from fenop.fem import l_shape, load_mesh, unit_square
+    from fenop.fem import load_mesh
+    from fenop.fem.mesh import DOMAINS
 
     if args.mesh is not None:
         if args.resolution is not None:
             raise ValueError("give either --mesh or --resolution, not both")
         return load_mesh(args.mesh)
-    resolution = 33 if args.resolution is None else args.resolution
-    if args.domain == "lshape":
-        return l_shape(resolution)
-    return unit_square(resolution)
+    return DOMAINS[args.domain](33 if args.resolution is None else args.resolution)
 
 
 def _generate(args) -> int:
@@ -264,6 +262,7 @@ def _info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from fenop import __version__
     from fenop.data.pdes import PDES
+    from fenop.fem.mesh import DOMAINS
 
     parser = _Parser(prog="fenop", description="Neural operators on finite-element meshes.")
     parser.add_argument("--version", action="version", version=f"fenop {__version__}")
@@ -275,9 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", required=True, help="HDF5 file to write (or resume)")
     gen.add_argument("--seed", type=int, default=0, help="sample i depends on (seed, i) only")
     gen.add_argument("--resolution", type=int, help="vertices per side of the built-in mesh (33)")
-    gen.add_argument(
-        "--domain", choices=["square", "lshape"], default="square", help="built-in mesh"
-    )
+    gen.add_argument("--domain", choices=list(DOMAINS), default="square", help="built-in mesh")
     gen.add_argument("--mesh", help="a mesh file (Gmsh, VTK, XDMF) instead of a built-in mesh")
     gen.add_argument("--degree", type=int, default=1, help="Lagrange degree of the FE space")
     gen.add_argument("-j", "--workers", type=int, default=1, help="local worker processes")

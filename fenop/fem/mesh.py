@@ -78,6 +78,11 @@ def l_shape(n: int) -> skfem.MeshTri1:
     return square.remove_elements(removed)
 
 
+# The built-in 2-D domains by name, each a function of the vertices per side: the
+# `fenop generate --domain` choices and the domains of a training configuration.
+DOMAINS = {"square": unit_square, "lshape": l_shape}
+
+
 def load_mesh(path: str | os.PathLike) -> skfem.Mesh:
     """Read a mesh file through meshio (Gmsh ``.msh``, VTK ``.vtk``/``.vtu``, XDMF, ...).
 

@@ -44,6 +44,8 @@ import os
 import tomllib
 from pathlib import Path
 
+from fenop.fem.mesh import DOMAINS
+
 _REQUIRED = object()
 _Keys = dict[str, tuple[type | tuple[type, ...], object]]
 _SCHEMA: dict[str, _Keys] = {
@@ -79,7 +81,6 @@ _HIERARCHY: _Keys = {
     "mesh": (str, None),
     "levels": (int, 3),
 }
-_DOMAINS = ("square", "lshape")
 
 
 class ConfigError(ValueError):
@@ -164,9 +165,10 @@ def _hierarchy(path: Path, given: dict) -> dict:
                 path, "model.hierarchy: give either mesh, or domain and resolution, not both"
             )
     else:
-        if table["domain"] not in _DOMAINS:
+        if table["domain"] not in DOMAINS:
             raise ConfigError(
-                path, f"model.hierarchy.domain must be one of {_DOMAINS}, got {table['domain']!r}"
+                path,
+                f"model.hierarchy.domain must be one of {tuple(DOMAINS)}, got {table['domain']!r}",
             )
         if table["resolution"] is None or table["resolution"] < 2:
             raise ConfigError(

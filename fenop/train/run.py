@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 
 from fenop.data import FieldDataset, read_header
-from fenop.fem import l_shape, load_mesh, unit_square
+from fenop.fem import load_mesh
+from fenop.fem.mesh import DOMAINS
 from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
 from fenop.train.config import ConfigError, read_config
 from fenop.train.trainer import Trainer
 
 _GRID_PROCESSORS = {"fno": FNO, "mgno": MgNO, "lsm": LSM}
-_DOMAINS = {"square": unit_square, "lshape": l_shape}
 
 
 def build_from_config(config: dict, *, path: str | os.PathLike = "<config>"):
@@ -86,7 +86,7 @@ def _coarse_mesh(table: dict, path: str | os.PathLike):
     try:
         if table["mesh"] is not None:
             return load_mesh(table["mesh"])
-        return _DOMAINS[table["domain"]](table["resolution"])
+        return DOMAINS[table["domain"]](table["resolution"])
     except ValueError as exc:
         raise ConfigError(path, f"model.hierarchy: {exc}") from None
 
