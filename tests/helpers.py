@@ -65,3 +65,20 @@ def unstructured_square(n_interior: int, n_side: int, seed: int):
     )
     points = np.concatenate([boundary, rng.uniform(0.02, 0.98, size=(n_interior, 2))])
     return points, scipy.spatial.Delaunay(points).simplices
+
+
+def unstructured_square_mesh(n_interior: int, n_side: int, seed: int):
+    """:func:`unstructured_square` as a scikit-fem ``MeshTri``."""
+    import skfem
+
+    points, triangles = unstructured_square(n_interior, n_side, seed)
+    return skfem.MeshTri(points.T.copy(), triangles.T.copy())
+
+
+def write_unstructured_square(path, n_interior: int, n_side: int, seed: int):
+    """:func:`unstructured_square` written as a mesh file (Gmsh for ``.msh``); returns ``path``."""
+    import meshio
+
+    points, triangles = unstructured_square(n_interior, n_side, seed)
+    meshio.write(path, meshio.Mesh(np.c_[points, np.zeros(len(points))], [("triangle", triangles)]))
+    return path

@@ -1,15 +1,13 @@
 import numpy as np
 import pytest
-import skfem
 import torch
 
 from fenop.fem import FunctionSpace, SpaceInterpolator, l_shape, unit_interval, unit_square
-from tests.helpers import DEVICES, unstructured_square
+from tests.helpers import DEVICES, unstructured_square_mesh
 
 
-def _unstructured(seed: int = 0) -> skfem.MeshTri:
-    points, triangles = unstructured_square(60, 9, seed=seed)
-    return skfem.MeshTri(points.T.copy(), triangles.T.copy())
+def _unstructured(seed: int = 0):
+    return unstructured_square_mesh(60, 9, seed=seed)
 
 
 @pytest.mark.parametrize(

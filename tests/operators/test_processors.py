@@ -1,14 +1,12 @@
 """The grid processors and FEMultigrid on their own: shapes, sizes, gradients, dtypes."""
 
-import meshio
-import numpy as np
 import pytest
 import torch
 
 from fenop.fem import l_shape, load_mesh, unit_square
 from fenop.operators import FNO, LSM, FEMultigrid, MgNO, hierarchy
 from fenop.operators.multigrid import MgConv, _StencilOperator, _stencils, grid_levels
-from tests.helpers import unstructured_square
+from tests.helpers import write_unstructured_square
 
 
 def _all_parameters_get_gradients(model, x):
@@ -98,12 +96,7 @@ def test_fe_multigrid_on_a_hierarchy():
 
 
 def test_fe_multigrid_on_an_unstructured_mesh_from_a_file(tmp_path):
-    points, triangles = unstructured_square(40, 7, seed=0)
-    meshio.write(
-        tmp_path / "m.msh",
-        meshio.Mesh(np.c_[points, np.zeros(len(points))], [("triangle", triangles)]),
-    )
-    spaces = hierarchy(load_mesh(tmp_path / "m.msh"), 3)
+    spaces = hierarchy(load_mesh(write_unstructured_square(tmp_path / "m.msh", 40, 7, seed=0)), 3)
     model = FEMultigrid(spaces, 1, 1, width=4, n_layers=2)
     x = torch.randn(2, 1, spaces[-1].n_dofs)
     assert model(x).shape == (2, 1, spaces[-1].n_dofs)

@@ -10,8 +10,6 @@ the training mesh's by the discretisation gap; a model cannot beat it. The
 transfer check is therefore: error there < 1.5 x (error on the training mesh + gap).
 """
 
-import meshio
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -19,7 +17,7 @@ from torch.utils.data import DataLoader
 from fenop.data import FieldDataset, generate
 from fenop.fem import RelativeL2Loss, load_mesh, unit_square
 from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
-from tests.helpers import unstructured_square
+from tests.helpers import write_unstructured_square
 
 N_TEST = 50
 
@@ -28,11 +26,7 @@ N_TEST = 50
 def stores(tmp_path_factory):
     """Darcy on unit_square(17) for training; test samples on a finer and an unstructured mesh."""
     folder = tmp_path_factory.mktemp("darcy")
-    points, triangles = unstructured_square(400, 21, seed=1)
-    mesh_file = folder / "unstructured.msh"
-    meshio.write(
-        mesh_file, meshio.Mesh(np.c_[points, np.zeros(len(points))], [("triangle", triangles)])
-    )
+    mesh_file = write_unstructured_square(folder / "unstructured.msh", 400, 21, seed=1)
     n = 200 + N_TEST
 
     def make(name, mesh):

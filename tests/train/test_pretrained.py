@@ -6,7 +6,7 @@ import torch
 from fenop.data import FieldDataset, generate
 from fenop.fem import RelativeL2Loss
 from fenop.train import PRETRAINED, load_model, pretrained_names, read_config
-from tests.helpers import unstructured_square
+from tests.helpers import unstructured_square_mesh
 
 
 def test_shipped_models_are_small_and_documented():
@@ -21,10 +21,7 @@ def test_shipped_models_are_small_and_documented():
 
 def test_darcy_fno_on_an_unstructured_mesh_against_scikit_fem(tmp_path):
     """Inputs from the recipe (new seed) on a Delaunay mesh; reference: scikit-fem's solve there."""
-    import skfem
-
-    points, triangles = unstructured_square(1500, 41, seed=7)
-    mesh = skfem.MeshTri(points.T.copy(), triangles.T.copy())
+    mesh = unstructured_square_mesh(1500, 41, seed=7)
     path = generate("darcy", 20, mesh, seed=12345, path=tmp_path / "u.h5", progress=False)
     data = FieldDataset(path, dtype=torch.float32)
     model = load_model("darcy-fno").transfer(data.space)
