@@ -4,11 +4,16 @@
    of the workers and HDF5 writes included), for W = 1 and 2, each in a fresh process.
 2. Memory: peak resident memory of the generating process and of its workers for N
    and 5 N samples: flat in N means samples stream to disk.
-3. Statistics of fenop's Darcy at 16 x 16 vertices beside neuraloperator's
+3. Worker start-up: a caller that has imported torch and neuraloperator (as
+   `benchmarks/darcy.py` and training scripts have) generates 4 samples per worker
+   at 17 x 17, its workers started by spawn and by fenop's forkserver, which has
+   imported torch, SciPy and fenop's solvers before it forks them.
+4. Statistics of fenop's Darcy at 16 x 16 vertices beside neuraloperator's
    `darcy_train_16.pt` (if present in ../shared/data/).
 
     python benchmarks/data_generation.py              # the recorded configuration
     python benchmarks/data_generation.py --samples 40 --skip-stats   # quick
+    python benchmarks/data_generation.py --startup-only --workers 2 8  # start-up alone
 """
 
 from __future__ import annotations
@@ -77,6 +82,51 @@ def throughput_and_memory(n_samples: int, resolution: int) -> None:
         )
 
 
+# The caller of the start-up measurement, run as a script so that, as in a real
+# training script, its module-level imports are what spawned workers re-import.
+_CALLER = """\
+import sys, time
+import neuralop, torch
+import fenop.data.generation as generation
+from fenop.fem import unit_square
+
+if __name__ == "__main__":
+    method, workers, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    if method == "spawn":  # else fenop's own choice, a forkserver with its preload
+        context = generation.multiprocessing.get_context("spawn")
+        generation._pool_context = lambda: context
+    start = time.perf_counter()
+    generation.generate("darcy", 4 * workers, unit_square(17), seed=0, path=path,
+                        workers=workers, progress=False)
+    print(time.perf_counter() - start)
+"""
+
+
+def startup(workers_list: list[int], repeats: int = 2) -> None:
+    print("Worker start-up: 4 samples per worker at 17 x 17, caller imports torch + neuralop")
+    print(f"{'workers':>8} {'spawn s':>8} {'forkserver s':>13} {'ratio':>8}")
+    with tempfile.TemporaryDirectory() as folder:
+        caller = Path(folder) / "caller.py"
+        caller.write_text(_CALLER)
+        for workers in workers_list:
+            best = {}
+            for method in ("spawn", "forkserver") * repeats:  # interleaved, best of repeats
+                path = Path(folder) / f"{method}.h5"
+                path.unlink(missing_ok=True)
+                out = subprocess.run(
+                    [sys.executable, str(caller), method, str(workers), str(path)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                seconds = float(out.stdout.strip().splitlines()[-1])
+                best[method] = min(best.get(method, np.inf), seconds)
+            print(
+                f"{workers:>8} {best['spawn']:>8.1f} {best['forkserver']:>13.1f} "
+                f"{best['forkserver'] / best['spawn']:>8.2f}"
+            )
+
+
 def statistics(n_samples: int) -> None:
     import torch
 
@@ -115,12 +165,21 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--resolution", type=int, default=129)
     parser.add_argument("--skip-stats", action="store_true")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[2, 8], help="worker counts for the start-up"
+    )
+    parser.add_argument("--startup-repeats", type=int, default=2, help="best of this many")
+    parser.add_argument("--startup-only", action="store_true")
     parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child(*args.child)
         return
-    throughput_and_memory(args.samples, args.resolution)
+    if not args.startup_only:
+        throughput_and_memory(args.samples, args.resolution)
+    startup(args.workers, args.startup_repeats)
+    if args.startup_only:
+        return
     if not args.skip_stats:
         statistics(1000)
 

@@ -17,9 +17,12 @@ def test_fem_overhead_runs(capsys):
 
 
 def test_data_generation_runs(capsys):
-    load_script("benchmarks/data_generation.py").main(["--samples", "4", "--resolution", "9"])
+    load_script("benchmarks/data_generation.py").main(
+        ["--samples", "4", "--resolution", "9", "--workers", "2", "--startup-repeats", "1"]
+    )
     out = capsys.readouterr().out
     assert "samples/s" in out and "fenop darcy (16 x 16 vertices)" in out
+    assert "forkserver s" in out
 
 
 def test_darcy_runs(capsys):
@@ -36,6 +39,13 @@ def test_darcy_runs(capsys):
     out, err = capsys.readouterr()
     assert "test rel L2" in out
     assert "fenop-femultigrid: epoch 1/" in err  # progress, apart from the table
+
+
+def test_darcy_without_plain_fno_leaves_the_step_ratio_out(capsys):
+    args = ["--resolution", "9", "--train", "8", "--test", "4", "--minutes", "0.001"]
+    load_script("benchmarks/darcy.py").main([*args, "--width", "4", "--models", "fenop-fno"])
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fenop")]
+    assert row.split()[6] == "-"  # not 1.00, a ratio to itself
 
 
 def test_darcy_seed_sets_the_initialisation():
@@ -95,6 +105,38 @@ def test_darcy_reports_a_diverged_model(tmp_path):
         Blows(), train, test, minutes=0.01, device=torch.device("cpu"), batch=2, lr=1e-3, seed=0
     )
     assert result["diverged_epoch"] == 1 and result["epochs"] == 0
+
+
+def test_darcy_schedule_is_not_shortened_by_a_slow_first_step(tmp_path):
+    import time
+
+    import torch
+
+    from fenop.data import FieldDataset, generate
+    from fenop.fem import unit_square
+
+    darcy = load_script("benchmarks/darcy.py")
+    path = generate("darcy", 10, unit_square(5), seed=0, path=tmp_path / "d.h5", progress=False)
+    train, test = FieldDataset(path, indices=range(8)), FieldDataset(path, indices=range(8, 10))
+
+    class SlowStart(torch.nn.Module):  # one-off set-up in the first step, like CUDA's
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 1:
+                time.sleep(0.5)
+            return x * self.scale
+
+    result = darcy._fit(
+        SlowStart(), train, test, minutes=0.05, device=torch.device("cpu"), batch=2, lr=1e-3, seed=0
+    )
+    # Sized from the first epoch's duration, the 3-second budget would allow 6
+    # epochs; sized from its median step (milliseconds), the whole budget is used.
+    assert result["epochs"] > 12
 
 
 def test_sparse_product_runs(capsys):

@@ -6,6 +6,7 @@ multiplies by a bare torch CSR tensor (such as ``FunctionSpace.mass``).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -14,14 +15,27 @@ import torch
 from torch import nn
 
 
+@contextlib.contextmanager
+def _quiet_csr():
+    """Silence two warnings of building CSR tensors that say nothing about fenop's.
+
+    torch warns once per process that CSR support is beta; fenop uses only the
+    matrix-times-dense product, which is stable on CPU and CUDA. torch 2.11 also
+    warns that invariant checks are "implicitly" disabled even when, as here,
+    ``check_invariants=False`` is explicit (pytorch/pytorch#178274): fenop's
+    indices come from SciPy's canonical CSR, so they satisfy the invariants.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+        warnings.filterwarnings("ignore", "Sparse invariant checks are implicitly disabled")
+        yield
+
+
 def to_torch_csr(matrix: scipy.sparse.sparray | scipy.sparse.spmatrix) -> torch.Tensor:
     """A float64 torch sparse CSR copy of a SciPy sparse ``(m, n)`` matrix."""
     csr = scipy.sparse.csr_array(matrix, dtype=np.float64)
     csr.sum_duplicates()
-    with warnings.catch_warnings():
-        # torch warns once per process that CSR support is beta; fenop uses only
-        # the matrix-times-dense product, which is stable on CPU and CUDA.
-        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+    with _quiet_csr():
         return torch.sparse_csr_tensor(
             torch.from_numpy(csr.indptr.astype(np.int64)),
             torch.from_numpy(csr.indices.astype(np.int64)),
@@ -48,8 +62,7 @@ def _prepared(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _csr_like(csr: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``csr`` with its values in ``dtype``, sharing its index tensors."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+    with _quiet_csr():
         return torch.sparse_csr_tensor(
             csr.crow_indices(),
             csr.col_indices(),
