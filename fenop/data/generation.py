@@ -106,8 +106,9 @@ def _samples(
         for index in indices:
             yield family.sample(seed, index)
     else:
-        # The children read these when they start, which happens on the first submit:
-        # keep them set for the pool's whole life, then restore the caller's.
+        # Workers inherit these from the forkserver, which reads them when it starts
+        # (on the process's first pool) and keeps them; spawned children read them
+        # on the first submit. Set for the pool's whole life, then the caller's again.
         saved = {name: os.environ.get(name) for name in _single_threaded_env()}
         os.environ.update(_single_threaded_env())
         pool = concurrent.futures.ProcessPoolExecutor(
