@@ -21,6 +21,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,15 +85,16 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
     A forkserver imports this module (with torch and SciPy) once and forks every
     worker from it, where spawn makes each worker import them again: 16 workers
-    doing so at once took over a minute on a 16-core GPU machine. (The workers still
-    re-run the caller's main module; its imports already done in the server are
-    then free.) Spawn remains where there is no forkserver, as on Windows.
+    doing so at once took over a minute on a 16-core GPU machine. Each worker still
+    runs the caller's main module again, so the server also imports neuraloperator
+    if the caller has: a training script's imports then cost the workers nothing.
+    Spawn remains where there is no forkserver, as on Windows.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     # Takes effect when the server starts, on the first pool of the process.
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload([__name__, *(m for m in ("neuralop",) if m in sys.modules)])
     return context
 
 
