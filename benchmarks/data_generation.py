@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,11 +35,50 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER = ROOT.parent / "shared" / "data" / "darcy_train_16.pt"
 
 
+class _DescendantPeak(threading.Thread):
+    """Polls the peak resident set (VmHWM, Linux) of this process's descendants.
+
+    The workers are children of fenop's forkserver, not of this process, so
+    ``RUSAGE_CHILDREN`` does not see them; each keeps its own peak in VmHWM, which
+    this reads until the worker exits.
+    """
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_kib, self._done = 0, threading.Event()
+
+    @staticmethod
+    def _status(pid: str) -> dict[str, str]:
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:  # exited meanwhile
+            return {}
+        return dict(line.split(":", 1) for line in lines if ":" in line)
+
+    def run(self):
+        while not self._done.wait(0.05):
+            statuses = {p.name: self._status(p.name) for p in Path("/proc").glob("[0-9]*")}
+            parents = {pid: st.get("PPid", "").strip() for pid, st in statuses.items()}
+            ours = {str(os.getpid())}
+            for _ in range(3):  # workers are grandchildren (through the forkserver)
+                ours |= {pid for pid, parent in parents.items() if parent in ours}
+            for pid in ours - {str(os.getpid())}:
+                high = statuses[pid].get("VmHWM", "0 kB").split()[0]
+                self.peak_kib = max(self.peak_kib, int(high))
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return self.peak_kib
+
+
 def _child(n_samples: int, workers: int, resolution: int) -> None:
     """Runs in a fresh process: generate, then report time and peak memory as JSON."""
     from fenop.data import generate
     from fenop.fem import unit_square
 
+    watcher = _DescendantPeak()
+    watcher.start()
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         generate(
@@ -50,6 +91,7 @@ def _child(n_samples: int, workers: int, resolution: int) -> None:
             progress=False,
         )
         seconds = time.perf_counter() - start
+    peak_worker_kib = watcher.stop()
     print(
         json.dumps(
             {
@@ -57,7 +99,7 @@ def _child(n_samples: int, workers: int, resolution: int) -> None:
                 "samples_per_second": n_samples / seconds,
                 # ru_maxrss is in KiB on Linux
                 "peak_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "peak_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                "peak_worker_mib": peak_worker_kib / 1024,
             }
         )
     )

@@ -210,7 +210,10 @@ def generate(
         path: the HDF5 file. If it exists, was made by the same recipe and is
             incomplete, generation resumes; if complete, nothing is done.
         degree: polynomial degree of the FE space.
-        workers: local worker processes.
+        workers: local worker processes. As with any multiprocessing, a script
+            that asks for more than one calls ``generate`` under
+            ``if __name__ == "__main__":``, since each worker runs the script's
+            module again.
         chunk_size: samples written per chunk (what an interruption can lose).
         overwrite: replace an existing file made by another recipe.
         progress: show a progress bar.
