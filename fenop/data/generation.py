@@ -271,14 +271,23 @@ def generate(
         disable=not progress,
     )
     buffer: list[dict[str, np.ndarray]] = []
+    samples = _samples(recipe, family, seed, range(start, n_samples), workers, scheduler)
     with bar:
-        for sample in _samples(recipe, family, seed, range(start, n_samples), workers, scheduler):
-            buffer.append(sample)
-            bar.update(1)
-            if len(buffer) == chunk_size or start + len(buffer) == n_samples:
-                write_samples(
-                    path, start, {k: np.stack([s[k] for s in buffer]) for k in family.fields}
-                )
-                start += len(buffer)
-                buffer.clear()
+        try:
+            for sample in samples:
+                buffer.append(sample)
+                bar.update(1)
+                if len(buffer) == chunk_size or start + len(buffer) == n_samples:
+                    write_samples(
+                        path, start, {k: np.stack([s[k] for s in buffer]) for k in family.fields}
+                    )
+                    start += len(buffer)
+                    buffer.clear()
+        except concurrent.futures.process.BrokenProcessPool as error:
+            raise RuntimeError(
+                f"{path}: a worker process died before finishing its samples (out of "
+                "memory, killed, or, from a script, generate() called outside "
+                "`if __name__ == '__main__':`, which every worker runs again); the "
+                f"{start} samples written are kept, and the same call resumes from there"
+            ) from error
     return path

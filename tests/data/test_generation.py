@@ -160,9 +160,30 @@ def test_bad_arguments_write_nothing(tmp_path):
     assert not os.path.exists(path)
 
 
+def test_a_dead_worker_gives_one_clear_error(tmp_path):
+    # A script that calls generate() with workers outside the __main__ guard: each
+    # worker runs the script again and dies trying to start a pool of its own.
+    path = tmp_path / "unguarded.h5"
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from fenop.data import generate\n"
+        "from fenop.fem import unit_square\n"
+        f"generate('darcy', 8, unit_square(9), seed=0, path=r'{path}', workers=2, "
+        "progress=False)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    # The workers' own tracebacks come first; the caller's error names the file.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("RuntimeError: ")]
+    (error,) = [line for line in errors if str(path) in line]
+    assert "if __name__ == '__main__':" in error and "resumes" in error
+
+
 def test_workers_do_not_import_the_operators():
-    # Each spawned worker imports fenop.data.generation: it should not pay for
-    # neuraloperator (or any network code) it never uses.
+    # The workers' forkserver imports fenop.data.generation: it should not pay for
+    # neuraloperator (or any network code) the workers never use.
     code = (
         "import sys, fenop.data.generation, fenop; "
         "assert 'neuralop' not in sys.modules and 'fenop.operators' not in sys.modules; "
