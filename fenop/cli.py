@@ -51,6 +51,7 @@ def _mesh(args):
 
 def _generate(args) -> int:
     from fenop.data import generate, read_header
+    from fenop.data.generation import WorkerDiedError
 
     output = Path(args.output)
     mesh = _mesh(args)
@@ -78,6 +79,9 @@ def _generate(args) -> int:
                 file=sys.stderr,
             )
         return EXIT_INTERRUPTED
+    except WorkerDiedError as exc:
+        print(f"fenop generate: error: {exc}", file=sys.stderr)
+        return 1
     if not args.quiet:
         print(f"wrote {args.n_samples} {args.pde} samples to {output}")
     return 0

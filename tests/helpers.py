@@ -1,6 +1,7 @@
 """Helpers shared by the tests."""
 
 import importlib.util
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,51 @@ def write_unstructured_square(path, n_interior: int, n_side: int, seed: int):
     points, triangles = unstructured_square(n_interior, n_side, seed)
     meshio.write(path, meshio.Mesh(np.c_[points, np.zeros(len(points))], [("triangle", triangles)]))
     return path
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:  # ended meanwhile
+            continue
+        if f"PPid:\t{pid}" in lines:
+            children.append(int(status.parent.name))
+    return children
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended (a zombie has ended)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    return not any(line.startswith("State:\tZ") for line in lines)
+
+
+def generation_workers(pid: int) -> tuple[int, list[int]]:
+    """The forkserver started by process ``pid`` for data generation, and its workers."""
+    (server,) = [
+        child
+        for child in child_processes(pid)
+        if "forkserver" in Path(f"/proc/{child}/cmdline").read_text()
+    ]
+    return server, child_processes(server)
+
+
+def wait_for_samples(path, count: int, *, timeout: float = 120.0) -> None:
+    """Wait until the store at ``path`` (written by another process) has ``count`` samples."""
+    import h5py
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                if int(f.attrs["n_complete"]) >= count:
+                    return
+        except (OSError, KeyError):  # not created yet, or mid-write
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not reach {count} samples in {timeout} s")

@@ -1,5 +1,8 @@
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -7,9 +10,10 @@ import pytest
 import torch
 
 from fenop.cli import main
-from fenop.data import generate
+from fenop.data import generate, read_header
 from fenop.fem import unit_square
 from fenop.train import load_model
+from tests.helpers import generation_workers, wait_for_samples
 
 
 def test_generate_then_info(tmp_path, capsys):
@@ -92,6 +96,29 @@ def test_existing_output_of_another_recipe_is_kept(tmp_path, capsys):
     )
     assert "different seed" in capsys.readouterr().err
     assert path.read_bytes() == before
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_generate_with_a_killed_worker_fails_clearly_and_resumes(tmp_path):
+    path = tmp_path / "d.h5"
+    args = ["generate", "darcy", "-n", "600", "--resolution", "33", "-j", "2"]
+    args += ["--chunk-size", "8", "-o", str(path), "-q"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fenop.cli", *args], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for_samples(path, 16)
+        _, workers = generation_workers(process.pid)
+        assert workers, "no worker process found"
+        os.kill(workers[0], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    assert f"fenop generate: error: {path}: a worker process died" in stderr
+    done = read_header(path)["n_complete"]
+    assert 16 <= done < 600 and f"the {done} samples written are kept" in stderr
+    assert main(args) == 0 and read_header(path)["n_complete"] == 600  # the same command resumes
 
 
 def test_console_script_is_installed(tmp_path):

@@ -20,8 +20,10 @@ import concurrent.futures
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +35,12 @@ from fenop.data.pdes import PDEFamily, get_pde
 from fenop.data.store import StoreError, create_store, read_header, store_space, write_samples
 from fenop.fem import FunctionSpace
 
-__all__ = ["generate"]
+__all__ = ["WorkerDiedError", "generate"]
+
+
+class WorkerDiedError(RuntimeError):
+    """A local worker process ended before finishing its samples; the store resumes."""
+
 
 # A recipe rebuilds the same PDE family in a worker process: cheap to send. Local
 # workers build it once when they start; cluster workers cache it by content.
@@ -64,9 +71,21 @@ def _cluster_task(recipe: _Recipe, seed: int, index: int) -> dict[str, np.ndarra
     return family.sample(seed, index)
 
 
-def _init_worker(recipe: _Recipe) -> None:
+def _init_worker(recipe: _Recipe, caller_alive: multiprocessing.connection.Connection) -> None:
     global _worker_family
     _worker_family = _build(recipe)
+    # A worker whose caller is killed would wait for tasks forever (its task queue
+    # never closes): it ends itself when the caller's end of this pipe closes,
+    # which happens however the caller ends.
+    threading.Thread(target=_exit_when_closed, args=(caller_alive,), daemon=True).start()
+
+
+def _exit_when_closed(connection: multiprocessing.connection.Connection) -> None:
+    try:
+        connection.recv()  # nothing is ever sent: returns only by EOFError
+    except EOFError:
+        pass
+    os._exit(1)
 
 
 def _sample_by_index(seed_index: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -113,17 +132,21 @@ def _samples(
         # on the first submit. Set for the pool's whole life, then the caller's again.
         saved = {name: os.environ.get(name) for name in _single_threaded_env()}
         os.environ.update(_single_threaded_env())
+        context = _pool_context()
+        alive_r, alive_w = context.Pipe(duplex=False)
         pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=workers,
-            mp_context=_pool_context(),
+            mp_context=context,
             initializer=_init_worker,
-            initargs=(recipe,),
+            initargs=(recipe, alive_r),
         )
         try:
             yield from pool.map(_sample_by_index, ((seed, i) for i in indices), chunksize=4)
         finally:
             # On an interruption, drop queued samples instead of computing them all.
             pool.shutdown(wait=True, cancel_futures=True)
+            alive_r.close()
+            alive_w.close()
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)
@@ -284,7 +307,7 @@ def generate(
                     start += len(buffer)
                     buffer.clear()
         except concurrent.futures.process.BrokenProcessPool as error:
-            raise RuntimeError(
+            raise WorkerDiedError(
                 f"{path}: a worker process died before finishing its samples (out of "
                 "memory, killed, or, from a script, generate() called outside "
                 "`if __name__ == '__main__':`, which every worker runs again); the "

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import fenop.data.generation as generation
 from fenop.data import StoreError, generate, open_store, read_header
 from fenop.fem import l_shape, unit_square
+from tests.helpers import generation_workers, process_running, wait_for_samples
 
 
 def _values(path) -> dict:
@@ -176,9 +178,36 @@ def test_a_dead_worker_gives_one_clear_error(tmp_path):
     )
     assert result.returncode != 0
     # The workers' own tracebacks come first; the caller's error names the file.
-    errors = [line for line in result.stderr.splitlines() if line.startswith("RuntimeError: ")]
+    errors = [line for line in result.stderr.splitlines() if "Error: " in line]
     (error,) = [line for line in errors if str(path) in line]
     assert "if __name__ == '__main__':" in error and "resumes" in error
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_workers_end_when_their_caller_is_killed(tmp_path):
+    path = tmp_path / "orphans.h5"
+    script = tmp_path / "caller.py"
+    script.write_text(
+        "from fenop.data import generate\n"
+        "from fenop.fem import unit_square\n"
+        "if __name__ == '__main__':\n"
+        f"    generate('darcy', 3000, unit_square(33), seed=0, path=r'{path}', workers=2, "
+        "chunk_size=8, progress=False)\n"
+    )
+    process = subprocess.Popen([sys.executable, str(script)])
+    try:
+        wait_for_samples(path, 16)
+        server, workers = generation_workers(process.pid)
+        assert workers, "no worker process found"
+    finally:
+        process.kill()
+        process.wait()
+    # Without a way to notice, the workers would wait for tasks forever (and keep
+    # the forkserver alive): each would hold its memory until the machine restarts.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(map(process_running, [server, *workers])):
+        time.sleep(0.1)
+    assert not [pid for pid in [server, *workers] if process_running(pid)]
 
 
 def test_workers_do_not_import_the_operators():
