@@ -3,16 +3,28 @@
 # Each step's log goes to LOG_FOLDER; a failing step does not stop the later ones,
 # and the exit status says whether all passed.
 #
-#   benchmarks/cuda.sh [LOG_FOLDER]           # DARCY_MINUTES=1 per Darcy model by default
+#   benchmarks/cuda.sh [LOG_FOLDER]
+#
+# Environment (all optional):
+#   STEPS          steps to run, of: gpu tests fem_overhead sparse_product inference darcy
+#                  (default: all, in that order)
+#   DARCY_MINUTES  training budget per Darcy model (default 1)
+#   DARCY_MODELS   comma-separated models for benchmarks/darcy.py (default: all five)
+#   DARCY_DATA     folder of the generated Darcy stores (default /tmp/darcybench): a
+#                  second call on the same machine reuses them instead of generating
+#
+#   STEPS=darcy DARCY_MODELS=fenop-femultigrid DARCY_MINUTES=8 benchmarks/cuda.sh logs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${1:-cuda-logs}
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
+steps=" ${STEPS:-gpu tests fem_overhead sparse_product inference darcy} "
 status=0
-step() {  # step NAME COMMAND...: run, log to $logs/NAME.txt, remember a failure
+step() {  # step NAME COMMAND...: run if selected, log to $logs/NAME.txt, remember a failure
     local name=$1
     shift
+    [[ $steps == *" $name "* ]] || return 0
     echo "== $name: $*"
     "$@" 2>&1 | tee "$logs/$name.txt" || status=1
 }
@@ -23,5 +35,6 @@ step fem_overhead python benchmarks/fem_overhead.py --device cuda
 step sparse_product python benchmarks/sparse_product.py --device cuda
 step inference python benchmarks/inference.py --device cuda
 step darcy python benchmarks/darcy.py --device cuda --resolution 85 \
-    --minutes "${DARCY_MINUTES:-1}" --workers "$(nproc)"
+    --minutes "${DARCY_MINUTES:-1}" --workers "$(nproc)" --data "${DARCY_DATA:-/tmp/darcybench}" \
+    --models "${DARCY_MODELS:-neuralop-fno,fenop-fno,fenop-mgno,fenop-lsm,fenop-femultigrid}"
 exit $status
