@@ -99,10 +99,10 @@ def _single_threaded_env() -> dict[str, str]:
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
-    """How worker processes start: never by a plain fork, which copies the caller's
-    threads' locks and CUDA state.
+    """How local workers start: from a forkserver where there is one, else by spawn.
 
-    A forkserver imports this module (with torch and SciPy) once and forks every
+    Never by a plain fork, which would copy the caller's threads' locks and its CUDA
+    state. A forkserver imports this module (with torch and SciPy) once and forks every
     worker from it, where spawn makes each worker import them again: 16 workers
     doing so at once took over a minute on a 16-core GPU machine. Each worker still
     runs the caller's main module again, so the server also imports neuraloperator
