@@ -4,6 +4,7 @@ import importlib.util
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -119,8 +120,6 @@ def generation_workers(pid: int) -> tuple[int, list[int]]:
 
 def wait_for_samples(path, count: int, *, timeout: float = 120.0) -> None:
     """Wait until the store at ``path`` (written by another process) has ``count`` samples."""
-    import h5py
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
