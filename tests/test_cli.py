@@ -12,7 +12,7 @@ import torch
 from fenop.cli import main
 from fenop.data import generate, read_header
 from fenop.fem import unit_square
-from fenop.train import load_model
+from fenop.train import load_model, read_config
 from tests.helpers import generation_workers, wait_for_samples
 
 
@@ -259,9 +259,11 @@ FEMULTIGRID = CONFIG.replace(
 def test_femultigrid_from_a_configuration(tmp_path, capsys):
     data = tmp_path / "d.h5"
     assert main(["generate", "darcy", "-n", "16", "--resolution", "9", "-o", str(data), "-q"]) == 0
-    (tmp_path / "c.toml").write_text(FEMULTIGRID)
+    # With the optional gradient clipping, which the checkpoint records.
+    (tmp_path / "c.toml").write_text(FEMULTIGRID.replace("epochs = 2", "epochs = 2\ngrad_clip = 1"))
     assert main(["train", str(tmp_path / "c.toml"), "-q"]) == 0
     best = tmp_path / "run" / "best"
+    assert read_config(best)["training"]["grad_clip"] == 1.0
     model = load_model(best)
     assert model.space_in.n_dofs == 81 and model.processor.space.n_dofs == 25
     finer = tmp_path / "finer.h5"

@@ -28,6 +28,7 @@ be any mesh of that domain: fields are interpolated to and from the finest level
     batch_size = 20
     lr = 1e-3
     weight_decay = 1e-4
+    grad_clip = 1.0            # optional: gradients scaled to at most this norm
     schedule = "cosine"        # cosine | step | constant
     loss = "l2"                # l2 | h1
     seed = 0
@@ -67,6 +68,7 @@ _SCHEMA: dict[str, _Keys] = {
         "batch_size": (int, 20),
         "lr": ((float, int), 1e-3),
         "weight_decay": ((float, int), 1e-4),
+        "grad_clip": ((float, int), None),
         "schedule": (str, "cosine"),
         "loss": (str, "l2"),
         "seed": (int, 0),
@@ -123,6 +125,9 @@ def read_config(path: str | os.PathLike) -> dict:
         section = "data" if key.startswith("n_") else "training"
         if config[section][key] < 1:
             raise ConfigError(path, f"{section}.{key} must be positive, got {config[section][key]}")
+    clip = config["training"]["grad_clip"]
+    if clip is not None and not clip > 0:
+        raise ConfigError(path, f"training.grad_clip must be positive, got {clip}")
     base = path.parent
     config["data"]["path"] = str((base / config["data"]["path"]).resolve())
     config["training"]["output"] = str((base / config["training"]["output"]).resolve())

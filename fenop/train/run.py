@@ -120,6 +120,7 @@ def train_from_config(
         batch_size=training["batch_size"],
         lr=float(training["lr"]),
         weight_decay=float(training["weight_decay"]),
+        grad_clip=None if training["grad_clip"] is None else float(training["grad_clip"]),
         schedule=training["schedule"],
         loss=training["loss"],
         directory=training["output"],

@@ -25,6 +25,7 @@ def test_defaults_and_paths(tmp_path):
     path.write_text(GOOD)
     config = read_config(path)
     assert config["data"]["inputs"] == ["a"] and config["training"]["lr"] == 1e-3
+    assert config["training"]["grad_clip"] is None
     assert config["data"]["path"] == str(tmp_path / "d.h5")
     assert config["model"]["options"] == {"width": 8}
 
@@ -39,6 +40,8 @@ def test_defaults_and_paths(tmp_path):
         (("[training]", "[trainig]"), r"unknown section \[trainig\]"),
         (("resolution = 16", "resolution = 16.5"), r"model\.resolution must be int or list"),
         (("epochs = 2", "epochs = 0"), r"training\.epochs must be positive"),
+        (("epochs = 2", "epochs = 2\ngrad_clip = -1"), r"training\.grad_clip must be positive"),
+        (("epochs = 2", "epochs = 2\ngrad_clip = 'no'"), r"training\.grad_clip must be float"),
         (("[data]", "[data"), "not valid TOML"),
     ],
 )

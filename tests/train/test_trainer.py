@@ -104,11 +104,31 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(
     assert read_config(tmp_path / "run" / "last")["epoch"] == 1
 
 
+@pytest.mark.parametrize("clip", [None, 0.01])
+def test_gradients_are_clipped_to_the_given_norm(data, clip):
+    trainer = _trainer(data, None, epochs=1, grad_clip=clip)
+    norms = []
+
+    def record(optimiser, args, kwargs):
+        grads = [p.grad for group in optimiser.param_groups for p in group["params"]]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    trainer.optimiser.register_step_pre_hook(record)
+    trainer.fit()
+    assert len(norms) == 3  # 12 samples in batches of 5
+    if clip is None:
+        assert min(norms) > 0.01  # so that the clipped run below has something to clip
+    else:
+        assert max(norms) <= clip * (1 + 1e-5)
+
+
 def test_bad_settings(data):
     with pytest.raises(ValueError, match="schedule"):
         _trainer(data, None, schedule="linear")
     with pytest.raises(ValueError, match="loss"):
         _trainer(data, None, loss="l1")
+    with pytest.raises(ValueError, match="grad_clip"):
+        _trainer(data, None, grad_clip=0.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
