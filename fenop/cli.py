@@ -359,7 +359,8 @@ def _checkpoint_info(path: Path) -> int:
     version = config["fenop_version"]
     print(f"{path}: fenop checkpoint, format {config['format_version']}, fenop {version}")
     options = dict(model["options"])
-    coarse = options.pop("coarse", None)  # FEMultigrid's coarsest mesh: too long to print
+    # FEMultigrid's meshes, too long to print: its coarsest (nested) or every level's.
+    coarse, levels = options.pop("coarse", None), options.pop("spaces", None)
     print(f"  processor   {model['processor']} {json.dumps(options)}")
     if model["resolution"] is not None:
         print(f"  resolution  {model['resolution']}")
@@ -367,6 +368,12 @@ def _checkpoint_info(path: Path) -> int:
         print(
             f"  hierarchy   {options['levels']} levels from {coarse['element']} on "
             f"{coarse['mesh']['type']}, {len(coarse['mesh']['points'])} vertices"
+        )
+    if levels is not None:
+        vertices = ", ".join(str(len(s["mesh"]["points"])) for s in levels)
+        print(
+            f"  hierarchy   {len(levels)} levels, not nested, of {levels[0]['element']} "
+            f"on {levels[0]['mesh']['type']}: {vertices} vertices"
         )
     element, vertices = model["space_in"]["element"], len(mesh["points"])
     print(f"  space       {element} on {mesh['type']}, {vertices} vertices")

@@ -11,8 +11,9 @@ import torch
 
 from fenop.cli import main
 from fenop.data import generate, read_header
-from fenop.fem import unit_square
-from fenop.train import load_model, read_config
+from fenop.fem import FunctionSpace, unit_square
+from fenop.operators import FEMultigrid, FEOperator
+from fenop.train import load_model, read_config, save_checkpoint
 from tests.helpers import generation_workers, wait_for_samples
 
 
@@ -279,6 +280,15 @@ def test_femultigrid_from_a_configuration(tmp_path, capsys):
     (tmp_path / "c.toml").write_text(FEMULTIGRID.replace('"square"', '"lshape"'))
     assert main(["train", str(tmp_path / "c.toml"), "-q"]) == 2
     assert "not in the domain of [model.hierarchy]" in capsys.readouterr().err
+
+
+def test_info_on_femultigrid_with_a_hierarchy_that_is_not_nested(tmp_path, capsys):
+    spaces = [FunctionSpace(unit_square(n), dirichlet="boundary") for n in (3, 6, 11)]
+    model = FEOperator(spaces[-1], spaces[-1], FEMultigrid(spaces, 1, 1, width=4, n_layers=1))
+    assert main(["info", str(save_checkpoint(tmp_path / "ckpt", model))]) == 0
+    out = capsys.readouterr().out
+    assert "hierarchy   3 levels, not nested, of P1 on MeshTri1: 9, 36, 121 vertices" in out
+    assert len(out) < 2000  # the meshes are not printed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -21,6 +21,7 @@ and prolongation is FE interpolation, restriction its transpose. It needs no gri
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -269,8 +270,12 @@ class FEMultigrid(nn.Module):
     """A multigrid neural operator acting on FE coefficients over a mesh hierarchy.
 
     Args:
-        spaces: the FE spaces of a nested hierarchy, coarsest first (see
-            :func:`hierarchy`); inputs and outputs live in the finest.
+        spaces: FE spaces on meshes of one domain, coarsest first; inputs and
+            outputs live in the finest. Usually a nested hierarchy (see
+            :func:`hierarchy`), but a level need not refine the one before it: FE
+            interpolation between any two meshes of the domain is a prolongation, so
+            coarser meshes can extend a hierarchy whose refinements stop early
+            (``unit_square(85)`` refines only ``unit_square(22)``).
         in_channels, out_channels: channels of input and output.
         width: channels inside the network.
         n_layers: layers ``σ(V-cycle(u) + W u)``.
@@ -299,7 +304,12 @@ class FEMultigrid(nn.Module):
         spaces = list(spaces)
         if not spaces or not all(isinstance(s, FunctionSpace) for s in spaces):
             raise TypeError("`spaces` must be a non-empty sequence of FunctionSpace")
-        self.space, self.coarse_space = spaces[-1], spaces[0]
+        self.spaces, self.space, self.coarse_space = spaces, spaces[-1], spaces[0]
+        # Whether every level is the one before it refined: then the coarsest mesh and
+        # the number of levels describe the whole hierarchy (as checkpoints store it).
+        self.nested = all(
+            _is_refinement(fine.mesh, coarse.mesh) for coarse, fine in itertools.pairwise(spaces)
+        )
         self.in_channels, self.out_channels, self.levels = in_channels, out_channels, len(spaces)
         self._pre, self._post = pre, post
         self._set_hierarchy(spaces)
@@ -356,7 +366,11 @@ class FEMultigrid(nn.Module):
             coarse, fine = spaces[level], spaces[level + 1]
             matrix, inside = coarse.evaluation_matrix(fine.dof_points)
             if not inside.all():
-                raise ValueError("`spaces` must be nested: a finer mesh leaves the coarser one")
+                raise ValueError(
+                    f"`spaces` must be meshes of one domain, coarsest first: "
+                    f"{np.count_nonzero(~inside)} DOF points of level {level + 1} lie "
+                    f"outside the mesh of level {level}"
+                )
             self.prolong.append(SparseMatrix(matrix))
             # The fields restricted are nodal values, not functionals: average the fine
             # values (P^T with unit row sums) rather than sum them, so that magnitudes
@@ -406,6 +420,14 @@ class FEMultigrid(nn.Module):
         for layer, skip in enumerate(self.skips):
             u = nn.functional.gelu(self._cycle(layer, u) + skip(u))
         return self.project(u).permute(1, 2, 0).contiguous()
+
+
+def _is_refinement(fine: skfem.Mesh, coarse: skfem.Mesh) -> bool:
+    """Whether ``fine`` is ``coarse.refined()``, vertices and cells in the same order."""
+    if fine.p.shape[1] < coarse.p.shape[1] or type(fine) is not type(coarse):
+        return False
+    refined = coarse.refined()
+    return np.array_equal(refined.p, fine.p) and np.array_equal(refined.t, fine.t)
 
 
 def hierarchy(

@@ -107,8 +107,13 @@ def model_config(model: FEOperator) -> dict:
         else [model.output_stats.mean.tolist(), model.output_stats.std.tolist()],
     }
     if isinstance(processor, FEMultigrid):
-        # The hierarchy: its coarsest mesh and the number of refinements.
-        config["options"]["coarse"] = _space_config(processor.coarse_space)
+        # A nested hierarchy is its coarsest mesh and the number of refinements;
+        # any other is every level's mesh ("coarse" then absent, so that a fenop that
+        # knows only nested hierarchies refuses it rather than refining the coarsest).
+        if processor.nested:
+            config["options"]["coarse"] = _space_config(processor.coarse_space)
+        else:
+            config["options"]["spaces"] = [_space_config(s) for s in processor.spaces]
     return config
 
 
@@ -121,9 +126,14 @@ def build_model(config: dict, *, path: str | os.PathLike = "<config>") -> FEOper
         options = dict(config["options"])
         space_in, space_out = _space(path, config["space_in"]), _space(path, config["space_out"])
         if name == "femultigrid":
-            coarse = _space(path, options.pop("coarse"))
             levels = options.pop("levels")
-            spaces = hierarchy(coarse.mesh, levels, degree=coarse.degree)
+            if "spaces" in options:
+                spaces = [_space(path, s) for s in options.pop("spaces")]
+                if len(spaces) != levels:
+                    raise CheckpointError(path, f"{len(spaces)} meshes for {levels} levels")
+            else:
+                coarse = _space(path, options.pop("coarse"))
+                spaces = hierarchy(coarse.mesh, levels, degree=coarse.degree)
             in_channels, out_channels = options.pop("in_channels"), options.pop("out_channels")
             processor = FEMultigrid(spaces, in_channels, out_channels, **options)
         else:

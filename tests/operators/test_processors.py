@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fenop.fem import l_shape, load_mesh, unit_square
+from fenop.fem import FunctionSpace, l_shape, load_mesh, unit_square
 from fenop.operators import FNO, LSM, FEMultigrid, MgNO, hierarchy
 from fenop.operators.multigrid import MgConv, _StencilOperator, _stencils, grid_levels
 from tests.helpers import write_unstructured_square
@@ -95,6 +95,29 @@ def test_fe_multigrid_on_a_hierarchy():
     torch.testing.assert_close(cycle._cycle(0, f + g), cycle._cycle(0, f) + cycle._cycle(0, g))
 
 
+def test_fe_multigrid_on_a_hierarchy_that_is_not_nested():
+    # 9 vertices a side do not refine 4: the prolongation is FE interpolation between
+    # unrelated meshes, which still reproduces linear functions exactly (P1).
+    torch.manual_seed(0)
+    spaces = [FunctionSpace(unit_square(n), dirichlet="boundary") for n in (4, 9)]
+    model = FEMultigrid([*spaces, FunctionSpace(spaces[-1].mesh.refined())], 1, 1, width=4)
+    assert not model.nested and FEMultigrid(hierarchy(unit_square(4), 3), 1, 1).nested
+
+    def linear(points):
+        return 1.0 + 2.0 * points[:, 0] - 3.0 * points[:, 1]
+
+    coarse = torch.from_numpy(linear(spaces[0].dof_points))[:, None, None]  # (n, B, C)
+    torch.testing.assert_close(
+        model.prolong[0].rows(coarse)[:, 0, 0],
+        torch.from_numpy(linear(spaces[1].dof_points)),
+        rtol=0,
+        atol=1e-12,
+    )
+    x = torch.randn(2, 1, model.space.n_dofs)
+    assert model(x).shape == (2, 1, model.space.n_dofs)
+    _all_parameters_get_gradients(model, x)
+
+
 def test_fe_multigrid_on_an_unstructured_mesh_from_a_file(tmp_path):
     spaces = hierarchy(load_mesh(write_unstructured_square(tmp_path / "m.msh", 40, 7, seed=0)), 3)
     model = FEMultigrid(spaces, 1, 1, width=4, n_layers=2)
@@ -124,7 +147,7 @@ def test_processors_reject_bad_input():
         LSM(3, 1, depth=2)(torch.zeros(1, 3, 16))
     with pytest.raises(ValueError, match="2 grid axes"):
         FNO(3, 1, n_modes=(4, 4))(torch.zeros(1, 3, 16))
-    with pytest.raises(ValueError, match="nested"):
+    with pytest.raises(ValueError, match="one domain, coarsest first: 12 DOF points of level 1"):
         FEMultigrid([*hierarchy(unit_square(3), 1), *hierarchy(l_shape(3), 2)[1:]], 1, 1)
     with pytest.raises(ValueError, match="padding"):
         MgNO(1, 1, grid=(8, 8), padding="reflect")

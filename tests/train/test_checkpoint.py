@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,10 +25,14 @@ def _models():
         "femultigrid": FEOperator(
             spaces[-1], spaces[-1], FEMultigrid(spaces, 1, 1, width=4, n_layers=1)
         ),
+        # Not nested: the coarsest mesh refined would not give the finer ones back.
+        "femultigrid-not-nested": FEOperator(
+            SPACE, SPACE, FEMultigrid([FunctionSpace(l_shape(n)) for n in (3, 7, 9)], 1, 1, width=4)
+        ),
     }
 
 
-@pytest.mark.parametrize("name", ["fno", "mgno", "lsm", "femultigrid"])
+@pytest.mark.parametrize("name", ["fno", "mgno", "lsm", "femultigrid", "femultigrid-not-nested"])
 def test_round_trip_gives_the_same_function(tmp_path, name):
     torch.manual_seed(0)
     model = _models()[name]
@@ -36,6 +41,9 @@ def test_round_trip_gives_the_same_function(tmp_path, name):
     x = torch.randn(2, 1, model.space_in.n_dofs)
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
     assert read_config(tmp_path / "ckpt")["test_error"] == 0.5
+    if name.startswith("femultigrid"):
+        for a, b in zip(model.processor.spaces, loaded.processor.spaces, strict=True):
+            assert np.array_equal(a.mesh.p, b.mesh.p) and np.array_equal(a.mesh.t, b.mesh.t)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "config.json",
         "model.safetensors",
