@@ -104,8 +104,12 @@ def _clock(device) -> float:
     return time.perf_counter()
 
 
-def _fit(model, train, test, *, minutes, device, batch, lr, seed, name="model"):
+def _fit(model, train, test, *, minutes, device, batch, lr, seed, name="model", epochs=None):
     """Train `model` for about `minutes` of wall clock; return its test error and timings.
+
+    With ``epochs`` given it trains for exactly that many epochs instead (the cosine
+    schedule sized from them, no time limit), for comparisons that a shared
+    machine's load must not change.
 
     Progress (epoch, elapsed time, mean training loss) goes to stderr after the
     first epoch and then about once a minute, so that a long or interrupted run
@@ -116,8 +120,9 @@ def _fit(model, train, test, *, minutes, device, batch, lr, seed, name="model"):
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch, shuffle=True, generator=generator)
     batches = [(x.to(device), y.to(device)) for x, y in loader]  # small enough to hold
-    start, epoch_times, schedule, epochs = time.perf_counter(), [], None, None
+    start, epoch_times, schedule = time.perf_counter(), [], None
     step_times, diverged, reported = [], None, -math.inf
+    fixed = epochs is not None
     while epochs is None or len(epoch_times) < epochs:
         t0, losses = _clock(device), []
         for x, y in batches:
@@ -141,17 +146,18 @@ def _fit(model, train, test, *, minutes, device, batch, lr, seed, name="model"):
         if diverged is not None:
             break
         epoch_times.append(_clock(device) - t0)
-        if epochs is None:  # the first epoch warms up and sizes the cosine schedule
+        if schedule is None:  # the first epoch warms up and sizes the cosine schedule
             # From its median step, not its duration: the first steps also pay for
             # one-off set-up (CUDA kernels and FFT plans), which cost plain FNO half
             # its budget on a GPU when the schedule was sized from the epoch's time.
-            per_epoch = float(np.median(step_times)) * len(batches)
-            epochs = max(2, 1 + int((60 * minutes - epoch_times[0]) / per_epoch))
+            if not fixed:
+                per_epoch = float(np.median(step_times)) * len(batches)
+                epochs = max(2, 1 + int((60 * minutes - epoch_times[0]) / per_epoch))
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
                 optimiser, T_max=(epochs - 1) * len(batches)
             )
         elapsed = time.perf_counter() - start
-        out_of_time = elapsed > 60 * minutes * 1.05
+        out_of_time = not fixed and elapsed > 60 * minutes * 1.05
         if elapsed - reported >= 60 or len(epoch_times) == epochs or out_of_time:
             reported = elapsed
             print(

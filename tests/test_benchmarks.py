@@ -143,3 +143,13 @@ def test_sparse_product_runs(capsys):
     results = load_script("benchmarks/sparse_product.py").main(["--rounds", "1", "--steps", "1"])
     assert len(results) == 4 and all(r["ratio"] > 0 for r in results.values())
     assert "autograd ms" in capsys.readouterr().out
+
+
+def test_multigrid_depth_runs(tmp_path, capsys):
+    args = ["--resolution", "9", "--train", "8", "--test", "4", "--epochs", "3", "--width", "4"]
+    results = load_script("benchmarks/multigrid_depth.py").main(
+        [*args, "--hierarchies", "5,9", "4,9", "--workers", "1", "--data", str(tmp_path)]
+    )
+    assert set(results) == {"5,9", "4,9"}  # nested, and not nested
+    assert all(r["epochs"] == 3 and 0 < r["error"] < 10 for r in results.values())
+    assert "test rel L2" in capsys.readouterr().out
