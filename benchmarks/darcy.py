@@ -10,10 +10,11 @@ cosine schedule per step sized from the first epoch's time, gradients clipped to
 norm 1. The peak learning rate is 2e-3, except MgNO's: 5e-4, the value its authors
 train with (at 2e-3 its chained 3x3 convolutions blow up within minutes).
 
-FEMultigrid needs a refinement hierarchy: it trains on the same recipe on the
-uniformly refined mesh with the same vertices (R - 1 divisible by 4), whose DOFs
-are numbered differently, from the same data seed. ``--seed`` sets the models'
-initialisation and batch order; the data are the same for every seed.
+FEMultigrid works on a refinement hierarchy whose finest mesh has the same
+vertices (R - 1 divisible by 4), numbered differently: its FEOperator permutes the
+same data into it and back (the interpolation between the two meshes). ``--seed``
+sets the models' initialisation and batch order; the data are the same for every
+seed.
 
     python benchmarks/darcy.py                                  # CPU budget, see BENCHMARKS.md
     python benchmarks/darcy.py --resolution 85 --minutes 30     # the full recipe (GPU)
@@ -65,7 +66,6 @@ class _GridFNO(torch.nn.Module):
 
 def _models(names, space, spaces_mg, n, *, stats, width, seed):
     modes = min(12, n // 2)
-    space_mg = spaces_mg[-1]  # FEMultigrid's finest level, the same vertices as `space`
     builders = {
         "neuralop-fno": lambda: _GridFNO(
             space, n, n_modes=(modes, modes), hidden_channels=width, **stats
@@ -84,7 +84,7 @@ def _models(names, space, spaces_mg, n, *, stats, width, seed):
             space, space, LSM(4, 1, width=width // 2, depth=4), resolution=n, **stats
         ),
         "fenop-femultigrid": lambda: FEOperator(
-            space_mg, space_mg, FEMultigrid(spaces_mg, 1, 1, width=width, n_layers=4), **stats
+            space, space, FEMultigrid(spaces_mg, 1, 1, width=width, n_layers=4), **stats
         ),
     }
     for name in names:
@@ -212,33 +212,14 @@ def main(argv=None) -> dict:
         folder = args.data or Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         total = args.train + args.test
+        # FEMultigrid's finest level has the vertices of unit_square(n).
         spaces_mg = hierarchy(unit_square((n - 1) // 4 + 1), 3, dirichlet="boundary")
-        stores = {
-            "grid": generate(
-                "darcy",
-                total,
-                unit_square(n),
-                seed=0,
-                path=folder / f"darcy{n}.h5",
-                workers=args.workers,
-            ),
-            "hierarchy": generate(
-                "darcy",
-                total,
-                spaces_mg[-1].mesh,
-                seed=0,
-                path=folder / f"darcy{n}_mg.h5",
-                workers=args.workers,
-            ),
-        }
-        data = {
-            key: (
-                FieldDataset(p, indices=range(args.train)),
-                FieldDataset(p, indices=range(args.train, total)),
-            )
-            for key, p in stores.items()
-        }
-        train = data["grid"][0]
+        path = generate(
+            "darcy", total, unit_square(n), seed=0, path=folder / f"darcy{n}.h5",
+            workers=args.workers,
+        )  # fmt: skip
+        train = FieldDataset(path, indices=range(args.train))
+        test = FieldDataset(path, indices=range(args.train, total))
         a, u = train.normalizer(["a"]), train.normalizer(["u"])
         stats = {
             "input_stats": (a.mean.tolist(), a.std.tolist()),
@@ -263,10 +244,10 @@ def main(argv=None) -> dict:
             seed=args.seed,
         )
         for name, model in models:
-            key = "hierarchy" if name == "fenop-femultigrid" else "grid"
             r = _fit(
                 model.to(device),
-                *data[key],
+                train,
+                test,
                 minutes=args.minutes,
                 device=device,
                 batch=args.batch,
