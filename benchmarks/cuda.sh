@@ -6,7 +6,8 @@
 #   benchmarks/cuda.sh [LOG_FOLDER]
 #
 # Environment (all optional):
-#   STEPS          steps to run, of: gpu tests fem_overhead sparse_product inference darcy
+#   STEPS          steps to run, of: gpu tests fem_overhead sparse_product femultigrid_step
+#                  inference darcy
 #                  (default: all, in that order)
 #   DARCY_MINUTES  training budget per Darcy model (default 1)
 #   DARCY_MODELS   comma-separated models for benchmarks/darcy.py (default: all five)
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 logs=${1:-cuda-logs}
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
-steps=" ${STEPS:-gpu tests fem_overhead sparse_product inference darcy} "
+steps=" ${STEPS:-gpu tests fem_overhead sparse_product femultigrid_step inference darcy} "
 status=0
 step() {  # step NAME COMMAND...: run if selected, log to $logs/NAME.txt, remember a failure
     local name=$1
@@ -33,6 +34,7 @@ torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory >
 step tests python -m pytest -q -rs -k cuda
 step fem_overhead python benchmarks/fem_overhead.py --device cuda
 step sparse_product python benchmarks/sparse_product.py --device cuda
+step femultigrid_step python benchmarks/femultigrid_step.py --device cuda --resolution 85
 step inference python benchmarks/inference.py --device cuda
 step darcy python benchmarks/darcy.py --device cuda --resolution 85 \
     --minutes "${DARCY_MINUTES:-1}" --workers "$(nproc)" --data "${DARCY_DATA:-/tmp/darcybench}" \

@@ -153,3 +153,11 @@ def test_multigrid_depth_runs(tmp_path, capsys):
     assert set(results) == {"5,9", "4,9"}  # nested, and not nested
     assert all(r["epochs"] == 3 and 0 < r["error"] < 10 for r in results.values())
     assert "test rel L2" in capsys.readouterr().out
+
+
+def test_femultigrid_step_runs(capsys):
+    result = load_script("benchmarks/femultigrid_step.py").main(
+        ["--resolution", "9", "--batch", "2", "--width", "4", "--rounds", "1", "--steps", "1"]
+    )
+    assert result["step_ms"] > 0 and result["launches"] > 100  # 4 layers of V-cycles
+    assert "operators doing work per step" in capsys.readouterr().out
