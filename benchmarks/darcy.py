@@ -92,6 +92,27 @@ def _models(names, space, spaces_mg, n, *, stats, width, seed):
         yield name, builders[name]()
 
 
+def darcy_data(folder: Path, n: int, n_train: int, n_test: int, *, workers: int):
+    """The recipe's train and test sets on ``unit_square(n)``, and the models' statistics.
+
+    The store ``folder / darcy{n}.h5`` is generated (or completed) first. The
+    statistics are the input's mean and standard deviation and, as the output
+    scale, the root mean square of the training outputs.
+    """
+    total = n_train + n_test
+    path = generate(
+        "darcy", total, unit_square(n), seed=0, path=folder / f"darcy{n}.h5", workers=workers
+    )
+    train = FieldDataset(path, indices=range(n_train))
+    test = FieldDataset(path, indices=range(n_train, total))
+    a, u = train.normalizer(["a"]), train.normalizer(["u"])
+    stats = {
+        "input_stats": (a.mean.tolist(), a.std.tolist()),
+        "output_stats": ([0.0], [float(math.sqrt(u.mean.item() ** 2 + u.std.item() ** 2))]),
+    }
+    return train, test, stats
+
+
 # Peak learning rates; models not listed use the default.
 _LR = {"fenop-mgno": 5e-4}
 _DEFAULT_LR = 2e-3
@@ -211,20 +232,9 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         folder = args.data or Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        total = args.train + args.test
+        train, test, stats = darcy_data(folder, n, args.train, args.test, workers=args.workers)
         # FEMultigrid's finest level has the vertices of unit_square(n).
         spaces_mg = hierarchy(unit_square((n - 1) // 4 + 1), 3, dirichlet="boundary")
-        path = generate(
-            "darcy", total, unit_square(n), seed=0, path=folder / f"darcy{n}.h5",
-            workers=args.workers,
-        )  # fmt: skip
-        train = FieldDataset(path, indices=range(args.train))
-        test = FieldDataset(path, indices=range(args.train, total))
-        a, u = train.normalizer(["a"]), train.normalizer(["u"])
-        stats = {
-            "input_stats": (a.mean.tolist(), a.std.tolist()),
-            "output_stats": ([0.0], [float(math.sqrt(u.mean.item() ** 2 + u.std.item() ** 2))]),
-        }
         threads = torch.get_num_threads()
         print(
             f"darcy: {args.train} train / {args.test} test at {n} x {n} vertices, "

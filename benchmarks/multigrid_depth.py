@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-from fenop.data import FieldDataset, generate
 from fenop.fem import FunctionSpace, unit_square
 from fenop.operators import FEMultigrid, FEOperator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from darcy import _fit
+from darcy import _fit, darcy_data  # the Darcy benchmark's data and training loop
 
 
 def square_hierarchy(sides: list[int]) -> list[FunctionSpace]:
@@ -77,19 +76,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         folder = args.data or Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        total = args.train + args.test
-        # The same store as the grid models of benchmarks/darcy.py use.
-        path = generate(
-            "darcy", total, unit_square(n), seed=0, path=folder / f"darcy{n}.h5",
-            workers=args.workers,
-        )  # fmt: skip
-        train = FieldDataset(path, indices=range(args.train))
-        test = FieldDataset(path, indices=range(args.train, total))
-        a, u = train.normalizer(["a"]), train.normalizer(["u"])
-        stats = {
-            "input_stats": (a.mean.tolist(), a.std.tolist()),
-            "output_stats": ([0.0], [float(math.sqrt(u.mean.item() ** 2 + u.std.item() ** 2))]),
-        }
+        # The store and statistics of benchmarks/darcy.py.
+        train, test, stats = darcy_data(folder, n, args.train, args.test, workers=args.workers)
         print(
             f"FEMultigrid depth: Darcy {args.train} train / {args.test} test at {n} x {n}, "
             f"{args.epochs} epochs, batch {args.batch}, lr {args.lr:g}, seed {args.seed}, "
