@@ -8,10 +8,11 @@ the coarse correction prolongated by a transposed convolution. A layer is
 built for, and any grid size works (coarse sizes are ``ceil(n / 2)``; prolongated
 tensors are cropped to the finer size).
 
-:class:`FEMultigrid` is the same idea on a nested hierarchy of FE meshes
-(``mesh.refined()``): smoothers and operators mix channels of the FE stencils
-(identity, row-normalised mass and stiffness matrices) instead of 3x3 convolutions,
-and prolongation is FE interpolation, restriction its transpose. It needs no grid.
+:class:`FEMultigrid` is the same idea on a hierarchy of FE meshes (usually nested,
+``mesh.refined()``, though any coarser meshes of the domain serve): smoothers and
+operators mix channels of the FE stencils (identity, row-normalised mass and
+stiffness matrices) instead of 3x3 convolutions, and prolongation is FE
+interpolation, restriction its (row-averaged) transpose. It needs no grid.
 
 >>> import torch
 >>> mgno = MgNO(3, 1, grid=(33, 33), width=8, n_layers=2)
