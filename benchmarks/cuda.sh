@@ -11,8 +11,9 @@
 #                  (default: all, in that order)
 #   DARCY_MINUTES  training budget per Darcy model (default 1)
 #   DARCY_MODELS   comma-separated models for benchmarks/darcy.py (default: all five)
-#   DARCY_DATA     folder of the generated Darcy stores (default /tmp/darcybench): a
-#                  second call on the same machine reuses them instead of generating
+#   DARCY_DATA     folder of the generated Darcy store (default /tmp/darcybench): a
+#                  second call on the same machine reuses it instead of generating
+#   DARCY_ARGS     further arguments for benchmarks/darcy.py (e.g. "--coarsest 22")
 #
 #   STEPS=darcy DARCY_MODELS=fenop-femultigrid DARCY_MINUTES=8 benchmarks/cuda.sh logs
 set -uo pipefail
@@ -38,5 +39,6 @@ step femultigrid_step python benchmarks/femultigrid_step.py --device cuda --reso
 step inference python benchmarks/inference.py --device cuda
 step darcy python benchmarks/darcy.py --device cuda --resolution 85 \
     --minutes "${DARCY_MINUTES:-1}" --workers "$(nproc)" --data "${DARCY_DATA:-/tmp/darcybench}" \
-    --models "${DARCY_MODELS:-neuralop-fno,fenop-fno,fenop-mgno,fenop-lsm,fenop-femultigrid}"
+    --models "${DARCY_MODELS:-neuralop-fno,fenop-fno,fenop-mgno,fenop-lsm,fenop-femultigrid}" \
+    ${DARCY_ARGS:-}
 exit $status

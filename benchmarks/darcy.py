@@ -10,11 +10,13 @@ cosine schedule per step sized from the first epoch's time, gradients clipped to
 norm 1. The peak learning rate is 2e-3, except MgNO's: 5e-4, the value its authors
 train with (at 2e-3 its chained 3x3 convolutions blow up within minutes).
 
-FEMultigrid works on a refinement hierarchy whose finest mesh has the same
-vertices (R - 1 divisible by 4), numbered differently: its FEOperator permutes the
-same data into it and back (the interpolation between the two meshes). ``--seed``
-sets the models' initialisation and batch order; the data are the same for every
-seed.
+FEMultigrid works on a hierarchy of meshes of the square (:func:`square_levels`):
+halving the cells while it can, down to at most ``--coarsest`` vertices a side
+(`benchmarks/multigrid_depth.py` measured that depth), refined meshes where the
+number of cells is even and a mesh of its own where it is odd (not nested). Its
+finest mesh has the data's vertices, numbered differently: its FEOperator permutes
+the same data into it and back. ``--seed`` sets the models' initialisation and
+batch order; the data are the same for every seed.
 
     python benchmarks/darcy.py                                  # CPU budget, see BENCHMARKS.md
     python benchmarks/darcy.py --resolution 85 --minutes 30     # the full recipe (GPU)
@@ -24,6 +26,7 @@ seed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import platform
 import sys
@@ -37,8 +40,8 @@ from neuralop.models import FNO as NeuralopFNO
 from torch.utils.data import DataLoader
 
 from fenop.data import FieldDataset, generate
-from fenop.fem import RelativeL2Loss, unit_square
-from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
+from fenop.fem import FunctionSpace, RelativeL2Loss, unit_square
+from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO
 
 
 class _GridFNO(torch.nn.Module):
@@ -90,6 +93,38 @@ def _models(names, space, spaces_mg, n, *, stats, width, seed):
     for name in names:
         torch.manual_seed(seed)
         yield name, builders[name]()
+
+
+def square_levels(n: int, *, coarsest: int = 11) -> list[int]:
+    """Vertices a side of FEMultigrid's levels on ``unit_square(n)``, coarsest first.
+
+    Each level has about half the cells of the next, down to at most ``coarsest``
+    vertices a side (spacing 1/10 for 11: the best depth at 33 x 33 and at 85 x 85
+    in BENCHMARKS.md).
+
+    >>> square_levels(33), square_levels(85), square_levels(85, coarsest=22)
+    ([9, 17, 33], [11, 22, 43, 85], [22, 43, 85])
+    """
+    sides = [n]
+    while sides[0] > coarsest:
+        cells = sides[0] - 1
+        sides.insert(0, cells // 2 + 1 if cells % 2 == 0 else (cells + 1) // 2)
+    return sides
+
+
+def square_hierarchy(sides: list[int]) -> list[FunctionSpace]:
+    """P1 spaces on the unit square with ``sides`` vertices a side, coarsest first.
+
+    A level with ``2 m - 1`` vertices a side after one with ``m`` is that mesh
+    refined (nested); any other is a ``unit_square`` of its own (not nested).
+
+    >>> [s.n_dofs for s in square_hierarchy([3, 5, 9])]
+    [9, 25, 81]
+    """
+    meshes = [unit_square(sides[0])]
+    for coarse, n in itertools.pairwise(sides):
+        meshes.append(meshes[-1].refined() if n == 2 * coarse - 1 else unit_square(n))
+    return [FunctionSpace(m, dirichlet="boundary") for m in meshes]
 
 
 def darcy_data(folder: Path, n: int, n_train: int, n_test: int, *, workers: int):
@@ -205,8 +240,9 @@ def _fit(model, train, test, *, minutes, device, batch, lr, seed, name="model", 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=33, help="vertices per side")
     parser.add_argument(
-        "--resolution", type=int, default=33, help="vertices per side (R - 1 divisible by 4)"
+        "--coarsest", type=int, default=11, help="most vertices a side of FEMultigrid's coarsest"
     )
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--test", type=int, default=200)
@@ -226,20 +262,21 @@ def main(argv=None) -> dict:
     )
     args = parser.parse_args(argv)
     n = args.resolution
-    if (n - 1) % 4:
-        raise SystemExit(f"--resolution must be 4k + 1, got {n}")
+    if n < 3 or args.coarsest < 2:
+        raise SystemExit(f"need --resolution >= 3 and --coarsest >= 2, got {n}, {args.coarsest}")
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as folder:
         folder = args.data or Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         train, test, stats = darcy_data(folder, n, args.train, args.test, workers=args.workers)
-        # FEMultigrid's finest level has the vertices of unit_square(n).
-        spaces_mg = hierarchy(unit_square((n - 1) // 4 + 1), 3, dirichlet="boundary")
+        levels = square_levels(n, coarsest=args.coarsest)
+        spaces_mg = square_hierarchy(levels)
         threads = torch.get_num_threads()
         print(
             f"darcy: {args.train} train / {args.test} test at {n} x {n} vertices, "
             f"{args.minutes} min per model, batch {args.batch}, seed {args.seed}, "
-            f"device {device} ({platform.machine()}, {threads} threads)"
+            f"device {device} ({platform.machine()}, {threads} threads); FEMultigrid levels "
+            f"{', '.join(map(str, levels))} vertices a side"
         )
         columns = ("params", "lr", "epochs", "s/epoch", "step ms", "step / FNO", "test rel L2")
         print(f"{'model':<20} " + " ".join(f"{c:>{max(8, len(c))}}" for c in columns))

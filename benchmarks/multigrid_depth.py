@@ -8,18 +8,18 @@ any two meshes of the domain is a prolongation all the same).
 
 Each hierarchy is written as vertices per side of its levels, coarsest first; a
 level with 2 n - 1 vertices after one with n is that mesh refined (nested), any
-other is `unit_square` of its own (non-nested). The last must be the resolution.
+other is `unit_square` of its own (not nested). The last must be the resolution.
+`benchmarks/darcy.py` builds FEMultigrid's hierarchy by the depth found here.
 Training is the Darcy benchmark's protocol (`benchmarks/darcy.py`), but for a fixed
 number of epochs, so that the load of a shared machine cannot change the result.
 
     python benchmarks/multigrid_depth.py --resolution 33 --hierarchies 17,33 9,17,33 3,5,9,17,33
-    python benchmarks/multigrid_depth.py --resolution 85 --hierarchies 22,43,85 6,11,22,43,85
+    python benchmarks/multigrid_depth.py --resolution 85 --hierarchies 22,43,85 11,22,43,85
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import sys
 import tempfile
@@ -27,23 +27,10 @@ from pathlib import Path
 
 import torch
 
-from fenop.fem import FunctionSpace, unit_square
 from fenop.operators import FEMultigrid, FEOperator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from darcy import _fit, darcy_data  # the Darcy benchmark's data and training loop
-
-
-def square_hierarchy(sides: list[int]) -> list[FunctionSpace]:
-    """P1 spaces on the unit square with ``sides`` vertices a side, coarsest first.
-
-    >>> [s.n_dofs for s in square_hierarchy([3, 5, 9])]
-    [9, 25, 81]
-    """
-    meshes = [unit_square(sides[0])]
-    for coarse, n in itertools.pairwise(sides):
-        meshes.append(meshes[-1].refined() if n == 2 * coarse - 1 else unit_square(n))
-    return [FunctionSpace(m, dirichlet="boundary") for m in meshes]
+from darcy import _fit, darcy_data, square_hierarchy  # the Darcy benchmark's pieces
 
 
 def main(argv=None) -> dict:

@@ -4,6 +4,9 @@ These check only that the scripts work; the figures come from full runs recorded
 in BENCHMARKS.md.
 """
 
+import itertools
+
+from fenop.operators.multigrid import _is_refinement
 from tests.helpers import load_script
 
 
@@ -161,3 +164,15 @@ def test_femultigrid_step_runs(capsys):
     )
     assert result["step_ms"] > 0 and result["launches"] > 100  # 4 layers of V-cycles
     assert "operators doing work per step" in capsys.readouterr().out
+
+
+def test_darcy_femultigrid_levels_halve_the_cells_down_to_the_coarsest():
+    darcy = load_script("benchmarks/darcy.py")
+    assert darcy.square_levels(33) == [9, 17, 33]
+    assert darcy.square_levels(85) == [11, 22, 43, 85]  # 21 cells cannot be halved
+    assert darcy.square_levels(85, coarsest=22) == [22, 43, 85]
+    assert darcy.square_levels(9) == [9]
+    spaces = darcy.square_hierarchy([6, 11, 22, 43])
+    assert [s.n_dofs for s in spaces] == [36, 121, 484, 1849]
+    pairs = itertools.pairwise(spaces)
+    assert [_is_refinement(fine.mesh, coarse.mesh) for coarse, fine in pairs] == [True, False, True]
