@@ -282,6 +282,24 @@ def test_femultigrid_from_a_configuration(tmp_path, capsys):
     assert "not in the domain of [model.hierarchy]" in capsys.readouterr().err
 
 
+def test_femultigrid_with_coarser_levels_from_a_configuration(tmp_path, capsys):
+    data = tmp_path / "d.h5"
+    assert main(["generate", "darcy", "-n", "16", "--resolution", "9", "-o", str(data), "-q"]) == 0
+    # 3 -> 4 vertices a side is not a refinement; 4 -> 7 is
+    config = FEMULTIGRID.replace("resolution = 3", "resolution = 4\ncoarser = [3]")
+    (tmp_path / "c.toml").write_text(config)
+    assert main(["train", str(tmp_path / "c.toml"), "-q"]) == 0
+    model = load_model(tmp_path / "run" / "best")
+    assert [s.n_dofs for s in model.processor.spaces] == [9, 16, 49]
+    assert not model.processor.nested
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "run" / "best")]) == 0
+    assert "3 levels, not nested, of P1 on MeshTri1: 9, 16, 49 vertices" in capsys.readouterr().out
+    (tmp_path / "c.toml").write_text(config.replace('"square"', '"lshape"'))
+    assert main(["train", str(tmp_path / "c.toml"), "-q"]) == 2
+    assert "must be odd" in capsys.readouterr().err
+
+
 def test_info_on_femultigrid_with_a_hierarchy_that_is_not_nested(tmp_path, capsys):
     spaces = [FunctionSpace(unit_square(n), dirichlet="boundary") for n in (3, 6, 11)]
     model = FEOperator(spaces[-1], spaces[-1], FEMultigrid(spaces, 1, 1, width=4, n_layers=1))

@@ -22,6 +22,9 @@ be any mesh of that domain: fields are interpolated to and from the finest level
     domain = "square"          # square | lshape, with `resolution` vertices a side,
     resolution = 9             # or mesh = "coarse.msh" (a file, relative to this one)
     levels = 3                 # 9 -> 17 -> 33 vertices a side
+    coarser = []               # optional, with a domain: coarser meshes of it below,
+                               # vertices a side, e.g. [11] under resolution = 22
+                               # (levels that are not nested; see FEMultigrid)
 
     [training]
     epochs = 50
@@ -41,6 +44,7 @@ Unknown keys and values of the wrong type are errors naming the key.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tomllib
 from pathlib import Path
@@ -82,6 +86,7 @@ _HIERARCHY: _Keys = {
     "resolution": (int, None),
     "mesh": (str, None),
     "levels": (int, 3),
+    "coarser": (list, []),
 }
 
 
@@ -183,4 +188,17 @@ def _hierarchy(path: Path, given: dict) -> dict:
             )
     if table["levels"] < 1:
         raise ConfigError(path, f"model.hierarchy.levels must be positive, got {table['levels']}")
+    coarser = table["coarser"]
+    if coarser:
+        if table["mesh"] is not None:
+            raise ConfigError(path, "model.hierarchy.coarser is for a domain, not a mesh file")
+        sides = [*coarser, table["resolution"]]
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in coarser) or not all(
+            2 <= a < b for a, b in itertools.pairwise(sides)
+        ):
+            raise ConfigError(
+                path,
+                "model.hierarchy.coarser must be vertices a side, increasing, each at least 2 "
+                f"and below resolution = {table['resolution']}; got {coarser}",
+            )
     return table

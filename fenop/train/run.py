@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from fenop.data import FieldDataset, read_header
-from fenop.fem import load_mesh
+from fenop.fem import FunctionSpace, load_mesh
 from fenop.fem.mesh import DOMAINS
 from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
 from fenop.train.config import ConfigError, read_config
@@ -54,8 +54,7 @@ def build_from_config(config: dict, *, path: str | os.PathLike = "<config>"):
     }
     n_in, n_out = len(data["inputs"]), len(data["outputs"])
     if name == "femultigrid":
-        table = model_config["hierarchy"]
-        spaces = hierarchy(_coarse_mesh(table, path), table["levels"], degree=space.degree)
+        spaces = _hierarchy_spaces(model_config["hierarchy"], path, degree=space.degree)
         try:
             processor = FEMultigrid(spaces, n_in, n_out, **options)
         except TypeError as exc:
@@ -81,14 +80,19 @@ def build_from_config(config: dict, *, path: str | os.PathLike = "<config>"):
     return model, train, test
 
 
-def _coarse_mesh(table: dict, path: str | os.PathLike):
-    """The coarsest mesh that ``[model.hierarchy]`` describes."""
+def _hierarchy_spaces(table: dict, path: str | os.PathLike, *, degree: int):
+    """FEMultigrid's spaces, coarsest first, as ``[model.hierarchy]`` describes them:
+    the ``coarser`` meshes of the domain, then a mesh and its refinements."""
     try:
         if table["mesh"] is not None:
-            return load_mesh(table["mesh"])
-        return DOMAINS[table["domain"]](table["resolution"])
+            coarse = load_mesh(table["mesh"])
+        else:
+            coarse = DOMAINS[table["domain"]](table["resolution"])
+        below = [DOMAINS[table["domain"]](n) for n in table["coarser"]]
     except ValueError as exc:
         raise ConfigError(path, f"model.hierarchy: {exc}") from None
+    below = [FunctionSpace(mesh, degree=degree) for mesh in below]
+    return below + hierarchy(coarse, table["levels"], degree=degree)
 
 
 def train_from_config(

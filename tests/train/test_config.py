@@ -69,7 +69,13 @@ def test_femultigrid_takes_a_hierarchy_instead_of_a_resolution(tmp_path):
     path.write_text(HIERARCHY)
     model = read_config(path)["model"]
     assert model["resolution"] is None
-    assert model["hierarchy"] == {"domain": "lshape", "resolution": 5, "mesh": None, "levels": 3}
+    assert model["hierarchy"] == {
+        "domain": "lshape",
+        "resolution": 5,
+        "mesh": None,
+        "levels": 3,
+        "coarser": [],
+    }
     path.write_text(HIERARCHY.replace('domain = "lshape"\nresolution = 5', 'mesh = "m/c.msh"'))
     assert read_config(path)["model"]["hierarchy"]["mesh"] == str(tmp_path / "m" / "c.msh")
 
@@ -95,6 +101,9 @@ def test_femultigrid_takes_a_hierarchy_instead_of_a_resolution(tmp_path):
         (("resolution = 5", "resolution = 5\nlevels = 0"), "levels must be positive"),
         (("resolution = 5", "resolution = 5\nlevel = 2"), r"unknown key model\.hierarchy\.level"),
         (("resolution = 5", "resolution = 5.0"), r"model\.hierarchy\.resolution must be int"),
+        (("resolution = 5", "resolution = 5\ncoarser = [3, 5]"), r"coarser must be .* \[3, 5\]"),
+        (("resolution = 5", "resolution = 5\ncoarser = [3.0]"), r"coarser must be vertices"),
+        (('domain = "lshape"\nresolution = 5', 'mesh = "c.msh"\ncoarser = [3]'), "not a mesh"),
     ],
 )
 def test_hierarchy_errors_name_the_key(tmp_path, change, message):
