@@ -114,7 +114,10 @@ def test_generate_with_a_killed_worker_fails_clearly_and_resumes(tmp_path):
         os.kill(workers[0], signal.SIGKILL)
         _, stderr = process.communicate(timeout=120)
     finally:
+        # Reaped here, so that a hang fails this test alone (an unreaped process
+        # warns in whichever later test collects it).
         process.kill()
+        process.wait()
     assert process.returncode == 1
     assert f"fenop generate: error: {path}: a worker process died" in stderr
     done = read_header(path)["n_complete"]
