@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from fenop.fem import FunctionSpace, RelativeL2Loss, unit_square
 from fenop.operators import FEMultigrid, FEOperator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from darcy import square_hierarchy, square_levels  # the Darcy benchmark's hierarchy
+from darcy import _clock, square_hierarchy, square_levels  # the Darcy benchmark's pieces
 
 # Operators that only describe, view or allocate memory: no kernel on a GPU.
 _NO_WORK = {
@@ -40,12 +39,6 @@ _NO_WORK = {
     "aten::_nnz", "aten::crow_indices", "aten::col_indices", "aten::values",
     "aten::lift_fresh", "aten::_reshape_alias", "aten::result_type", "aten::is_nonzero",
 }  # fmt: skip
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def main(argv=None) -> dict:
