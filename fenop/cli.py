@@ -38,6 +38,23 @@ def _option(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _writable(path: Path) -> Path:
+    """``path``, or a ValueError naming it when the folder it would be written in is missing."""
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: cannot be written, folder {path.parent} does not exist")
+    return path
+
+
 def _mesh(args):
     from fenop.fem import load_mesh
     from fenop.fem.mesh import DOMAINS
@@ -50,10 +67,9 @@ def _mesh(args):
 
 
 def _generate(args) -> int:
-    from fenop.data import generate, read_header
-    from fenop.data.generation import WorkerDiedError
+    from fenop.data import SampleError, WorkerDiedError, generate, read_header
 
-    output = Path(args.output)
+    output = _writable(Path(args.output))
     mesh = _mesh(args)
     try:
         generate(
@@ -79,7 +95,7 @@ def _generate(args) -> int:
                 file=sys.stderr,
             )
         return EXIT_INTERRUPTED
-    except WorkerDiedError as exc:
+    except (WorkerDiedError, SampleError) as exc:
         print(f"fenop generate: error: {exc}", file=sys.stderr)
         return 1
     if not args.quiet:
@@ -151,6 +167,8 @@ def _evaluate(args) -> int:
     from fenop.fem import RelativeH1Loss, RelativeL2Loss
 
     data = Path(args.data)
+    if args.plot:
+        _writable(Path(args.plot))
     model, space, inputs, outputs, device = _model_on(
         args.checkpoint, data, args.device, with_outputs=True
     )
@@ -198,6 +216,7 @@ def _predict(args) -> int:
     data, output = Path(args.input), Path(args.output)
     if output.exists() and not args.overwrite:
         raise ValueError(f"{output}: exists; pass --overwrite to replace it")
+    _writable(output)
     model, space, inputs, outputs, device = _model_on(args.model, data, args.device)
     header = read_header(data)
     n = int(header["n_complete"])
@@ -297,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     train = commands.add_parser("train", help="train a model from a TOML configuration")
-    train.add_argument("config")
+    train.add_argument("config", help="TOML configuration (see examples/*.toml)")
     train.add_argument(
         "--resume",
         nargs="?",
@@ -310,28 +329,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("evaluate", help="errors of a checkpoint on a store")
-    evaluate.add_argument("checkpoint")
-    evaluate.add_argument("data")
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("checkpoint", help="checkpoint directory or shipped name")
+    evaluate.add_argument("data", help="store with the model's input and output fields")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=32, help="samples per batch")
     evaluate.add_argument(
         "--per-sample", action="store_true", help="also list each sample's errors"
     )
     evaluate.add_argument("--plot", help="save a picture of a few samples and the training curves")
-    evaluate.add_argument("--device")
+    evaluate.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     evaluate.set_defaults(run=_evaluate)
 
     predict = commands.add_parser("predict", help="run a model on the input fields of a store")
     predict.add_argument("model", help="checkpoint directory or shipped name (e.g. darcy-fno)")
-    predict.add_argument("input")
-    predict.add_argument("-o", "--output", required=True)
-    predict.add_argument("--overwrite", action="store_true")
-    predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument("--device")
+    predict.add_argument(
+        "input", help="store with the model's input fields (any mesh of its domain)"
+    )
+    predict.add_argument("-o", "--output", required=True, help="HDF5 store of the predictions")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    predict.add_argument("--batch-size", type=_positive_int, default=32, help="samples per batch")
+    predict.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(run=_predict)
 
     info = commands.add_parser("info", help="what a store or checkpoint holds")
-    info.add_argument("file")
+    info.add_argument("file", help="an HDF5 store or a checkpoint directory")
     info.set_defaults(run=_info)
     return parser
 

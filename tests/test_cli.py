@@ -70,7 +70,13 @@ def _status(args) -> int:
         ("generate darcy -n 2 --mesh {tmp}/none.msh -o {out}", "none.msh': no such file"),
         ("generate darcy -n 2 --mesh {tmp}/m.vtk --resolution 5 -o {out}", "not both"),
         ("generate darcy -n 0 -o {out}", "n_samples"),
-        ("generate darcy -n 2 --option viscosity=1 -o {out}", "viscosity"),
+        ("generate darcy -n 2 --option viscosity=1 -o {out}", "no option 'viscosity'; its"),
+        ("generate darcy -n 2 --resolution 2 -o {out}", "all 4 DOFs of this space lie on"),
+        ("generate darcy -n 2 --seed -1 -o {out}", "`seed` must be a non-negative int"),
+        ("generate darcy -n 2 -o {tmp}/no/out.h5", "folder {tmp}/no does not exist"),
+        ("predict darcy-fno {tmp}/none.h5 -o {tmp}/no/out.h5", "folder {tmp}/no does not"),
+        ("predict darcy-fno {tmp}/none.h5 -o {out} --batch-size 0", "a positive integer"),
+        ("evaluate darcy-fno {tmp}/none.h5 --plot {tmp}/no/x.png", "folder {tmp}/no does not"),
         ("generate darcy -n 2 --domain lshape --resolution 8 -o {out}", "odd"),
         ("generate stokes -n 2 -o {out}", "invalid choice: 'stokes'"),
         ("generate darcy -n 2 --option a_high -o {out}", "KEY=VALUE"),
@@ -83,7 +89,7 @@ def test_bad_input_is_one_line_with_status_2_and_no_output(tmp_path, capsys, com
     args = command.format(tmp=tmp_path, out=out).split()
     assert _status(args) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert message.format(tmp=tmp_path) in err and len(err.splitlines()) == 1
     assert not out.exists()
 
 
@@ -119,7 +125,7 @@ def test_generate_with_a_killed_worker_fails_clearly_and_resumes(tmp_path):
         process.kill()
         process.wait()
     assert process.returncode == 1
-    assert f"fenop generate: error: {path}: a worker process died" in stderr
+    assert f"fenop generate: error: {path}: a worker process died (killed by SIGKILL)" in stderr
     done = read_header(path)["n_complete"]
     assert 16 <= done < 600 and f"the {done} samples written are kept" in stderr
     assert main(args) == 0 and read_header(path)["n_complete"] == 600  # the same command resumes

@@ -1,7 +1,7 @@
 """Data: Gaussian random fields, PDE families, the HDF5 store, generation, datasets."""
 
 from fenop.data.dataset import FieldDataset, Normalizer
-from fenop.data.generation import generate
+from fenop.data.generation import SampleError, WorkerDiedError, generate
 from fenop.data.grf import GaussianRandomField
 from fenop.data.grid_files import convert_neuralop_darcy, read_neuralop_darcy
 from fenop.data.pdes import PDES, get_pde
@@ -12,7 +12,9 @@ __all__ = [
     "FieldDataset",
     "GaussianRandomField",
     "Normalizer",
+    "SampleError",
     "StoreError",
+    "WorkerDiedError",
     "convert_neuralop_darcy",
     "generate",
     "get_pde",

@@ -16,14 +16,18 @@ PosixPath('...darcy.h5')
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
+import inspect
 import json
 import multiprocessing
 import multiprocessing.connection
+import numbers
 import os
+import queue
+import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,17 +39,43 @@ from fenop.data.pdes import PDEFamily, get_pde
 from fenop.data.store import StoreError, create_store, read_header, store_space, write_samples
 from fenop.fem import FunctionSpace
 
-__all__ = ["WorkerDiedError", "generate"]
+__all__ = ["SampleError", "WorkerDiedError", "generate"]
 
 
 class WorkerDiedError(RuntimeError):
     """A local worker process ended before finishing its samples; the store resumes."""
 
 
+class SampleError(RuntimeError):
+    """Computing one sample failed; its cause is the solver's (or sampler's) error."""
+
+
+class _SampleFailed(Exception):
+    """Which sample failed, and how (with the traceback as text, which crosses from a
+    worker process where the error itself, chained, would not)."""
+
+    def __init__(self, index: int, description: str, details: str):
+        super().__init__(index, description, details)
+        self.index, self.description, self.details = index, description, details
+
+
+class _WorkerTraceback(Exception):
+    """The traceback of an error raised in another process, as text."""
+
+
+def _compute(family: PDEFamily, seed: int, index: int) -> dict[str, np.ndarray]:
+    """Sample ``index``; what it raises comes back as a :class:`_SampleFailed` naming
+    the sample, wherever it was computed (here, in a worker or on a cluster)."""
+    try:
+        return family.sample(seed, index)
+    except Exception as error:
+        description = f"{type(error).__name__}: {error}"
+        raise _SampleFailed(index, description, traceback.format_exc()) from error
+
+
 # A recipe rebuilds the same PDE family in a worker process: cheap to send. Local
 # workers build it once when they start; cluster workers cache it by content.
 _Recipe = tuple[str, dict, int, np.ndarray, np.ndarray, str]
-_worker_family: PDEFamily | None = None
 _cluster_families: dict[str, PDEFamily] = {}
 
 
@@ -68,28 +98,43 @@ def _cluster_task(recipe: _Recipe, seed: int, index: int) -> dict[str, np.ndarra
     if family is None:
         _cluster_families.clear()
         family = _cluster_families[key] = _build(recipe)
-    return family.sample(seed, index)
+    return _compute(family, seed, index)
 
 
-def _init_worker(recipe: _Recipe, caller_alive: multiprocessing.connection.Connection) -> None:
-    global _worker_family
-    _worker_family = _build(recipe)
-    # A worker whose caller is killed would wait for tasks forever (its task queue
-    # never closes): it ends itself when the caller's end of this pipe closes,
-    # which happens however the caller ends.
-    threading.Thread(target=_exit_when_closed, args=(caller_alive,), daemon=True).start()
+def _worker(recipe: _Recipe, connection: multiprocessing.connection.Connection) -> None:
+    """A local worker: computes the ``(seed, index)`` tasks it receives, in turn.
 
+    It ends when its caller closes the pipe (after the last task, or however the
+    caller ended) or sends ``None``. Results go out from a thread of their own, so
+    that the worker computes on while its caller is busy (writing a chunk) rather
+    than waiting for it to read. Ctrl-C is the caller's to handle: it ends the
+    workers itself, without a traceback from each.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    family = _build(recipe)
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
 
-def _exit_when_closed(connection: multiprocessing.connection.Connection) -> None:
+    def send_results():
+        try:
+            while (message := outbox.get()) is not None:
+                connection.send(message)
+        except OSError:  # the caller has gone
+            pass
+
+    sender = threading.Thread(target=send_results, daemon=True)
+    sender.start()
     try:
-        connection.recv()  # nothing is ever sent: returns only by EOFError
-    except EOFError:
+        while (task := connection.recv()) is not None:
+            seed, index = task
+            try:
+                result = _compute(family, seed, index)
+            except _SampleFailed as failure:
+                result = failure  # sent in its turn; the caller raises it
+            outbox.put((index, result))
+    except (EOFError, OSError):  # the caller has gone: nothing left to do
         pass
-    os._exit(1)
-
-
-def _sample_by_index(seed_index: tuple[int, int]) -> dict[str, np.ndarray]:
-    return _worker_family.sample(*seed_index)
+    outbox.put(None)
+    sender.join()
 
 
 def _single_threaded_env() -> dict[str, str]:
@@ -112,7 +157,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    # Takes effect when the server starts, on the first pool of the process.
+    # Takes effect when the server starts, with the process's first workers.
     context.set_forkserver_preload([__name__, *(m for m in ("neuralop",) if m in sys.modules)])
     return context
 
@@ -125,33 +170,105 @@ def _samples(
         yield from _samples_on_cluster(recipe, seed, indices, scheduler)
     elif workers == 1:
         for index in indices:
-            yield family.sample(seed, index)
+            yield _compute(family, seed, index)
     else:
-        # Workers inherit these from the forkserver, which reads them when it starts
-        # (on the process's first pool) and keeps them; spawned children read them
-        # on the first submit. Set for the pool's whole life, then the caller's again.
-        saved = {name: os.environ.get(name) for name in _single_threaded_env()}
-        os.environ.update(_single_threaded_env())
-        context = _pool_context()
-        alive_r, alive_w = context.Pipe(duplex=False)
-        pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=context,
-            initializer=_init_worker,
-            initargs=(recipe, alive_r),
-        )
-        try:
-            yield from pool.map(_sample_by_index, ((seed, i) for i in indices), chunksize=4)
-        finally:
-            # On an interruption, drop queued samples instead of computing them all.
-            pool.shutdown(wait=True, cancel_futures=True)
-            alive_r.close()
-            alive_w.close()
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        yield from _samples_on_workers(recipe, seed, indices, workers)
+
+
+class _WorkerDied(Exception):
+    """A local worker ended before its tasks were done; the argument says how."""
+
+
+def _samples_on_workers(
+    recipe: _Recipe, seed: int, indices: range, workers: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """The samples of ``indices``, in order, from local worker processes.
+
+    Each worker has a pipe of its own rather than a queue shared by all, as
+    ``concurrent.futures.ProcessPoolExecutor`` has: a worker killed while writing a
+    result there leaves half a message, and the executor waits for the rest for
+    ever (observed about once in a dozen kills). Here the dead worker's own pipe
+    ends and its process sentinel fires, so the death is seen at once.
+    """
+    context = _pool_context()
+    connections: list[multiprocessing.connection.Connection] = []
+    processes = {}  # connection -> its worker
+    # Workers read these when they start (from a forkserver: when the server starts,
+    # with the process's first workers, and it keeps them); then the caller's again.
+    saved = {name: os.environ.get(name) for name in _single_threaded_env()}
+    os.environ.update(_single_threaded_env())
+    finished = False
+    try:
+        for _ in range(min(workers, len(indices))):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_worker, args=(recipe, theirs), daemon=True)
+            process.start()
+            theirs.close()
+            connections.append(ours)
+            processes[ours] = process
+        _restore(saved)
+        in_flight = {connection: 0 for connection in connections}
+        done: dict[int, dict | _SampleFailed] = {}
+        unsent = iter(indices)
+        upcoming = next(unsent, None)
+        # Tasks go out in order, three per worker at a time (one to compute while
+        # up to two wait to be sent or read), and no further ahead of the next
+        # sample due than this, so that one slow sample holds back a bounded
+        # number of finished ones.
+        window = 6 * len(connections)
+        for due in indices:
+            while due not in done:
+                for connection in connections:
+                    while in_flight[connection] < 3 and upcoming is not None:
+                        if upcoming >= due + window:
+                            break
+                        connection.send((seed, upcoming))
+                        in_flight[connection] += 1
+                        upcoming = next(unsent, None)
+                sentinels = {processes[c].sentinel: processes[c] for c in connections}
+                for ready in multiprocessing.connection.wait([*connections, *sentinels]):
+                    if ready in sentinels:
+                        raise _WorkerDied(_how_it_ended(sentinels[ready]))
+                    try:
+                        index, result = ready.recv()
+                    except (EOFError, OSError):  # died mid-message
+                        processes[ready].join(1.0)
+                        raise _WorkerDied(_how_it_ended(processes[ready])) from None
+                    in_flight[ready] -= 1
+                    done[index] = result
+            result = done.pop(due)
+            if isinstance(result, _SampleFailed):
+                raise result
+            yield result
+        finished = True
+    finally:
+        _restore(saved)
+        for connection in connections:
+            connection.close()  # a worker's next recv ends it
+        for process in processes.values():
+            if not finished:  # interrupted or failed: the samples in work are not wanted
+                process.kill()
+            process.join(10.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _how_it_ended(process: multiprocessing.process.BaseProcess) -> str:
+    code = process.exitcode
+    if code is None:
+        return "its pipe closed"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
 
 
 def _samples_on_cluster(recipe: _Recipe, seed: int, indices: range, scheduler: str):
@@ -207,6 +324,18 @@ def _resume_from(path: Path, family: PDEFamily, expected: dict) -> tuple[int, in
     return int(header["n_complete"]), int(header["chunk_size"])
 
 
+def _check_options(family_type: type[PDEFamily], options: dict) -> None:
+    """A ValueError naming the options ``family_type`` does not take, and those it does."""
+    parameters = inspect.signature(family_type).parameters
+    accepted = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = [name for name in options if name not in accepted]
+    if unknown:
+        raise ValueError(
+            f"{family_type.name} has no option {', '.join(map(repr, unknown))}; "
+            f"its options: {', '.join(accepted)}"
+        )
+
+
 def generate(
     pde: str,
     n_samples: int,
@@ -246,6 +375,13 @@ def generate(
 
     Returns:
         The path of the complete store.
+
+    Raises:
+        SampleError: a sample's solve (or draw) failed; the message names the
+            sample, and its cause is the original error. The chunks written before
+            it are kept; a store this call began, with nothing in it, is removed.
+        WorkerDiedError: a local worker died (killed, out of memory); the chunks
+            written are kept and the same call resumes.
     """
     path = Path(path)
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
@@ -254,15 +390,19 @@ def generate(
         raise ValueError(f"`workers` must be a positive int, got {workers!r}")
     if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be positive, got {chunk_size}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
     family_type = get_pde(pde)
+    _check_options(family_type, options)
     space = FunctionSpace(mesh, degree=degree, dirichlet="boundary")
     family = family_type(space, **options)
     expected = _describe(family, seed, n_samples)
 
-    start = 0
+    start, created = 0, False
     if path.exists() and not overwrite:
         start, chunk_size = _resume_from(path, family, expected)
     else:
+        created = True
         create_store(
             path,
             space,
@@ -306,11 +446,23 @@ def generate(
                     )
                     start += len(buffer)
                     buffer.clear()
-        except concurrent.futures.process.BrokenProcessPool as error:
+        except _WorkerDied as error:
             raise WorkerDiedError(
-                f"{path}: a worker process died before finishing its samples (out of "
+                f"{path}: a worker process died ({error}) before finishing its samples (out of "
                 "memory, killed, or, from a script, generate() called outside "
                 "`if __name__ == '__main__':`, which every worker runs again); the "
                 f"{start} samples written are kept, and the same call resumes from there"
             ) from error
+        except _SampleFailed as failure:
+            # The same call would fail at the same sample again (sample i depends on
+            # (seed, i) only), so a store this call began holds nothing worth keeping.
+            if created and start == 0:
+                path.unlink(missing_ok=True)
+                kept = "nothing was written"
+            else:
+                kept = f"the {start} samples already written are kept"
+            raise SampleError(
+                f"{path}: sample {failure.index} (seed {seed}) failed: "
+                f"{failure.description}; {kept}"
+            ) from failure.__cause__ or _WorkerTraceback(f"\n{failure.details}")
     return path

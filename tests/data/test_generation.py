@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 import fenop.data.generation as generation
 from fenop.data import StoreError, generate, open_store, read_header
+from fenop.data.pdes import Darcy
 from fenop.fem import l_shape, unit_square
 from tests.helpers import generation_workers, process_running, wait_for_samples
 
@@ -18,6 +20,15 @@ from tests.helpers import generation_workers, process_running, wait_for_samples
 def _values(path) -> dict:
     with h5py.File(path, "r") as f:
         return {name: f[name][()] for name in ("a", "u")}
+
+
+def _run_script(script: Path, text: str, *, timeout: float = 300):
+    """Write ``text`` to ``script`` and run it in a fresh interpreter (whose workers
+    run the script's module again, as they would a user's)."""
+    script.write_text(text)
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_one_and_two_workers_write_the_same_file(tmp_path):
@@ -157,30 +168,123 @@ def test_bad_arguments_write_nothing(tmp_path):
         generate("navier-stokes", 3, unit_square(5), seed=0, path=path)
     with pytest.raises(ValueError, match="n_samples"):
         generate("darcy", 0, unit_square(5), seed=0, path=path)
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    with pytest.raises(ValueError, match="darcy has no option 'viscosity'; its options: a_high"):
         generate("darcy", 3, unit_square(5), seed=0, path=path, viscosity=1.0)
+    with pytest.raises(ValueError, match="`seed` must be a non-negative int, got -1"):
+        generate("darcy", 3, unit_square(5), seed=-1, path=path)
+    with pytest.raises(ValueError, match="all 4 DOFs of this space lie on the Dirichlet"):
+        generate("darcy", 3, unit_square(2), seed=0, path=path)
     assert not os.path.exists(path)
+
+
+def _fail_at(index: int, error: Exception):
+    """``Darcy.sample``, failing at sample ``index`` with ``error``."""
+    real = Darcy.sample
+
+    def sample(self, seed, i):
+        if i == index:
+            raise error
+        return real(self, seed, i)
+
+    return sample
+
+
+def test_a_failing_sample_is_named_and_the_chunks_before_it_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(Darcy, "sample", _fail_at(5, np.linalg.LinAlgError("singular matrix")))
+    path = tmp_path / "d.h5"
+    expected = (
+        r"d.h5: sample 5 \(seed 0\) failed: LinAlgError: singular matrix; "
+        "the 4 samples already written are kept"
+    )
+    with pytest.raises(generation.SampleError, match=expected) as caught:
+        generate("darcy", 8, unit_square(5), seed=0, path=path, chunk_size=2, progress=False)
+    assert isinstance(caught.value.__cause__, np.linalg.LinAlgError)
+    assert read_header(path)["n_complete"] == 4
+    # Where nothing was written, the store this call began is not left behind.
+    empty = tmp_path / "e.h5"
+    with pytest.raises(generation.SampleError, match=r"sample 5 .* nothing was written"):
+        generate("darcy", 8, unit_square(5), seed=0, path=empty, chunk_size=8, progress=False)
+    assert not empty.exists()
+    monkeypatch.undo()
+    generate("darcy", 8, unit_square(5), seed=0, path=path, chunk_size=2, progress=False)
+    assert read_header(path)["n_complete"] == 8
+
+
+def test_a_sample_failing_in_a_worker_is_named(tmp_path):
+    path = tmp_path / "d.h5"
+    result = _run_script(
+        tmp_path / "failing.py",
+        "from fenop.data import generate\n"
+        "from fenop.data.pdes import Darcy\n"
+        "from fenop.fem import unit_square\n"
+        "real = Darcy.sample\n"
+        "def sample(self, seed, index):\n"
+        "    if index == 6:\n"
+        "        raise FloatingPointError('diverged')\n"
+        "    return real(self, seed, index)\n"
+        "# At module level: each worker runs this script again, and fails too.\n"
+        "Darcy.sample = sample\n"
+        "if __name__ == '__main__':\n"
+        f"    generate('darcy', 12, unit_square(9), seed=3, path=r'{path}', workers=2, "
+        "chunk_size=3, progress=False)\n",
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("fenop.data.generation.SampleError: ")
+    kept = re.search(r"sample 6 \(seed 3\) failed: FloatingPointError: diverged; the (\d) ", last)
+    assert kept and int(kept[1]) == read_header(path)["n_complete"] == 6  # 0-5, before it
 
 
 def test_a_dead_worker_gives_one_clear_error(tmp_path):
     # A script that calls generate() with workers outside the __main__ guard: each
-    # worker runs the script again and dies trying to start a pool of its own.
+    # worker runs the script again and dies trying to start workers of its own.
     path = tmp_path / "unguarded.h5"
-    script = tmp_path / "unguarded.py"
-    script.write_text(
+    result = _run_script(
+        tmp_path / "unguarded.py",
         "from fenop.data import generate\n"
         "from fenop.fem import unit_square\n"
         f"generate('darcy', 8, unit_square(9), seed=0, path=r'{path}', workers=2, "
-        "progress=False)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+        "progress=False)\n",
     )
     assert result.returncode != 0
     # The workers' own tracebacks come first; the caller's error names the file.
     errors = [line for line in result.stderr.splitlines() if "Error: " in line]
     (error,) = [line for line in errors if str(path) in line]
     assert "if __name__ == '__main__':" in error and "resumes" in error
+
+
+def test_a_worker_dying_halfway_through_a_result_is_seen_at_once(tmp_path):
+    # Killed while sending, a worker leaves half a message in its pipe: the caller
+    # must see the death, not wait for the rest of the message for ever.
+    path = tmp_path / "d.h5"
+    result = _run_script(
+        tmp_path / "half.py",
+        "import multiprocessing, os, struct\n"
+        "from multiprocessing.connection import Connection\n"
+        "from multiprocessing.reduction import ForkingPickler\n"
+        "from fenop.data import generate\n"
+        "from fenop.fem import unit_square\n"
+        "send = Connection.send\n"
+        "def half_then_die(self, message):\n"
+        "    index, result = message\n"
+        "    if multiprocessing.parent_process() and isinstance(result, dict) and index == 5:\n"
+        "        data = bytes(ForkingPickler.dumps(message))\n"
+        "        self._send(struct.pack('!i', len(data)) + data[: len(data) // 2])\n"
+        "        os._exit(9)\n"
+        "    send(self, message)\n"
+        "# At module level: each worker runs this script again.\n"
+        "Connection.send = half_then_die\n"
+        "if __name__ == '__main__':\n"
+        f"    generate('darcy', 12, unit_square(17), seed=0, path=r'{path}', workers=2, "
+        "chunk_size=2, progress=False)\n",
+        timeout=120,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("fenop.data.generation.WorkerDiedError: ")
+    assert "a worker process died (exit status 9)" in last
+    kept = re.search(r"the (\d+) samples written are kept", last)
+    assert kept and int(kept[1]) == read_header(path)["n_complete"] <= 4  # before sample 5
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")

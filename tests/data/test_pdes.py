@@ -129,5 +129,7 @@ def test_families_reject_bad_arguments():
         get_pde("stokes")
     with pytest.raises(ValueError, match="Dirichlet DOFs"):
         Poisson(FunctionSpace(unit_square(5)))
+    with pytest.raises(ValueError, match="all 4 DOFs of this space lie on the Dirichlet boundary"):
+        Darcy(FunctionSpace(unit_square(2), dirichlet="boundary"))
     with pytest.raises(ValueError, match="positive"):
         Darcy(FunctionSpace(unit_square(5), dirichlet="boundary"), a_low=0.0)

@@ -52,6 +52,11 @@ class PDEFamily:
                 f"{type(self).__name__} needs a space with Dirichlet DOFs "
                 '(FunctionSpace(mesh, dirichlet="boundary")), got one with none'
             )
+        if len(space.boundary_dofs) == space.n_dofs:
+            raise ValueError(
+                f"{type(self).__name__} needs DOFs to solve for, but all {space.n_dofs} "
+                "DOFs of this space lie on the Dirichlet boundary; use a finer mesh"
+            )
         self.space = space
         lower, upper = bounding_box(space.mesh)
         self.grf = GaussianRandomField(lower, upper, **(grf or {}))
