@@ -124,11 +124,10 @@ def _train(args) -> int:
 def _model_on(checkpoint: str, data: Path, device: str | None, *, with_outputs: bool = False):
     """The checkpoint's model on the data's mesh, and the names of its input and output
     fields; the store is validated for the inputs (and the outputs, ``with_outputs``)."""
-    import torch
-
     from fenop.data import store_space, validate_store
-    from fenop.train import PRETRAINED, load_model, pretrained_names, read_config
+    from fenop.train import PRETRAINED, load_model, pretrained_names, read_config, resolve_device
 
+    device = resolve_device(device)
     folder = Path(checkpoint)
     if not folder.is_dir() and checkpoint in pretrained_names():
         folder = PRETRAINED / checkpoint
@@ -136,7 +135,6 @@ def _model_on(checkpoint: str, data: Path, device: str | None, *, with_outputs: 
     described = config.get("data", {})
     inputs, outputs = described.get("inputs", ["a"]), described.get("outputs", ["u"])
     validate_store(data, fields=inputs + outputs if with_outputs else inputs)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(folder, device=device)
     space = store_space(data)
     same = space.n_dofs == model.space_in.n_dofs and bool(

@@ -17,7 +17,6 @@ PosixPath('...darcy.h5')
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -35,6 +34,7 @@ import numpy as np
 import skfem
 from tqdm.auto import tqdm
 
+from fenop._checks import unknown_options
 from fenop.data.pdes import PDEFamily, get_pde
 from fenop.data.store import StoreError, create_store, read_header, store_space, write_samples
 from fenop.fem import FunctionSpace
@@ -324,18 +324,6 @@ def _resume_from(path: Path, family: PDEFamily, expected: dict) -> tuple[int, in
     return int(header["n_complete"]), int(header["chunk_size"])
 
 
-def _check_options(family_type: type[PDEFamily], options: dict) -> None:
-    """A ValueError naming the options ``family_type`` does not take, and those it does."""
-    parameters = inspect.signature(family_type).parameters
-    accepted = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
-    unknown = [name for name in options if name not in accepted]
-    if unknown:
-        raise ValueError(
-            f"{family_type.name} has no option {', '.join(map(repr, unknown))}; "
-            f"its options: {', '.join(accepted)}"
-        )
-
-
 def generate(
     pde: str,
     n_samples: int,
@@ -393,7 +381,9 @@ def generate(
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
     family_type = get_pde(pde)
-    _check_options(family_type, options)
+    problem = unknown_options(family_type, options, name=family_type.name)
+    if problem:
+        raise ValueError(problem)
     space = FunctionSpace(mesh, degree=degree, dirichlet="boundary")
     family = family_type(space, **options)
     expected = _describe(family, seed, n_samples)

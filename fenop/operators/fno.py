@@ -22,6 +22,7 @@ torch.float64
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -108,6 +109,17 @@ class FNO(KeepsComplexModule):
         **options,
     ):
         super().__init__()
+        # Checked here, so that the error lists what neuraloperator's FNO accepts.
+        theirs = inspect.signature(_NeuralopFNO).parameters
+        unknown = [key for key in options if key not in theirs]
+        if unknown:
+            own = ["n_modes", "hidden_channels", "n_layers", "positional_embedding"]
+            fixed = {*own, "in_channels", "out_channels"}
+            accepted = own + [key for key in theirs if key not in fixed]
+            raise TypeError(
+                f"FNO has no option {', '.join(map(repr, unknown))}; its options: "
+                f"{', '.join(accepted)}"
+            )
         options.setdefault("conv_module", SpectralConv64)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.config = {

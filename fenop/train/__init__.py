@@ -12,7 +12,7 @@ from fenop.train.checkpoint import (
     read_config,
     save_checkpoint,
 )
-from fenop.train.trainer import Trainer
+from fenop.train.trainer import Trainer, resolve_device
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 
@@ -48,5 +48,6 @@ __all__ = [
     "load_model",
     "pretrained_names",
     "read_config",
+    "resolve_device",
     "save_checkpoint",
 ]

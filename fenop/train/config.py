@@ -50,6 +50,7 @@ import tomllib
 from pathlib import Path
 
 from fenop.fem.mesh import DOMAINS
+from fenop.train.trainer import LOSSES, SCHEDULES
 
 _REQUIRED = object()
 _Keys = dict[str, tuple[type | tuple[type, ...], object]]
@@ -130,9 +131,19 @@ def read_config(path: str | os.PathLike) -> dict:
         section = "data" if key.startswith("n_") else "training"
         if config[section][key] < 1:
             raise ConfigError(path, f"{section}.{key} must be positive, got {config[section][key]}")
-    clip = config["training"]["grad_clip"]
-    if clip is not None and not clip > 0:
-        raise ConfigError(path, f"training.grad_clip must be positive, got {clip}")
+    training = config["training"]
+    for key in ("lr", "grad_clip"):
+        if training[key] is not None and not training[key] > 0:
+            raise ConfigError(path, f"training.{key} must be positive, got {training[key]}")
+    for key, choices in (("schedule", SCHEDULES), ("loss", LOSSES)):
+        if training[key] not in choices:
+            raise ConfigError(
+                path, f"training.{key} must be one of {list(choices)}, got {training[key]!r}"
+            )
+    if not training["weight_decay"] >= 0:
+        raise ConfigError(
+            path, f"training.weight_decay must be non-negative, got {training['weight_decay']}"
+        )
     base = path.parent
     config["data"]["path"] = str((base / config["data"]["path"]).resolve())
     config["training"]["output"] = str((base / config["training"]["output"]).resolve())

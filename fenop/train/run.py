@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
+from fenop._checks import unknown_options
 from fenop.data import FieldDataset, read_header
 from fenop.fem import FunctionSpace, load_mesh
 from fenop.fem.mesh import DOMAINS
 from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
 from fenop.train.config import ConfigError, read_config
-from fenop.train.trainer import Trainer
+from fenop.train.trainer import Trainer, resolve_device
 
 _GRID_PROCESSORS = {"fno": FNO, "mgno": MgNO, "lsm": LSM}
 
@@ -55,6 +56,7 @@ def build_from_config(config: dict, *, path: str | os.PathLike = "<config>"):
     n_in, n_out = len(data["inputs"]), len(data["outputs"])
     if name == "femultigrid":
         spaces = _hierarchy_spaces(model_config["hierarchy"], path, degree=space.degree)
+        _check_options(path, FEMultigrid, options)
         try:
             processor = FEMultigrid(spaces, n_in, n_out, **options)
         except TypeError as exc:
@@ -71,6 +73,7 @@ def build_from_config(config: dict, *, path: str | os.PathLike = "<config>"):
     grid = tuple(resolution) if isinstance(resolution, list) else (resolution,) * space.dim
     if name == "mgno":
         options.setdefault("grid", grid)
+    _check_options(path, _GRID_PROCESSORS[name], options)
     try:
         # + the encoder's domain mask and coordinates
         processor = _GRID_PROCESSORS[name](n_in + 1 + space.dim, n_out, **options)
@@ -78,6 +81,12 @@ def build_from_config(config: dict, *, path: str | os.PathLike = "<config>"):
         raise ConfigError(path, f"model.options: {exc}") from None
     model = FEOperator(space, space, processor, resolution=grid, **stats)
     return model, train, test
+
+
+def _check_options(path: str | os.PathLike, processor: type, options: dict) -> None:
+    problem = unknown_options(processor, options, name=processor.__name__)
+    if problem:
+        raise ConfigError(path, f"model.options: {problem}")
 
 
 def _hierarchy_spaces(table: dict, path: str | os.PathLike, *, degree: int):
@@ -106,6 +115,12 @@ def train_from_config(
     """Train as ``config_path`` says; checkpoints go to ``output`` (default: its
     ``training.output``). With ``resume``, continue from ``output/last``."""
     config = read_config(config_path)
+    if device is None:
+        try:
+            device = resolve_device(config["training"]["device"])
+        except ValueError as exc:
+            raise ConfigError(config_path, f"training.device: {exc}") from None
+    device = resolve_device(device)
     if output is not None:
         config["training"]["output"] = str(output)
     if resume and not (Path(config["training"]["output"]) / "last").is_dir():
@@ -114,7 +129,6 @@ def train_from_config(
     torch.manual_seed(config["training"]["seed"])
     model, train, test = build_from_config(config, path=config_path)
     training = config["training"]
-    device = device or (None if training["device"] == "auto" else training["device"])
     header = read_header(config["data"]["path"])
     trainer = Trainer(
         model,

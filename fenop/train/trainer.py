@@ -38,8 +38,31 @@ from fenop.fem import RelativeH1Loss, RelativeL2Loss
 from fenop.operators import FEOperator
 from fenop.train.checkpoint import save_checkpoint
 
-_SCHEDULES = ("cosine", "step", "constant")
-_LOSSES = ("l2", "h1")
+SCHEDULES = ("cosine", "step", "constant")
+LOSSES = ("l2", "h1")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a ``torch.device``; ``None`` or ``"auto"``: CUDA when present,
+    else the CPU. A ValueError says why a device cannot be used here.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU build)"
+            raise ValueError(f"device {device!r}: no CUDA device here{build}")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r}: only {count} CUDA device(s) here")
+    return resolved
 
 
 class Trainer:
@@ -89,17 +112,17 @@ class Trainer:
         progress: bool = True,
         extra: dict | None = None,
     ):
-        if schedule not in _SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {_SCHEDULES}, got {schedule!r}")
-        if loss not in _LOSSES:
-            raise ValueError(f"`loss` must be one of {_LOSSES}, got {loss!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"`grad_clip` must be positive or None, got {grad_clip}")
         if epochs < 1 or batch_size < 1:
             raise ValueError(
                 f"`epochs` and `batch_size` must be positive, got {epochs} and {batch_size}"
             )
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.train_set, self.test_set = train_set, test_set
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed

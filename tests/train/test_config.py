@@ -43,6 +43,10 @@ def test_defaults_and_paths(tmp_path):
         (("epochs = 2", "epochs = 2\ngrad_clip = -1"), r"training\.grad_clip must be positive"),
         (("epochs = 2", "epochs = 2\ngrad_clip = 'no'"), r"training\.grad_clip must be float"),
         (("[data]", "[data"), "not valid TOML"),
+        (("epochs = 2", "epochs = 2\nlr = 0"), r"training\.lr must be positive, got 0"),
+        (("epochs = 2", "epochs = 2\nweight_decay = -1"), r"weight_decay must be non-negative"),
+        (("epochs = 2", 'epochs = 2\nschedule = "cos"'), r"training\.schedule must be one of"),
+        (("epochs = 2", 'epochs = 2\nloss = "l1"'), r"training\.loss must be one of \['l2'"),
     ],
 )
 def test_errors_name_the_key(tmp_path, change, message):

@@ -6,7 +6,7 @@ import torch
 from fenop.data import FieldDataset, generate
 from fenop.fem import unit_square
 from fenop.operators import FEOperator, MgNO
-from fenop.train import Trainer, load_model, read_config
+from fenop.train import Trainer, load_model, read_config, resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,19 @@ def test_bad_settings(data):
         _trainer(data, None, loss="l1")
     with pytest.raises(ValueError, match="grad_clip"):
         _trainer(data, None, grad_clip=0.0)
+    with pytest.raises(ValueError, match="unknown device 'tpu'; expected cpu, cuda or cuda:N"):
+        _trainer(data, None, device="tpu")
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device() == resolve_device("auto") == torch.device(auto)
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("cuda:x")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match="no CUDA device here" if count == 0 else "only"):
+        resolve_device(f"cuda:{count}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -1,0 +1,28 @@
+"""Checks of keyword options, shared by the places that take them from users."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+
+
+def unknown_options(target: Callable, given: Iterable[str], *, name: str) -> str | None:
+    """What is wrong with the keyword options ``given`` for ``target``, or ``None``.
+
+    ``None`` too where ``target`` takes any keyword (``**options``): whatever it
+    passes them on to checks them.
+
+    >>> def solver(space, *, tol=1e-8, steps=10): ...
+    >>> unknown_options(solver, ["tol", "step"], name="solver")
+    "solver has no option 'step'; its options: tol, steps"
+    """
+    parameters = inspect.signature(target).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    accepted = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
+    unknown = [option for option in given if option not in accepted]
+    if not unknown:
+        return None
+    return (
+        f"{name} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(accepted)}"
+    )
