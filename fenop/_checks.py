@@ -1,9 +1,10 @@
-"""Checks of keyword options, shared by the places that take them from users."""
+"""Checks of what users pass in (options, file paths), shared by the places that take it."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 
 def unknown_options(target: Callable, given: Iterable[str], *, name: str) -> str | None:
@@ -26,3 +27,11 @@ def unknown_options(target: Callable, given: Iterable[str], *, name: str) -> str
     return (
         f"{name} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(accepted)}"
     )
+
+
+def missing_file(path: Path) -> str | None:
+    """Why ``path`` is not a file to read (``"no such file"``, ``"a directory, not a
+    file"``), or ``None`` if it is one."""
+    if path.is_file():
+        return None
+    return "a directory, not a file" if path.is_dir() else "no such file"

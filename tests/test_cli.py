@@ -78,6 +78,7 @@ def _status(args) -> int:
         ("predict darcy-fno {tmp}/none.h5 -o {out} --batch-size 0", "a positive integer"),
         ("evaluate darcy-fno {tmp}/none.h5 --plot {tmp}/no/x.png", "folder {tmp}/no does not"),
         ("predict darcy-fno {tmp}/none.h5 -o {out} --device tpu", "unknown device 'tpu'"),
+        ("evaluate darcy-fno {tmp}", "{tmp}: a directory, not a file"),
         ("generate darcy -n 2 --domain lshape --resolution 8 -o {out}", "odd"),
         ("generate stokes -n 2 -o {out}", "invalid choice: 'stokes'"),
         ("generate darcy -n 2 --option a_high -o {out}", "KEY=VALUE"),

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fenop._checks import missing_file
 from fenop.data.store import StoreError, create_store, write_samples
 from fenop.fem import FunctionSpace, unit_square
 
@@ -54,8 +55,8 @@ def read_neuralop_darcy(
         each ``(N, n_dofs)`` float64.
     """
     path = Path(path)
-    if not path.is_file():
-        raise StoreError(path, "no such file")
+    if problem := missing_file(path):
+        raise StoreError(path, problem)
     try:
         # weights_only: plain tensors in a dict, never arbitrary pickled objects.
         data = torch.load(path, map_location="cpu", weights_only=True)

@@ -39,6 +39,7 @@ import h5py
 import numpy as np
 import skfem
 
+from fenop._checks import missing_file
 from fenop.fem import FunctionSpace
 
 FORMAT_VERSION = 1
@@ -153,8 +154,8 @@ def write_samples(path: str | os.PathLike, start: int, values: Mapping[str, np.n
 
 def _open(path: str | os.PathLike) -> h5py.File:
     path = Path(path)
-    if not path.is_file():
-        raise StoreError(path, "no such file")
+    if problem := missing_file(path):
+        raise StoreError(path, problem)
     try:
         return h5py.File(path, "r")
     except OSError as exc:

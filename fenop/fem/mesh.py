@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import skfem
 
+from fenop._checks import missing_file
+
 SUPPORTED_MESHES = (skfem.MeshLine1, skfem.MeshTri1, skfem.MeshQuad1, skfem.MeshTet1)
 
 
@@ -98,8 +100,8 @@ def load_mesh(path: str | os.PathLike) -> skfem.Mesh:
             kind fenop does not support; the message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"cannot read mesh {str(path)!r}: no such file")
+    if problem := missing_file(path):
+        raise ValueError(f"cannot read mesh {str(path)!r}: {problem}")
     chatter = io.StringIO()
     try:
         # meshio prints to stdout/stderr while reading, and for a file whose format it

@@ -134,6 +134,13 @@ class FEOperator(KeepsComplexModule):
                 f"got {tuple(x.shape)}"
             )
         self.space_in.check_coefficients(x, "input")
+        weight = next(self.processor.parameters(), None)
+        if weight is not None and weight.dtype != x.dtype:
+            # Caught here: the processor's own error names a convolution's bias.
+            raise ValueError(
+                f"input is {x.dtype} but the model is {weight.dtype}: convert the input "
+                f"(x.to({weight.dtype})) or the model (model.to({x.dtype}))"
+            )
         # Under autocast (mixed precision) only the processor runs in low precision:
         # the FE maps, the statistics and the boundary values stay in x's dtype, so
         # Dirichlet values remain exact and the output has the input's dtype.

@@ -167,7 +167,10 @@ class LSM(nn.Module):
                 f"input must have shape (batch, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
         if min(x.shape[2:]) < 2 ** (self.depth - 1):
-            raise ValueError(f"grid {tuple(x.shape[2:])} too small for depth {self.depth}")
+            raise ValueError(
+                f"LSM of depth {self.depth} needs at least {2 ** (self.depth - 1)} grid points "
+                f"per axis, got a grid {tuple(x.shape[2:])}: use a finer grid or a smaller depth"
+            )
         features = []
         u = self.lift(x)
         for level, conv in enumerate(self.down):

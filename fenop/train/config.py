@@ -49,6 +49,7 @@ import os
 import tomllib
 from pathlib import Path
 
+from fenop._checks import missing_file
 from fenop.fem.mesh import DOMAINS
 from fenop.train.trainer import LOSSES, SCHEDULES
 
@@ -101,8 +102,8 @@ class ConfigError(ValueError):
 def read_config(path: str | os.PathLike) -> dict:
     """The checked configuration, defaults filled in, relative paths made absolute."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(path, "no such file")
+    if problem := missing_file(path):
+        raise ConfigError(path, problem)
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

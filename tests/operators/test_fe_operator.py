@@ -122,6 +122,9 @@ def test_bad_construction_and_input():
     model = FEOperator(SPACE, SPACE, fno, resolution=8)
     with pytest.raises(ValueError, match=r"\(batch, 1, 65\), got \(2, 2, 65\)"):
         model(torch.zeros(2, 2, SPACE.n_dofs))
+    # float64 data (NumPy's default) into a float32 model: said so, not a bias mismatch
+    with pytest.raises(ValueError, match=r"input is torch.float64 but the model is torch.float32"):
+        model(torch.zeros(2, 1, SPACE.n_dofs, dtype=torch.float64))
     assert np.array_equal(model.decoder.boundary_dofs.numpy(), SPACE.boundary_dofs)
 
 

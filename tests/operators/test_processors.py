@@ -151,3 +151,7 @@ def test_processors_reject_bad_input():
         FEMultigrid([*hierarchy(unit_square(3), 1), *hierarchy(l_shape(3), 2)[1:]], 1, 1)
     with pytest.raises(ValueError, match="padding"):
         MgNO(1, 1, grid=(8, 8), padding="reflect")
+    with pytest.raises(ValueError, match=r"depth 5 needs at least 16 grid points per axis"):
+        LSM(3, 1)(torch.zeros(1, 3, 13, 20))
+    with pytest.raises(TypeError, match="FNO has no option 'width'; its options: n_modes"):
+        FNO(3, 1, width=8)
