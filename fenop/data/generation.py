@@ -222,18 +222,20 @@ def _samples_on_workers(
                     while in_flight[connection] < 3 and upcoming is not None:
                         if upcoming >= due + window:
                             break
-                        connection.send((seed, upcoming))
+                        try:
+                            connection.send((seed, upcoming))
+                        except OSError:  # its worker has died
+                            raise _died(processes[connection]) from None
                         in_flight[connection] += 1
                         upcoming = next(unsent, None)
                 sentinels = {processes[c].sentinel: processes[c] for c in connections}
                 for ready in multiprocessing.connection.wait([*connections, *sentinels]):
                     if ready in sentinels:
-                        raise _WorkerDied(_how_it_ended(sentinels[ready]))
+                        raise _died(sentinels[ready])
                     try:
                         index, result = ready.recv()
                     except (EOFError, OSError):  # died mid-message
-                        processes[ready].join(1.0)
-                        raise _WorkerDied(_how_it_ended(processes[ready])) from None
+                        raise _died(processes[ready]) from None
                     in_flight[ready] -= 1
                     done[index] = result
             result = done.pop(due)
@@ -262,13 +264,15 @@ def _restore(saved: dict[str, str | None]) -> None:
             os.environ[name] = value
 
 
-def _how_it_ended(process: multiprocessing.process.BaseProcess) -> str:
+def _died(process: multiprocessing.process.BaseProcess) -> _WorkerDied:
+    """The error for a worker that has ended (or whose pipe has), saying how it ended."""
+    process.join(1.0)  # its pipe can close a moment before its exit status is known
     code = process.exitcode
     if code is None:
-        return "its pipe closed"
+        return _WorkerDied("its pipe closed")
     if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit status {code}"
+        return _WorkerDied(f"killed by {signal.Signals(-code).name}")
+    return _WorkerDied(f"exit status {code}")
 
 
 def _samples_on_cluster(recipe: _Recipe, seed: int, indices: range, scheduler: str):
