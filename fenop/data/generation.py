@@ -219,9 +219,11 @@ def _samples_on_workers(
         for due in indices:
             while due not in done:
                 for connection in connections:
-                    while in_flight[connection] < 3 and upcoming is not None:
-                        if upcoming >= due + window:
-                            break
+                    while (
+                        in_flight[connection] < 3
+                        and upcoming is not None
+                        and upcoming < due + window
+                    ):
                         try:
                             connection.send((seed, upcoming))
                         except OSError:  # its worker has died
