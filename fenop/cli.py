@@ -104,16 +104,30 @@ def _generate(args) -> int:
 
 
 def _train(args) -> int:
+    from fenop.train.config import read_config
     from fenop.train.run import train_from_config
 
     output = args.resume if isinstance(args.resume, str) else None
-    history = train_from_config(
-        args.config,
-        resume=bool(args.resume),
-        output=output,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    try:
+        history = train_from_config(
+            args.config,
+            resume=bool(args.resume),
+            output=output,
+            device=args.device,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        last = Path(output or read_config(args.config)["training"]["output"]) / "last"
+        if (last / "training.json").is_file():
+            epoch = json.loads((last / "training.json").read_text())["epoch"]
+            print(
+                f"fenop train: interrupted: {last} holds epoch {epoch}; "
+                f"`fenop train {args.config} --resume` continues from there",
+                file=sys.stderr,
+            )
+        else:
+            print("fenop train: interrupted before the first epoch ended", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if history and not args.quiet:
         last = history[-1]
         l2, h1 = last["test_l2"], last["test_h1"]
@@ -361,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # commands that leave nothing to resume: nothing to add
+        print(f"fenop {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except FloatingPointError as exc:  # a diverged training run
         print(f"fenop {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,9 @@
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -219,6 +221,33 @@ def test_train_resume(trained, capsys):
     config.write_text(CONFIG.replace("epochs = 2", "epochs = 3"))
     assert main(["train", str(config), "-q", "--resume"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_says_how_to_resume(trained):
+    config = trained / "long.toml"
+    # Enough epochs that the run is still going when it is interrupted.
+    config.write_text(CONFIG.replace("epochs = 2", "epochs = 2000").replace('"run"', '"long"'))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fenop.cli", "train", str(config), "-q"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (trained / "long" / "last").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130
+    last = trained / "long" / "last"
+    epoch = json.loads((last / "training.json").read_text())["epoch"]
+    assert stderr.strip().splitlines() == [
+        f"fenop train: interrupted: {last} holds epoch {epoch}; "
+        f"`fenop train {config} --resume` continues from there"
+    ]
 
 
 def test_predict_on_another_mesh_and_bad_input(trained, capsys):
