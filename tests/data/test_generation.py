@@ -31,6 +31,16 @@ def _run_script(script: Path, text: str, *, timeout: float = 300):
     )
 
 
+def _generating(path: Path, n: int, *, side: int, seed: int, chunk_size: int):
+    """A process generating ``n`` Darcy samples on ``unit_square(side)`` into ``path``."""
+    script = (
+        "from fenop.data import generate; from fenop.fem import unit_square; "
+        f"generate('darcy', {n}, unit_square({side}), seed={seed}, path=r'{path}', "
+        f"chunk_size={chunk_size}, progress=False)"
+    )
+    return subprocess.Popen([sys.executable, "-c", script])
+
+
 def test_one_and_two_workers_write_the_same_file(tmp_path):
     one = generate(
         "darcy", 10, l_shape(9), seed=2, path=tmp_path / "one.h5", chunk_size=4, progress=False
@@ -110,24 +120,12 @@ def test_interrupted_run_resumes_to_the_same_values(tmp_path, monkeypatch):
 def test_killed_process_leaves_a_readable_file_that_resumes(tmp_path):
     """SIGKILL mid-run: the complete chunks survive and the rerun matches an uninterrupted run."""
     path = tmp_path / "killed.h5"
-    script = (
-        "from fenop.data import generate; from fenop.fem import unit_square; "
-        f"generate('darcy', 400, unit_square(17), seed=4, path=r'{path}', chunk_size=5, "
-        "progress=False)"
-    )
-    process = subprocess.Popen([sys.executable, "-c", script])
+    process = _generating(path, 400, side=17, seed=4, chunk_size=5)
     try:
-        deadline = time.monotonic() + 120
-        complete = 0
-        while complete < 10 and time.monotonic() < deadline:
-            time.sleep(0.05)
-            try:
-                with h5py.File(path, "r", locking=False) as f:
-                    complete = int(f.attrs["n_complete"])
-            except (OSError, KeyError):
-                pass
+        wait_for_samples(path, 10)
         process.send_signal(signal.SIGKILL)
     finally:
+        process.kill()
         process.wait()
     header = read_header(path)
     assert 10 <= header["n_complete"] < 400, "the run ended before it could be killed mid-way"
@@ -165,12 +163,7 @@ def test_existing_file_of_another_recipe_is_left_alone(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="the lock needs flock")
 def test_a_second_generation_into_the_same_file_is_refused_while_the_first_runs(tmp_path):
     path = tmp_path / "d.h5"
-    script = (
-        "from fenop.data import generate; from fenop.fem import unit_square; "
-        f"generate('darcy', 3000, unit_square(33), seed=0, path=r'{path}', chunk_size=8, "
-        "progress=False)"
-    )
-    process = subprocess.Popen([sys.executable, "-c", script])
+    process = _generating(path, 3000, side=33, seed=0, chunk_size=8)
     try:
         wait_for_samples(path, 8)
         before = read_header(path)["n_complete"]
