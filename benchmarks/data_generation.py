@@ -129,17 +129,19 @@ def throughput_and_memory(n_samples: int, resolution: int) -> None:
 _CALLER = """\
 import sys, time
 import neuralop, torch
-import fenop.data.generation as generation
+import multiprocessing
+import fenop.data._workers as local_workers
+from fenop.data import generate
 from fenop.fem import unit_square
 
 if __name__ == "__main__":
     method, workers, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     if method == "spawn":  # else fenop's own choice, a forkserver with its preload
-        context = generation.multiprocessing.get_context("spawn")
-        generation._pool_context = lambda: context
+        context = multiprocessing.get_context("spawn")
+        local_workers._pool_context = lambda: context
     start = time.perf_counter()
-    generation.generate("darcy", 4 * workers, unit_square(17), seed=0, path=path,
-                        workers=workers, progress=False)
+    generate("darcy", 4 * workers, unit_square(17), seed=0, path=path, workers=workers,
+             progress=False)
     print(time.perf_counter() - start)
 """
 

@@ -163,10 +163,11 @@ def _model_on(checkpoint: str, data: Path, device: str | None, *, with_outputs: 
 
 
 def _batches(path: Path, inputs: list[str], batch: int):
-    import h5py
     import numpy as np
 
-    with h5py.File(path, "r") as f:
+    from fenop.data.store import open_h5
+
+    with open_h5(path, "r") as f:
         n = int(f.attrs["n_complete"])
         for start in range(0, n, batch):
             yield start, np.stack([f[name][start : start + batch] for name in inputs], axis=1)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fenop.data.store import store_space, validate_store
+from fenop.data.store import open_h5, store_space, validate_store
 from fenop.fem import FunctionSpace
 
 # Samples read per block when fitting normalisers: memory stays flat in the file size.
@@ -140,7 +140,7 @@ class FieldDataset(Dataset):
     def _fields(self) -> h5py.File:
         # h5py handles do not survive fork: each process opens its own.
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            self._file = open_h5(self.path, "r")
             self._pid = os.getpid()
         return self._file
 

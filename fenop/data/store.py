@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -75,6 +76,30 @@ def _attach(f: h5py.File, dataset: h5py.Dataset, dims: Sequence[str]) -> None:
         dataset.dims[axis].attach_scale(_scale(f, name, dataset.shape[axis]))
 
 
+def open_h5(path: str | os.PathLike, mode: str, *, patience: float = 60.0) -> h5py.File:
+    """``h5py.File(path, mode)``, waiting while another process has the file open.
+
+    HDF5 locks a file for as long as a process has it open: the writer of a store
+    (its generation, between chunks) and its readers (``fenop info``, a resumed
+    run's check) each wait for the other's brief open rather than fail. After
+    ``patience`` seconds, as when a notebook keeps the file open, a StoreError
+    says so.
+    """
+    deadline, delay = time.monotonic() + patience, 0.01
+    while True:
+        try:
+            return h5py.File(path, mode)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    path,
+                    f"locked by another process that has it open (waited {patience:g} s); "
+                    "close it there, or wait for that process to end",
+                ) from None
+            time.sleep(delay)
+            delay = min(2 * delay, 0.5)
+
+
 def create_store(
     path: str | os.PathLike,
     space: FunctionSpace,
@@ -101,7 +126,7 @@ def create_store(
     reserved = {"mesh_points", "mesh_cells", "sample", "dof", "vertex", "cell", "corner", "axis"}
     if reserved & set(fields):
         raise ValueError(f"field names {sorted(reserved & set(fields))} are reserved")
-    with h5py.File(path, "w") as f:
+    with open_h5(path, "w") as f:
         f.attrs["fenop_format"] = FORMAT_VERSION
         f.attrs["element"] = space.element
         f.attrs["fields"] = json.dumps(list(fields))
@@ -133,7 +158,7 @@ def write_samples(path: str | os.PathLike, start: int, values: Mapping[str, np.n
         start: index of the first sample; must equal the store's ``n_complete``.
         values: per field, an array ``(k, n_dofs)``.
     """
-    with h5py.File(path, "r+") as f:
+    with open_h5(path, "r+") as f:
         if start != int(f.attrs["n_complete"]):
             raise ValueError(
                 f"{os.fspath(path)}: samples must be written in order: next is "
@@ -157,7 +182,7 @@ def _open(path: str | os.PathLike) -> h5py.File:
     if problem := missing_file(path):
         raise StoreError(path, problem)
     try:
-        return h5py.File(path, "r")
+        return open_h5(path, "r")
     except OSError as exc:
         raise StoreError(path, f"not a readable HDF5 file (truncated or corrupt?): {exc}") from None
 

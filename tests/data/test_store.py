@@ -1,4 +1,8 @@
+import contextlib
 import hashlib
+import subprocess
+import sys
+import time
 
 import h5py
 import numpy as np
@@ -8,6 +12,7 @@ import xarray as xr
 from fenop.data.store import (
     StoreError,
     create_store,
+    open_h5,
     open_store,
     store_space,
     validate_store,
@@ -121,3 +126,37 @@ def test_writes_must_come_in_order(store):
         write_samples(path, 2, {"a": np.zeros((1, space.n_dofs)), "u": np.zeros((1, space.n_dofs))})
     with pytest.raises(ValueError, match=r"reserved"):
         create_store(path.parent / "x.h5", space, fields=["mesh_points"], n_samples=1)
+
+
+@contextlib.contextmanager
+def _held_open(path, seconds: float):
+    """While it lasts, another process has ``path`` open for reading (HDF5 locks it)."""
+    script = (
+        "import sys, time, h5py; f = h5py.File(sys.argv[1], 'r'); print('open', flush=True); "
+        "time.sleep(float(sys.argv[2]))"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(path), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline() == "open\n"
+        yield
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_writes_wait_while_a_reader_has_the_file_open(tmp_path):
+    space = FunctionSpace(l_shape(5), dirichlet="boundary")
+    path = tmp_path / "s.h5"
+    create_store(path, space, fields=["u"], n_samples=2)
+    with _held_open(path, 1.0):
+        start = time.monotonic()
+        # Without waiting, HDF5 refuses the write while the reader holds its lock
+        # (a `fenop info` during generation stopped the generation).
+        write_samples(path, 0, {"u": np.ones((2, space.n_dofs))})
+        assert time.monotonic() - start > 0.5
+    assert open_store(path)["u"].values.sum() == 2 * space.n_dofs
+    with _held_open(path, 30.0):
+        with pytest.raises(StoreError, match=r"locked by another process .* \(waited 0.5 s\)"):
+            open_h5(path, "r+", patience=0.5)
