@@ -2,7 +2,10 @@
 
 Sample ``i`` depends only on ``(seed, i)``, so the file is the same whatever the
 number of workers, and a resumed run completes an interrupted one with exactly the
-values an uninterrupted run would have written.
+values an uninterrupted run would have written. One process at a time generates
+into a store (a lock file beside it says which); readers may open the store
+meanwhile. Where the samples are computed (here, local workers, a dask cluster):
+:mod:`fenop.data._workers`.
 
 >>> import tempfile, pathlib
 >>> from fenop.fem import unit_square
