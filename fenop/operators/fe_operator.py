@@ -134,7 +134,8 @@ class FEOperator(KeepsComplexModule):
                 f"got {tuple(x.shape)}"
             )
         self.space_in.check_coefficients(x, "input")
-        weight = next(self.processor.parameters(), None)
+        # (a real one: FNO's spectral weights are complex whatever the model's dtype)
+        weight = next((w for w in self.processor.parameters() if w.is_floating_point()), None)
         if weight is not None and weight.dtype != x.dtype:
             # Caught here: the processor's own error names a convolution's bias.
             raise ValueError(
