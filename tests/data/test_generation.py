@@ -1,3 +1,4 @@
+import errno
 import os
 import re
 import signal
@@ -188,6 +189,16 @@ def test_a_second_generation_into_the_same_file_is_refused_while_the_first_runs(
         generate("darcy", 3000, unit_square(33), seed=1, path=path, progress=False)
     generate("darcy", 4, unit_square(9), seed=0, path=tmp_path / "e.h5", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.h5", "e.h5"]  # no lock files
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the lock needs flock")
+def test_generation_goes_on_unguarded_where_the_file_system_has_no_flock(tmp_path, monkeypatch):
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")  # as some network mounts say
+
+    monkeypatch.setattr(generation.fcntl, "flock", no_locks)
+    generate("darcy", 3, unit_square(5), seed=0, path=tmp_path / "d.h5", progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["d.h5"]
 
 
 def test_bad_arguments_write_nothing(tmp_path):
