@@ -85,10 +85,15 @@ def open_h5(path: str | os.PathLike, mode: str, *, patience: float = 60.0) -> h5
     ``patience`` seconds, as when a notebook keeps the file open, a StoreError
     says so.
     """
+    return _waiting(lambda: h5py.File(path, mode), path, patience)
+
+
+def _waiting(opener, path: str | os.PathLike, patience: float):
+    """``opener()``, again while HDF5 says another process has the file locked."""
     deadline, delay = time.monotonic() + patience, 0.01
     while True:
         try:
-            return h5py.File(path, mode)
+            return opener()
         except BlockingIOError:
             if time.monotonic() > deadline:
                 raise StoreError(
@@ -317,7 +322,7 @@ def open_store(path: str | os.PathLike, *, allow_partial: bool = False):
     import xarray as xr
 
     header, space = _validate(path, None, allow_partial, check_values=True)
-    ds = xr.open_dataset(path, engine="h5netcdf")
+    ds = _waiting(lambda: xr.open_dataset(path, engine="h5netcdf"), path, 60.0)
     names = ("x", "y", "z")[: space.dim]
     view = ds.isel(sample=slice(0, int(header["n_complete"]))).assign_coords(
         {n: ("dof", space.dof_points[:, i]) for i, n in enumerate(names)}

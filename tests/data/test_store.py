@@ -129,14 +129,16 @@ def test_writes_must_come_in_order(store):
 
 
 @contextlib.contextmanager
-def _held_open(path, seconds: float):
-    """While it lasts, another process has ``path`` open for reading (HDF5 locks it)."""
+def _held_open(path, seconds: float, *, mode: str = "r"):
+    """While it lasts, another process has ``path`` open (HDF5 locks it)."""
     script = (
-        "import sys, time, h5py; f = h5py.File(sys.argv[1], 'r'); print('open', flush=True); "
-        "time.sleep(float(sys.argv[2]))"
+        "import sys, time, h5py; f = h5py.File(sys.argv[1], sys.argv[3]); "
+        "print('open', flush=True); time.sleep(float(sys.argv[2]))"
     )
     process = subprocess.Popen(
-        [sys.executable, "-c", script, str(path), str(seconds)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", script, str(path), str(seconds), mode],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert process.stdout.readline() == "open\n"
@@ -156,7 +158,8 @@ def test_writes_wait_while_a_reader_has_the_file_open(tmp_path):
         # (a `fenop info` during generation stopped the generation).
         write_samples(path, 0, {"u": np.ones((2, space.n_dofs))})
         assert time.monotonic() - start > 0.5
-    assert open_store(path)["u"].values.sum() == 2 * space.n_dofs
+    with _held_open(path, 1.0, mode="r+"), open_store(path) as opened:  # a writer's turn
+        assert opened["u"].values.sum() == 2 * space.n_dofs
     with _held_open(path, 30.0):
         with pytest.raises(StoreError, match=r"locked by another process .* \(waited 0.5 s\)"):
             open_h5(path, "r+", patience=0.5)
