@@ -29,6 +29,13 @@ def unknown_options(target: Callable, given: Iterable[str], *, name: str) -> str
     )
 
 
+def missing_folder(path: Path) -> str | None:
+    """Why ``path`` cannot be written (its folder does not exist), or ``None``."""
+    if path.parent.is_dir():
+        return None
+    return f"cannot be written, folder {path.parent} does not exist"
+
+
 def missing_file(path: Path) -> str | None:
     """Why ``path`` is not a file to read (``"no such file"``, ``"a directory, not a
     file"``), or ``None`` if it is one."""

@@ -50,8 +50,10 @@ def _positive_int(text: str) -> int:
 
 def _writable(path: Path) -> Path:
     """``path``, or a ValueError naming it when the folder it would be written in is missing."""
-    if not path.parent.is_dir():
-        raise ValueError(f"{path}: cannot be written, folder {path.parent} does not exist")
+    from fenop._checks import missing_folder
+
+    if problem := missing_folder(path):
+        raise ValueError(f"{path}: {problem}")
     return path
 
 
@@ -69,7 +71,7 @@ def _mesh(args):
 def _generate(args) -> int:
     from fenop.data import SampleError, WorkerDiedError, generate, read_header
 
-    output = _writable(Path(args.output))
+    output = Path(args.output)  # generate() checks that it can be written
     mesh = _mesh(args)
     try:
         generate(

@@ -85,7 +85,7 @@ def _worker(recipe: Recipe, connection: multiprocessing.connection.Connection) -
     """A local worker: computes the ``(seed, index)`` tasks it receives, in turn.
 
     It ends when its caller closes the pipe (after the last task, or however the
-    caller ended) or sends ``None``. Results go out from a thread of their own, so
+    caller ended). Results go out from a thread of their own, so
     that the worker computes on while its caller is busy (writing a chunk) rather
     than waiting for it to read. Ctrl-C is the caller's to handle: it ends the
     workers itself, without a traceback from each.
@@ -104,8 +104,8 @@ def _worker(recipe: Recipe, connection: multiprocessing.connection.Connection) -
     sender = threading.Thread(target=send_results, daemon=True)
     sender.start()
     try:
-        while (task := connection.recv()) is not None:
-            seed, index = task
+        while True:
+            seed, index = connection.recv()
             try:
                 result = _compute(family, seed, index)
             except SampleFailed as failure:
@@ -181,6 +181,7 @@ def _on_workers(
             connections.append(ours)
             processes[ours] = process
         _restore(saved)
+        sentinels = {process.sentinel: process for process in processes.values()}
         in_flight = {connection: 0 for connection in connections}
         done: dict[int, dict | SampleFailed] = {}
         unsent = iter(indices)
@@ -204,7 +205,6 @@ def _on_workers(
                             raise _died(processes[connection]) from None
                         in_flight[connection] += 1
                         upcoming = next(unsent, None)
-                sentinels = {processes[c].sentinel: processes[c] for c in connections}
                 for ready in multiprocessing.connection.wait([*connections, *sentinels]):
                     if ready in sentinels:
                         raise _died(sentinels[ready])

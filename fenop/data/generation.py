@@ -33,7 +33,7 @@ import numpy as np
 import skfem
 from tqdm.auto import tqdm
 
-from fenop._checks import unknown_options
+from fenop._checks import missing_folder, unknown_options
 from fenop.data import _workers
 from fenop.data.pdes import PDEFamily, get_pde
 from fenop.data.store import StoreError, create_store, read_header, store_space, write_samples
@@ -101,8 +101,6 @@ def _only_writer(path: Path):
     if fcntl is None or os.environ.get(_workers.WORKER_MARK) == "1":
         yield  # (no flock on Windows)
         return
-    if not path.parent.is_dir():
-        raise StoreError(path, f"cannot be written, folder {path.parent} does not exist")
     lock = path.with_name(f".{path.name}.lock")
     while True:
         handle = open(lock, "a+")  # held open, with its lock, for the whole generation
@@ -197,6 +195,8 @@ def generate(
         raise ValueError(f"`chunk_size` must be positive, got {chunk_size}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
+    if problem := missing_folder(path):
+        raise StoreError(path, problem)
     family_type = get_pde(pde)
     problem = unknown_options(family_type, options, name=family_type.name)
     if problem:

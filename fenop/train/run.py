@@ -120,7 +120,8 @@ def train_from_config(
             device = resolve_device(config["training"]["device"])
         except ValueError as exc:
             raise ConfigError(config_path, f"training.device: {exc}") from None
-    device = resolve_device(device)
+    else:
+        device = resolve_device(device)
     if output is not None:
         config["training"]["output"] = str(output)
     if resume and not (Path(config["training"]["output"]) / "last").is_dir():

@@ -15,7 +15,7 @@ import fenop.data.generation as generation
 from fenop.data import StoreError, generate, open_store, read_header
 from fenop.data.pdes import Darcy
 from fenop.fem import l_shape, unit_square
-from tests.helpers import generation_workers, process_running, wait_for_samples
+from tests.helpers import ROOT, generation_workers, process_running, wait_for_samples
 
 
 def _values(path) -> dict:
@@ -27,8 +27,13 @@ def _run_script(script: Path, text: str, *, timeout: float = 300):
     """Write ``text`` to ``script`` and run it in a fresh interpreter (whose workers
     run the script's module again, as they would a user's)."""
     script.write_text(text)
+    # The repository on the path, so that a script can use this module's helpers.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     return subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, env=env
     )
 
 
@@ -256,13 +261,9 @@ def test_a_sample_failing_in_a_worker_is_named(tmp_path):
         "from fenop.data import generate\n"
         "from fenop.data.pdes import Darcy\n"
         "from fenop.fem import unit_square\n"
-        "real = Darcy.sample\n"
-        "def sample(self, seed, index):\n"
-        "    if index == 6:\n"
-        "        raise FloatingPointError('diverged')\n"
-        "    return real(self, seed, index)\n"
+        "from tests.data.test_generation import _fail_at\n"
         "# At module level: each worker runs this script again, and fails too.\n"
-        "Darcy.sample = sample\n"
+        "Darcy.sample = _fail_at(6, FloatingPointError('diverged'))\n"
         "if __name__ == '__main__':\n"
         f"    generate('darcy', 12, unit_square(9), seed=3, path=r'{path}', workers=2, "
         "chunk_size=3, progress=False)\n",
