@@ -176,3 +176,13 @@ def test_darcy_femultigrid_levels_halve_the_cells_down_to_the_coarsest():
     assert [s.n_dofs for s in spaces] == [36, 121, 484, 1849]
     pairs = itertools.pairwise(spaces)
     assert [_is_refinement(fine.mesh, coarse.mesh) for coarse, fine in pairs] == [True, False, True]
+
+
+def test_train_startup_runs(capsys):
+    results = load_script("benchmarks/train_startup.py").main(
+        ["--resolution", "9", "--train", "6", "--test", "2", "--rounds", "1", "--steps", "1"]
+        + ["--batch", "2", "--processors", "mgno"]
+    )
+    startup = next(r for (task, _), r in results.items() if task == "start-up")
+    assert startup["seconds"] > 0 and startup["store_opens"] >= 1
+    assert "| step mgno |" in capsys.readouterr().out
