@@ -179,9 +179,9 @@ def test_darcy_femultigrid_levels_halve_the_cells_down_to_the_coarsest():
 
 
 def test_train_startup_runs(capsys):
+    sizes = ["--resolution", "9", "--train", "6", "--test", "2", "--batch", "2"]
     results = load_script("benchmarks/train_startup.py").main(
-        ["--resolution", "9", "--train", "6", "--test", "2", "--rounds", "1", "--steps", "1"]
-        + ["--batch", "2", "--processors", "mgno"]
+        [*sizes, "--rounds", "1", "--steps", "1", "--processors", "mgno"]
     )
     startup = next(r for (task, _), r in results.items() if task == "start-up")
     assert startup["seconds"] > 0 and startup["store_opens"] >= 1
