@@ -22,8 +22,7 @@ import scipy.sparse.linalg
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 
 from fenop.data.pdes import get_pde
-from fenop.fem import FunctionSpace, unit_square
-from fenop.operators import hierarchy
+from fenop.fem import FunctionSpace, hierarchy, unit_square
 
 
 def _system(space: FunctionSpace) -> tuple[scipy.sparse.csc_array, np.ndarray]:

@@ -22,8 +22,8 @@ import time
 import torch
 
 from fenop.fem import FEDecoder, FunctionSpace, unit_square
-from fenop.fem._sparse import SparseMatrix
-from fenop.operators.multigrid import _stencils
+from fenop.fem.sparse import SparseMatrix
+from fenop.operators.fe_multigrid import _stencils
 
 
 def _cases():

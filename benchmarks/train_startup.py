@@ -86,7 +86,12 @@ def _step(processor: str, resolution: int, batch: int, steps: int) -> dict:
     import torch
 
     from fenop.fem import FunctionSpace, RelativeL2Loss, unit_square
-    from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
+    from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO
+
+    try:
+        from fenop.fem import hierarchy
+    except ImportError:  # fenop before the hierarchy moved to the FE layer
+        from fenop.operators import hierarchy
 
     torch.manual_seed(0)
     space = FunctionSpace(unit_square(resolution), dirichlet="boundary")

@@ -6,7 +6,7 @@ in BENCHMARKS.md.
 
 import itertools
 
-from fenop.operators.multigrid import _is_refinement
+from fenop.fem import is_refinement
 from tests.helpers import load_script
 
 
@@ -54,8 +54,7 @@ def test_darcy_without_plain_fno_leaves_the_step_ratio_out(capsys):
 def test_darcy_seed_sets_the_initialisation():
     import torch
 
-    from fenop.fem import FunctionSpace, unit_square
-    from fenop.operators import hierarchy
+    from fenop.fem import FunctionSpace, hierarchy, unit_square
 
     darcy = load_script("benchmarks/darcy.py")
     space = FunctionSpace(unit_square(9), dirichlet="boundary")
@@ -175,7 +174,7 @@ def test_darcy_femultigrid_levels_halve_the_cells_down_to_the_coarsest():
     spaces = darcy.square_hierarchy([6, 11, 22, 43])
     assert [s.n_dofs for s in spaces] == [36, 121, 484, 1849]
     pairs = itertools.pairwise(spaces)
-    assert [_is_refinement(fine.mesh, coarse.mesh) for coarse, fine in pairs] == [True, False, True]
+    assert [is_refinement(fine.mesh, coarse.mesh) for coarse, fine in pairs] == [True, False, True]
 
 
 def test_train_startup_runs(capsys):

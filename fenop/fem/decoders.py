@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from fenop._types import FETensor, GridTensor
-from fenop.fem._sparse import SparseMatrix
 from fenop.fem.encoders import bounding_grid
 from fenop.fem.space import FunctionSpace
+from fenop.fem.sparse import SparseMatrix
 
 BoundaryValues = float | np.ndarray | torch.Tensor | Callable[[np.ndarray], np.ndarray]
 

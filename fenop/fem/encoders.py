@@ -21,10 +21,10 @@ from scipy.spatial import cKDTree
 from torch import nn
 
 from fenop._types import FETensor, GridTensor
-from fenop.fem._sparse import SparseMatrix
 from fenop.fem.grid import Grid, as_resolution
 from fenop.fem.mesh import bounding_box
 from fenop.fem.space import FunctionSpace
+from fenop.fem.sparse import SparseMatrix
 
 
 def bounding_grid(space: FunctionSpace, resolution: int | Sequence[int]) -> Grid:

@@ -20,8 +20,8 @@ from __future__ import annotations
 from torch import nn
 
 from fenop._types import FETensor
-from fenop.fem._sparse import SparseMatrix
 from fenop.fem.space import FunctionSpace
+from fenop.fem.sparse import SparseMatrix
 
 
 class SpaceInterpolator(nn.Module):

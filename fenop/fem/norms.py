@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from fenop._types import FETensor
-from fenop.fem._sparse import SparseMatrix, apply
 from fenop.fem.space import FunctionSpace
+from fenop.fem.sparse import SparseMatrix, apply
 
 _REDUCTIONS = ("mean", "sum", "none")
 

@@ -21,8 +21,8 @@ import skfem
 import torch
 from skfem.helpers import dot, grad
 
-from fenop.fem._sparse import SparseMatrix, to_torch_csr
 from fenop.fem.locate import PointLocator
+from fenop.fem.sparse import SparseMatrix, to_torch_csr
 
 # (mesh type, degree) -> (element name used in stores and checkpoints, scikit-fem element)
 _ELEMENTS: dict[tuple[type, int], tuple[str, type]] = {

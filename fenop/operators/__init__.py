@@ -1,8 +1,9 @@
 """Operators: grid processors (FNO, MgNO, LSM), the mesh-native FEMultigrid, FEOperator."""
 
+from fenop.operators.fe_multigrid import FEMultigrid
 from fenop.operators.fe_operator import FEOperator
 from fenop.operators.fno import FNO
 from fenop.operators.latent_spectral import LSM
-from fenop.operators.multigrid import FEMultigrid, MgNO, hierarchy
+from fenop.operators.mgno import MgNO
 
-__all__ = ["FNO", "LSM", "FEMultigrid", "FEOperator", "MgNO", "hierarchy"]
+__all__ = ["FNO", "LSM", "FEMultigrid", "FEOperator", "MgNO"]

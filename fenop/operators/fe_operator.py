@@ -24,7 +24,7 @@ from fenop.fem.decoders import BoundaryValues, boundary_tensor, impose_dirichlet
 from fenop.fem.interpolation import SpaceInterpolator
 from fenop.fem.mesh import bounding_box
 from fenop.operators._module import KeepsComplexModule
-from fenop.operators.multigrid import FEMultigrid
+from fenop.operators.fe_multigrid import FEMultigrid
 
 
 class _Affine(nn.Module):

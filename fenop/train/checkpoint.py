@@ -37,8 +37,8 @@ import skfem
 import torch
 from safetensors.torch import load_file, save_file
 
-from fenop.fem import FunctionSpace
-from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
+from fenop.fem import FunctionSpace, hierarchy
+from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO
 
 FORMAT_VERSION = 1
 PROCESSORS = {"fno": FNO, "mgno": MgNO, "lsm": LSM, "femultigrid": FEMultigrid}

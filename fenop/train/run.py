@@ -9,9 +9,9 @@ import torch
 
 from fenop._checks import unknown_options
 from fenop.data import FieldDataset, read_header
-from fenop.fem import FunctionSpace, load_mesh
+from fenop.fem import FunctionSpace, hierarchy, load_mesh
 from fenop.fem.mesh import DOMAINS
-from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
+from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO
 from fenop.train.config import ConfigError, read_config
 from fenop.train.trainer import Trainer, resolve_device
 

@@ -5,7 +5,7 @@ import scipy.sparse
 import torch
 
 from fenop.fem import FunctionSpace, unit_square
-from fenop.fem._sparse import SparseMatrix, apply
+from fenop.fem.sparse import SparseMatrix, apply
 from tests.helpers import DEVICES
 
 

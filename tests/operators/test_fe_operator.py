@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from fenop.fem import FunctionSpace, l_shape, unit_square
-from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
+from fenop.fem import FunctionSpace, hierarchy, l_shape, unit_square
+from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO
 from tests.helpers import DEVICES
 
 SPACE = FunctionSpace(l_shape(9), dirichlet="boundary")

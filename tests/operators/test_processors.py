@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from fenop.fem import FunctionSpace, l_shape, load_mesh, unit_square
-from fenop.operators import FNO, LSM, FEMultigrid, MgNO, hierarchy
-from fenop.operators.multigrid import MgConv, _StencilOperator, _stencils, grid_levels
+from fenop.fem import FunctionSpace, hierarchy, l_shape, load_mesh, unit_square
+from fenop.operators import FNO, LSM, FEMultigrid, MgNO
+from fenop.operators.fe_multigrid import _StencilOperator, _stencils
+from fenop.operators.mgno import MgConv, grid_levels
 from tests.helpers import write_unstructured_square
 
 

@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from fenop.data import FieldDataset, generate
-from fenop.fem import RelativeL2Loss, load_mesh, unit_square
-from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
+from fenop.fem import RelativeL2Loss, hierarchy, load_mesh, unit_square
+from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO
 from tests.helpers import write_unstructured_square
 
 N_TEST = 50

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fenop.fem import FunctionSpace, l_shape
-from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO, hierarchy
+from fenop.fem import FunctionSpace, hierarchy, l_shape
+from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO
 from fenop.train import CheckpointError, load_checkpoint, load_model, read_config, save_checkpoint
 
 SPACE = FunctionSpace(l_shape(9), dirichlet="boundary")

@@ -23,7 +23,7 @@ import torch
 
 from fenop.data.pdes.base import DirichletResidual, PDEFamily
 from fenop.fem import FunctionSpace
-from fenop.fem.weighted import WeightedStiffness
+from fenop.fem.weighted_stiffness import WeightedStiffness
 
 
 class Darcy(PDEFamily):

@@ -3,7 +3,7 @@ import skfem
 from skfem.helpers import dot, grad
 
 from fenop.fem import FunctionSpace, l_shape, unit_cube, unit_square
-from fenop.fem.weighted import WeightedStiffness
+from fenop.fem.weighted_stiffness import WeightedStiffness
 
 
 @pytest.mark.parametrize(
