@@ -45,8 +45,8 @@ def main(argv=None) -> dict:
         train.space,
         FNO(4, 1, n_modes=(min(12, n // 2),) * 2, hidden_channels=32),
         resolution=n,
-        input_stats=(a.mean.tolist(), a.std.tolist()),
-        output_stats=(u.mean.tolist(), u.std.tolist()),
+        input_stats=a,
+        output_stats=u,
     )
     trainer = Trainer(
         model, train, test, epochs=epochs, lr=2e-3, directory=args.output, device="cpu"

@@ -45,8 +45,8 @@ def main(argv=None) -> dict:
         train.space,
         MgNO(4, 1, grid=grid, width=24, n_layers=3),
         resolution=grid,
-        input_stats=(a.mean.tolist(), a.std.tolist()),
-        output_stats=(u.mean.tolist(), u.std.tolist()),
+        input_stats=a,
+        output_stats=u,
     )
     trainer = Trainer(
         model, train, test, epochs=epochs, lr=2e-3, directory=args.output, device="cpu"

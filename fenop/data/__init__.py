@@ -5,7 +5,15 @@ from fenop.data.generation import SampleError, WorkerDiedError, generate
 from fenop.data.grf import GaussianRandomField
 from fenop.data.grid_files import convert_neuralop_darcy, read_neuralop_darcy
 from fenop.data.pdes import PDES, get_pde
-from fenop.data.store import StoreError, open_store, read_header, store_space, validate_store
+from fenop.data.store import (
+    StoreError,
+    StoreInfo,
+    open_store,
+    read_header,
+    read_store,
+    store_space,
+    validate_store,
+)
 
 __all__ = [
     "PDES",
@@ -14,6 +22,7 @@ __all__ = [
     "Normalizer",
     "SampleError",
     "StoreError",
+    "StoreInfo",
     "WorkerDiedError",
     "convert_neuralop_darcy",
     "generate",
@@ -21,6 +30,7 @@ __all__ = [
     "open_store",
     "read_header",
     "read_neuralop_darcy",
+    "read_store",
     "store_space",
     "validate_store",
 ]

@@ -1,4 +1,4 @@
-"""A torch Dataset over a store, and the normalisers fitted on it.
+"""A torch Dataset over a store, and the normalisers fitted on it (:class:`Normalizer`).
 
 >>> import tempfile, pathlib
 >>> from fenop.data import generate
@@ -18,68 +18,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from functools import cached_property
 
 import h5py
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
-from fenop.data.store import open_h5, store_space, validate_store
+from fenop.data.store import StoreInfo, open_h5, read_store, store_space
 from fenop.fem import FunctionSpace
+from fenop.fem.normalizer import Normalizer
 
 # Samples read per block when fitting normalisers: memory stays flat in the file size.
 _BLOCK = 256
-
-
-class Normalizer(nn.Module):
-    """Per-channel affine normalisation to zero mean and unit variance.
-
-    One mean and one standard deviation per channel, not per DOF: per-DOF statistics
-    would tie the model to one mesh, and fenop models move between meshes.
-
-    Args:
-        mean, std: ``(C,)`` statistics.
-
-    Shapes:
-        ``encode``/``decode``: ``(B, C, n_dofs)`` -> same.
-    """
-
-    def __init__(self, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor):
-        super().__init__()
-        mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
-        std = torch.as_tensor(std, dtype=torch.float64).reshape(-1)
-        if mean.shape != std.shape:
-            raise ValueError(
-                f"`mean` and `std` must have the same length, got {mean.shape} and {std.shape}"
-            )
-        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
-            raise ValueError(f"statistics must be finite with positive std, got {mean} and {std}")
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    def _check(self, x: torch.Tensor) -> None:
-        if x.ndim != 3 or x.shape[1] != len(self.mean):
-            raise ValueError(
-                f"input must have shape (batch, {len(self.mean)}, n_dofs), got {tuple(x.shape)}"
-            )
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        return (x - self.mean.to(x.dtype)[:, None]) / self.std.to(x.dtype)[:, None]
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        return x * self.std.to(x.dtype)[:, None] + self.mean.to(x.dtype)[:, None]
-
-    def to_dict(self) -> dict:
-        """JSON-ready statistics (for checkpoints' ``config.json``)."""
-        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Normalizer:
-        return cls(data["mean"], data["std"])
 
 
 class FieldDataset(Dataset):
@@ -90,29 +40,39 @@ class FieldDataset(Dataset):
     opened once per process, so DataLoader workers work.
 
     Args:
-        path: a complete, valid store (checked on construction).
+        store: a complete store: its path, or a :class:`~fenop.data.store.StoreInfo`
+            already read (then the file is not opened again to check it; several
+            splits of one store share its space).
         inputs, outputs: field names, in channel order.
         indices: the samples of this dataset (e.g. ``range(800)`` for a training
             split); default all.
         dtype: dtype of the returned tensors.
+        check_values: check that this dataset's samples hold no NaN or Inf (a
+            caller that checked them already passes ``False``).
     """
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        store: str | os.PathLike | StoreInfo,
         inputs: Sequence[str] = ("a",),
         outputs: Sequence[str] = ("u",),
         *,
         indices: Sequence[int] | None = None,
         dtype: torch.dtype = torch.float32,
+        check_values: bool = True,
     ):
-        self.path = os.fspath(path)
         self.inputs, self.outputs = list(inputs), list(outputs)
         if not self.inputs or not self.outputs:
             raise ValueError("`inputs` and `outputs` must each name at least one field")
-        header = validate_store(self.path, fields=self.inputs + self.outputs)
-        self.header = header
-        n_samples = int(header["n_samples"])
+        fields = self.inputs + self.outputs
+        if not isinstance(store, StoreInfo):
+            store = read_store(store, fields=fields)
+        elif not set(fields) <= set(store.fields) or store.n_complete < store.n_samples:
+            # read for other fields, or allowing partial stores: check it for these
+            store = read_store(store.path, fields=fields)
+        self.path, self.header = store.path, store.header
+        self._space: FunctionSpace | None = store.space
+        n_samples = store.n_samples
         self.indices = (
             np.arange(n_samples) if indices is None else np.asarray(indices, dtype=np.int64)
         )
@@ -120,21 +80,24 @@ class FieldDataset(Dataset):
             len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= n_samples)
         ):
             raise ValueError(f"`indices` must lie in [0, {n_samples}) for {self.path}")
+        if check_values:
+            store.check_values(fields, self.indices)
         self.dtype = dtype
         self._file: h5py.File | None = None
         self._pid: int | None = None
 
-    @cached_property
+    @property
     def space(self) -> FunctionSpace:
         """The FE space of the fields (mesh and element of the store)."""
-        return store_space(self.path)
+        if self._space is None:
+            self._space = store_space(self.path)
+        return self._space
 
     def __getstate__(self) -> dict:
         # For DataLoader workers started by spawn: an open h5py file does not pickle,
         # and the space is cheaper to rebuild than to send.
         state = dict(self.__dict__)
-        state.pop("space", None)
-        state["_file"] = state["_pid"] = None
+        state["_space"] = state["_file"] = state["_pid"] = None
         return state
 
     def _fields(self) -> h5py.File:

@@ -30,6 +30,7 @@ hold NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -42,15 +43,10 @@ import skfem
 
 from fenop._checks import missing_file
 from fenop.fem import FunctionSpace
+from fenop.fem.mesh import mesh_from_arrays
 
 FORMAT_VERSION = 1
 
-_MESH_TYPES = {
-    (1, 2): skfem.MeshLine1,
-    (2, 3): skfem.MeshTri1,
-    (2, 4): skfem.MeshQuad1,
-    (3, 4): skfem.MeshTet1,
-}
 _DEGREES = {"P1": 1, "P2": 2, "Q1": 1, "Q2": 2}
 # Rows checked for NaN/Inf per read while validating: bounds memory on large files.
 _VALIDATION_ROWS = 256
@@ -227,24 +223,94 @@ def _mesh(path, f: h5py.File) -> skfem.Mesh:
     for name in ("mesh_points", "mesh_cells"):
         if name not in f:
             raise StoreError(path, f"missing dataset {name!r}")
-    points, cells = f["mesh_points"][()], f["mesh_cells"][()]
-    if points.ndim != 2 or cells.ndim != 2:
-        raise StoreError(path, "mesh_points and mesh_cells must be 2-D")
-    kind = _MESH_TYPES.get((points.shape[1], cells.shape[1]))
-    if kind is None:
-        raise StoreError(
-            path, f"unsupported mesh: {points.shape[1]}-D points with {cells.shape[1]}-vertex cells"
-        )
-    if cells.size and (cells.min() < 0 or cells.max() >= len(points)):
-        raise StoreError(path, "mesh_cells refers to vertices that mesh_points does not have")
-    return kind(np.ascontiguousarray(points.T), np.ascontiguousarray(cells.T))
+    try:
+        return mesh_from_arrays(f["mesh_points"][()], f["mesh_cells"][()])
+    except ValueError as exc:
+        raise StoreError(path, f"mesh_points and mesh_cells: {exc}") from None
 
 
-def store_space(path: str | os.PathLike) -> FunctionSpace:
-    """The FE space a store's fields live in: its mesh, element and Dirichlet DOFs."""
+@dataclasses.dataclass(frozen=True)
+class StoreInfo:
+    """What a store holds, read in one opening: its header, its FE space, and which
+    fields are checked. Values are not read; :meth:`check_values` scans rows of them.
+
+    Attributes:
+        path: the file.
+        header: root attributes, JSON values decoded (:func:`read_header`).
+        space: the FE space of its fields (mesh, element, Dirichlet DOFs).
+        fields: the fields whose presence and shape were checked.
+    """
+
+    path: str
+    header: dict
+    space: FunctionSpace
+    fields: tuple[str, ...]  # those whose presence and shape were checked
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.header["n_samples"])
+
+    @property
+    def n_complete(self) -> int:
+        return int(self.header["n_complete"])
+
+    def check_values(self, fields: Iterable[str], rows: Iterable[int] | None = None) -> None:
+        """Raise a :class:`StoreError` if ``fields`` hold NaN or Inf in ``rows``
+        (default: every complete sample). Reads a block of rows at a time."""
+        rows = np.arange(self.n_complete) if rows is None else np.unique(np.asarray(rows))
+        with _open(self.path) as f:
+            for name in fields:
+                for start in range(0, len(rows), _VALIDATION_ROWS):
+                    block_rows = rows[start : start + _VALIDATION_ROWS]
+                    # contiguous rows are one slice; h5py reads others point by point
+                    if block_rows[-1] - block_rows[0] == len(block_rows) - 1:
+                        block = f[name][block_rows[0] : block_rows[-1] + 1]
+                    else:
+                        block = f[name][block_rows]
+                    bad = ~np.isfinite(block)
+                    if bad.any():
+                        row = int(block_rows[np.nonzero(bad.any(axis=1))[0][0]])
+                        raise StoreError(
+                            self.path, f"field {name!r} holds NaN or Inf in sample {row}"
+                        )
+
+
+def read_store(
+    path: str | os.PathLike, *, fields: Iterable[str] | None = None, allow_partial: bool = False
+) -> StoreInfo:
+    """Open a store once and check its structure; raise :class:`StoreError` naming the problem.
+
+    Checked: the file opens, is a fenop store of a format this version reads, its
+    mesh and element are valid, every listed field (and every one in ``fields``) is
+    present with shape ``(n_samples, n_dofs)``, and the store is complete (unless
+    ``allow_partial``). Values are checked by :meth:`StoreInfo.check_values`.
+    """
     with _open(path) as f:
         header = _header(path, f)
-        mesh = _mesh(path, f)
+        space = _space(path, header, _mesh(path, f))
+        listed = header["fields"]
+        wanted = list(listed) + [name for name in (fields or ()) if name not in listed]
+        n_samples, n_complete = int(header["n_samples"]), int(header["n_complete"])
+        for name in wanted:
+            if name not in f:
+                raise StoreError(path, f"missing field {name!r} (fields here: {sorted(listed)})")
+            shape = f[name].shape
+            if shape != (n_samples, space.n_dofs):
+                raise StoreError(
+                    path,
+                    f"field {name!r} has shape {shape}, expected ({n_samples}, {space.n_dofs}) "
+                    f"for {n_samples} samples of {space.element} on this mesh",
+                )
+    if n_complete < n_samples and not allow_partial:
+        raise StoreError(
+            path,
+            f"incomplete: {n_complete} of {n_samples} samples written (an interrupted "
+            "generation; run the same generate command again to complete it)",
+        )
+    return StoreInfo(os.fspath(path), header, space, tuple(wanted))
+
+
+def _space(path, header: dict, mesh: skfem.Mesh) -> FunctionSpace:
     dirichlet = header.get("dirichlet", "boundary")
     if dirichlet not in ("boundary", "none"):
         raise StoreError(path, f"unknown dirichlet attribute {dirichlet!r}")
@@ -259,6 +325,11 @@ def store_space(path: str | os.PathLike) -> FunctionSpace:
         raise StoreError(path, str(exc)) from None
 
 
+def store_space(path: str | os.PathLike) -> FunctionSpace:
+    """The FE space a store's fields live in: its mesh, element and Dirichlet DOFs."""
+    return read_store(path, allow_partial=True).space
+
+
 def validate_store(
     path: str | os.PathLike,
     *,
@@ -268,47 +339,14 @@ def validate_store(
 ) -> dict:
     """Check a store and return its header; raise :class:`StoreError` naming the problem.
 
-    Checked: the file opens, is a fenop store of a format this version reads, its
-    mesh is valid, every listed field (and every one in ``fields``) is present with
-    shape ``(n_samples, n_dofs)``, the store is complete (unless ``allow_partial``),
-    and (with ``check_values``) the complete samples hold no NaN or Inf.
+    :func:`read_store`'s checks, and (with ``check_values``) that the complete
+    samples of every field checked hold no NaN or Inf.
     """
-    return _validate(path, fields, allow_partial, check_values)[0]
-
-
-def _validate(path, fields, allow_partial: bool, check_values: bool) -> tuple[dict, FunctionSpace]:
-    """:func:`validate_store`, also returning the space it built on the way."""
-    space = store_space(path)
-    with _open(path) as f:
-        header = _header(path, f)
-        listed = header["fields"]
-        wanted = list(listed) + [name for name in (fields or ()) if name not in listed]
-        n_samples, n_complete = int(header["n_samples"]), int(header["n_complete"])
-        for name in wanted:
-            if name not in f:
-                raise StoreError(path, f"missing field {name!r} (fields here: {sorted(listed)})")
-            shape = f[name].shape
-            if shape != (n_samples, space.n_dofs):
-                raise StoreError(
-                    path,
-                    f"field {name!r} has shape {shape}, expected ({n_samples}, {space.n_dofs}) "
-                    f"for {n_samples} samples of {space.element} on this mesh",
-                )
-        if n_complete < n_samples and not allow_partial:
-            raise StoreError(
-                path,
-                f"incomplete: {n_complete} of {n_samples} samples written (an interrupted "
-                "generation; run the same generate command again to complete it)",
-            )
-        if check_values:
-            for name in wanted:
-                for start in range(0, n_complete, _VALIDATION_ROWS):
-                    block = f[name][start : min(start + _VALIDATION_ROWS, n_complete)]
-                    bad = ~np.isfinite(block)
-                    if bad.any():
-                        row = start + int(np.nonzero(bad.any(axis=1))[0][0])
-                        raise StoreError(path, f"field {name!r} holds NaN or Inf in sample {row}")
-    return header, space
+    store = read_store(path, fields=fields, allow_partial=allow_partial)
+    if check_values:
+        listed = store.header["fields"]
+        store.check_values(list(listed) + [n for n in (fields or ()) if n not in listed])
+    return store.header
 
 
 def open_store(path: str | os.PathLike, *, allow_partial: bool = False):
@@ -321,7 +359,9 @@ def open_store(path: str | os.PathLike, *, allow_partial: bool = False):
     """
     import xarray as xr
 
-    header, space = _validate(path, None, allow_partial, check_values=True)
+    store = read_store(path, allow_partial=allow_partial)
+    store.check_values(store.header["fields"])
+    header, space = store.header, store.space
     ds = _waiting(lambda: xr.open_dataset(path, engine="h5netcdf"), path, 60.0)
     names = ("x", "y", "z")[: space.dim]
     view = ds.isel(sample=slice(0, int(header["n_complete"]))).assign_coords(

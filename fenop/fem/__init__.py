@@ -13,6 +13,7 @@ from fenop.fem.hierarchy import hierarchy, is_refinement
 from fenop.fem.interpolation import SpaceInterpolator
 from fenop.fem.locate import PointLocator, locate
 from fenop.fem.mesh import l_shape, load_mesh, unit_cube, unit_interval, unit_square
+from fenop.fem.normalizer import Normalizer
 from fenop.fem.norms import RelativeH1Loss, RelativeL2Loss, h1_norm, l2_norm
 from fenop.fem.space import FunctionSpace
 from fenop.fem.sparse import SparseMatrix
@@ -23,6 +24,7 @@ __all__ = [
     "FunctionSpace",
     "Grid",
     "GridEncoder",
+    "Normalizer",
     "PointLocator",
     "RelativeH1Loss",
     "RelativeL2Loss",

@@ -47,6 +47,17 @@ def _nearest_boundary_dof_matrix(
     )
 
 
+def extra_channels(dim: int, *, mask: bool = True, coordinates: bool = True) -> int:
+    """Channels a :class:`GridEncoder` adds to its input on a ``dim``-dimensional grid:
+    the domain mask and one coordinate per axis (what a processor must take on top
+    of the fields).
+
+    >>> extra_channels(2)
+    3
+    """
+    return int(mask) + (dim if coordinates else 0)
+
+
 class GridEncoder(nn.Module):
     """Evaluates FE functions on a tensor grid over the mesh's bounding box.
 
@@ -94,7 +105,7 @@ class GridEncoder(nn.Module):
             extra.extend(
                 np.meshgrid(*(np.linspace(0.0, 1.0, n) for n in self.grid.shape), indexing="ij")
             )
-        self.extra_channels = len(extra)
+        self.extra_channels = extra_channels(space.dim, mask=mask, coordinates=coordinates)
         self.register_buffer(
             "extra",
             torch.from_numpy(np.stack(extra)) if extra else torch.zeros(0, *self.grid.shape),

@@ -24,6 +24,13 @@ import skfem
 from fenop._checks import missing_file
 
 SUPPORTED_MESHES = (skfem.MeshLine1, skfem.MeshTri1, skfem.MeshQuad1, skfem.MeshTet1)
+# (dimension, vertices per cell) -> mesh type: how stored arrays tell their type
+_BY_SHAPE = {
+    (1, 2): skfem.MeshLine1,
+    (2, 3): skfem.MeshTri1,
+    (2, 4): skfem.MeshQuad1,
+    (3, 4): skfem.MeshTet1,
+}
 
 
 def _vertices_per_side(n: int) -> np.ndarray:
@@ -121,6 +128,32 @@ def load_mesh(path: str | os.PathLike) -> skfem.Mesh:
             f"fenop supports {supported}"
         )
     return mesh
+
+
+def mesh_from_arrays(points: np.ndarray, cells: np.ndarray) -> skfem.Mesh:
+    """The mesh of ``points (n_vertices, dim)`` and ``cells (n_cells, corners)``, as stores
+    and checkpoints keep it; its type follows from ``dim`` and ``corners`` (lines,
+    triangles, quadrilaterals, tetrahedra). A ValueError says what is wrong.
+
+    >>> mesh_from_arrays(unit_square(3).p.T, unit_square(3).t.T)
+    <skfem MeshTri1 object>...
+    """
+    points, cells = np.asarray(points), np.asarray(cells)
+    if points.ndim != 2 or cells.ndim != 2:
+        raise ValueError(
+            f"mesh points and cells must be 2-D arrays, got shapes {points.shape} and {cells.shape}"
+        )
+    kind = _BY_SHAPE.get((points.shape[1], cells.shape[1]))
+    if kind is None:
+        raise ValueError(
+            f"unsupported mesh: {points.shape[1]}-D points with {cells.shape[1]}-vertex cells"
+        )
+    if cells.size and (cells.min() < 0 or cells.max() >= len(points)):
+        raise ValueError("the cells refer to vertices that the points do not have")
+    return kind(
+        np.ascontiguousarray(points.T, dtype=np.float64),
+        np.ascontiguousarray(cells.T, dtype=np.int64),
+    )
 
 
 def bounding_box(mesh: skfem.Mesh) -> tuple[np.ndarray, np.ndarray]:

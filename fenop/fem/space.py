@@ -146,6 +146,15 @@ class FunctionSpace:
                 f"got shape {tuple(coeffs.shape)}"
             )
 
+    def same_dofs(self, other: FunctionSpace) -> bool:
+        """Whether ``other`` has the same DOFs at the same points in the same order, so
+        that coefficients of one are coefficients of the other (to 1e-10 of the mesh's
+        size: the same mesh written to a file and read back)."""
+        if self.n_dofs != other.n_dofs or self.dim != other.dim:
+            return False
+        size = float(np.ptp(self.dof_points, axis=0).max()) if self.n_dofs else 1.0
+        return bool(np.abs(self.dof_points - other.dof_points).max() <= 1e-10 * size)
+
     # -- functions on the space -----------------------------------------------------
 
     def interpolate(self, f: Callable[[np.ndarray], np.ndarray]) -> torch.Tensor:

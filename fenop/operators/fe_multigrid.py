@@ -27,6 +27,7 @@ from torch import nn
 from fenop.fem import FunctionSpace
 from fenop.fem.hierarchy import is_refinement
 from fenop.fem.sparse import SparseMatrix
+from fenop.operators.processor import Processor
 
 
 def _stencils(space: FunctionSpace) -> tuple[SparseMatrix, int]:
@@ -80,7 +81,7 @@ class _StencilOperator(nn.Module):
         return u @ self.weight[0] + mixed
 
 
-class FEMultigrid(nn.Module):
+class FEMultigrid(Processor):
     """A multigrid neural operator acting on FE coefficients over a mesh hierarchy.
 
     Args:
@@ -102,6 +103,8 @@ class FEMultigrid(nn.Module):
     other meshes of its domain: they are interpolated into its finest space and back
     (:class:`~fenop.fem.SpaceInterpolator`), as a grid processor's go through its grid.
     """
+
+    mesh_native = True
 
     def __init__(
         self,
@@ -159,15 +162,6 @@ class FEMultigrid(nn.Module):
         self.project = nn.Sequential(
             nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, out_channels)
         )
-        self.config = {
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-            "width": width,
-            "n_layers": n_layers,
-            "pre": pre,
-            "post": post,
-            "levels": self.levels,
-        }
 
     def _set_hierarchy(self, spaces: list[FunctionSpace]) -> None:
         """Stencils per level and FE interpolation between consecutive levels."""

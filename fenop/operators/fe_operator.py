@@ -19,37 +19,11 @@ import torch
 from torch import nn
 
 from fenop._types import FETensor
-from fenop.fem import FEDecoder, FunctionSpace, GridEncoder
+from fenop.fem import FEDecoder, FunctionSpace, GridEncoder, Normalizer
 from fenop.fem.decoders import BoundaryValues, boundary_tensor, impose_dirichlet
 from fenop.fem.interpolation import SpaceInterpolator
 from fenop.fem.mesh import bounding_box
 from fenop.operators._module import KeepsComplexModule
-from fenop.operators.fe_multigrid import FEMultigrid
-
-
-class _Affine(nn.Module):
-    """Per-channel ``x * std + mean`` (or its inverse) on ``(B, C, ...)`` tensors.
-
-    Holds the same statistics as :class:`fenop.data.Normalizer`, which ``operators``
-    may not import: the data layer hands them over as plain numbers.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float64).reshape(-1))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float64).reshape(-1))
-
-    def _shape(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        view = (1, -1) + (1,) * (x.ndim - 2)
-        return self.mean.to(x.dtype).reshape(view), self.std.to(x.dtype).reshape(view)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._shape(x)
-        return (x - mean) / std
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._shape(x)
-        return x * std + mean
 
 
 class FEOperator(KeepsComplexModule):
@@ -69,7 +43,8 @@ class FEOperator(KeepsComplexModule):
             grid processor ``in_channels`` counts the encoder's extra channels too
             (``GridEncoder.out_channels``).
         resolution: grid points per axis (grid processors only).
-        input_stats, output_stats: optional ``(mean, std)`` per channel: inputs are
+        input_stats, output_stats: optional per-channel statistics, a
+            :class:`~fenop.fem.Normalizer` or its ``(mean, std)``: inputs are
             normalised with the first, outputs un-normalised with the second.
         boundary_values: Dirichlet data (see :class:`~fenop.fem.FEDecoder`).
     """
@@ -81,8 +56,8 @@ class FEOperator(KeepsComplexModule):
         processor: nn.Module,
         *,
         resolution: int | Sequence[int] | None = None,
-        input_stats: tuple[Sequence[float], Sequence[float]] | None = None,
-        output_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+        input_stats: Normalizer | tuple[Sequence[float], Sequence[float]] | None = None,
+        output_stats: Normalizer | tuple[Sequence[float], Sequence[float]] | None = None,
         boundary_values: BoundaryValues | None = None,
     ):
         super().__init__()
@@ -92,7 +67,8 @@ class FEOperator(KeepsComplexModule):
         if not all(hasattr(processor, a) for a in ("in_channels", "out_channels")):
             raise TypeError("`processor` must have `in_channels` and `out_channels` attributes")
         self.space_in, self.space_out, self.processor = space_in, space_out, processor
-        self.native = isinstance(processor, FEMultigrid)
+        # Told by what the processor declares (fenop.operators.processor), not its class.
+        self.native = bool(getattr(processor, "mesh_native", False))
         self.resolution = resolution
         if self.native:
             if resolution is not None:
@@ -100,10 +76,8 @@ class FEOperator(KeepsComplexModule):
             # The processor's finest space plays the grid's part: inputs on other
             # meshes are interpolated into it, outputs from it into `space_out`.
             fine = processor.space
-            self.encoder = None if _same_dofs(space_in, fine) else SpaceInterpolator(space_in, fine)
-            self.decoder = (
-                None if _same_dofs(fine, space_out) else SpaceInterpolator(fine, space_out)
-            )
+            self.encoder = None if space_in.same_dofs(fine) else SpaceInterpolator(space_in, fine)
+            self.decoder = None if fine.same_dofs(space_out) else SpaceInterpolator(fine, space_out)
             self.in_channels = processor.in_channels
             if boundary_values is not None and len(space_out.boundary_dofs) == 0:
                 raise ValueError("`boundary_values` given but `space_out` has no Dirichlet DOFs")
@@ -123,19 +97,28 @@ class FEOperator(KeepsComplexModule):
                     f"alone adds {self.encoder.extra_channels} (mask and coordinates)"
                 )
         self.out_channels = processor.out_channels
-        self.input_stats = None if input_stats is None else _Affine(*input_stats)
-        self.output_stats = None if output_stats is None else _Affine(*output_stats)
+        self.input_stats = Normalizer.of(input_stats)
+        self.output_stats = Normalizer.of(output_stats)
+        # A real parameter tells the model's dtype (FNO's spectral weights are complex
+        # whatever it is); found once here rather than searched in every forward.
+        self._dtype_parameter = next(
+            (name for name, w in processor.named_parameters() if w.is_floating_point()), None
+        )
 
     def forward(self, x: FETensor, *, boundary_values: torch.Tensor | None = None) -> FETensor:
         """``(B, C_in, n_dofs_in)`` -> ``(B, C_out, n_dofs_out)``, Dirichlet DOFs exact."""
-        if x.ndim != 3 or x.shape[1] != self.in_channels:
+        if x.ndim != 3 or x.shape[1:] != (self.in_channels, self.space_in.n_dofs):
             raise ValueError(
                 f"input must have shape (batch, {self.in_channels}, {self.space_in.n_dofs}), "
                 f"got {tuple(x.shape)}"
             )
-        self.space_in.check_coefficients(x, "input")
-        # (a real one: FNO's spectral weights are complex whatever the model's dtype)
-        weight = next((w for w in self.processor.parameters() if w.is_floating_point()), None)
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+        weight = (
+            None
+            if self._dtype_parameter is None
+            else self.processor.get_parameter(self._dtype_parameter)
+        )
         if weight is not None and weight.dtype != x.dtype:
             # Caught here: the processor's own error names a convolution's bias.
             raise ValueError(
@@ -197,17 +180,8 @@ class FEOperator(KeepsComplexModule):
             space_out,
             self.processor,
             resolution=self.resolution,
-            input_stats=_stats(self.input_stats),
-            output_stats=_stats(self.output_stats),
+            input_stats=self.input_stats,
+            output_stats=self.output_stats,
             boundary_values=boundary_values,
         )
         return clone.to(next(self.processor.parameters()).device)
-
-
-def _same_dofs(a: FunctionSpace, b: FunctionSpace) -> bool:
-    """Whether ``a`` and ``b`` have the same DOFs at the same points, in the same order."""
-    return a.n_dofs == b.n_dofs and bool(np.allclose(a.dof_points, b.dof_points))
-
-
-def _stats(affine: _Affine | None) -> tuple[list[float], list[float]] | None:
-    return None if affine is None else (affine.mean.tolist(), affine.std.tolist())

@@ -29,7 +29,7 @@ import torch
 from neuralop.layers.spectral_convolution import SpectralConv
 from neuralop.models import FNO as _NeuralopFNO
 
-from fenop.operators._module import KeepsComplexModule
+from fenop.operators.processor import Processor
 
 
 class SpectralConv64(SpectralConv):
@@ -80,7 +80,7 @@ class SpectralConv64(SpectralConv):
         return y
 
 
-class FNO(KeepsComplexModule):
+class FNO(Processor):
     """The Fourier Neural Operator of neuraloperator on ``(B, C, *grid)`` tensors.
 
     Args:
@@ -122,16 +122,6 @@ class FNO(KeepsComplexModule):
             )
         options.setdefault("conv_module", SpectralConv64)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.config = {
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-            "n_modes": list(n_modes),
-            "hidden_channels": hidden_channels,
-            "n_layers": n_layers,
-            "positional_embedding": positional_embedding,
-            # further neuraloperator options, as given (the convolution class is ours)
-            **{key: value for key, value in options.items() if key != "conv_module"},
-        }
         self.net = _NeuralopFNO(
             n_modes=tuple(n_modes),
             in_channels=in_channels,

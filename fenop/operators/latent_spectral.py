@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fenop.operators.processor import Processor
+
 
 def _double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
@@ -109,7 +111,7 @@ class NeuralSpectralBlock(nn.Module):
         return out[..., :h, :w]
 
 
-class LSM(nn.Module):
+class LSM(Processor):
     """Latent spectral model on ``(B, C, H, W)`` tensors.
 
     Args:
@@ -153,13 +155,6 @@ class LSM(nn.Module):
         self.project = nn.Sequential(
             nn.Conv2d(width, 128, 1), nn.GELU(), nn.Conv2d(128, out_channels, 1)
         )
-        self.config = {
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-            "width": width,
-            "depth": depth,
-            **block,
-        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:

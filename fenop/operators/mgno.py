@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from fenop.operators.processor import Processor
+
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
@@ -121,7 +123,7 @@ class MgConv(nn.Module):
         return u
 
 
-class MgNO(nn.Module):
+class MgNO(Processor):
     """Multigrid neural operator on ``(B, C, *grid)`` tensors.
 
     Args:
@@ -175,17 +177,6 @@ class MgNO(nn.Module):
             conv(width, 4 * width, 1), nn.GELU(), conv(4 * width, out_channels, 1)
         )
         self.activation = activation
-        self.config = {
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-            "grid": list(grid),
-            "width": width,
-            "n_layers": n_layers,
-            "pre": pre,
-            "post": post,
-            "padding": padding,
-            "levels": self.levels,
-        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2 + self.dim or x.shape[1] != self.in_channels:

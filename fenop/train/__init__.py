@@ -5,12 +5,13 @@ from pathlib import Path
 
 import torch
 
-from fenop.train.checkpoint import (
-    CheckpointError,
+from fenop.train.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from fenop.train.models import (
+    PROCESSORS,
+    DescriptionError,
+    ModelDescription,
     build_model,
-    load_checkpoint,
-    read_config,
-    save_checkpoint,
+    describe_model,
 )
 from fenop.train.trainer import Trainer, resolve_device
 
@@ -41,9 +42,13 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = 
 
 __all__ = [
     "PRETRAINED",
+    "PROCESSORS",
     "CheckpointError",
+    "DescriptionError",
+    "ModelDescription",
     "Trainer",
     "build_model",
+    "describe_model",
     "load_checkpoint",
     "load_model",
     "pretrained_names",

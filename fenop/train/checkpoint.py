@@ -32,19 +32,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import skfem
 import torch
 from safetensors.torch import load_file, save_file
 
-from fenop.fem import FunctionSpace, hierarchy
-from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO
+from fenop.operators import FEOperator
+from fenop.train.models import DescriptionError, ModelDescription, build_model, describe_model
 
 FORMAT_VERSION = 1
-PROCESSORS = {"fno": FNO, "mgno": MgNO, "lsm": LSM, "femultigrid": FEMultigrid}
-_MESH_TYPES = {
-    cls.__name__: cls for cls in (skfem.MeshLine1, skfem.MeshTri1, skfem.MeshQuad1, skfem.MeshTet1)
-}
 
 
 class CheckpointError(ValueError):
@@ -52,108 +46,6 @@ class CheckpointError(ValueError):
 
     def __init__(self, path: str | os.PathLike, problem: str):
         super().__init__(f"{os.fspath(path)}: {problem}")
-
-
-def _processor_name(processor) -> str:
-    for name, cls in PROCESSORS.items():
-        if type(processor) is cls:
-            return name
-    raise TypeError(f"cannot checkpoint a processor of type {type(processor).__name__}")
-
-
-def _space_config(space: FunctionSpace) -> dict:
-    mesh = space.mesh
-    return {
-        "degree": space.degree,
-        "element": space.element,
-        "dirichlet": "boundary" if len(space.boundary_dofs) else "none",
-        "mesh": {
-            "type": type(mesh).__name__,
-            "points": mesh.p.T.tolist(),
-            "cells": mesh.t.T.tolist(),
-        },
-    }
-
-
-def _space(path, config: dict) -> FunctionSpace:
-    mesh_config = config["mesh"]
-    mesh_type = _MESH_TYPES.get(mesh_config["type"])
-    if mesh_type is None:
-        raise CheckpointError(path, f"unknown mesh type {mesh_config['type']!r}")
-    mesh = mesh_type(
-        np.asarray(mesh_config["points"], dtype=np.float64).T.copy(),
-        np.asarray(mesh_config["cells"], dtype=np.int64).T.copy(),
-    )
-    dirichlet = "boundary" if config["dirichlet"] == "boundary" else None
-    return FunctionSpace(mesh, degree=config["degree"], dirichlet=dirichlet)
-
-
-def model_config(model: FEOperator) -> dict:
-    """The JSON description :func:`build_model` rebuilds ``model`` from (weights aside)."""
-    processor = model.processor
-    if getattr(processor, "activation", torch.nn.functional.gelu) is not torch.nn.functional.gelu:
-        raise TypeError("a processor with a custom activation cannot be described in JSON")
-    config = {
-        "processor": _processor_name(processor),
-        "options": dict(processor.config),
-        "resolution": model.resolution,
-        "space_in": _space_config(model.space_in),
-        "space_out": _space_config(model.space_out),
-        "input_stats": None
-        if model.input_stats is None
-        else [model.input_stats.mean.tolist(), model.input_stats.std.tolist()],
-        "output_stats": None
-        if model.output_stats is None
-        else [model.output_stats.mean.tolist(), model.output_stats.std.tolist()],
-    }
-    if isinstance(processor, FEMultigrid):
-        # A nested hierarchy is its coarsest mesh and the number of refinements;
-        # any other is every level's mesh ("coarse" then absent, so that a fenop that
-        # knows only nested hierarchies refuses it rather than refining the coarsest).
-        if processor.nested:
-            config["options"]["coarse"] = _space_config(processor.coarse_space)
-        else:
-            config["options"]["spaces"] = [_space_config(s) for s in processor.spaces]
-    return config
-
-
-def build_model(config: dict, *, path: str | os.PathLike = "<config>") -> FEOperator:
-    """A freshly initialised :class:`FEOperator` from :func:`model_config`'s description."""
-    try:
-        name = config["processor"]
-        if name not in PROCESSORS:
-            raise CheckpointError(path, f"unknown processor {name!r}; known: {sorted(PROCESSORS)}")
-        options = dict(config["options"])
-        space_in, space_out = _space(path, config["space_in"]), _space(path, config["space_out"])
-        if name == "femultigrid":
-            levels = options.pop("levels")
-            if "spaces" in options:
-                spaces = [_space(path, s) for s in options.pop("spaces")]
-                if len(spaces) != levels:
-                    raise CheckpointError(path, f"{len(spaces)} meshes for {levels} levels")
-            else:
-                coarse = _space(path, options.pop("coarse"))
-                spaces = hierarchy(coarse.mesh, levels, degree=coarse.degree)
-            in_channels, out_channels = options.pop("in_channels"), options.pop("out_channels")
-            processor = FEMultigrid(spaces, in_channels, out_channels, **options)
-        else:
-            if name == "mgno":
-                options["grid"] = tuple(options["grid"])
-            if name == "fno":
-                options["n_modes"] = tuple(options["n_modes"])
-            in_channels, out_channels = options.pop("in_channels"), options.pop("out_channels")
-            processor = PROCESSORS[name](in_channels, out_channels, **options)
-        resolution = config["resolution"]
-        return FEOperator(
-            space_in,
-            space_out,
-            processor,
-            resolution=tuple(resolution) if isinstance(resolution, list) else resolution,
-            input_stats=config["input_stats"],
-            output_stats=config["output_stats"],
-        )
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(path, f"config.json does not describe a model: {exc!r}") from None
 
 
 def save_checkpoint(
@@ -179,7 +71,7 @@ def save_checkpoint(
     config = {
         "fenop_version": __version__,
         "format_version": FORMAT_VERSION,
-        "model": model_config(model),
+        "model": describe_model(model).to_json(),
         **(extra or {}),
     }
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -242,7 +134,10 @@ def load_checkpoint(
 ) -> FEOperator:
     """The model saved in ``directory``, ready for use (in evaluation mode)."""
     config = read_config(directory)
-    model = build_model(config["model"], path=directory)
+    try:
+        model = build_model(ModelDescription.from_json(config["model"]))
+    except (KeyError, DescriptionError) as exc:
+        raise CheckpointError(directory, f"config.json: {exc}") from None
     try:
         state = load_file(Path(directory) / "model.safetensors")
     except Exception as exc:  # safetensors raises its own error types for bad files

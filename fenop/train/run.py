@@ -7,86 +7,75 @@ from pathlib import Path
 
 import torch
 
-from fenop._checks import unknown_options
-from fenop.data import FieldDataset, read_header
+from fenop.data import FieldDataset, StoreInfo, read_store
 from fenop.fem import FunctionSpace, hierarchy, load_mesh
 from fenop.fem.mesh import DOMAINS
-from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO
 from fenop.train.config import ConfigError, read_config
+from fenop.train.models import PROCESSORS, DescriptionError, ModelDescription, build_model
 from fenop.train.trainer import Trainer, resolve_device
 
-_GRID_PROCESSORS = {"fno": FNO, "mgno": MgNO, "lsm": LSM}
 
-
-def build_from_config(config: dict, *, path: str | os.PathLike = "<config>"):
+def build_from_config(
+    config: dict, *, path: str | os.PathLike = "<config>", store: StoreInfo | None = None
+):
     """Datasets and a fresh model for a checked configuration (see :mod:`fenop.train.config`).
+
+    The store is read once (``store``, when the caller has read it already) and its
+    training and test samples checked once for NaN and Inf.
 
     Returns:
         ``(model, train_set, test_set)``.
     """
-    data, model_config = config["data"], config["model"]
-    header = read_header(data["path"])
+    data, table = config["data"], config["model"]
+    fields = {"inputs": data["inputs"], "outputs": data["outputs"]}
+    if store is None:
+        store = read_store(data["path"], fields=data["inputs"] + data["outputs"])
     n_train, n_test = data["n_train"], data["n_test"]
-    if n_train + n_test > int(header["n_samples"]):
+    if n_train + n_test > store.n_samples:
         raise ConfigError(
             path,
             f"data.n_train + data.n_test = {n_train + n_test} exceeds the "
-            f"{header['n_samples']} samples of {data['path']}",
+            f"{store.n_samples} samples of {data['path']}",
         )
-    fields = {"inputs": data["inputs"], "outputs": data["outputs"]}
-    train = FieldDataset(data["path"], **fields, indices=range(n_train))
-    test = FieldDataset(data["path"], **fields, indices=range(n_train, n_train + n_test))
-    name = model_config["processor"]
-    if name != "femultigrid" and name not in _GRID_PROCESSORS:
+    store.check_values(data["inputs"] + data["outputs"], range(n_train + n_test))
+    train = FieldDataset(store, **fields, indices=range(n_train), check_values=False)
+    test = FieldDataset(
+        store, **fields, indices=range(n_train, n_train + n_test), check_values=False
+    )
+    name = table["processor"]
+    if name not in PROCESSORS:
         raise ConfigError(
-            path,
-            f"model.processor must be one of {sorted([*_GRID_PROCESSORS, 'femultigrid'])}, "
-            f"got {name!r}",
+            path, f"model.processor must be one of {sorted(PROCESSORS)}, got {name!r}"
         )
-    space = train.space
-    options = dict(model_config["options"])
-    for key in ("n_modes", "grid"):
-        if key in options:
-            options[key] = tuple(options[key])
-    a, u = train.normalizer(data["inputs"]), train.normalizer(data["outputs"])
-    stats = {
-        "input_stats": (a.mean.tolist(), a.std.tolist()),
-        "output_stats": (u.mean.tolist(), u.std.tolist()),
-    }
-    n_in, n_out = len(data["inputs"]), len(data["outputs"])
-    if name == "femultigrid":
-        spaces = _hierarchy_spaces(model_config["hierarchy"], path, degree=space.degree)
-        _check_options(path, FEMultigrid, options)
-        try:
-            processor = FEMultigrid(spaces, n_in, n_out, **options)
-        except TypeError as exc:
-            raise ConfigError(path, f"model.options: {exc}") from None
-        try:
-            # Data on another mesh of the hierarchy's domain are interpolated to it.
-            model = FEOperator(space, space, processor, **stats)
-        except ValueError as exc:
-            raise ConfigError(
-                path, f"the data's mesh is not in the domain of [model.hierarchy]: {exc}"
-            ) from None
-        return model, train, test
-    resolution = model_config["resolution"]
-    grid = tuple(resolution) if isinstance(resolution, list) else (resolution,) * space.dim
-    if name == "mgno":
-        options.setdefault("grid", grid)
-    _check_options(path, _GRID_PROCESSORS[name], options)
+    space = store.space
+    description = ModelDescription(
+        name,
+        space,
+        space,
+        in_channels=len(data["inputs"]),
+        out_channels=len(data["outputs"]),
+        options=dict(table["options"]),
+        input_stats=train.normalizer(data["inputs"]),
+        output_stats=train.normalizer(data["outputs"]),
+    )
+    if PROCESSORS[name].mesh_native:
+        description.levels = _hierarchy_spaces(table["hierarchy"], path, degree=space.degree)
+    else:
+        resolution = table["resolution"]
+        grid = tuple(resolution) if isinstance(resolution, list) else (resolution,) * space.dim
+        description.resolution = grid
     try:
-        # + the encoder's domain mask and coordinates
-        processor = _GRID_PROCESSORS[name](n_in + 1 + space.dim, n_out, **options)
-    except TypeError as exc:
+        model = build_model(description)
+    except DescriptionError as exc:
         raise ConfigError(path, f"model.options: {exc}") from None
-    model = FEOperator(space, space, processor, resolution=grid, **stats)
+    except ValueError as exc:
+        if not PROCESSORS[name].mesh_native:
+            raise
+        # Data on another mesh of the hierarchy's domain are interpolated to it.
+        raise ConfigError(
+            path, f"the data's mesh is not in the domain of [model.hierarchy]: {exc}"
+        ) from None
     return model, train, test
-
-
-def _check_options(path: str | os.PathLike, processor: type, options: dict) -> None:
-    problem = unknown_options(processor, options, name=processor.__name__)
-    if problem:
-        raise ConfigError(path, f"model.options: {problem}")
 
 
 def _hierarchy_spaces(table: dict, path: str | os.PathLike, *, degree: int):
@@ -128,9 +117,11 @@ def train_from_config(
         raise ConfigError(config_path, f"nothing to resume: no {config['training']['output']}/last")
     # The seed fixes the initial weights too, so the same command gives the same model.
     torch.manual_seed(config["training"]["seed"])
-    model, train, test = build_from_config(config, path=config_path)
+    data = config["data"]
+    store = read_store(data["path"], fields=data["inputs"] + data["outputs"])
+    model, train, test = build_from_config(config, path=config_path, store=store)
     training = config["training"]
-    header = read_header(config["data"]["path"])
+    header = store.header
     trainer = Trainer(
         model,
         train,

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fenop.data import FieldDataset, Normalizer, generate
+from fenop.data import FieldDataset, generate
 from fenop.data.store import create_store, write_samples
 from fenop.fem import FunctionSpace, l_shape, unit_square
 
@@ -72,17 +72,6 @@ def test_normalizer_statistics_are_integrals_independent_of_the_mesh(tmp_path):
     for normalizer, tol in zip(stats, (0.05, 0.005), strict=True):
         assert normalizer.mean.item() == pytest.approx(3.0, abs=tol)
         assert normalizer.std.item() == pytest.approx(np.sqrt(2.0), abs=tol)
-
-
-def test_normalizer_round_trip_and_errors():
-    normalizer = Normalizer([1.0, -2.0], [2.0, 0.5])
-    x = torch.randn(3, 2, 7, dtype=torch.float64)
-    torch.testing.assert_close(normalizer.decode(normalizer.encode(x)), x)
-    assert Normalizer.from_dict(normalizer.to_dict()).to_dict() == normalizer.to_dict()
-    with pytest.raises(ValueError, match=r"\(batch, 2, n_dofs\)"):
-        normalizer.encode(torch.zeros(3, 1, 7))
-    with pytest.raises(ValueError, match="positive std"):
-        Normalizer([0.0], [0.0])
 
 
 def test_bad_arguments(darcy):

@@ -96,7 +96,7 @@ def _break(path, how: str) -> None:
         ("newer format", r"store format 2, newer than this fenop reads \(1\)"),
         ("not a store", r"not a fenop store"),
         ("incomplete", r"incomplete: 3 of 5 samples"),
-        ("bad mesh", r"mesh_cells refers to vertices"),
+        ("bad mesh", r"mesh_cells: the cells refer to vertices that the points do not have"),
         ("truncated bytes", r"not a readable HDF5 file"),
         ("not hdf5", r"not a readable HDF5 file"),
     ],

@@ -39,7 +39,12 @@ def test_round_trip_gives_the_same_function(tmp_path, name):
     save_checkpoint(tmp_path / "ckpt", model, extra={"test_error": 0.5})
     loaded = load_model(tmp_path / "ckpt")
     x = torch.randn(2, 1, model.space_in.n_dofs)
-    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    # The same weights exactly; outputs to float32 rounding, as CPU convolutions may
+    # take other kernels (summation orders) for weights at other memory alignments.
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(v, loaded_state[k]) for k, v in state.items() if torch.is_tensor(v))
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-5, atol=1e-6)
     assert read_config(tmp_path / "ckpt")["test_error"] == 0.5
     if name.startswith("femultigrid"):
         for a, b in zip(model.processor.spaces, loaded.processor.spaces, strict=True):

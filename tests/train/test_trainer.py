@@ -30,8 +30,8 @@ def _model(train):
         train.space,
         MgNO(4, 1, grid=(8, 8), width=4, n_layers=1),
         resolution=8,
-        input_stats=(a.mean.tolist(), a.std.tolist()),
-        output_stats=(u.mean.tolist(), u.std.tolist()),
+        input_stats=a,
+        output_stats=u,
     )
 
 
