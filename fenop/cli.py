@@ -14,6 +14,7 @@ complete chunks on purpose, and the same command resumes it).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -49,11 +50,12 @@ def _positive_int(text: str) -> int:
 
 
 def _writable(path: Path) -> Path:
-    """``path``, or a ValueError naming it when the folder it would be written in is missing."""
+    """``path``, or an InputError naming it when the folder it would be written in is missing."""
     from fenop._checks import missing_folder
+    from fenop._errors import InputError
 
     if problem := missing_folder(path):
-        raise ValueError(f"{path}: {problem}")
+        raise InputError(f"{path}: {problem}")
     return path
 
 
@@ -63,7 +65,9 @@ def _mesh(args):
 
     if args.mesh is not None:
         if args.resolution is not None:
-            raise ValueError("give either --mesh or --resolution, not both")
+            from fenop._errors import InputError
+
+            raise InputError("give either --mesh or --resolution, not both")
         return load_mesh(args.mesh)
     return DOMAINS[args.domain](33 if args.resolution is None else args.resolution)
 
@@ -137,149 +141,62 @@ def _train(args) -> int:
     return 0
 
 
-def _model_on(checkpoint: str, data: Path, device: str | None, *, with_outputs: bool = False):
-    """The checkpoint's model on the data's mesh, and the names of its input and output
-    fields; the store is validated for the inputs (and the outputs, ``with_outputs``)."""
-    from fenop.data import store_space, validate_store
-    from fenop.train import PRETRAINED, load_model, pretrained_names, read_config, resolve_device
-
-    device = resolve_device(device)
-    folder = Path(checkpoint)
-    if not folder.is_dir() and checkpoint in pretrained_names():
-        folder = PRETRAINED / checkpoint
-    config = read_config(folder) if folder.is_dir() else {}
-    described = config.get("data", {})
-    inputs, outputs = described.get("inputs", ["a"]), described.get("outputs", ["u"])
-    validate_store(data, fields=inputs + outputs if with_outputs else inputs)
-    model = load_model(folder, device=device)
-    space = store_space(data)
-    same = space.n_dofs == model.space_in.n_dofs and bool(
-        (abs(space.dof_points - model.space_in.dof_points) < 1e-12).all()
-    )
-    if not same:
-        try:
-            model = model.transfer(space)
-        except ValueError as exc:
-            raise ValueError(f"{data}: this mesh is not in the model's domain: {exc}") from None
-    return model, space, inputs, outputs, device
-
-
-def _batches(path: Path, inputs: list[str], batch: int):
-    import numpy as np
-
-    from fenop.data.store import open_h5
-
-    with open_h5(path, "r") as f:
-        n = int(f.attrs["n_complete"])
-        for start in range(0, n, batch):
-            yield start, np.stack([f[name][start : start + batch] for name in inputs], axis=1)
-
-
 def _evaluate(args) -> int:
-    import numpy as np
-    import torch
-
-    from fenop.fem import RelativeH1Loss, RelativeL2Loss
+    from fenop.train import evaluate_store
 
     data = Path(args.data)
     if args.plot:
         _writable(Path(args.plot))
-    model, space, inputs, outputs, device = _model_on(
-        args.checkpoint, data, args.device, with_outputs=True
+    evaluation = evaluate_store(
+        args.checkpoint, data, batch_size=args.batch_size, device=args.device
     )
-    l2 = RelativeL2Loss(space, reduction="none").to(device)
-    h1 = RelativeH1Loss(space, reduction="none").to(device)
-    errors_l2, errors_h1, shown = [], [], None
-    with torch.no_grad():
-        for _, fields in _batches(data, inputs + outputs, args.batch_size):
-            fields = torch.as_tensor(fields, dtype=torch.float32, device=device)
-            x, y = fields[:, : len(inputs)], fields[:, len(inputs) :]
-            prediction = model(x)
-            errors_l2 += l2(prediction, y).tolist()
-            errors_h1 += h1(prediction, y).tolist()
-            if shown is None:  # the first few samples go into the picture
-                shown = [t[:3, 0].cpu().numpy() for t in (x, y, prediction)]
-    for name, errors in (("relative L2", errors_l2), ("relative H1", errors_h1)):
-        e = np.asarray(errors)
-        print(
-            f"{name}: mean {e.mean():.4f}, median {np.median(e):.4f}, max {e.max():.4f} "
-            f"over {len(e)} samples of {data}"
-        )
+    for line in evaluation.summary():
+        print(line)
     if args.per_sample:
-        for i, (a, b) in enumerate(zip(errors_l2, errors_h1, strict=True)):
+        for i, a, b in zip(evaluation.samples, evaluation.l2, evaluation.h1, strict=True):
             print(f"{i} {a:.6f} {b:.6f}")
     if args.plot:
+        from fenop.data import store_space
         from fenop.train.plots import plot_predictions
 
         metrics = Path(args.checkpoint).parent / "metrics.jsonl"
-        plot_predictions(space, *shown, args.plot, metrics=metrics)
+        plot_predictions(store_space(data), *evaluation.shown, args.plot, metrics=metrics)
         print(f"wrote {args.plot}")
     return 0
 
 
 def _predict(args) -> int:
-    import os
-    import tempfile
+    from fenop.train import predict_store
+    from fenop.train.inference import fields_of
 
-    import torch
-    from tqdm.auto import tqdm
-
-    from fenop import __version__
-    from fenop.data import read_header
-    from fenop.data.store import create_store, write_samples
-
-    data, output = Path(args.input), Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise ValueError(f"{output}: exists; pass --overwrite to replace it")
-    _writable(output)
-    model, space, inputs, outputs, device = _model_on(args.model, data, args.device)
-    header = read_header(data)
-    n = int(header["n_complete"])
-    # Write beside the target and rename at the end: no half-written output, ever.
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{output.name}.", suffix=".h5", dir=output.parent or "."
+    output = predict_store(
+        args.model,
+        args.input,
+        args.output,
+        batch_size=args.batch_size,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
     )
-    os.close(handle)
-    try:
-        attrs = {
-            "pde": header.get("pde", "unknown"),
-            "dirichlet": header.get("dirichlet", "boundary"),
-            "model": str(args.model),
-            "fenop_version": __version__,
-            "source": str(data),
-        }
-        create_store(temporary, space, fields=outputs, n_samples=n, attrs=attrs)
-        with torch.no_grad(), tqdm(total=n, unit="sample", disable=args.quiet) as bar:
-            for start, x in _batches(data, inputs, args.batch_size):
-                y = (
-                    model(torch.as_tensor(x, dtype=torch.float32, device=device))
-                    .double()
-                    .cpu()
-                    .numpy()
-                )
-                write_samples(temporary, start, {name: y[:, k] for k, name in enumerate(outputs)})
-                bar.update(len(x))
-        # mkstemp makes a private file; the output is an ordinary one (umask applies).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     if not args.quiet:
+        from fenop.data import read_header
+
+        _, outputs = fields_of(args.model)
+        n = read_header(output)["n_complete"]
         print(f"wrote {n} predictions of {', '.join(outputs)} to {output}")
     return 0
 
 
 def _info(args) -> int:
-    from fenop.data import store_space, validate_store
+    from fenop.data import read_store
+    from fenop.train import checkpoint_path, pretrained_names
 
     path = Path(args.file)
-    if path.is_dir():
-        return _checkpoint_info(path)
-    header = validate_store(path, allow_partial=True)
-    space = store_space(path)
+    if path.is_dir() or (not path.exists() and args.file in pretrained_names()):
+        return _checkpoint_info(checkpoint_path(args.file))
+    store = read_store(path, allow_partial=True)
+    store.check_values(store.header["fields"])
+    header, space = store.header, store.space
     mesh = space.mesh
     print(f"{path}: fenop store, format {header['fenop_format']}")
     print(f"  pde         {header.get('pde', '?')}")
@@ -374,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fenop.data import StoreError
+    from fenop._errors import InputError
 
     try:
         return args.run(args)
@@ -384,42 +301,52 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:  # a diverged training run
         print(f"fenop {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except (StoreError, ValueError, TypeError, OSError, ImportError) as exc:
+    # fenop's own errors about the user's input (a store, configuration, checkpoint,
+    # mesh, device or argument), the file system's, and a missing optional package;
+    # anything else is a fault of fenop's and keeps its traceback.
+    except (InputError, OSError, ImportError) as exc:
         print(f"fenop {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
 def _checkpoint_info(path: Path) -> int:
-    from fenop.train import read_config
+    from fenop.train import CheckpointError, DescriptionError, ModelDescription, read_config
 
     config = read_config(path)
-    model = config["model"]
-    mesh = model["space_in"]["mesh"]
-    version = config["fenop_version"]
+    try:
+        description = ModelDescription.from_json(config["model"])
+    except (KeyError, DescriptionError) as exc:
+        raise CheckpointError(path, f"config.json: {exc}") from None
+    version = config.get("fenop_version", "?")
     print(f"{path}: fenop checkpoint, format {config['format_version']}, fenop {version}")
-    options = dict(model["options"])
-    # FEMultigrid's meshes, too long to print: its coarsest (nested) or every level's.
-    coarse, levels = options.pop("coarse", None), options.pop("spaces", None)
-    print(f"  processor   {model['processor']} {json.dumps(options)}")
-    if model["resolution"] is not None:
-        print(f"  resolution  {model['resolution']}")
-    if coarse is not None:
-        print(
-            f"  hierarchy   {options['levels']} levels from {coarse['element']} on "
-            f"{coarse['mesh']['type']}, {len(coarse['mesh']['points'])} vertices"
-        )
-    if levels is not None:
-        vertices = ", ".join(str(len(s["mesh"]["points"])) for s in levels)
-        print(
-            f"  hierarchy   {len(levels)} levels, not nested, of {levels[0]['element']} "
-            f"on {levels[0]['mesh']['type']}: {vertices} vertices"
-        )
-    element, vertices = model["space_in"]["element"], len(mesh["points"])
-    print(f"  space       {element} on {mesh['type']}, {vertices} vertices")
+    written = description.to_json()
+    # FEMultigrid's meshes are too long to print: its hierarchy gets a line of its own.
+    options = {k: v for k, v in written["options"].items() if k not in ("coarse", "spaces")}
+    print(f"  processor   {description.processor} {json.dumps(options)}")
+    if written["resolution"] is not None:
+        print(f"  resolution  {written['resolution']}")
+    if description.levels:
+        _print_levels(description.levels)
+    space = description.space_in
+    vertices = space.mesh.p.shape[1]
+    print(f"  space       {space.element} on {type(space.mesh).__name__}, {vertices} vertices")
     for key in ("epoch", "test_error", "data"):
         if key in config:
             print(f"  {key:<11} {json.dumps(config[key])}")
     return 0
+
+
+def _print_levels(levels) -> None:
+    """A mesh hierarchy in one line: its meshes are too long to print."""
+    from fenop.fem import is_refinement
+
+    first = levels[0]
+    kind = f"{first.element} on {type(first.mesh).__name__}"
+    if all(is_refinement(b.mesh, a.mesh) for a, b in itertools.pairwise(levels)):
+        print(f"  hierarchy   {len(levels)} levels from {kind}, {first.mesh.p.shape[1]} vertices")
+    else:
+        vertices = ", ".join(str(s.mesh.p.shape[1]) for s in levels)
+        print(f"  hierarchy   {len(levels)} levels, not nested, of {kind}: {vertices} vertices")
 
 
 if __name__ == "__main__":

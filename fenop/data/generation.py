@@ -34,6 +34,7 @@ import skfem
 from tqdm.auto import tqdm
 
 from fenop._checks import missing_folder, unknown_options
+from fenop._errors import InputError
 from fenop.data import _workers
 from fenop.data.pdes import PDEFamily, get_pde
 from fenop.data.store import StoreError, create_store, read_header, store_space, write_samples
@@ -188,21 +189,27 @@ def generate(
     """
     path = Path(path)
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"`n_samples` must be a positive int, got {n_samples!r}")
+        raise InputError(f"`n_samples` must be a positive int, got {n_samples!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"`workers` must be a positive int, got {workers!r}")
+        raise InputError(f"`workers` must be a positive int, got {workers!r}")
     if chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be positive, got {chunk_size}")
+        raise InputError(f"`chunk_size` must be positive, got {chunk_size}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
+        raise InputError(f"`seed` must be a non-negative int, got {seed!r}")
     if problem := missing_folder(path):
         raise StoreError(path, problem)
-    family_type = get_pde(pde)
-    problem = unknown_options(family_type, options, name=family_type.name)
-    if problem:
-        raise ValueError(problem)
-    space = FunctionSpace(mesh, degree=degree, dirichlet="boundary")
-    family = family_type(space, **options)
+    try:
+        family_type = get_pde(pde)
+        problem = unknown_options(family_type, options, name=family_type.name)
+        if problem:
+            raise InputError(problem)
+        space = FunctionSpace(mesh, degree=degree, dirichlet="boundary")
+        # The family checks its own options' values (a permeability, a time step).
+        family = family_type(space, **options)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{pde}: {exc}") from None
     expected = _describe(family, seed, n_samples)
 
     with _only_writer(path):

@@ -34,7 +34,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import h5py
@@ -42,6 +42,7 @@ import numpy as np
 import skfem
 
 from fenop._checks import missing_file
+from fenop._errors import InputError
 from fenop.fem import FunctionSpace
 from fenop.fem.mesh import mesh_from_arrays
 
@@ -52,7 +53,7 @@ _DEGREES = {"P1": 1, "P2": 2, "Q1": 1, "Q2": 2}
 _VALIDATION_ROWS = 256
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """A store that cannot be used; the message names the file and the problem."""
 
     def __init__(self, path: str | os.PathLike, problem: str):
@@ -273,6 +274,17 @@ class StoreInfo:
                         raise StoreError(
                             self.path, f"field {name!r} holds NaN or Inf in sample {row}"
                         )
+
+
+def read_batches(
+    store: StoreInfo, fields: Sequence[str], batch_size: int, *, dtype=np.float64
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The complete samples of ``fields``, ``batch_size`` at a time, in one opening of
+    the file: ``(start, values (b, len(fields), n_dofs))`` in ``dtype``."""
+    with _open(store.path) as f:
+        for start in range(0, store.n_complete, batch_size):
+            stop = min(start + batch_size, store.n_complete)
+            yield start, np.stack([f[name][start:stop] for name in fields], axis=1).astype(dtype)
 
 
 def read_store(

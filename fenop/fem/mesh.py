@@ -22,6 +22,12 @@ import numpy as np
 import skfem
 
 from fenop._checks import missing_file
+from fenop._errors import InputError
+
+
+class MeshError(InputError):
+    """A mesh that fenop cannot use (a file, a size, a cell type); the message says why."""
+
 
 SUPPORTED_MESHES = (skfem.MeshLine1, skfem.MeshTri1, skfem.MeshQuad1, skfem.MeshTet1)
 # (dimension, vertices per cell) -> mesh type: how stored arrays tell their type
@@ -37,7 +43,7 @@ def _vertices_per_side(n: int) -> np.ndarray:
     if isinstance(n, bool) or not isinstance(n, int | np.integer):
         raise TypeError(f"`n` must be an int (vertices per side), got {type(n).__name__}")
     if n < 2:
-        raise ValueError(f"`n` must be at least 2 vertices per side, got {n}")
+        raise MeshError(f"`n` must be at least 2 vertices per side, got {n}")
     return np.linspace(0.0, 1.0, int(n))
 
 
@@ -62,7 +68,7 @@ def unit_square(n: int, *, cell: str = "tri") -> skfem.MeshTri1 | skfem.MeshQuad
         return skfem.MeshTri.init_tensor(x, x)
     if cell == "quad":
         return skfem.MeshQuad.init_tensor(x, x)
-    raise ValueError(f'`cell` must be "tri" or "quad", got {cell!r}')
+    raise MeshError(f'`cell` must be "tri" or "quad", got {cell!r}')
 
 
 def unit_cube(n: int) -> skfem.MeshTet1:
@@ -79,7 +85,7 @@ def l_shape(n: int) -> skfem.MeshTri1:
     vertex; ``n`` must therefore be odd.
     """
     if isinstance(n, int | np.integer) and not isinstance(n, bool) and n % 2 == 0:
-        raise ValueError(f"`n` must be odd so that the re-entrant corner is a vertex, got {n}")
+        raise MeshError(f"`n` must be odd so that the re-entrant corner is a vertex, got {n}")
     x = 2.0 * _vertices_per_side(n) - 1.0
     square = skfem.MeshTri.init_tensor(x, x)
     centroids = square.p[:, square.t].mean(axis=1)
@@ -108,7 +114,7 @@ def load_mesh(path: str | os.PathLike) -> skfem.Mesh:
     """
     path = Path(path)
     if problem := missing_file(path):
-        raise ValueError(f"cannot read mesh {str(path)!r}: {problem}")
+        raise MeshError(f"cannot read mesh {str(path)!r}: {problem}")
     chatter = io.StringIO()
     try:
         # meshio prints to stdout/stderr while reading, and for a file whose format it
@@ -117,13 +123,11 @@ def load_mesh(path: str | os.PathLike) -> skfem.Mesh:
             mesh = skfem.Mesh.load(str(path))
     except (Exception, SystemExit) as exc:
         detail = str(exc) if not isinstance(exc, SystemExit) else chatter.getvalue().strip()
-        raise ValueError(
-            f"cannot read mesh {str(path)!r}: {detail or type(exc).__name__}"
-        ) from None
+        raise MeshError(f"cannot read mesh {str(path)!r}: {detail or type(exc).__name__}") from None
     # Exact types: scikit-fem's second-order meshes subclass the first-order ones.
     if type(mesh) not in SUPPORTED_MESHES:
         supported = ", ".join(cls.__name__ for cls in SUPPORTED_MESHES)
-        raise ValueError(
+        raise MeshError(
             f"mesh {str(path)!r} has cells of type {type(mesh).__name__}; "
             f"fenop supports {supported}"
         )
@@ -140,16 +144,16 @@ def mesh_from_arrays(points: np.ndarray, cells: np.ndarray) -> skfem.Mesh:
     """
     points, cells = np.asarray(points), np.asarray(cells)
     if points.ndim != 2 or cells.ndim != 2:
-        raise ValueError(
+        raise MeshError(
             f"mesh points and cells must be 2-D arrays, got shapes {points.shape} and {cells.shape}"
         )
     kind = _BY_SHAPE.get((points.shape[1], cells.shape[1]))
     if kind is None:
-        raise ValueError(
+        raise MeshError(
             f"unsupported mesh: {points.shape[1]}-D points with {cells.shape[1]}-vertex cells"
         )
     if cells.size and (cells.min() < 0 or cells.max() >= len(points)):
-        raise ValueError("the cells refer to vertices that the points do not have")
+        raise MeshError("the cells refer to vertices that the points do not have")
     return kind(
         np.ascontiguousarray(points.T, dtype=np.float64),
         np.ascontiguousarray(cells.T, dtype=np.int64),

@@ -1,11 +1,16 @@
-"""Training, checkpoints and loading models (shipped or saved)."""
+"""Training, model descriptions, checkpoints, and running models over stores."""
 
-import os
-from pathlib import Path
-
-import torch
-
-from fenop.train.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from fenop.train.checkpoint import (
+    PRETRAINED,
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    load_model,
+    pretrained_names,
+    read_config,
+    save_checkpoint,
+)
+from fenop.train.inference import Evaluation, evaluate_store, predict_store
 from fenop.train.models import (
     PROCESSORS,
     DescriptionError,
@@ -13,44 +18,24 @@ from fenop.train.models import (
     build_model,
     describe_model,
 )
-from fenop.train.trainer import Trainer, resolve_device
-
-PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
-
-
-def pretrained_names() -> list[str]:
-    """Names of the models shipped in ``fenop/pretrained/`` (e.g. ``"darcy-fno"``)."""
-    return sorted(p.name for p in PRETRAINED.iterdir() if (p / "config.json").is_file())
-
-
-def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu"):
-    """A ready :class:`~fenop.operators.FEOperator`: a shipped name or a checkpoint directory.
-
-    >>> load_model("darcy-fno").space_in
-    FunctionSpace(P1 on MeshTri1, 1089 DOFs, 128 Dirichlet)
-    """
-    path = Path(name_or_path)
-    if path.is_dir():
-        return load_checkpoint(path, device=device)
-    if str(name_or_path) in pretrained_names():
-        return load_checkpoint(PRETRAINED / str(name_or_path), device=device)
-    shipped = ", ".join(pretrained_names())
-    raise CheckpointError(
-        path, f"neither a checkpoint directory nor a shipped model; shipped: {shipped}"
-    )
-
+from fenop.train.trainer import DeviceError, Trainer, resolve_device
 
 __all__ = [
     "PRETRAINED",
     "PROCESSORS",
     "CheckpointError",
     "DescriptionError",
+    "DeviceError",
+    "Evaluation",
     "ModelDescription",
     "Trainer",
     "build_model",
+    "checkpoint_path",
     "describe_model",
+    "evaluate_store",
     "load_checkpoint",
     "load_model",
+    "predict_store",
     "pretrained_names",
     "read_config",
     "resolve_device",

@@ -27,21 +27,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from fenop._errors import InputError
+from fenop._files import replacing
 from fenop.operators import FEOperator
 from fenop.train.models import DescriptionError, ModelDescription, build_model, describe_model
 
 FORMAT_VERSION = 1
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used; the message names it and the problem."""
 
     def __init__(self, path: str | os.PathLike, problem: str):
@@ -74,8 +75,7 @@ def save_checkpoint(
         "model": describe_model(model).to_json(),
         **(extra or {}),
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with replacing(directory, folder=True) as staging:
         # Tensors only: neuraloperator adds its constructor arguments as "_metadata".
         state = {
             k: v.detach().cpu().contiguous()
@@ -86,22 +86,6 @@ def save_checkpoint(
         (staging / "config.json").write_text(json.dumps(config, indent=1))
         if attach is not None:
             attach(staging)
-        # mkdtemp makes a private folder; a checkpoint is an ordinary one.
-        staging.chmod(0o755)
-        for file in staging.iterdir():
-            file.chmod(0o644)
-        if directory.exists():
-            # Move the old one aside first: a rename cannot replace a non-empty folder.
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 
@@ -147,3 +131,34 @@ def load_checkpoint(
     except RuntimeError as exc:
         raise CheckpointError(directory, f"weights do not fit the described model: {exc}") from None
     return model.to(device).eval()
+
+
+def pretrained_names() -> list[str]:
+    """Names of the models shipped in ``fenop/pretrained/`` (e.g. ``"darcy-fno"``)."""
+    return sorted(p.name for p in PRETRAINED.iterdir() if (p / "config.json").is_file())
+
+
+def checkpoint_path(name_or_path: str | os.PathLike) -> Path:
+    """The checkpoint directory of a shipped model's name or of a path.
+
+    >>> checkpoint_path("darcy-fno").name
+    'darcy-fno'
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if str(name_or_path) in pretrained_names():
+        return PRETRAINED / str(name_or_path)
+    shipped = ", ".join(pretrained_names())
+    raise CheckpointError(
+        path, f"neither a checkpoint directory nor a shipped model; shipped: {shipped}"
+    )
+
+
+def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu"):
+    """A ready :class:`~fenop.operators.FEOperator`: a shipped name or a checkpoint directory.
+
+    >>> load_model("darcy-fno").space_in
+    FunctionSpace(P1 on MeshTri1, 1089 DOFs, 128 Dirichlet)
+    """
+    return load_checkpoint(checkpoint_path(name_or_path), device=device)

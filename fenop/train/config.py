@@ -50,6 +50,7 @@ import tomllib
 from pathlib import Path
 
 from fenop._checks import missing_file
+from fenop._errors import InputError
 from fenop.fem.mesh import DOMAINS
 from fenop.train.trainer import LOSSES, SCHEDULES
 
@@ -92,7 +93,7 @@ _HIERARCHY: _Keys = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A training configuration that cannot be used; names the file and the key."""
 
     def __init__(self, path: str | os.PathLike, problem: str):

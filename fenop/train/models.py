@@ -29,6 +29,7 @@ import json
 import numpy as np
 
 from fenop._checks import unknown_options
+from fenop._errors import InputError
 from fenop.fem import FunctionSpace, Normalizer, hierarchy, is_refinement
 from fenop.fem.encoders import extra_channels
 from fenop.fem.mesh import mesh_from_arrays
@@ -43,7 +44,7 @@ PROCESSORS = {
 }
 
 
-class DescriptionError(ValueError):
+class DescriptionError(InputError):
     """A model description that cannot be built or written; the message says why."""
 
 

@@ -33,13 +33,18 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from fenop._errors import InputError
 from fenop.data import FieldDataset
 from fenop.fem import RelativeH1Loss, RelativeL2Loss
 from fenop.operators import FEOperator
-from fenop.train.checkpoint import save_checkpoint
+from fenop.train.checkpoint import CheckpointError, save_checkpoint
 
 SCHEDULES = ("cosine", "step", "constant")
 LOSSES = ("l2", "h1")
+
+
+class DeviceError(InputError):
+    """A device that cannot be used here (unknown, or absent on this machine)."""
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -54,14 +59,14 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
+        raise DeviceError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU build)"
-            raise ValueError(f"device {device!r}: no CUDA device here{build}")
+            raise DeviceError(f"device {device!r}: no CUDA device here{build}")
         if resolved.index is not None and resolved.index >= count:
-            raise ValueError(f"device {device!r}: only {count} CUDA device(s) here")
+            raise DeviceError(f"device {device!r}: only {count} CUDA device(s) here")
     return resolved
 
 
@@ -192,11 +197,14 @@ class Trainer:
         try:
             training = json.loads((folder / "training.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{folder}: cannot resume, no readable training.json: {exc}") from None
+            raise CheckpointError(
+                folder, f"cannot resume, no readable training.json: {exc}"
+            ) from None
         if training["settings"] != self.settings:
-            raise ValueError(
-                f"{folder}: cannot resume a run made with other settings: "
-                f"{training['settings']} != {self.settings}"
+            raise CheckpointError(
+                folder,
+                f"cannot resume a run made with other settings: "
+                f"{training['settings']} != {self.settings}",
             )
         self.model.load_state_dict(load_file(folder / "model.safetensors"))
         tensors = load_file(folder / "optimizer.safetensors")
