@@ -4,7 +4,8 @@ For each resolution R, Darcy inputs on `unit_square(R)` are written to a store; 
 in one run:
   - classical: fenop's scikit-fem path (assembly of K(a) + sparse direct solve) per sample;
   - model: `load_model("darcy-fno").transfer(space)` on batches of 32 (model time only);
-  - end to end: `fenop predict darcy-fno IN.h5 -o OUT.h5` in-process (HDF5 in and out);
+  - end to end: `predict_store` (what `fenop predict darcy-fno IN.h5 -o OUT.h5` runs),
+    in-process, HDF5 in and out;
 and, once, the time to first prediction in a fresh process (import, load, one sample).
 
     python benchmarks/inference.py
@@ -43,11 +44,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    from fenop.cli import main as fenop
     from fenop.data import FieldDataset, generate
     from fenop.data.pdes import Darcy
     from fenop.fem import FunctionSpace, unit_square
-    from fenop.train import load_model
+    from fenop.train import load_model, predict_store
 
     device = torch.device(args.device)
     print(
@@ -94,9 +94,7 @@ def main(argv=None) -> dict:
 
             out = Path(folder) / f"out{n}.h5"
             start = time.perf_counter()
-            fenop(
-                ["predict", "darcy-fno", str(path), "-o", str(out), "-q", "--device", args.device]
-            )
+            predict_store("darcy-fno", path, out, device=args.device, progress=False)
             predict = args.samples / (time.perf_counter() - start)
             results[n] = {"solve": solve, "model": model_rate, "predict": predict}
             print(

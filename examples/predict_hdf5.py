@@ -2,9 +2,10 @@
 
 1. Inputs: `generate` writes Darcy samples (inputs and scikit-fem solutions) on an
    unstructured triangulation of the unit square into ``inputs.h5``.
-2. The model: ``load_model("darcy-fno")``, moved to that mesh with ``transfer``.
-3. Predictions go to ``predicted.h5`` in the same layout (what ``fenop predict``
-   writes), and are compared with the solutions.
+2. ``predict_store`` runs the shipped model on them (moved to that mesh) into
+   ``predicted.h5``, in the same layout: what ``fenop predict`` does.
+3. ``evaluate_store`` compares its predictions with the solutions, as
+   ``fenop evaluate`` does.
 
     python examples/predict_hdf5.py
     python examples/predict_hdf5.py --quick
@@ -18,12 +19,9 @@ from pathlib import Path
 import numpy as np
 import scipy.spatial
 import skfem
-import torch
 
-from fenop.data import FieldDataset, generate
-from fenop.data.store import create_store, write_samples
-from fenop.fem import RelativeL2Loss
-from fenop.train import load_model
+from fenop.data import generate, read_store
+from fenop.train import evaluate_store, predict_store
 
 
 def unstructured_square(n_interior: int, n_side: int, seed: int) -> skfem.MeshTri1:
@@ -48,21 +46,16 @@ def main(argv=None) -> dict:
     inputs = generate(
         "darcy", n_samples, mesh, seed=2024, path=args.output / "inputs.h5", progress=False
     )
-    data = FieldDataset(inputs)
-    model = load_model("darcy-fno").transfer(data.space)
-
-    a = torch.stack([data[i][0] for i in range(len(data))])
-    u = torch.stack([data[i][1] for i in range(len(data))])
-    with torch.no_grad():
-        prediction = model(a)
+    # What `fenop predict darcy-fno inputs.h5 -o predicted.h5` runs: the model moves
+    # to the store's mesh, and the predictions go to a store on that mesh.
     output = args.output / "predicted.h5"
-    create_store(
-        output, data.space, fields=["u"], n_samples=n_samples, attrs={"model": "darcy-fno"}
-    )
-    write_samples(output, 0, {"u": prediction[:, 0].double().numpy()})
-    error = RelativeL2Loss(data.space)(prediction, u).item()
+    predict_store("darcy-fno", inputs, output, overwrite=True, progress=not args.quick)
+    # And `fenop evaluate`: relative L2 in the FE norm of that mesh, per sample.
+    evaluation = evaluate_store("darcy-fno", inputs)
+    error = float(evaluation.l2.mean())
+    n_dofs = read_store(output).space.n_dofs
     print(
-        f"{data.space.n_dofs} DOFs on an unstructured mesh; relative L2 error {error:.4f} "
+        f"{n_dofs} DOFs on an unstructured mesh; relative L2 error {error:.4f} "
         f"over {n_samples} samples; predictions in {output}"
     )
     return {"test_error": error, "output": output}
