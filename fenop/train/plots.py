@@ -11,19 +11,6 @@ import numpy as np
 from fenop.fem import FunctionSpace
 
 
-def _triangulation(space: FunctionSpace):
-    import matplotlib.tri
-
-    mesh = space.mesh
-    if mesh.dim() != 2:
-        raise ValueError(f"pictures need a 2-D mesh, got a {mesh.dim()}-D one")
-    cells = mesh.t.T
-    if cells.shape[1] == 4:  # quadrilaterals: two triangles each
-        cells = np.concatenate([cells[:, [0, 1, 2]], cells[:, [0, 2, 3]]])
-    # The first DOFs of scikit-fem's Lagrange spaces are the vertex values.
-    return matplotlib.tri.Triangulation(mesh.p[0], mesh.p[1], cells), mesh.p.shape[1]
-
-
 def plot_predictions(
     space: FunctionSpace,
     inputs: np.ndarray,
@@ -45,8 +32,10 @@ def plot_predictions(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from skfem.visuals.matplotlib import plot as skfem_plot
 
-    triangulation, n_vertices = _triangulation(space)
+    if space.dim != 2:
+        raise ValueError(f"pictures need a 2-D mesh, got a {space.dim}-D one")
     curves = []
     if metrics is not None and Path(metrics).is_file():
         curves = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
@@ -54,12 +43,19 @@ def plot_predictions(
     figure, axes = plt.subplots(rows, 4, figsize=(13, 3 * rows), squeeze=False)
     titles = ("input", "reference", "prediction", "error")
     for row, (a, u, p) in enumerate(zip(inputs, reference, prediction, strict=True)):
-        for col, (title, values) in enumerate(zip(titles, (a, u, p, p - u), strict=True)):
+        error = p - u
+        largest = float(np.abs(error).max()) or 1.0
+        panels = zip(titles, (a, u, p, error), strict=True)
+        for col, (title, values) in enumerate(panels):
             ax = axes[row, col]
-            shading = ax.tripcolor(
-                triangulation, values[:n_vertices], shading="gouraud", cmap="viridis"
+            # scikit-fem draws any element (P2 through its refined interpolation)
+            # and quadrilaterals; the error gets a colour map centred on zero.
+            colours = (
+                {"cmap": "RdBu_r", "vmin": -largest, "vmax": largest}
+                if col == 3
+                else {"cmap": "viridis"}
             )
-            figure.colorbar(shading, ax=ax)
+            skfem_plot(space.basis, values, ax=ax, shading="gouraud", colorbar=True, **colours)
             ax.set_aspect("equal")
             ax.set_title(f"sample {row}: {title}")
             ax.set_xticks([])
@@ -75,6 +71,6 @@ def plot_predictions(
             ax.axis("off")
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=80)
+    figure.savefig(path, dpi=150)
     plt.close(figure)
     return path
