@@ -115,7 +115,7 @@ def test_darcy_solver_converges_to_a_manufactured_solution(degree, order):
         )
         h.append(1 / (n - 1))
         errors.append(np.sqrt(error))
-    assert abs(loglog_slope(h, errors) - order) <= 0.15
+    assert abs(loglog_slope(h, errors) - order) <= 0.1
 
 
 def test_newton_gives_up_with_a_clear_error():

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from fenop.fem import FEDecoder, FunctionSpace, GridEncoder, l_shape, unit_square
-from tests.helpers import DEVICES
+from fenop.fem import FEDecoder, FunctionSpace, GridEncoder, l2_norm, l_shape, unit_square
+from tests.helpers import DEVICES, loglog_slope
 
 
 @pytest.mark.parametrize(
@@ -52,6 +52,24 @@ def test_encode_decode_round_trip_converges_with_the_grid():
     # the re-entrant edges, stencils also reach the extension outside the domain.
     assert errors[0] > 1.6 * errors[1] > 1.6**2 * errors[2]
     assert errors[2] < 0.05
+
+
+@pytest.mark.parametrize("ratio", [0.77, 1.37])
+def test_encode_decode_round_trip_is_second_order_as_mesh_and_grid_refine(ratio):
+    # Mesh and grid refined together (grid points not at the vertices): the round trip
+    # is multilinear interpolation of the P1 interpolant, second order in h.
+    def f(x):
+        return np.sin(2 * x[0]) * np.cos(3 * x[1]) + 2
+
+    sides = (17, 33, 65)
+    errors = []
+    for n in sides:
+        space = FunctionSpace(unit_square(n))
+        u = space.interpolate(f)[None, None]
+        grid = round(ratio * (n - 1)) + 1
+        back = FEDecoder(space, grid)(GridEncoder(space, grid, mask=False, coordinates=False)(u))
+        errors.append((l2_norm(back - u, space) / l2_norm(u, space)).item())
+    assert abs(loglog_slope([1 / (n - 1) for n in sides], errors) - 2.0) <= 0.1
 
 
 def test_decoder_gradient():
