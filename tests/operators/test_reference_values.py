@@ -6,9 +6,10 @@ point evaluation for its prolongation, and LSM's spectral block against a loop
 over patches.
 """
 
+import itertools
+
 import numpy as np
 import scipy.special
-import skfem
 import torch
 
 from fenop.fem import hierarchy, unit_square
@@ -75,7 +76,7 @@ def test_fe_multigrid_equals_numpy_with_scikit_fem_prolongation():
     # Prolongation by scikit-fem's own point evaluation; restriction its transpose
     # with unit row sums (averages of nodal values).
     prolong, restrict = [], []
-    for coarse, fine in zip(spaces, spaces[1:], strict=False):
+    for coarse, fine in itertools.pairwise(spaces):
         p = coarse.basis.probes(fine.dof_points.T).toarray()
         prolong.append(p)
         restrict.append(p.T / p.T.sum(axis=1, keepdims=True))
