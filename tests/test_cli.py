@@ -363,3 +363,16 @@ def test_predict_with_the_shipped_model_on_cuda_matches_the_cpu(tmp_path):
     with h5py.File(outputs["cpu"]) as f, h5py.File(outputs["cuda"]) as g:
         relative = np.linalg.norm(f["u"][()] - g["u"][()]) / np.linalg.norm(f["u"][()])
     assert relative < 1e-4  # float32 on both; FFT and reduction order differ
+
+
+def test_a_fault_of_fenop_is_not_reported_as_bad_input(tmp_path, monkeypatch):
+    # Only fenop's own input errors (and the file system's) become "error: ..." with
+    # status 2; a TypeError from inside fenop is a bug and keeps its traceback.
+    import fenop.train
+
+    def broken(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(fenop.train, "predict_store", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["predict", "darcy-fno", str(tmp_path / "in.h5"), "-o", str(tmp_path / "o.h5")])
