@@ -52,6 +52,7 @@ from pathlib import Path
 from fenop._checks import missing_file
 from fenop._errors import InputError
 from fenop.fem.mesh import DOMAINS
+from fenop.train.models import PROCESSORS
 from fenop.train.trainer import LOSSES, SCHEDULES
 
 _REQUIRED = object()
@@ -68,7 +69,7 @@ _SCHEMA: dict[str, _Keys] = {
         "processor": (str, _REQUIRED),
         "resolution": ((int, list), None),  # required for grid processors, see below
         "options": (dict, {}),
-        "hierarchy": (dict, None),  # required for femultigrid
+        "hierarchy": (dict, None),  # required for mesh-native processors (femultigrid)
     },
     "training": {
         "epochs": (int, _REQUIRED),
@@ -116,19 +117,24 @@ def read_config(path: str | os.PathLike) -> dict:
     for section, keys in _SCHEMA.items():
         config[section] = _checked(path, section, raw.get(section, {}), keys)
     model = config["model"]
-    if model["processor"] == "femultigrid":
+    name = model["processor"]
+    if name not in PROCESSORS:
+        raise ConfigError(
+            path, f"model.processor must be one of {sorted(PROCESSORS)}, got {name!r}"
+        )
+    if PROCESSORS[name].mesh_native:  # its levels are meshes, not a grid
         if model["hierarchy"] is None:
-            raise ConfigError(path, "model.processor femultigrid needs a [model.hierarchy] table")
+            raise ConfigError(path, f"model.processor {name} needs a [model.hierarchy] table")
         if model["resolution"] is not None:
             raise ConfigError(
-                path, "model.resolution is for grid processors; femultigrid has [model.hierarchy]"
+                path, f"model.resolution is for grid processors; {name} has [model.hierarchy]"
             )
         model["hierarchy"] = _hierarchy(path, model["hierarchy"])
     else:
         if model["resolution"] is None:
             raise ConfigError(path, "missing key model.resolution")
         if model["hierarchy"] is not None:
-            raise ConfigError(path, "[model.hierarchy] is for femultigrid only")
+            raise ConfigError(path, "[model.hierarchy] is for mesh-native processors only")
     for key in ("n_train", "n_test", "epochs", "batch_size"):
         section = "data" if key.startswith("n_") else "training"
         if config[section][key] < 1:

@@ -47,6 +47,7 @@ def test_defaults_and_paths(tmp_path):
         (("epochs = 2", "epochs = 2\nweight_decay = -1"), r"weight_decay must be non-negative"),
         (("epochs = 2", 'epochs = 2\nschedule = "cos"'), r"training\.schedule must be one of"),
         (("epochs = 2", 'epochs = 2\nloss = "l1"'), r"training\.loss must be one of \['l2'"),
+        (('"mgno"', '"unet"'), r"model\.processor must be one of \['femultigrid', 'fno'"),
     ],
 )
 def test_errors_name_the_key(tmp_path, change, message):
@@ -97,7 +98,7 @@ def test_femultigrid_takes_a_hierarchy_instead_of_a_resolution(tmp_path):
         ),
         (
             ('"femultigrid"', '"fno"\nresolution = 8'),
-            r"\[model.hierarchy\] is for femultigrid only",
+            r"\[model.hierarchy\] is for mesh-native processors only",
         ),
         (('"lshape"', '"disc"'), r"hierarchy.domain must be one of \('square', 'lshape'\)"),
         (("resolution = 5", "levels = 2"), r"hierarchy.resolution .* is required"),
