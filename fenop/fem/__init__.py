@@ -15,16 +15,21 @@ from fenop.fem.locate import PointLocator, locate
 from fenop.fem.mesh import l_shape, load_mesh, unit_cube, unit_interval, unit_square
 from fenop.fem.normalizer import Normalizer
 from fenop.fem.norms import RelativeH1Loss, RelativeL2Loss, h1_norm, l2_norm
+from fenop.fem.partition import BisectionPartition, GivenPartition, MetisPartition, Partition
 from fenop.fem.space import FunctionSpace
 from fenop.fem.sparse import SparseMatrix
 
 __all__ = [
+    "BisectionPartition",
     "FEDecoder",
     "FEForms",
     "FunctionSpace",
+    "GivenPartition",
     "Grid",
     "GridEncoder",
+    "MetisPartition",
     "Normalizer",
+    "Partition",
     "PointLocator",
     "RelativeH1Loss",
     "RelativeL2Loss",
