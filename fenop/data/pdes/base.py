@@ -113,7 +113,15 @@ class DirichletResidual(nn.Module):
     Subclasses implement ``weak_form(u, **inputs)``, the assembled weak residual
     ``(..., n_dofs)``; its Dirichlet rows are replaced by ``u`` itself, so the
     residual vanishes exactly when ``u`` solves the condensed FE system.
+
+    Two class attributes tell a hard constraint how to solve with it: ``affine``,
+    whether ``R`` is affine in ``u`` (then one linear solve is exact), and
+    ``symmetric``, whether its Jacobian is symmetric on the free DOFs (then a
+    Cholesky factorisation serves).
     """
+
+    affine: ClassVar[bool] = False
+    symmetric: ClassVar[bool] = False
 
     def __init__(self, space: FunctionSpace):
         super().__init__()

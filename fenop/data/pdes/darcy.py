@@ -89,6 +89,9 @@ class DarcyResidual(DirichletResidual):
         load: the assembled right-hand side ``∫ f v`` ``(n_dofs,)``.
     """
 
+    affine = True
+    symmetric = True
+
     def __init__(self, space: FunctionSpace, *, load: torch.Tensor):
         super().__init__(space)
         self.register_buffer("load", load.to(torch.float64), persistent=False)

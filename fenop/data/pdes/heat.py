@@ -97,6 +97,9 @@ class HeatResidual(DirichletResidual):
     Shapes: ``u``, ``u_prev``: ``(..., n_dofs)`` -> ``(..., n_dofs)``.
     """
 
+    affine = True
+    symmetric = True
+
     def __init__(self, space: FunctionSpace, *, diffusivity: float, dt: float):
         super().__init__(space)
         self.diffusivity, self.dt = diffusivity, dt

@@ -51,6 +51,9 @@ class PoissonResidual(DirichletResidual):
     Shapes: ``u``, ``f``: ``(..., n_dofs)`` -> ``(..., n_dofs)``.
     """
 
+    affine = True
+    symmetric = True
+
     def weak_form(self, u: torch.Tensor, *, f: torch.Tensor) -> torch.Tensor:
         forms = self.forms
         return forms.assemble_gradient(forms.gradients(u)) - forms.assemble_values(forms.values(f))
