@@ -26,7 +26,9 @@ refused with a message.
 Every solve is a small dense float64 system, symmetrically scaled to a unit
 diagonal, with a small ridge; Cholesky where it is symmetric, LU otherwise. Its
 condition number is monitored: ``report`` says, per sample, whether every solve
-succeeded, how many sweeps ran, and the residual norm of the output.
+succeeded, how many systems were numerically singular (basis fields dependent on
+an expert's patch: the ridge then picks the coefficients), how many sweeps ran,
+and the residual norm of the output.
 
 >>> import torch
 >>> from fenop.data.pdes import get_pde
@@ -43,6 +45,8 @@ succeeded, how many sweeps ran, and the residual norm of the output.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -105,7 +109,10 @@ class _Constraint(nn.Module):
 
     def _solve(self, matrix: torch.Tensor, rhs: torch.Tensor):
         """Solve ``matrix w = rhs`` for ``(..., N, N)`` and ``(..., N)``: scaled to a
-        unit diagonal, ridged; returns ``w`` and whether each solve succeeded."""
+        unit diagonal, ridged. Returns ``w``, whether each solve succeeded (factorised,
+        finite), and each scaled matrix's condition number: above ``1e10`` the system
+        is numerically singular (basis fields dependent where it lives), and the ridge
+        picks its coefficients."""
         diagonal = torch.diagonal(matrix, dim1=-2, dim2=-1).abs()
         largest = diagonal.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(matrix.dtype).tiny)
         # A basis field that vanishes where this system lives gets a zero coefficient.
@@ -123,10 +130,13 @@ class _Constraint(nn.Module):
             lu, pivots, info = torch.linalg.lu_factor_ex(scaled)
             ok = info == 0
             y = torch.linalg.lu_solve(lu, pivots, (scale * rhs)[..., None])[..., 0]
+        w = scale * y
         with torch.no_grad():
-            condition = torch.linalg.cond(scaled)
-            ok = ok & torch.isfinite(condition) & (condition < _CONDITION_LIMIT)
-        return scale * y, ok
+            finite = torch.isfinite(scaled).all(dim=(-1, -2))
+            condition = torch.full_like(diagonal[..., 0], math.inf)
+            condition[finite] = torch.linalg.cond(scaled[finite])
+            ok = ok & finite & torch.isfinite(w).all(dim=-1)
+        return w, ok, condition
 
     def _global(self, u: torch.Tensor, basis: torch.Tensor, inputs: dict):
         """One solve over the whole domain: ``u + Φ w`` with the condition, ``(B, n)``."""
@@ -138,8 +148,8 @@ class _Constraint(nn.Module):
         else:
             matrix = applied @ applied.transpose(-1, -2)
             rhs = -(applied @ r[..., None])[..., 0]
-        w, ok = self._solve(matrix, rhs)
-        return u + (w[:, None] @ basis)[:, 0], ok
+        w, ok, condition = self._solve(matrix, rhs)
+        return u + (w[:, None] @ basis)[:, 0], ok, condition[:, None]
 
     def _prepare(self, prediction, basis, inputs):
         self._check(prediction, basis)
@@ -149,11 +159,19 @@ class _Constraint(nn.Module):
         phi = torch.where(free, basis.double(), 0.0)  # zero on Dirichlet DOFs
         return g, phi, {k: v.double() for k, v in inputs.items()}
 
-    def _finish(self, u, ok, sweeps: int, dtype, inputs: dict) -> torch.Tensor:
+    def _finish(self, u, ok, conditions, sweeps: int, dtype, inputs: dict) -> torch.Tensor:
+        """The output ``(B, 1, n)``, and :attr:`report` of this call, per sample:
+        ``converged`` (every solve factorised, finite), ``singular`` (how many of its
+        systems were numerically singular, solved through the ridge), ``condition``
+        (the largest condition number), ``iterations`` (sweeps) and ``residual_norm``
+        (of the output, free DOFs)."""
         with torch.no_grad():
             r = torch.where(self.free, self._apply(u, inputs), 0.0)
+            conditions = torch.cat(conditions, dim=1) if conditions else u.new_zeros(len(u), 1)
             self.report = {
                 "converged": ok.detach().cpu(),
+                "singular": (~(conditions < _CONDITION_LIMIT)).sum(dim=1).cpu(),
+                "condition": conditions.amax(dim=1).cpu(),
                 "iterations": torch.full((u.shape[0],), sweeps, dtype=torch.int64),
                 "residual_norm": r.norm(dim=-1).cpu(),
             }
@@ -180,8 +198,8 @@ class HardConstraint(_Constraint):
 
     def forward(self, prediction, basis, **inputs):
         g, phi, inputs = self._prepare(prediction, basis, inputs)
-        u, ok = self._global(g, phi, inputs)
-        return self._finish(u, ok, 1, prediction.dtype, inputs)
+        u, ok, condition = self._global(g, phi, inputs)
+        return self._finish(u, ok, [condition], 1, prediction.dtype, inputs)
 
 
 class MoEConstraint(_Constraint):
@@ -245,11 +263,12 @@ class MoEConstraint(_Constraint):
         g, phi, inputs = self._prepare(prediction, basis, inputs)
         batch = phi.shape[0]
         ok = torch.ones(batch, dtype=torch.bool, device=phi.device)
-        u = g
+        u, conditions = g, []
         if self.coarse:
-            u, ok = self._global(u, phi, inputs)
+            u, ok, condition = self._global(u, phi, inputs)
+            conditions.append(condition)
         if self.sweeps == 0:
-            return self._finish(u, ok, 0, prediction.dtype, inputs)
+            return self._finish(u, ok, conditions, 0, prediction.dtype, inputs)
         extended = self.extended.to(phi.dtype)  # (K, n)
         rows = self.rows.to(phi.dtype)
         local = phi[:, None] * extended[None, :, None]  # χ_k Φ, (B, K, N, n)
@@ -273,8 +292,8 @@ class MoEConstraint(_Constraint):
                 if sweep > 0:
                     r = self._apply(u, inputs)
                 rhs = -(test @ r[:, None, :, None])[..., 0]  # (B, K, N)
-                w, solved = self._solve(matrix, rhs)
-                ok = ok & solved.all(dim=1)
+                w, solved, condition = self._solve(matrix, rhs)
+                ok, conditions = ok & solved.all(dim=1), [*conditions, condition]
                 corrections = (w[:, :, None] @ local)[:, :, 0]  # (B, K, n)
                 u = u + (corrections * owned[None]).sum(dim=1)
                 continue
@@ -284,10 +303,10 @@ class MoEConstraint(_Constraint):
                 if sweep > 0 or index > 0:
                     r = self._apply(u, inputs)
                 rhs = -(test[:, colour] @ r[:, None, :, None])[..., 0]  # (B, k, N)
-                w, solved = self._solve(matrix[:, colour], rhs)
-                ok = ok & solved.all(dim=1)
+                w, solved, condition = self._solve(matrix[:, colour], rhs)
+                ok, conditions = ok & solved.all(dim=1), [*conditions, condition]
                 u = u + (w[:, :, None] @ local[:, colour])[:, :, 0].sum(dim=1)
-        return self._finish(u, ok, self.sweeps, prediction.dtype, inputs)
+        return self._finish(u, ok, conditions, self.sweeps, prediction.dtype, inputs)
 
 
 def _colours(territory: np.ndarray) -> list[torch.Tensor]:

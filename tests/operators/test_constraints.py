@@ -151,20 +151,27 @@ def test_gradients_pass_gradcheck(make):
     assert torch.autograd.gradcheck(f, (guess, basis, a), atol=1e-6, rtol=1e-5)
 
 
-def test_a_singular_system_is_reported_not_hidden():
+def test_singular_systems_and_failed_solves_are_reported_not_hidden():
     space, residual, a, u = _darcy(17)
     field = _smooth_fields(space, 1, seed=5)[0]
-    basis = torch.stack([field, field])[None]  # two equal basis fields: singular
-    layer = HardConstraint(residual)
-    out = layer(torch.zeros_like(u)[:, None], basis, a=a)
-    assert layer.report["converged"].tolist() == [False]
-    assert torch.isfinite(out).all()
+    zero = torch.zeros_like(u)[:, None]
     good = HardConstraint(residual)
-    out = good(torch.zeros_like(u)[:, None], basis[:, :1], a=a)
+    out = good(zero, field[None, None], a=a)
     assert good.report["converged"].tolist() == [True]
+    assert good.report["singular"].tolist() == [0] and good.report["condition"][0] < 10
     free = ~residual.dirichlet
     expected = residual(out[:, 0], a=a)[..., free].norm()
     torch.testing.assert_close(good.report["residual_norm"][0], expected)
+    # two equal basis fields: singular, solved through the ridge to the same output
+    twice = HardConstraint(residual)
+    torch.testing.assert_close(twice(zero, torch.stack([field, field])[None], a=a), out)
+    assert twice.report["singular"].tolist() == [1] and twice.report["converged"].tolist() == [True]
+    # a basis with NaN: the solve fails, and says so
+    broken = field.clone()
+    broken[40] = float("nan")
+    failed = MoEConstraint(residual, MetisPartition(experts=4))
+    failed(zero, broken[None, None], a=a)
+    assert failed.report["converged"].tolist() == [False]
 
 
 def test_nonlinear_residuals_and_bad_arguments_are_refused():
