@@ -185,3 +185,11 @@ def test_train_startup_runs(capsys):
     startup = next(r for (task, _), r in results.items() if task == "start-up")
     assert startup["seconds"] > 0 and startup["store_opens"] >= 1
     assert "| step mgno |" in capsys.readouterr().out
+
+
+def test_constraint_formulations_runs(capsys):
+    results = load_script("benchmarks/constraint_formulations.py").main(
+        ["--resolution", "17", "--basis", "16"]
+    )
+    assert all(r["converged"] and r["error"] > 0 for r in results.values())
+    assert "two-level Galerkin" in capsys.readouterr().out
