@@ -37,6 +37,13 @@ class FEOperator(KeepsComplexModule):
     (:class:`~fenop.fem.SpaceInterpolator`). Either way the Dirichlet DOFs of
     ``space_out`` are then set to the boundary values exactly.
 
+    With a ``constraint`` (:class:`~fenop.operators.HardConstraint` or
+    :class:`~fenop.operators.MoEConstraint`) the processor emits ``1 + N`` channels:
+    a prediction and ``N`` basis fields (set to zero on the Dirichlet DOFs), and the
+    output is the constraint's: the prediction corrected in the span of the basis so
+    that the PDE's residual vanishes against it. The residual's inputs are the
+    model's input fields, named by ``constraint_inputs``.
+
     Args:
         space_in, space_out: FE spaces of input and output.
         processor: an ``nn.Module`` with ``in_channels`` and ``out_channels``; for a
@@ -47,6 +54,9 @@ class FEOperator(KeepsComplexModule):
             :class:`~fenop.fem.Normalizer` or its ``(mean, std)``: inputs are
             normalised with the first, outputs un-normalised with the second.
         boundary_values: Dirichlet data (see :class:`~fenop.fem.FEDecoder`).
+        constraint: a hard constraint on ``space_out`` (its residual's space).
+        constraint_inputs: the residual's name for each input channel (e.g.
+            ``("a",)`` for Darcy's permeability).
     """
 
     def __init__(
@@ -59,6 +69,8 @@ class FEOperator(KeepsComplexModule):
         input_stats: Normalizer | tuple[Sequence[float], Sequence[float]] | None = None,
         output_stats: Normalizer | tuple[Sequence[float], Sequence[float]] | None = None,
         boundary_values: BoundaryValues | None = None,
+        constraint: nn.Module | None = None,
+        constraint_inputs: Sequence[str] = ("a",),
     ):
         super().__init__()
         for name, space in (("space_in", space_in), ("space_out", space_out)):
@@ -97,6 +109,10 @@ class FEOperator(KeepsComplexModule):
                     f"alone adds {self.encoder.extra_channels} (mask and coordinates)"
                 )
         self.out_channels = processor.out_channels
+        self.constraint, self.constraint_inputs = constraint, tuple(constraint_inputs)
+        if constraint is not None:
+            self._check_constraint()
+            self.out_channels = 1  # the constrained field; the rest are its basis
         self.input_stats = Normalizer.of(input_stats)
         self.output_stats = Normalizer.of(output_stats)
         # A real parameter tells the model's dtype (FNO's spectral weights are complex
@@ -104,6 +120,38 @@ class FEOperator(KeepsComplexModule):
         self._dtype_parameter = next(
             (name for name, w in processor.named_parameters() if w.is_floating_point()), None
         )
+
+    def _check_constraint(self) -> None:
+        space = getattr(self.constraint, "space", None)
+        if space is None or not space.same_dofs(self.space_out):
+            raise ValueError("`constraint` must be built on the residual of `space_out`")
+        if not self.space_in.same_dofs(self.space_out):
+            raise ValueError("a constrained model needs its inputs on `space_out` (the residual's)")
+        if self.processor.out_channels < 2:
+            raise ValueError(
+                "with a constraint the processor emits a prediction and at least one basis "
+                f"field, so at least 2 channels; it has {self.processor.out_channels}"
+            )
+        if len(self.constraint_inputs) != self.in_channels:
+            raise ValueError(
+                f"`constraint_inputs` must name each of the {self.in_channels} input "
+                f"channels, got {list(self.constraint_inputs)}"
+            )
+
+    @property
+    def n_basis(self) -> int:
+        """Basis fields the processor emits for the constraint (0 without one)."""
+        return 0 if self.constraint is None else self.processor.out_channels - 1
+
+    def _unnormalised(self, y: torch.Tensor) -> torch.Tensor:
+        """Outputs ``(B, C, ...)`` in physical units: the prediction channel shifted and
+        scaled by the output statistics, basis fields (with a constraint) scaled only."""
+        if self.output_stats is None:
+            return y
+        if self.constraint is None:
+            return self.output_stats.decode(y)
+        basis = y[:, 1:] * self.output_stats.std.to(y.dtype)
+        return torch.cat([self.output_stats.decode(y[:, :1]), basis], dim=1)
 
     def forward(self, x: FETensor, *, boundary_values: torch.Tensor | None = None) -> FETensor:
         """``(B, C_in, n_dofs_in)`` -> ``(B, C_out, n_dofs_out)``, Dirichlet DOFs exact."""
@@ -128,25 +176,28 @@ class FEOperator(KeepsComplexModule):
         # Under autocast (mixed precision) only the processor runs in low precision:
         # the FE maps, the statistics and the boundary values stay in x's dtype, so
         # Dirichlet values remain exact and the output has the input's dtype.
+        fields = x
         with torch.autocast(x.device.type, enabled=False):
             if self.input_stats is not None:
                 x = self.input_stats.encode(x)
             z = x if self.encoder is None else self.encoder(x)
         y = self.processor(z)
         with torch.autocast(x.device.type, enabled=False):
-            y = y.to(x.dtype)
-            if self.output_stats is not None:
-                # Affine per channel, so it commutes with the decoder's interpolation
-                # (whose weights sum to one) and comes before the exact boundary values.
-                y = self.output_stats.decode(y)
+            # Affine per channel, so it commutes with the decoder's interpolation
+            # (whose weights sum to one) and comes before the exact boundary values.
+            y = self._unnormalised(y.to(x.dtype))
             if not self.native:
-                return self.decoder(y, boundary_values=boundary_values)
-            if self.decoder is not None:
-                y = self.decoder(y)
-            if len(self.boundary_dofs) == 0:
+                y = self.decoder(y, boundary_values=boundary_values)
+            else:
+                if self.decoder is not None:
+                    y = self.decoder(y)
+                if len(self.boundary_dofs):
+                    g = self.boundary_values if boundary_values is None else boundary_values
+                    y = impose_dirichlet(y, self.boundary_dofs, g)
+            if self.constraint is None:
                 return y
-            g = self.boundary_values if boundary_values is None else boundary_values
-            return impose_dirichlet(y, self.boundary_dofs, g)
+            inputs = {name: fields[:, i] for i, name in enumerate(self.constraint_inputs)}
+            return self.constraint(y[:, :1], y[:, 1:], **inputs)
 
     def transfer(
         self,
@@ -154,12 +205,16 @@ class FEOperator(KeepsComplexModule):
         space_out: FunctionSpace | None = None,
         *,
         boundary_values: BoundaryValues | None = None,
+        constraint: nn.Module | None = None,
     ) -> FEOperator:
         """The same network on other meshes of the same domain, sharing its weights.
 
         Args:
             space_in, space_out: the new spaces (``space_out`` defaults to ``space_in``).
             boundary_values: Dirichlet data on the new output space (default zero).
+            constraint: for a constrained model, the constraint on the new output
+                space (its residual is the new mesh's; :func:`fenop.train.load_model`
+                and the training layer rebuild it from a checkpoint's description).
 
         Raises:
             ValueError: a new mesh's bounding box is not this model's (the grid would
@@ -175,6 +230,13 @@ class FEOperator(KeepsComplexModule):
                     f"the mesh spans {lo.tolist()} to {hi.tolist()}, but the model's domain "
                     f"spans {lo0.tolist()} to {hi0.tolist()}"
                 )
+        if constraint is None and self.constraint is not None:
+            if not space_out.same_dofs(self.space_out):
+                raise ValueError(
+                    "a constrained model needs a `constraint` on the new mesh (its residual "
+                    "is the old mesh's)"
+                )
+            constraint = self.constraint
         clone = FEOperator(
             space_in,
             space_out,
@@ -183,5 +245,7 @@ class FEOperator(KeepsComplexModule):
             input_stats=self.input_stats,
             output_stats=self.output_stats,
             boundary_values=boundary_values,
+            constraint=constraint,
+            constraint_inputs=self.constraint_inputs,
         )
         return clone.to(next(self.processor.parameters()).device)
