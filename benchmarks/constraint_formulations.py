@@ -97,7 +97,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--guess", type=float, default=0.0565, help="the guess's error")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     space, residual, a, u, guess, coordinates, loss = _case(args.resolution, args.guess, args.seed)
     before = loss(guess[:, None], u[:, None]).item()
     print(
@@ -113,7 +112,8 @@ def main(argv=None) -> dict:
         for n_basis in args.basis:
             basis = _basis(guess, coordinates, n_basis)
             start = time.perf_counter()
-            out = layer(guess[:, None], basis, a=a)
+            with torch.no_grad():
+                out = layer(guess[:, None], basis, a=a)
             seconds = time.perf_counter() - start
             error = loss(out, u[:, None]).item()
             results[(name, n_basis)] = {
