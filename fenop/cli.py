@@ -178,12 +178,18 @@ def _predict(args) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    if not args.quiet:
-        from fenop.data import read_header
+    from fenop.data import read_header
 
+    header = read_header(output)
+    if not args.quiet:
         _, outputs = fields_of(args.model)
-        n = read_header(output)["n_complete"]
-        print(f"wrote {n} predictions of {', '.join(outputs)} to {output}")
+        print(f"wrote {header['n_complete']} predictions of {', '.join(outputs)} to {output}")
+    if header.get("constraint_failed"):  # said even with --quiet: these outputs are suspect
+        print(
+            f"fenop predict: warning: the hard constraint's solve failed for "
+            f"{header['constraint_failed']} samples",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -327,6 +333,10 @@ def _checkpoint_info(path: Path) -> int:
         print(f"  resolution  {written['resolution']}")
     if description.levels:
         _print_levels(description.levels)
+    if description.constraint is not None:
+        c = description.constraint
+        shown = {k: v for k, v in c.items() if k not in ("parameters",) and v is not None}
+        print(f"  constraint  {json.dumps(shown)}")
     space = description.space_in
     vertices = space.mesh.p.shape[1]
     print(f"  space       {space.element} on {type(space.mesh).__name__}, {vertices} vertices")

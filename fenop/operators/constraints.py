@@ -101,7 +101,7 @@ class _Constraint(nn.Module):
                 f"`basis` must have shape ({prediction.shape[0]}, N, {n}), got {tuple(basis.shape)}"
             )
 
-    def _apply(self, u: torch.Tensor, inputs: dict) -> torch.Tensor:
+    def _residual_of(self, u: torch.Tensor, inputs: dict) -> torch.Tensor:
         """``R(u; inputs)`` for ``u`` ``(B, ..., n)``, inputs ``(B, n)`` broadcast over ``...``."""
         extra = u.ndim - 2
         spread = {k: v.reshape(v.shape[0], *(1,) * extra, v.shape[-1]) for k, v in inputs.items()}
@@ -140,8 +140,8 @@ class _Constraint(nn.Module):
 
     def _global(self, u: torch.Tensor, basis: torch.Tensor, inputs: dict):
         """One solve over the whole domain: ``u + Φ w`` with the condition, ``(B, n)``."""
-        r = self._apply(u, inputs)  # (B, n)
-        applied = self._apply(u[:, None] + basis, inputs) - r[:, None]  # J Φ, (B, N, n)
+        r = self._residual_of(u, inputs)  # (B, n)
+        applied = self._residual_of(u[:, None] + basis, inputs) - r[:, None]  # J Φ, (B, N, n)
         if self.condition == "galerkin":
             matrix = basis @ applied.transpose(-1, -2)  # (Φᵀ J Φ)_ab = φ_a · J φ_b
             rhs = -(basis @ r[..., None])[..., 0]
@@ -166,7 +166,7 @@ class _Constraint(nn.Module):
         (the largest condition number), ``iterations`` (sweeps) and ``residual_norm``
         (of the output, free DOFs)."""
         with torch.no_grad():
-            r = torch.where(self.free, self._apply(u, inputs), 0.0)
+            r = torch.where(self.free, self._residual_of(u, inputs), 0.0)
             conditions = torch.cat(conditions, dim=1) if conditions else u.new_zeros(len(u), 1)
             self.report = {
                 "converged": ok.detach().cpu(),
@@ -274,10 +274,10 @@ class MoEConstraint(_Constraint):
         local = phi[:, None] * extended[None, :, None]  # χ_k Φ, (B, K, N, n)
         # J (χ_k Φ) on expert k's rows, colour by colour (exact: see the class doc)
         applied = torch.zeros_like(local)
-        r = self._apply(u, inputs)
+        r = self._residual_of(u, inputs)
         for colour in self.colours:
             together = local[:, colour].sum(dim=1)  # (B, N, n)
-            product = self._apply(u[:, None] + together, inputs) - r[:, None]
+            product = self._residual_of(u[:, None] + together, inputs) - r[:, None]
             applied[:, colour] = product[:, None] * rows[colour][None, :, None]
         if self.condition == "galerkin":
             matrix = local @ applied.transpose(-1, -2)  # (B, K, N, N)
@@ -290,7 +290,7 @@ class MoEConstraint(_Constraint):
             if self.update == "owners":
                 # every expert from the same field, each DOF taking its owner's value
                 if sweep > 0:
-                    r = self._apply(u, inputs)
+                    r = self._residual_of(u, inputs)
                 rhs = -(test @ r[:, None, :, None])[..., 0]  # (B, K, N)
                 w, solved, condition = self._solve(matrix, rhs)
                 ok, conditions = ok & solved.all(dim=1), [*conditions, condition]
@@ -301,7 +301,7 @@ class MoEConstraint(_Constraint):
                 # the experts of a colour do not meet: solved at once, each correcting
                 # its whole extended set, then the next colour sees the new field
                 if sweep > 0 or index > 0:
-                    r = self._apply(u, inputs)
+                    r = self._residual_of(u, inputs)
                 rhs = -(test[:, colour] @ r[:, None, :, None])[..., 0]  # (B, k, N)
                 w, solved, condition = self._solve(matrix[:, colour], rhs)
                 ok, conditions = ok & solved.all(dim=1), [*conditions, condition]

@@ -38,6 +38,15 @@ be any mesh of that domain: fields are interpolated to and from the finest level
     output = "runs/darcy-fno"  # checkpoints and metrics
     device = "auto"            # auto | cpu | cuda
     amp = false
+    physics_weight = 0.0       # > 0: add the scaled FE residual norm to the loss (soft)
+
+A hard constraint on the output (the store's PDE residual; see
+:mod:`fenop.train.physics` for every key):
+
+    [model.constraint]
+    kind = "moe"               # moe | global
+    n_basis = 16
+    experts = 16               # or dofs_per_expert = 400
 
 Unknown keys and values of the wrong type are errors naming the key.
 """
@@ -53,6 +62,7 @@ from fenop._checks import missing_file
 from fenop._errors import InputError
 from fenop.fem.mesh import DOMAINS
 from fenop.train.models import PROCESSORS
+from fenop.train.physics import ConstraintError, constraint_table
 from fenop.train.trainer import LOSSES, SCHEDULES
 
 _REQUIRED = object()
@@ -70,6 +80,7 @@ _SCHEMA: dict[str, _Keys] = {
         "resolution": ((int, list), None),  # required for grid processors, see below
         "options": (dict, {}),
         "hierarchy": (dict, None),  # required for mesh-native processors (femultigrid)
+        "constraint": (dict, None),  # a hard constraint, see fenop.train.physics
     },
     "training": {
         "epochs": (int, _REQUIRED),
@@ -83,6 +94,7 @@ _SCHEMA: dict[str, _Keys] = {
         "output": (str, _REQUIRED),
         "device": (str, "auto"),
         "amp": (bool, False),
+        "physics_weight": ((float, int), 0.0),
     },
 }
 _HIERARCHY: _Keys = {
@@ -143,6 +155,17 @@ def read_config(path: str | os.PathLike) -> dict:
     for key in ("lr", "grad_clip"):
         if training[key] is not None and not training[key] > 0:
             raise ConfigError(path, f"training.{key} must be positive, got {training[key]}")
+    if model["constraint"] is not None:
+        try:
+            model["constraint"] = constraint_table(model["constraint"])
+        except ConstraintError as exc:
+            raise ConfigError(path, str(exc)) from None
+        if len(config["data"]["outputs"]) != 1:
+            raise ConfigError(path, "[model.constraint] constrains one output field")
+    if not training["physics_weight"] >= 0:
+        raise ConfigError(
+            path, f"training.physics_weight must be non-negative, got {training['physics_weight']}"
+        )
     for key, choices in (("schedule", SCHEDULES), ("loss", LOSSES)):
         if training[key] not in choices:
             raise ConfigError(

@@ -34,10 +34,11 @@ from fenop._checks import missing_folder
 from fenop._errors import InputError
 from fenop._files import replacing
 from fenop.data import StoreError, StoreInfo, read_store
-from fenop.data.store import create_store, read_batches, write_samples
+from fenop.data.store import create_store, open_h5, read_batches, write_samples
 from fenop.fem import RelativeH1Loss, RelativeL2Loss
 from fenop.operators import FEOperator
 from fenop.train.checkpoint import checkpoint_path, load_checkpoint, read_config
+from fenop.train.physics import build_constraint
 from fenop.train.trainer import resolve_device
 
 ModelLike = FEOperator | str | os.PathLike
@@ -53,6 +54,8 @@ class Evaluation:
         l2, h1: ``(n,)`` relative L2 and H1 errors of each (FE norms on the store's mesh).
         shown: the first few samples' ``(inputs, reference, prediction)``, each
             ``(k, n_dofs)`` (first channel), for pictures.
+        failed: ``(m,)`` indices of samples whose hard-constraint solve failed
+            (empty without a constraint).
     """
 
     path: str
@@ -60,14 +63,19 @@ class Evaluation:
     l2: np.ndarray
     h1: np.ndarray
     shown: tuple[np.ndarray, np.ndarray, np.ndarray]
+    failed: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def summary(self) -> list[str]:
-        """One line per norm: mean, median and max over the samples."""
-        return [
+        """One line per norm: mean, median and max over the samples (and one for
+        failed constraint solves, if any)."""
+        lines = [
             f"{name}: mean {e.mean():.4f}, median {np.median(e):.4f}, max {e.max():.4f} "
             f"over {len(e)} samples of {self.path}"
             for name, e in (("relative L2", self.l2), ("relative H1", self.h1))
         ]
+        if len(self.failed):
+            lines.append(f"the hard constraint's solve failed for {len(self.failed)} samples")
+        return lines
 
 
 def fields_of(model: ModelLike) -> tuple[list[str], list[str]]:
@@ -88,8 +96,15 @@ def model_on_store(model: ModelLike, store: StoreInfo, *, device=None) -> FEOper
     model = model.to(device).eval()
     if store.space.same_dofs(model.space_in):
         return model
+    constraint = None
+    if model.constraint is not None:
+        # The constraint's residual and experts, rebuilt on this mesh by the same rules.
+        description = getattr(model.constraint, "description", None)
+        if description is None:
+            raise InputError("a constraint made by hand cannot be moved to another mesh")
+        constraint = build_constraint(description, store.space)
     try:
-        return model.transfer(store.space)
+        return model.transfer(store.space, constraint=constraint)
     except ValueError as exc:
         raise StoreError(store.path, f"this mesh is not in the model's domain: {exc}") from None
 
@@ -140,7 +155,7 @@ def evaluate_store(
     device = next(model.parameters()).device
     l2 = RelativeL2Loss(store.space, reduction="none").to(device)
     h1 = RelativeH1Loss(store.space, reduction="none").to(device)
-    errors_l2, errors_h1, shown = [], [], []
+    errors_l2, errors_h1, shown, failed = [], [], [], []
     dtype = _numpy_dtype(model)
     with torch.no_grad(), tqdm(total=len(rows), unit="sample", disable=not progress) as bar:
         for start, fields in read_batches(store, inputs + outputs, batch_size, dtype=dtype):
@@ -150,6 +165,7 @@ def evaluate_store(
             fields = torch.from_numpy(fields[rows[keep] - start]).to(device)
             x, y = fields[:, : len(inputs)], fields[:, len(inputs) :]
             prediction = model(x)
+            failed.extend(rows[keep][~_converged(model, len(x))].tolist())
             errors_l2.append(l2(prediction, y).cpu().numpy())
             errors_h1.append(h1(prediction, y).cpu().numpy())
             if sum(len(s[0]) for s in shown) < show:
@@ -157,8 +173,20 @@ def evaluate_store(
             bar.update(len(x))
     kept = tuple(np.concatenate([s[k] for s in shown])[:show] for k in range(3))
     return Evaluation(
-        os.fspath(path), rows, np.concatenate(errors_l2), np.concatenate(errors_h1), kept
+        os.fspath(path),
+        rows,
+        np.concatenate(errors_l2),
+        np.concatenate(errors_h1),
+        kept,
+        np.asarray(failed, dtype=np.int64),
     )
+
+
+def _converged(model: FEOperator, batch: int) -> np.ndarray:
+    """``(batch,)`` whether the last call's constraint solves succeeded (all, without one)."""
+    if model.constraint is None:
+        return np.ones(batch, dtype=bool)
+    return model.constraint.report["converged"].numpy()
 
 
 def predict_store(
@@ -221,9 +249,14 @@ def predict_store(
     with replacing(output) as staging:
         create_store(staging, store.space, fields=outputs, n_samples=n, attrs=attrs)
         batches = read_batches(store, inputs, batch_size, dtype=_numpy_dtype(model))
+        failed = 0
         with torch.no_grad(), tqdm(total=n, unit="sample", disable=not progress) as bar:
             for start, x in batches:
                 y = model(torch.from_numpy(x).to(device)).double().cpu().numpy()
+                failed += int((~_converged(model, len(x))).sum())
                 write_samples(staging, start, {f: y[:, k] for k, f in enumerate(outputs)})
                 bar.update(len(x))
+        if model.constraint is not None:
+            with open_h5(staging, "r+") as f:  # read by `fenop predict` to say so
+                f.attrs["constraint_failed"] = failed
     return output

@@ -61,7 +61,9 @@ class ModelDescription:
         resolution: grid points per axis (grid processors).
         levels: the FE spaces of a mesh-native processor, coarsest first.
         input_stats, output_stats: normalisation of inputs and outputs.
-        constraint: reserved for the hard-constraint layer's description.
+        constraint: the hard constraint's description, a table of
+            :mod:`fenop.train.physics` (its processor emits ``n_basis`` basis fields
+            beside the ``out_channels`` output), or ``None``.
     """
 
     processor: str
@@ -98,7 +100,7 @@ class ModelDescription:
         cls = self.processor_class
         options = {
             "in_channels": self._processor_in_channels(),
-            "out_channels": self.out_channels,
+            "out_channels": self._processor_out_channels(),
             **_json_options(cls, self.options),
         }
         if cls.mesh_native:
@@ -129,6 +131,9 @@ class ModelDescription:
             name = config["processor"]
             space_in, space_out = _space(config["space_in"]), _space(config["space_out"])
             in_channels, out_channels = options.pop("in_channels"), options.pop("out_channels")
+            constraint = config.get("constraint")
+            if constraint is not None:
+                out_channels -= constraint["n_basis"]  # the processor's are basis fields too
             levels = None
             if name in PROCESSORS and PROCESSORS[name].mesh_native:
                 n_levels = options.pop("levels")
@@ -157,12 +162,16 @@ class ModelDescription:
                 levels=levels,
                 input_stats=_stats(config["input_stats"]),
                 output_stats=_stats(config["output_stats"]),
-                constraint=config.get("constraint"),
+                constraint=constraint,
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, DescriptionError):
                 raise
             raise DescriptionError(f"not a model description: {exc!r}") from None
+
+    def _processor_out_channels(self) -> int:
+        extra = 0 if self.constraint is None else self.constraint["n_basis"]
+        return self.out_channels + extra
 
     def _processor_in_channels(self) -> int:
         if self.processor_class.mesh_native:
@@ -180,7 +189,7 @@ def build_model(description: ModelDescription) -> FEOperator:
     cls = description.processor_class
     if problem := unknown_options(cls, description.options, name=cls.__name__):
         raise DescriptionError(problem)
-    channels = (description._processor_in_channels(), description.out_channels)
+    channels = (description._processor_in_channels(), description._processor_out_channels())
     options = dict(description.options)
     try:
         if cls.mesh_native:
@@ -201,6 +210,14 @@ def build_model(description: ModelDescription) -> FEOperator:
             processor = cls(*channels, **options)
     except TypeError as exc:  # an option of the wrong kind, which the processor names
         raise DescriptionError(str(exc)) from None
+    constrained = {}
+    if description.constraint is not None:
+        from fenop.train.physics import build_constraint
+
+        constrained = {
+            "constraint": build_constraint(description.constraint, description.space_out),
+            "constraint_inputs": description.constraint["inputs"],
+        }
     return FEOperator(
         description.space_in,
         description.space_out,
@@ -208,6 +225,7 @@ def build_model(description: ModelDescription) -> FEOperator:
         resolution=None if cls.mesh_native else description.resolution,
         input_stats=description.input_stats,
         output_stats=description.output_stats,
+        **constrained,
     )
 
 
@@ -224,6 +242,14 @@ def describe_model(model: FEOperator) -> ModelDescription:
             f"cannot describe a processor of type {type(processor).__name__}: it is not "
             f"in fenop.train.models.PROCESSORS ({', '.join(PROCESSORS)})"
         )
+    constraint = None
+    if model.constraint is not None:
+        constraint = getattr(model.constraint, "description", None)
+        if constraint is None:
+            raise DescriptionError(
+                "a constraint made by hand cannot be described; build it with "
+                "fenop.train.physics.build_constraint (or from a [model.constraint] table)"
+            )
     return ModelDescription(
         name,
         model.space_in,
@@ -235,6 +261,7 @@ def describe_model(model: FEOperator) -> ModelDescription:
         levels=list(processor.spaces) if processor.mesh_native else None,
         input_stats=model.input_stats,
         output_stats=model.output_stats,
+        constraint=constraint,
     )
 
 

@@ -12,6 +12,7 @@ from fenop.fem import FunctionSpace, hierarchy, load_mesh
 from fenop.fem.mesh import DOMAINS
 from fenop.train.config import ConfigError, read_config
 from fenop.train.models import PROCESSORS, DescriptionError, ModelDescription, build_model
+from fenop.train.physics import ConstraintError, PhysicsLoss, residual_for
 from fenop.train.trainer import Trainer, resolve_device
 
 
@@ -54,6 +55,9 @@ def build_from_config(
         input_stats=train.normalizer(data["inputs"]),
         output_stats=train.normalizer(data["outputs"]),
     )
+    if table["constraint"] is not None:
+        # The residual is the store's PDE, rebuilt from its recorded parameters.
+        description.constraint = {**table["constraint"], **_pde_of(store, data, path)}
     if PROCESSORS[name].mesh_native:
         description.levels = _hierarchy_spaces(table["hierarchy"], path, degree=space.degree)
     else:
@@ -62,6 +66,8 @@ def build_from_config(
         description.resolution = grid
     try:
         model = build_model(description)
+    except ConstraintError as exc:
+        raise ConfigError(path, f"model.constraint: {exc}") from None
     except DescriptionError as exc:
         raise ConfigError(path, f"model.options: {exc}") from None
     except ValueError as exc:
@@ -72,6 +78,14 @@ def build_from_config(
             path, f"the data's mesh is not in the domain of [model.hierarchy]: {exc}"
         ) from None
     return model, train, test
+
+
+def _pde_of(store: StoreInfo, data: dict, path) -> dict:
+    """The PDE a constraint or physics loss uses: the store's, with its parameters."""
+    pde = store.header.get("pde")
+    if pde is None:
+        raise ConfigError(path, f"{store.path} names no pde: a constraint needs its residual")
+    return {"pde": pde, "parameters": store.header.get("parameters", {}), "inputs": data["inputs"]}
 
 
 def _hierarchy_spaces(table: dict, path: str | os.PathLike, *, degree: int):
@@ -118,6 +132,14 @@ def train_from_config(
     model, train, test = build_from_config(config, path=config_path, store=store)
     training = config["training"]
     header = store.header
+    physics = None
+    if training["physics_weight"] > 0:
+        pde = _pde_of(store, data, config_path)
+        try:
+            residual = residual_for(pde["pde"], pde["parameters"], store.space)
+        except ConstraintError as exc:
+            raise ConfigError(config_path, f"training.physics_weight: {exc}") from None
+        physics = PhysicsLoss(residual, data["inputs"])
     trainer = Trainer(
         model,
         train,
@@ -135,6 +157,8 @@ def train_from_config(
         amp=training["amp"],
         seed=training["seed"],
         progress=progress,
+        physics=physics,
+        physics_weight=float(training["physics_weight"]),
         extra={
             "data": {
                 # the file's name, not the machine's path: checkpoints get shared

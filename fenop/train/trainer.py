@@ -93,6 +93,10 @@ class Trainer:
         amp: mixed precision (bfloat16 autocast) on CUDA.
         seed: sets the batch order (epoch e shuffles with seed + e).
         progress: show a progress bar.
+        physics: a loss ``(prediction, inputs) -> scalar`` of the PDE residual (the soft
+            constraint, :class:`fenop.train.physics.PhysicsLoss`), added to the data
+            loss with ``physics_weight``.
+        physics_weight: its weight.
         extra: further JSON written into each checkpoint's config (e.g. data description).
     """
 
@@ -115,6 +119,8 @@ class Trainer:
         amp: bool = False,
         seed: int = 0,
         progress: bool = True,
+        physics: torch.nn.Module | None = None,
+        physics_weight: float = 0.0,
         extra: dict | None = None,
     ):
         if schedule not in SCHEDULES:
@@ -163,6 +169,15 @@ class Trainer:
         }
         if grad_clip is not None:  # only when given: runs saved before it still resume
             self.settings["grad_clip"] = grad_clip
+        if not physics_weight >= 0 or (physics_weight > 0 and physics is None):
+            raise ValueError(
+                f"`physics_weight` must be non-negative, with a `physics` loss when positive, "
+                f"got {physics_weight}"
+            )
+        self.physics = None if physics is None else physics.to(self.device)
+        self.physics_weight = physics_weight
+        if physics_weight > 0:
+            self.settings["physics_weight"] = physics_weight
         self.extra = extra or {}
         self.epoch, self.best = 0, math.inf
         if resume and self.directory is not None and (self.directory / "last").is_dir():
@@ -263,6 +278,8 @@ class Trainer:
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                         prediction = self.model(x)
                     loss = self.loss_fn(prediction, y)
+                    if self.physics_weight > 0:
+                        loss = loss + self.physics_weight * self.physics(prediction, x)
                     if not torch.isfinite(loss):
                         where = (
                             f"the loss is {loss.item()} at epoch {self.epoch + 1}, step {step + 1}"

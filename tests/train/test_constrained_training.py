@@ -1,0 +1,117 @@
+"""A hard-constrained model through the whole product: configuration, training,
+checkpoint, another mesh, the command; and the soft physics loss."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fenop.cli import main
+from fenop.data import generate
+from fenop.fem import unit_square
+from fenop.train import load_model, read_config
+from fenop.train.config import ConfigError
+from fenop.train.config import read_config as read_training_config
+from fenop.train.run import train_from_config
+
+CONFIG = """
+[data]
+path = "d.h5"
+n_train = 12
+n_test = 4
+
+[model]
+processor = "mgno"
+resolution = 8
+[model.options]
+width = 4
+n_layers = 1
+[model.constraint]
+n_basis = 4
+experts = 2
+sweeps = 2
+
+[training]
+epochs = 2
+batch_size = 4
+output = "run"
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("constrained")
+    generate("darcy", 16, unit_square(9), seed=0, path=folder / "d.h5", progress=False)
+    (folder / "c.toml").write_text(CONFIG)
+    history = train_from_config(folder / "c.toml", progress=False)
+    return folder, history
+
+
+def test_a_constrained_configuration_trains_and_its_checkpoint_loads(trained):
+    folder, history = trained
+    assert len(history) == 2 and np.isfinite(history[-1]["test_l2"])
+    config = read_config(folder / "run" / "best")
+    constraint = config["model"]["constraint"]
+    assert constraint["pde"] == "darcy" and constraint["inputs"] == ["a"]
+    assert constraint["n_basis"] == 4 and config["model"]["options"]["out_channels"] == 5
+    model = load_model(folder / "run" / "best")
+    assert model.n_basis == 4 and model.constraint.partition.n_experts == 2
+    with h5py_file(folder / "d.h5") as f:
+        a = torch.from_numpy(f["a"][:2].astype(np.float32))[:, None]
+    again = load_model(folder / "run" / "best")
+    with torch.no_grad():
+        torch.testing.assert_close(again(a), model(a))
+    assert bool(model.constraint.report["converged"].all())
+
+
+def h5py_file(path):
+    import h5py
+
+    return h5py.File(path, "r")
+
+
+def test_the_command_predicts_on_another_mesh_and_says_what_the_model_is(trained, capsys):
+    folder, _ = trained
+    finer = folder / "finer.h5"
+    assert main(["generate", "darcy", "-n", "2", "--resolution", "17", "-o", str(finer), "-q"]) == 0
+    best = str(folder / "run" / "best")
+    assert main(["predict", best, str(finer), "-o", str(folder / "p.h5"), "-q"]) == 0
+    assert main(["evaluate", best, str(finer)]) == 0
+    assert main(["info", best]) == 0
+    out = capsys.readouterr().out
+    assert "relative L2" in out and '"kind": "moe"' in out and '"n_basis": 4' in out
+    import h5py
+
+    with h5py.File(folder / "p.h5") as f:
+        u = f["u"][()]
+        assert u.shape == (2, 289) and np.isfinite(u).all() and f.attrs["constraint_failed"] == 0
+
+
+def test_the_soft_physics_loss_trains(tmp_path):
+    generate("darcy", 8, unit_square(9), seed=0, path=tmp_path / "d.h5", progress=False)
+    text = CONFIG.replace("[model.constraint]\nn_basis = 4\nexperts = 2\nsweeps = 2\n", "")
+    text = text.replace("n_train = 12\nn_test = 4", "n_train = 6\nn_test = 2")
+    (tmp_path / "c.toml").write_text(
+        text.replace('output = "run"', 'output = "run"\nphysics_weight = 0.5')
+    )
+    history = train_from_config(tmp_path / "c.toml", progress=False)
+    assert np.isfinite(history[-1]["train_loss"])
+    settings = json.loads((tmp_path / "run" / "last" / "training.json").read_text())["settings"]
+    assert settings["physics_weight"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("experts = 2", "experts = 2\ndofs_per_expert = 10"), "exactly one of experts"),
+        (("experts = 2", "experts = 2\nexpert = 3"), r"unknown key model.constraint.expert"),
+        (("sweeps = 2", 'sweeps = 2\ncondition = "ritz"'), r"condition must be one of"),
+        (("n_basis = 4", "n_basis = 0"), r"n_basis must be positive"),
+        (('output = "run"', 'output = "run"\nphysics_weight = -1'), "physics_weight must be"),
+    ],
+)
+def test_constraint_tables_are_checked_key_by_key(tmp_path, change, message):
+    (tmp_path / "c.toml").write_text(CONFIG.replace(*change))
+    with pytest.raises(ConfigError, match=message):
+        read_training_config(tmp_path / "c.toml")
