@@ -19,9 +19,12 @@ outside held at the current values, a few sweeps after an optional global solve
 the solves: for a residual affine in ``u`` (Darcy, Poisson, a heat step) the solve
 is exact, and autograd through it is the implicit gradient.
 
-Residuals that are not affine in ``u`` (nonlinear diffusion) need Newton's method
-and an implicit backward, which this module does not have yet: such a residual is
-refused with a message.
+For a residual that is not affine in ``u`` (nonlinear diffusion) each solve is
+Newton's method on the ``N`` unknowns (Gauss-Newton for least squares), with a
+fixed iteration cap, per-problem convergence masks and no host synchronisation in
+the loop; its backward pass is the implicit function theorem's with the exact
+Jacobian (:mod:`fenop.operators.implicit`), in memory that does not grow with the
+iterations.
 
 Every solve is a small dense float64 system, symmetrically scaled to a unit
 diagonal, with a small ridge; Cholesky where it is symmetric, LU otherwise. Its
@@ -47,10 +50,13 @@ and the residual norm of the output.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
+
+from fenop.operators.implicit import implicit_root
 
 CONDITIONS = ("galerkin", "least_squares")
 UPDATES = ("colours", "owners")
@@ -64,27 +70,36 @@ def _dirichlet_mask(residual: nn.Module, n_dofs: int) -> torch.Tensor:
 
 
 class _Constraint(nn.Module):
-    """What both constraints share: the residual, its checks, the small solves."""
+    """What both constraints share: the residual, its checks, the experts' solves."""
 
-    def __init__(self, residual: nn.Module, *, condition: str, ridge: float):
+    def __init__(
+        self,
+        residual: nn.Module,
+        *,
+        condition: str,
+        ridge: float,
+        max_iterations: int = 25,
+        tolerance: float = 1e-10,
+    ):
         super().__init__()
         if condition not in CONDITIONS:
             raise ValueError(f"`condition` must be one of {CONDITIONS}, got {condition!r}")
-        if not getattr(residual, "affine", False):
-            raise NotImplementedError(
-                f"{type(residual).__name__} is not declared affine in u (`affine = True`): "
-                "hard constraints on nonlinear residuals (Newton with an implicit backward) "
-                "are not built yet"
-            )
         if not ridge >= 0:
             raise ValueError(f"`ridge` must be non-negative, got {ridge}")
+        if max_iterations < 1 or not tolerance > 0:
+            raise ValueError(
+                "`max_iterations` must be positive and `tolerance` positive, got "
+                f"{max_iterations} and {tolerance}"
+            )
         forms = getattr(residual, "forms", None)
         if forms is None or not hasattr(forms, "space"):
             raise TypeError("`residual` must know its space (residual.forms.space)")
         self.residual, self.condition, self.ridge = residual, condition, float(ridge)
+        self.affine = bool(getattr(residual, "affine", False))
+        self.max_iterations, self.tolerance = int(max_iterations), float(tolerance)
         self.space = forms.space
         # Galerkin matrices Φᵀ J Φ are symmetric when J is on the free DOFs; the
-        # normal equations of least squares always are.
+        # (Gauss-Newton) normal equations of least squares always are.
         self.symmetric = condition == "least_squares" or bool(getattr(residual, "symmetric", False))
         mask = _dirichlet_mask(residual, self.space.n_dofs)
         self.register_buffer("free", ~mask, persistent=False)
@@ -106,6 +121,21 @@ class _Constraint(nn.Module):
         extra = u.ndim - 2
         spread = {k: v.reshape(v.shape[0], *(1,) * extra, v.shape[-1]) for k, v in inputs.items()}
         return self.residual(u, **spread)
+
+    def _linearised(self, u: torch.Tensor, tangents: torch.Tensor, inputs: dict):
+        """``R(u)`` ``(B, n)`` and ``J(u) t`` for each tangent ``t`` of ``(B, N, n)``."""
+        r = self._residual_of(u, inputs)
+        if self.affine:  # exact for an affine R, and cheaper than forward mode
+            return r, self._residual_of(u[:, None] + tangents, inputs) - r[:, None]
+        primal = u[:, None].repeat(1, tangents.shape[1], 1)
+        with warnings.catch_warnings():
+            # torch loads its forward-mode decompositions through torch.jit.script on
+            # first use, which torch itself deprecates: nothing of fenop's.
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated")
+            _, product = torch.func.jvp(
+                lambda v: self._residual_of(v, inputs), (primal,), (tangents,)
+            )
+        return r, product
 
     def _solve(self, matrix: torch.Tensor, rhs: torch.Tensor):
         """Solve ``matrix w = rhs`` for ``(..., N, N)`` and ``(..., N)``: scaled to a
@@ -138,18 +168,78 @@ class _Constraint(nn.Module):
             ok = ok & finite & torch.isfinite(w).all(dim=-1)
         return w, ok, condition
 
-    def _global(self, u: torch.Tensor, basis: torch.Tensor, inputs: dict):
-        """One solve over the whole domain: ``u + Φ w`` with the condition, ``(B, n)``."""
-        r = self._residual_of(u, inputs)  # (B, n)
-        applied = self._residual_of(u[:, None] + basis, inputs) - r[:, None]  # J Φ, (B, N, n)
-        if self.condition == "galerkin":
-            matrix = basis @ applied.transpose(-1, -2)  # (Φᵀ J Φ)_ab = φ_a · J φ_b
-            rhs = -(basis @ r[..., None])[..., 0]
-        else:
-            matrix = applied @ applied.transpose(-1, -2)
-            rhs = -(applied @ r[..., None])[..., 0]
-        w, ok, condition = self._solve(matrix, rhs)
-        return u + (w[:, None] @ basis)[:, 0], ok, condition[:, None]
+    def _system(self, u, local, rows, inputs):
+        """The experts' condition at ``u`` and its (Gauss-Newton, for least squares)
+        matrix: ``F (B, k, N)``, ``M (B, k, N, N)``, for experts of bases ``local``
+        ``(B, k, N, n)`` whose territories do not meet (one residual linearisation
+        then serves them all), ``rows`` ``(k, n)`` the residual rows of each."""
+        r, product = self._linearised(u, local.sum(dim=1), inputs)
+        applied = product[:, None] * rows[None, :, None]  # J(χ_k Φ) on expert k's rows
+        test = local if self.condition == "galerkin" else applied
+        f_value = (test @ r[:, None, :, None])[..., 0]
+        matrix = test @ applied.transpose(-1, -2)
+        return f_value, matrix
+
+    def _experts(self, u, local, rows, inputs, cache=None):
+        """Coefficients ``(B, k, N)`` of experts (territories that do not meet) solved
+        from ``u`` ``(B, n)``: one solve for an affine residual (its matrix, which does
+        not depend on ``u``, kept in ``cache``), Newton's method otherwise, with the
+        implicit function theorem's gradient. Also whether each succeeded, the
+        condition numbers and the iterations."""
+        if self.affine:
+            if cache is not None and "matrix" in cache:
+                r = self._residual_of(u, inputs)
+                test = local if self.condition == "galerkin" else cache["applied"]
+                f_value, matrix = (test @ r[:, None, :, None])[..., 0], cache["matrix"]
+            else:
+                r, product = self._linearised(u, local.sum(dim=1), inputs)
+                applied = product[:, None] * rows[None, :, None]
+                test = local if self.condition == "galerkin" else applied
+                f_value, matrix = (
+                    (test @ r[:, None, :, None])[..., 0],
+                    test @ applied.transpose(-1, -2),
+                )
+                if cache is not None:
+                    cache.update(matrix=matrix, applied=applied)
+            w, ok, condition = self._solve(matrix, -f_value)
+            return w, ok, condition, torch.ones_like(ok, dtype=torch.int64)
+        return self._newton(u, local, rows, inputs)
+
+    def _newton(self, u, local, rows, inputs):
+        batch, k, n_basis, _ = local.shape
+        names = list(inputs)
+
+        def field(w, u, local):
+            return u + (w[:, :, None] @ local)[:, :, 0].sum(dim=1)
+
+        with torch.no_grad():
+            w = local.new_zeros(batch, k, n_basis)
+            ok = torch.ones(batch, k, dtype=torch.bool, device=local.device)
+            done = torch.zeros_like(ok)
+            iterations = torch.zeros(batch, k, dtype=torch.int64, device=local.device)
+            condition = local.new_zeros(batch, k)
+            # Problems that have converged are left as they are. On a GPU the loop runs
+            # its full count, with no host synchronisation inside; on the CPU, where
+            # asking costs nothing, it stops once every problem has converged.
+            for _ in range(self.max_iterations):
+                if local.device.type == "cpu" and bool(done.all()):
+                    break
+                f_value, matrix = self._system(field(w, u, local), local, rows, inputs)
+                step, solved, condition = self._solve(matrix, -f_value)
+                ok = ok & (solved | done)
+                small = step.norm(dim=-1) <= self.tolerance * (1 + w.norm(dim=-1))
+                w = torch.where(done[..., None], w, w + step)
+                iterations = iterations + (~done).to(torch.int64)
+                done = done | small
+            ok = ok & done  # not converged within max_iterations: reported
+
+        def condition_of(w, u, local, *values):
+            ins = dict(zip(names, values, strict=True))
+            f_value, _ = self._system(field(w, u, local), local, rows, ins)
+            return f_value
+
+        w = implicit_root(condition_of, w, u, local, *(inputs[name] for name in names))
+        return w, ok, condition, iterations
 
     def _prepare(self, prediction, basis, inputs):
         self._check(prediction, basis)
@@ -159,12 +249,19 @@ class _Constraint(nn.Module):
         phi = torch.where(free, basis.double(), 0.0)  # zero on Dirichlet DOFs
         return g, phi, {k: v.double() for k, v in inputs.items()}
 
-    def _finish(self, u, ok, conditions, sweeps: int, dtype, inputs: dict) -> torch.Tensor:
+    def _global(self, u, phi, inputs):
+        """One solve over the whole domain: ``u + Φ w`` with the condition."""
+        everywhere = torch.ones(1, u.shape[-1], dtype=phi.dtype, device=phi.device)
+        w, ok, condition, iterations = self._experts(u, phi[:, None], everywhere, inputs)
+        return u + (w @ phi)[:, 0], ok[:, 0], condition, iterations
+
+    def _finish(self, u, ok, conditions, iterations, dtype, inputs: dict) -> torch.Tensor:
         """The output ``(B, 1, n)``, and :attr:`report` of this call, per sample:
-        ``converged`` (every solve factorised, finite), ``singular`` (how many of its
-        systems were numerically singular, solved through the ridge), ``condition``
-        (the largest condition number), ``iterations`` (sweeps) and ``residual_norm``
-        (of the output, free DOFs)."""
+        ``converged`` (every solve factorised and finite, every Newton iteration
+        converged), ``singular`` (how many of its systems were numerically singular,
+        solved through the ridge), ``condition`` (the largest condition number),
+        ``iterations`` (sweeps, or for a nonlinear residual the Newton iterations of
+        all its solves) and ``residual_norm`` (of the output, free DOFs)."""
         with torch.no_grad():
             r = torch.where(self.free, self._residual_of(u, inputs), 0.0)
             conditions = torch.cat(conditions, dim=1) if conditions else u.new_zeros(len(u), 1)
@@ -172,7 +269,7 @@ class _Constraint(nn.Module):
                 "converged": ok.detach().cpu(),
                 "singular": (~(conditions < _CONDITION_LIMIT)).sum(dim=1).cpu(),
                 "condition": conditions.amax(dim=1).cpu(),
-                "iterations": torch.full((u.shape[0],), sweeps, dtype=torch.int64),
+                "iterations": iterations.cpu(),
                 "residual_norm": r.norm(dim=-1).cpu(),
             }
         return u.to(dtype)[:, None]
@@ -183,23 +280,40 @@ class HardConstraint(_Constraint):
 
     Args:
         residual: a module ``R(u, **inputs)`` on ``(..., n_dofs)`` tensors that knows
-            its space (``residual.forms.space``) and declares ``affine = True``, such
-            as ``PDEFamily.residual()``.
-        condition: ``"galerkin"`` or ``"least_squares"``.
+            its space (``residual.forms.space``), such as ``PDEFamily.residual()``;
+            ``affine = True`` on it makes one linear solve exact, else Newton's
+            method solves.
+        condition: ``"galerkin"`` or ``"least_squares"`` (Gauss-Newton iterations).
         ridge: added to the unit diagonal of each scaled system.
+        max_iterations, tolerance: Newton's, for residuals that are not affine; a
+            step below ``tolerance (1 + |w|)`` has converged.
 
     Shapes:
         ``prediction (B, 1, n)``, ``basis (B, N, n)``, each input ``(B, n)`` ->
         ``(B, 1, n)`` in the prediction's dtype.
     """
 
-    def __init__(self, residual: nn.Module, *, condition: str = "galerkin", ridge: float = 1e-12):
-        super().__init__(residual, condition=condition, ridge=ridge)
+    def __init__(
+        self,
+        residual: nn.Module,
+        *,
+        condition: str = "galerkin",
+        ridge: float = 1e-12,
+        max_iterations: int = 25,
+        tolerance: float = 1e-10,
+    ):
+        super().__init__(
+            residual,
+            condition=condition,
+            ridge=ridge,
+            max_iterations=max_iterations,
+            tolerance=tolerance,
+        )
 
     def forward(self, prediction, basis, **inputs):
         g, phi, inputs = self._prepare(prediction, basis, inputs)
-        u, ok, condition = self._global(g, phi, inputs)
-        return self._finish(u, ok, [condition], 1, prediction.dtype, inputs)
+        u, ok, condition, iterations = self._global(g, phi, inputs)
+        return self._finish(u, ok, [condition], iterations.sum(dim=1), prediction.dtype, inputs)
 
 
 class MoEConstraint(_Constraint):
@@ -207,15 +321,19 @@ class MoEConstraint(_Constraint):
 
     Each sweep, expert ``k`` solves the condition for ``N`` coefficients of its basis
     ``χ_k Φ`` (the basis restricted to its extended set), the field outside held at
-    its current values; every DOF then takes its owner's correction. With ``coarse``
-    a global solve comes first. ``K = 1`` without ``coarse`` is
-    :class:`HardConstraint`.
+    its current values. With ``update="colours"`` (default) the experts go colour by
+    colour: experts of one colour have disjoint extended sets and halos, so they are
+    solved at once, each corrects its whole extended set, and the next colour sees
+    the new field; for a symmetric positive definite problem each step minimises
+    the energy over an expert's span, so the error cannot grow (BENCHMARKS.md
+    measures it). With ``update="owners"`` every expert solves from the same field
+    and each DOF takes its owner's correction. With ``coarse`` a global solve comes
+    first. ``K = 1`` without ``coarse`` is :class:`HardConstraint`.
 
     The experts' matrices need ``J (χ_k Φ)``, which differs from ``χ_k (J Φ)`` at the
-    edge of the extended set. It is evaluated for many experts at once: experts
-    whose extended sets and halos do not meet are given one colour, and one residual
-    evaluation of ``Σ_{k in a colour} χ_k Φ`` gives each of them its own product on
-    its rows. The cost is (colours) x N residual evaluations, whatever K.
+    edge of the extended set. One linearisation of the residual along
+    ``Σ_{k in a colour} χ_k Φ`` gives each expert of the colour its own product on
+    its rows, exactly: the cost is (colours) x N residual evaluations, whatever K.
 
     Args:
         residual: as for :class:`HardConstraint`.
@@ -226,7 +344,8 @@ class MoEConstraint(_Constraint):
         overlap: graph layers around each expert's owned DOFs.
         sweeps: expert sweeps.
         coarse: a global solve first (the two-level method).
-        ridge: as for :class:`HardConstraint`.
+        update: ``"colours"`` or ``"owners"``.
+        ridge, max_iterations, tolerance: as for :class:`HardConstraint`.
 
     Shapes:
         as for :class:`HardConstraint`.
@@ -243,13 +362,21 @@ class MoEConstraint(_Constraint):
         coarse: bool = True,
         update: str = "colours",
         ridge: float = 1e-12,
+        max_iterations: int = 25,
+        tolerance: float = 1e-10,
     ):
-        super().__init__(residual, condition=condition, ridge=ridge)
+        super().__init__(
+            residual,
+            condition=condition,
+            ridge=ridge,
+            max_iterations=max_iterations,
+            tolerance=tolerance,
+        )
         if update not in UPDATES:
             raise ValueError(f"`update` must be one of {UPDATES}, got {update!r}")
-        self.update = update
         if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
             raise ValueError(f"`sweeps` must be a non-negative int, got {sweeps!r}")
+        self.update = update
         self.strategy, self.overlap, self.sweeps, self.coarse = partition, overlap, sweeps, coarse
         self.partition = partition.partition(self.space, overlap=overlap)
         p = self.partition
@@ -263,50 +390,39 @@ class MoEConstraint(_Constraint):
         g, phi, inputs = self._prepare(prediction, basis, inputs)
         batch = phi.shape[0]
         ok = torch.ones(batch, dtype=torch.bool, device=phi.device)
+        iterations = torch.zeros(batch, dtype=torch.int64, device=phi.device)
         u, conditions = g, []
         if self.coarse:
-            u, ok, condition = self._global(u, phi, inputs)
+            u, ok, condition, steps = self._global(u, phi, inputs)
             conditions.append(condition)
-        if self.sweeps == 0:
-            return self._finish(u, ok, conditions, 0, prediction.dtype, inputs)
+            iterations = iterations + steps.sum(dim=1)
         extended = self.extended.to(phi.dtype)  # (K, n)
         rows = self.rows.to(phi.dtype)
-        local = phi[:, None] * extended[None, :, None]  # χ_k Φ, (B, K, N, n)
-        # J (χ_k Φ) on expert k's rows, colour by colour (exact: see the class doc)
-        applied = torch.zeros_like(local)
-        r = self._residual_of(u, inputs)
-        for colour in self.colours:
-            together = local[:, colour].sum(dim=1)  # (B, N, n)
-            product = self._residual_of(u[:, None] + together, inputs) - r[:, None]
-            applied[:, colour] = product[:, None] * rows[colour][None, :, None]
-        if self.condition == "galerkin":
-            matrix = local @ applied.transpose(-1, -2)  # (B, K, N, N)
-        else:
-            matrix = applied @ applied.transpose(-1, -2)
-        test = local if self.condition == "galerkin" else applied
         if self.update == "owners":
             owned = nn.functional.one_hot(self.owner, self.partition.n_experts).T.to(phi.dtype)
-        for sweep in range(self.sweeps):
+        caches = [{} for _ in self.colours]  # an affine residual's matrices, per colour
+        for _ in range(self.sweeps):
+            corrections = torch.zeros(batch, self.partition.n_experts, u.shape[-1]).to(u)
+            start = u
+            for colour, cache in zip(self.colours, caches, strict=True):
+                local = phi[:, None] * extended[colour][None, :, None]  # χ_k Φ, (B, k, N, n)
+                # colours: from the field the previous colours made; owners: all from
+                # the sweep's starting field
+                base = u if self.update == "colours" else start
+                w, solved, condition, steps = self._experts(
+                    base, local, rows[colour], inputs, cache
+                )
+                ok = ok & solved.all(dim=1)
+                conditions.append(condition)
+                iterations = iterations + steps.sum(dim=1)
+                change = (w[:, :, None] @ local)[:, :, 0]  # (B, k, n)
+                if self.update == "colours":
+                    u = u + change.sum(dim=1)
+                else:
+                    corrections[:, colour] = change
             if self.update == "owners":
-                # every expert from the same field, each DOF taking its owner's value
-                if sweep > 0:
-                    r = self._residual_of(u, inputs)
-                rhs = -(test @ r[:, None, :, None])[..., 0]  # (B, K, N)
-                w, solved, condition = self._solve(matrix, rhs)
-                ok, conditions = ok & solved.all(dim=1), [*conditions, condition]
-                corrections = (w[:, :, None] @ local)[:, :, 0]  # (B, K, n)
-                u = u + (corrections * owned[None]).sum(dim=1)
-                continue
-            for index, colour in enumerate(self.colours):
-                # the experts of a colour do not meet: solved at once, each correcting
-                # its whole extended set, then the next colour sees the new field
-                if sweep > 0 or index > 0:
-                    r = self._residual_of(u, inputs)
-                rhs = -(test[:, colour] @ r[:, None, :, None])[..., 0]  # (B, k, N)
-                w, solved, condition = self._solve(matrix[:, colour], rhs)
-                ok, conditions = ok & solved.all(dim=1), [*conditions, condition]
-                u = u + (w[:, :, None] @ local[:, colour])[:, :, 0].sum(dim=1)
-        return self._finish(u, ok, conditions, self.sweeps, prediction.dtype, inputs)
+                u = start + (corrections * owned[None]).sum(dim=1)  # each DOF: its owner's
+        return self._finish(u, ok, conditions, iterations, prediction.dtype, inputs)
 
 
 def _colours(territory: np.ndarray) -> list[torch.Tensor]:

@@ -1,0 +1,87 @@
+"""Implicit differentiation of root problems: gradients through a solver's answer.
+
+Given a solution ``w*`` of ``F(w*, θ) = 0`` computed by any solver (Newton, with no
+graph recorded), :func:`implicit_root` returns ``w*`` as a function of the
+parameters ``θ``: by the implicit function theorem ``dw*/dθ = -F_w⁻¹ F_θ``, so the
+backward pass solves the adjoint system ``F_wᵀ λ = w̄`` with the *exact* Jacobian
+``F_w`` at ``w*`` (autograd of ``F``) and returns ``-λᵀ F_θ``. Memory does not depend
+on the solver's iterations, and a Gauss-Newton approximation of ``F_w`` (biased
+where the residual is not zero) is never used. In the manner of JAXopt's
+``custom_root``; written for fenop's batched block-diagonal problems.
+
+Problems come in blocks: ``w`` is ``(B, K, N)``, and block ``k`` of ``F`` depends
+only on block ``k`` of ``w`` (K independent experts, or K = 1), so ``F_w`` is K
+dense ``N x N`` blocks per batch element, found with N backward passes.
+
+>>> import torch
+>>> def f(w, a):                      # w³ = a, elementwise, one block of one unknown
+...     return w**3 - a
+>>> a = torch.tensor([[[8.0]]], dtype=torch.float64, requires_grad=True)
+>>> w = implicit_root(f, torch.tensor([[[2.0]]], dtype=torch.float64), a)
+>>> w.backward(); a.grad                # d(a^(1/3))/da = 1 / (3 a^(2/3)) = 1/12
+tensor([[[0.0833]]], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def block_jacobian(f_value: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(B, K, N, N)``: ``J[b, k, i, j] = ∂F[b, k, i] / ∂w[b, k, j]`` for block-diagonal
+    ``F``; ``f_value`` must have been computed from ``w`` with a graph."""
+    rows = []
+    for i in range(f_value.shape[-1]):
+        (row,) = torch.autograd.grad(f_value[..., i].sum(), w, retain_graph=True)
+        rows.append(row)
+    return torch.stack(rows, dim=-2)
+
+
+class _ImplicitRoot(torch.autograd.Function):
+    @staticmethod
+    def forward(fn, solution, *params):
+        return solution.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        fn, _, *params = inputs
+        ctx.fn = fn
+        ctx.save_for_backward(output, *params)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, *params = ctx.saved_tensors
+        with torch.enable_grad():
+            w = w.detach().requires_grad_(True)
+            # Every parameter that carries a gradient is an explicit input: detached
+            # copies to differentiate F by, whose gradients are the inputs'.
+            params = [p.detach().requires_grad_(p.requires_grad) for p in params]
+            f_value = ctx.fn(w, *params)
+            jacobian = block_jacobian(f_value, w)
+            adjoint = torch.linalg.solve(jacobian.transpose(-1, -2), grad[..., None])[..., 0]
+            wanted = [p for p in params if p.requires_grad]
+            grads = iter(
+                torch.autograd.grad(f_value, wanted, grad_outputs=-adjoint, allow_unused=True)
+                if wanted
+                else ()
+            )
+        return (None, None, *(next(grads) if p.requires_grad else None for p in params))
+
+
+def implicit_root(
+    fn: Callable[..., torch.Tensor], solution: torch.Tensor, *params: torch.Tensor
+) -> torch.Tensor:
+    """``solution`` of ``fn(w, *params) = 0``, differentiable in ``params``.
+
+    Args:
+        fn: ``F(w, *params)``, ``w`` and the result ``(B, K, N)``, block ``k`` of the
+            result depending only on block ``k`` of ``w``.
+        solution: ``(B, K, N)``, a root found by any means (its graph is ignored).
+        params: the tensors ``F`` depends on that gradients should reach.
+
+    Returns:
+        ``solution``, whose backward pass is the implicit function theorem's.
+    """
+    return _ImplicitRoot.apply(fn, solution.detach(), *params)
