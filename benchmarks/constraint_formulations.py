@@ -1,6 +1,7 @@
-"""Formulations of the hard-constraint layer, measured on one Darcy sample.
+"""Formulations of the hard-constraint layer, measured on one sample of a PDE family.
 
-A sample of fenop's Darcy family at R x R (P1), a "network guess" made by adding a
+A sample of fenop's Darcy family (or, ``--pde nonlinear_diffusion``,
+-div((1 + u²) ∇u) = f) at R x R (P1), a "network guess" made by adding a
 smooth perturbation to its FE solution (relative L2 error ``--guess``), and N basis
 fields built from the guess: its products with the monomials ``x^i y^j`` (16), and
 for N = 32 also 16 smooth fields vanishing on the boundary. Each formulation
@@ -9,6 +10,7 @@ against the FE solution and the time of one forward pass.
 
     python benchmarks/constraint_formulations.py
     python benchmarks/constraint_formulations.py --resolution 33 --basis 16    # quicker
+    python benchmarks/constraint_formulations.py --pde nonlinear_diffusion
 """
 
 from __future__ import annotations
@@ -25,18 +27,19 @@ from fenop.fem import FunctionSpace, MetisPartition, RelativeL2Loss, unit_square
 from fenop.operators import HardConstraint, MoEConstraint
 
 
-def _case(n: int, guess_error: float, seed: int):
+def _case(pde: str, n: int, guess_error: float, seed: int):
     space = FunctionSpace(unit_square(n), dirichlet="boundary")
-    family = get_pde("darcy")(space)
+    family = get_pde(pde)(space)
     sample = family.sample(seed, 0)
-    a, u = (torch.from_numpy(sample[k])[None] for k in ("a", "u"))
+    (name,) = family.inputs
+    a, u = (torch.from_numpy(sample[k])[None] for k in (name, "u"))
     x, y = (torch.from_numpy(c) for c in space.dof_points.T)
     bubble = x * (1 - x) * y * (1 - y)
     perturbation = bubble * torch.sin(3 * np.pi * x + 0.4) * torch.cos(2 * np.pi * y)
     loss = RelativeL2Loss(space)
     scale = guess_error / loss((u + perturbation)[:, None], u[:, None]).item()
     guess = u + scale * perturbation
-    return space, family.residual(), a, u, guess, (x, y, bubble), loss
+    return space, family.residual(), {name: a}, u, guess, (x, y, bubble), loss
 
 
 def _basis(guess, coordinates, n_basis: int) -> torch.Tensor:
@@ -96,11 +99,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--basis", type=int, nargs="+", default=[16, 32], help="N")
     parser.add_argument("--guess", type=float, default=0.0565, help="the guess's error")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pde", default="darcy", choices=["darcy", "nonlinear_diffusion"])
     args = parser.parse_args(argv)
-    space, residual, a, u, guess, coordinates, loss = _case(args.resolution, args.guess, args.seed)
+    space, residual, inputs, u, guess, coordinates, loss = _case(
+        args.pde, args.resolution, args.guess, args.seed
+    )
     before = loss(guess[:, None], u[:, None]).item()
     print(
-        f"# {platform.machine()}, torch {torch.__version__}; Darcy {args.resolution} x "
+        f"# {platform.machine()}, torch {torch.__version__}; {args.pde} {args.resolution} x "
         f"{args.resolution} P1, {space.n_dofs} DOFs; guess at {100 * before:.2f} %"
     )
     print("| formulation | " + " | ".join(f"N = {n}: error, ms" for n in args.basis) + " |")
@@ -113,15 +119,19 @@ def main(argv=None) -> dict:
             basis = _basis(guess, coordinates, n_basis)
             start = time.perf_counter()
             with torch.no_grad():
-                out = layer(guess[:, None], basis, a=a)
+                out = layer(guess[:, None], basis, **inputs)
             seconds = time.perf_counter() - start
             error = loss(out, u[:, None]).item()
+            report = layer.report
             results[(name, n_basis)] = {
                 "error": error,
                 "seconds": seconds,
-                "converged": bool(layer.report["converged"].all()),
+                "converged": bool(report["converged"].all()),
+                "singular": int(report["singular"].sum()),
             }
-            flag = "" if results[(name, n_basis)]["converged"] else " (not converged)"
+            flag = "" if report["converged"].all() else " (failed)"
+            if not residual.affine:  # Newton's iterations, summed over the solves
+                flag += f" [{int(report['iterations'][0])} it]"
             cells.append(f"{100 * error:.3f} %{flag}, {1000 * seconds:.0f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     return results
