@@ -178,7 +178,7 @@ class _Constraint(nn.Module):
         test = local if self.condition == "galerkin" else applied
         f_value = (test @ r[:, None, :, None])[..., 0]
         matrix = test @ applied.transpose(-1, -2)
-        return f_value, matrix
+        return f_value, matrix, test.norm(dim=(-1, -2))
 
     def _experts(self, u, local, rows, inputs, cache=None):
         """Coefficients ``(B, k, N)`` of experts (territories that do not meet) solved
@@ -213,6 +213,8 @@ class _Constraint(nn.Module):
             return u + (w[:, :, None] @ local)[:, :, 0].sum(dim=1)
 
         with torch.no_grad():
+            zero = self._residual_of(torch.zeros_like(u), inputs)
+            data = torch.where(self.free, zero, 0.0).norm(dim=-1)  # (B,)
             w = local.new_zeros(batch, k, n_basis)
             ok = torch.ones(batch, k, dtype=torch.bool, device=local.device)
             done = torch.zeros_like(ok)
@@ -221,21 +223,31 @@ class _Constraint(nn.Module):
             # Problems that have converged are left as they are. On a GPU the loop runs
             # its full count, with no host synchronisation inside; on the CPU, where
             # asking costs nothing, it stops once every problem has converged.
-            for _ in range(self.max_iterations):
+            for iteration in range(self.max_iterations + 1):
                 if local.device.type == "cpu" and bool(done.all()):
                     break
-                f_value, matrix = self._system(field(w, u, local), local, rows, inputs)
+                f_value, matrix, size = self._system(field(w, u, local), local, rows, inputs)
+                # Converged: the condition below `tolerance` times its scale, the test
+                # fields' norm times the data's (the residual of the zero field), or a
+                # step below `tolerance (1 + |w|)`. Not relative to the first value: after
+                # a coarse solve that is small already, and where basis fields are
+                # dependent on a patch the steps do not shrink (they move along the
+                # dependent directions, which the ridge leaves free) while the
+                # condition sits at rounding.
+                scale = size * data[:, None]
+                done = done | (f_value.norm(dim=-1) <= self.tolerance * scale)
+                if iteration == self.max_iterations:
+                    break
                 step, solved, condition = self._solve(matrix, -f_value)
                 ok = ok & (solved | done)
-                small = step.norm(dim=-1) <= self.tolerance * (1 + w.norm(dim=-1))
                 w = torch.where(done[..., None], w, w + step)
                 iterations = iterations + (~done).to(torch.int64)
-                done = done | small
+                done = done | (step.norm(dim=-1) <= self.tolerance * (1 + w.norm(dim=-1)))
             ok = ok & done  # not converged within max_iterations: reported
 
         def condition_of(w, u, local, *values):
             ins = dict(zip(names, values, strict=True))
-            f_value, _ = self._system(field(w, u, local), local, rows, ins)
+            f_value, _, _ = self._system(field(w, u, local), local, rows, ins)
             return f_value
 
         w = implicit_root(condition_of, w, u, local, *(inputs[name] for name in names))
@@ -285,8 +297,10 @@ class HardConstraint(_Constraint):
             method solves.
         condition: ``"galerkin"`` or ``"least_squares"`` (Gauss-Newton iterations).
         ridge: added to the unit diagonal of each scaled system.
-        max_iterations, tolerance: Newton's, for residuals that are not affine; a
-            step below ``tolerance (1 + |w|)`` has converged.
+        max_iterations, tolerance: Newton's, for residuals that are not affine: a
+            solve has converged when its condition has fallen below ``tolerance``
+            times its scale (the test fields' norm times that of the residual of
+            the zero field), or its step below ``tolerance (1 + |w|)``.
 
     Shapes:
         ``prediction (B, 1, n)``, ``basis (B, N, n)``, each input ``(B, n)`` ->
