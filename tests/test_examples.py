@@ -65,9 +65,9 @@ def test_hard_constraints(tmp_path, capsys):
     results = load_script("examples/hard_constraints.py").main(
         ["--quick", "--output", str(tmp_path)]
     )
-    hard, free = results["hard (MoE, K = 4)"], results["unconstrained"]
-    # the constrained output satisfies the PDE in its span: a far smaller residual,
-    # and, after the same short training, a lower test error than the same model alone
-    assert hard["residual"] < 0.1 * free["residual"]
-    assert hard["test_error"] < free["test_error"]
+    hard, free = results["hard (global Galerkin)"], results["unconstrained"]
+    # After the same short training the constrained model is far better than the same
+    # model alone (measured 0.12 against 0.42), and so is its residual.
+    assert hard["test_error"] < 0.5 * free["test_error"]
+    assert hard["residual"] < free["residual"]
     assert "relative residual" in capsys.readouterr().out

@@ -245,12 +245,23 @@ class _Constraint(nn.Module):
                 done = done | (step.norm(dim=-1) <= self.tolerance * (1 + w.norm(dim=-1)))
             ok = ok & done  # not converged within max_iterations: reported
 
+        jacobian = None
+        if self.condition == "galerkin":
+            # Galerkin's matrix (χΦ)ᵀ J (χΦ) is the condition's exact Jacobian: the
+            # adjoint needs no second derivatives, and the condition no linearisation.
+            with torch.no_grad():
+                _, jacobian, _ = self._system(field(w, u, local), local, rows, inputs)
+
         def condition_of(w, u, local, *values):
             ins = dict(zip(names, values, strict=True))
+            if self.condition == "galerkin":
+                r = self._residual_of(field(w, u, local), ins)
+                return (local @ r[:, None, :, None])[..., 0]
             f_value, _, _ = self._system(field(w, u, local), local, rows, ins)
             return f_value
 
-        w = implicit_root(condition_of, w, u, local, *(inputs[name] for name in names))
+        values = (inputs[name] for name in names)
+        w = implicit_root(condition_of, w, u, local, *values, jacobian=jacobian)
         return w, ok, condition, iterations
 
     def _prepare(self, prediction, basis, inputs):

@@ -41,25 +41,25 @@ def block_jacobian(f_value: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 class _ImplicitRoot(torch.autograd.Function):
     @staticmethod
-    def forward(fn, solution, *params):
+    def forward(fn, jacobian, solution, *params):
         return solution.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        fn, _, *params = inputs
-        ctx.fn = fn
+        fn, jacobian, _, *params = inputs
+        ctx.fn, ctx.jacobian = fn, jacobian
         ctx.save_for_backward(output, *params)
 
     @staticmethod
     def backward(ctx, grad):
         w, *params = ctx.saved_tensors
         with torch.enable_grad():
-            w = w.detach().requires_grad_(True)
+            w = w.detach().requires_grad_(ctx.jacobian is None)
             # Every parameter that carries a gradient is an explicit input: detached
             # copies to differentiate F by, whose gradients are the inputs'.
             params = [p.detach().requires_grad_(p.requires_grad) for p in params]
             f_value = ctx.fn(w, *params)
-            jacobian = block_jacobian(f_value, w)
+            jacobian = block_jacobian(f_value, w) if ctx.jacobian is None else ctx.jacobian
             adjoint = torch.linalg.solve(jacobian.transpose(-1, -2), grad[..., None])[..., 0]
             wanted = [p for p in params if p.requires_grad]
             grads = iter(
@@ -67,11 +67,14 @@ class _ImplicitRoot(torch.autograd.Function):
                 if wanted
                 else ()
             )
-        return (None, None, *(next(grads) if p.requires_grad else None for p in params))
+        return (None, None, None, *(next(grads) if p.requires_grad else None for p in params))
 
 
 def implicit_root(
-    fn: Callable[..., torch.Tensor], solution: torch.Tensor, *params: torch.Tensor
+    fn: Callable[..., torch.Tensor],
+    solution: torch.Tensor,
+    *params: torch.Tensor,
+    jacobian: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``solution`` of ``fn(w, *params) = 0``, differentiable in ``params``.
 
@@ -80,8 +83,12 @@ def implicit_root(
             result depending only on block ``k`` of ``w``.
         solution: ``(B, K, N)``, a root found by any means (its graph is ignored).
         params: the tensors ``F`` depends on that gradients should reach.
+        jacobian: ``(B, K, N, N)``, ``∂F/∂w`` at ``solution`` where the solver has it
+            exactly (else autograd finds it, N backward passes through ``F``).
 
     Returns:
         ``solution``, whose backward pass is the implicit function theorem's.
     """
-    return _ImplicitRoot.apply(fn, solution.detach(), *params)
+    if jacobian is not None:
+        jacobian = jacobian.detach()
+    return _ImplicitRoot.apply(fn, jacobian, solution.detach(), *params)
