@@ -12,7 +12,7 @@ inside an FEOperator is trained with the same data, seed and epochs
 
 and each is scored on the same test samples, with the residual norm of its output.
 
-    python examples/hard_constraints.py           # the full run (BENCHMARKS.md has its figures)
+    python examples/hard_constraints.py           # the full run: not timed yet (long on a CPU)
     python examples/hard_constraints.py --quick   # about 10 s (what the tests run)
 """
 
