@@ -101,7 +101,8 @@ def constraint_table(given: dict) -> dict:
         if value is None:
             continue
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise ConstraintError(f"model.constraint.{key} must be {kind}, got {value!r}")
+            names = kind.__name__ if isinstance(kind, type) else "float"
+            raise ConstraintError(f"model.constraint.{key} must be {names}, got {value!r}")
     for key, choices in _CHOICES.items():
         if table[key] not in choices:
             raise ConstraintError(
