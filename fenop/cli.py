@@ -1,8 +1,8 @@
 """The ``fenop`` command.
 
     fenop generate darcy -n 1000 --resolution 85 --seed 0 -o darcy.h5 [-j 2]
-    fenop train CONFIG.toml [--resume] [--device cpu|cuda]
-    fenop evaluate CHECKPOINT DATA.h5
+    fenop train CONFIG.toml [--resume | --overwrite] [--device cpu|cuda]
+    fenop evaluate CHECKPOINT DATA.h5 [--samples START:STOP | --split test]
     fenop predict CHECKPOINT INPUT.h5 -o OUTPUT.h5 [--overwrite]
     fenop info FILE
 
@@ -47,6 +47,31 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _samples(text: str) -> slice:
+    """``START:STOP`` (either may be left out) as a slice of sample indices."""
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        bounds = [int(v) if v else None for v in (start, stop)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP, got {text!r}") from None
+    if any(b is not None and b < 0 for b in bounds):
+        raise argparse.ArgumentTypeError(f"expected non-negative sample numbers, got {text!r}")
+    return slice(*bounds)
+
+
+def _test_split(checkpoint: str) -> slice:
+    """The test samples of the run that wrote ``checkpoint`` (its data description)."""
+    from fenop.train import CheckpointError, checkpoint_path, read_config
+
+    folder = checkpoint_path(checkpoint)
+    data = read_config(folder).get("data", {})
+    if "n_train" not in data or "n_test" not in data:
+        raise CheckpointError(folder, "records no training data split (n_train, n_test)")
+    return slice(data["n_train"], data["n_train"] + data["n_test"])
 
 
 def _writable(path: Path) -> Path:
@@ -121,6 +146,7 @@ def _train(args) -> int:
             output=output,
             device=args.device,
             progress=not args.quiet,
+            overwrite=args.overwrite,
         )
     except KeyboardInterrupt:
         last = Path(output or read_config(args.config)["training"]["output"]) / "last"
@@ -147,8 +173,16 @@ def _evaluate(args) -> int:
     data = Path(args.data)
     if args.plot:
         _writable(Path(args.plot))
+    samples = args.samples
+    if args.split == "test":
+        samples = _test_split(args.checkpoint)
     evaluation = evaluate_store(
-        args.checkpoint, data, batch_size=args.batch_size, device=args.device
+        args.checkpoint,
+        data,
+        samples=samples,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=True,
     )
     for line in evaluation.summary():
         print(line)
@@ -263,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a killed run from DIR/last (DIR defaults to the configuration's output)",
     )
     train.add_argument("--device", help="cpu or cuda (default: the configuration's, else auto)")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace a finished run in the output folder"
+    )
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
@@ -274,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-sample", action="store_true", help="also list each sample's errors"
     )
     evaluate.add_argument("--plot", help="save a picture of a few samples and the training curves")
+    which = evaluate.add_mutually_exclusive_group()
+    which.add_argument(
+        "--samples", type=_samples, metavar="START:STOP", help="score these samples only"
+    )
+    which.add_argument("--split", choices=["test"], help="score the checkpoint's own test split")
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     evaluate.set_defaults(run=_evaluate)
 

@@ -320,7 +320,7 @@ def test_femultigrid_from_a_configuration(tmp_path, capsys):
     assert "hierarchy   2 levels from P1 on MeshTri1, 9 vertices" in out
     assert "resolution" not in out and len(out) < 2000  # the coarse mesh is not printed
     (tmp_path / "c.toml").write_text(FEMULTIGRID.replace('"square"', '"lshape"'))
-    assert main(["train", str(tmp_path / "c.toml"), "-q"]) == 2
+    assert main(["train", str(tmp_path / "c.toml"), "-q", "--overwrite"]) == 2
     assert "not in the domain of [model.hierarchy]" in capsys.readouterr().err
 
 
@@ -338,7 +338,7 @@ def test_femultigrid_with_coarser_levels_from_a_configuration(tmp_path, capsys):
     assert main(["info", str(tmp_path / "run" / "best")]) == 0
     assert "3 levels, not nested, of P1 on MeshTri1: 9, 16, 49 vertices" in capsys.readouterr().out
     (tmp_path / "c.toml").write_text(config.replace('"square"', '"lshape"'))
-    assert main(["train", str(tmp_path / "c.toml"), "-q"]) == 2
+    assert main(["train", str(tmp_path / "c.toml"), "-q", "--overwrite"]) == 2
     assert "must be odd" in capsys.readouterr().err
 
 
@@ -376,3 +376,39 @@ def test_a_fault_of_fenop_is_not_reported_as_bad_input(tmp_path, monkeypatch):
     monkeypatch.setattr(fenop.train, "predict_store", broken)
     with pytest.raises(TypeError, match="unsupported operand"):
         main(["predict", "darcy-fno", str(tmp_path / "in.h5"), "-o", str(tmp_path / "o.h5")])
+
+
+def test_train_over_a_finished_run_is_refused_unless_resumed_or_overwritten(trained, capsys):
+    config = trained / "c.toml"
+    run = trained / "run"
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["train", str(config), "-q"]) == 2
+    assert "holds a run already; pass --resume" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before  # nothing replaced
+    copy = trained / "copy.toml"
+    copy.write_text(config.read_text().replace('output = "run"', 'output = "run2"'))
+    assert main(["train", str(copy), "-q"]) == 0
+    assert main(["train", str(copy), "-q", "--overwrite"]) == 0
+    lines = (trained / "run2" / "metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(line)["epoch"] for line in lines]
+    assert epochs == sorted(set(epochs))  # one run's lines, not two
+
+
+def test_evaluate_scores_a_range_or_the_checkpoints_test_split(trained, capsys):
+    best = str(trained / "run" / "best")
+    data = str(trained / "d.h5")
+    assert main(["evaluate", best, data, "--samples", "2:5", "--per-sample"]) == 0
+    out = capsys.readouterr().out
+    assert "over 3 samples" in out and [line.split()[0] for line in out.splitlines()[2:]] == [
+        "2",
+        "3",
+        "4",
+    ]
+    assert main(["evaluate", best, data, "--split", "test"]) == 0
+    n_test = read_config(trained / "run" / "best")["data"]["n_test"]
+    assert f"over {n_test} samples" in capsys.readouterr().out
+    assert _status(["evaluate", best, data, "--samples", "five"]) == 2
+    assert "expected START:STOP" in capsys.readouterr().err
+    # the shipped model's test split (1000:1200) is not in this small store
+    assert main(["evaluate", "darcy-fno", data, "--split", "test"]) == 2
+    assert "no samples in 1000:1200 of its 16" in capsys.readouterr().err

@@ -149,7 +149,10 @@ def evaluate_store(
     store = read_store(path, fields=inputs + outputs)
     rows = np.arange(store.n_samples)[samples if samples is not None else slice(None)]
     if len(rows) == 0:
-        raise StoreError(path, f"no samples in {samples} of its {store.n_samples}")
+        span = f"{'' if samples.start is None else samples.start}:" + (
+            "" if samples.stop is None else str(samples.stop)
+        )
+        raise StoreError(path, f"no samples in {span} of its {store.n_samples}")
     store.check_values(inputs + outputs, rows)
     model = model_on_store(model, store, device=device)
     device = next(model.parameters()).device

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -110,9 +111,12 @@ def train_from_config(
     output: str | os.PathLike | None = None,
     device: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Train as ``config_path`` says; checkpoints go to ``output`` (default: its
-    ``training.output``). With ``resume``, continue from ``output/last``."""
+    ``training.output``). With ``resume``, continue from ``output/last``. A folder
+    that holds a run already is refused unless ``resume`` or ``overwrite`` (which
+    removes that run's ``best``, ``last`` and ``metrics.jsonl`` first)."""
     config = read_config(config_path)
     if device is None:
         try:
@@ -123,8 +127,22 @@ def train_from_config(
         device = resolve_device(device)
     if output is not None:
         config["training"]["output"] = str(output)
-    if resume and not (Path(config["training"]["output"]) / "last").is_dir():
-        raise ConfigError(config_path, f"nothing to resume: no {config['training']['output']}/last")
+    folder = Path(config["training"]["output"])
+    if resume and not (folder / "last").is_dir():
+        raise ConfigError(config_path, f"nothing to resume: no {folder}/last")
+    run_files = [folder / name for name in ("best", "last", "metrics.jsonl")]
+    if not resume and any(p.exists() for p in run_files):
+        if not overwrite:
+            raise ConfigError(
+                config_path,
+                f"{folder} holds a run already; pass --resume to continue it, or "
+                "--overwrite to replace it",
+            )
+        for path in run_files:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     # The seed fixes the initial weights too, so the same command gives the same model.
     torch.manual_seed(config["training"]["seed"])
     data = config["data"]
