@@ -1,9 +1,10 @@
 """fenop: neural operators on finite-element meshes.
 
-:mod:`fenop.fem` (meshes, spaces, encoders, decoders, norms), :mod:`fenop.data`
-(PDE families, generation, the HDF5 store, datasets), :mod:`fenop.operators`
-(FNO, MgNO, LSM, FEMultigrid, FEOperator), :mod:`fenop.train` (Trainer,
-checkpoints). Tensor layouts are described once, in :mod:`fenop._types`.
+:mod:`fenop.fem` (meshes, spaces, encoders, decoders, norms, partitions),
+:mod:`fenop.data` (PDE families, generation, the HDF5 store, datasets),
+:mod:`fenop.operators` (FNO, MgNO, LSM, FEMultigrid, FEOperator, and the hard
+constraints HardConstraint and MoEConstraint), :mod:`fenop.train` (model
+descriptions, Trainer, checkpoints, evaluation and prediction on stores). Tensor layouts are described once, in :mod:`fenop._types`.
 """
 
 import importlib
