@@ -4,7 +4,8 @@
 :mod:`fenop.data` (PDE families, generation, the HDF5 store, datasets),
 :mod:`fenop.operators` (FNO, MgNO, LSM, FEMultigrid, FEOperator, and the hard
 constraints HardConstraint and MoEConstraint), :mod:`fenop.train` (model
-descriptions, Trainer, checkpoints, evaluation and prediction on stores). Tensor layouts are described once, in :mod:`fenop._types`.
+descriptions, Trainer, checkpoints, evaluation and prediction on stores).
+Tensor layouts are described once, in :mod:`fenop._types`.
 """
 
 import importlib
