@@ -412,3 +412,17 @@ def test_evaluate_scores_a_range_or_the_checkpoints_test_split(trained, capsys):
     # the shipped model's test split (1000:1200) is not in this small store
     assert main(["evaluate", "darcy-fno", data, "--split", "test"]) == 2
     assert "no samples in 1000:1200 of its 16" in capsys.readouterr().err
+
+
+def test_info_refuses_a_checkpoint_whose_weights_are_truncated(tmp_path, capsys):
+    import shutil
+
+    from fenop.train import PRETRAINED
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(PRETRAINED / "darcy-fno", folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["info", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.safetensors is not readable" in err and len(err.splitlines()) == 1
