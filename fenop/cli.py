@@ -14,7 +14,6 @@ complete chunks on purpose, and the same command resumes it).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -397,11 +396,11 @@ def _checkpoint_info(path: Path) -> int:
 
 def _print_levels(levels) -> None:
     """A mesh hierarchy in one line: its meshes are too long to print."""
-    from fenop.fem import is_refinement
+    from fenop.fem import is_nested
 
     first = levels[0]
     kind = f"{first.element} on {type(first.mesh).__name__}"
-    if all(is_refinement(b.mesh, a.mesh) for a, b in itertools.pairwise(levels)):
+    if is_nested(levels):
         print(f"  hierarchy   {len(levels)} levels from {kind}, {first.mesh.p.shape[1]} vertices")
     else:
         vertices = ", ".join(str(s.mesh.p.shape[1]) for s in levels)

@@ -9,7 +9,7 @@ from fenop.fem.decoders import FEDecoder
 from fenop.fem.encoders import GridEncoder
 from fenop.fem.forms import FEForms
 from fenop.fem.grid import Grid
-from fenop.fem.hierarchy import hierarchy, is_refinement
+from fenop.fem.hierarchy import hierarchy, is_nested, is_refinement
 from fenop.fem.interpolation import SpaceInterpolator
 from fenop.fem.locate import PointLocator, locate
 from fenop.fem.mesh import l_shape, load_mesh, unit_cube, unit_interval, unit_square
@@ -37,6 +37,7 @@ __all__ = [
     "SparseMatrix",
     "h1_norm",
     "hierarchy",
+    "is_nested",
     "is_refinement",
     "l2_norm",
     "l_shape",

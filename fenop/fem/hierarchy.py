@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import numpy as np
 import skfem
 
@@ -19,6 +22,17 @@ def is_refinement(fine: skfem.Mesh, coarse: skfem.Mesh) -> bool:
         return False
     refined = coarse.refined()
     return np.array_equal(refined.p, fine.p) and np.array_equal(refined.t, fine.t)
+
+
+def is_nested(spaces: Sequence[FunctionSpace]) -> bool:
+    """Whether each space's mesh is the one before it refined (coarsest first): then
+    the coarsest mesh and the number of levels describe the whole hierarchy.
+
+    >>> from fenop.fem import unit_square
+    >>> is_nested(hierarchy(unit_square(3), 3)), is_nested(hierarchy(unit_square(4), 1) * 2)
+    (True, False)
+    """
+    return all(is_refinement(fine.mesh, coarse.mesh) for coarse, fine in itertools.pairwise(spaces))
 
 
 def hierarchy(

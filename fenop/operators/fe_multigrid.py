@@ -15,7 +15,6 @@ interpolation, restriction its (row-averaged) transpose.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from fenop.fem import FunctionSpace
-from fenop.fem.hierarchy import is_refinement
+from fenop.fem.hierarchy import is_nested
 from fenop.fem.sparse import SparseMatrix
 from fenop.operators.processor import Processor
 
@@ -122,11 +121,8 @@ class FEMultigrid(Processor):
         if not spaces or not all(isinstance(s, FunctionSpace) for s in spaces):
             raise TypeError("`spaces` must be a non-empty sequence of FunctionSpace")
         self.spaces, self.space, self.coarse_space = spaces, spaces[-1], spaces[0]
-        # Whether every level is the one before it refined: then the coarsest mesh and
-        # the number of levels describe the whole hierarchy (as checkpoints store it).
-        self.nested = all(
-            is_refinement(fine.mesh, coarse.mesh) for coarse, fine in itertools.pairwise(spaces)
-        )
+        # (then the coarsest mesh and the number of levels describe the hierarchy)
+        self.nested = is_nested(spaces)
         self.in_channels, self.out_channels, self.levels = in_channels, out_channels, len(spaces)
         self._pre, self._post = pre, post
         self._set_hierarchy(spaces)

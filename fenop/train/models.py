@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import itertools
 import json
 
 import numpy as np
 
 from fenop._checks import unknown_options
 from fenop._errors import InputError
-from fenop.fem import FunctionSpace, Normalizer, hierarchy, is_refinement
+from fenop.fem import FunctionSpace, Normalizer, hierarchy, is_nested
 from fenop.fem.encoders import extra_channels
 from fenop.fem.mesh import mesh_from_arrays
 from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO
@@ -105,7 +104,7 @@ class ModelDescription:
         }
         if cls.mesh_native:
             options["levels"] = len(self.levels)
-            if _nested(self.levels):
+            if is_nested(self.levels):
                 options["coarse"] = _space_json(self.levels[0])
             else:
                 options["spaces"] = [_space_json(s) for s in self.levels]
@@ -290,10 +289,6 @@ def _json_options(cls: type, options: dict) -> dict:
             ) from None
         written[key] = value
     return written
-
-
-def _nested(levels: list[FunctionSpace]) -> bool:
-    return all(is_refinement(fine.mesh, coarse.mesh) for coarse, fine in itertools.pairwise(levels))
 
 
 def _space_json(space: FunctionSpace) -> dict:
