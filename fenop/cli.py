@@ -357,20 +357,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _checkpoint_info(path: Path) -> int:
-    from fenop.train import (
-        CheckpointError,
-        DescriptionError,
-        ModelDescription,
-        load_checkpoint,
-        read_config,
-    )
+    from fenop.train import describe_model, load_checkpoint, read_config
 
     config = read_config(path)
-    try:
-        description = ModelDescription.from_json(config["model"])
-    except (KeyError, DescriptionError) as exc:
-        raise CheckpointError(path, f"config.json: {exc}") from None
-    load_checkpoint(path)  # the weights read and fit the description, or a CheckpointError
+    # Loaded in full: the weights must read and fit the description, or CheckpointError.
+    description = describe_model(load_checkpoint(path))
     version = config.get("fenop_version", "?")
     print(f"{path}: fenop checkpoint, format {config['format_version']}, fenop {version}")
     written = description.to_json()

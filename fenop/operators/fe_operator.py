@@ -121,6 +121,14 @@ class FEOperator(KeepsComplexModule):
             (name for name, w in processor.named_parameters() if w.is_floating_point()), None
         )
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The model's floating dtype (what its inputs must have), or ``None`` for a
+        processor without real parameters."""
+        if self._dtype_parameter is None:
+            return None
+        return self.processor.get_parameter(self._dtype_parameter).dtype
+
     def _check_constraint(self) -> None:
         space = getattr(self.constraint, "space", None)
         if space is None or not space.same_dofs(self.space_out):
@@ -162,16 +170,12 @@ class FEOperator(KeepsComplexModule):
             )
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
-        weight = (
-            None
-            if self._dtype_parameter is None
-            else self.processor.get_parameter(self._dtype_parameter)
-        )
-        if weight is not None and weight.dtype != x.dtype:
+        dtype = self.dtype
+        if dtype is not None and dtype != x.dtype:
             # Caught here: the processor's own error names a convolution's bias.
             raise ValueError(
-                f"input is {x.dtype} but the model is {weight.dtype}: convert the input "
-                f"(x.to({weight.dtype})) or the model (model.to({x.dtype}))"
+                f"input is {x.dtype} but the model is {dtype}: convert the input "
+                f"(x.to({dtype})) or the model (model.to({x.dtype}))"
             )
         # Under autocast (mixed precision) only the processor runs in low precision:
         # the FE maps, the statistics and the boundary values stay in x's dtype, so

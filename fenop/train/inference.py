@@ -110,8 +110,8 @@ def model_on_store(model: ModelLike, store: StoreInfo, *, device=None) -> FEOper
 
 
 def _numpy_dtype(model: FEOperator):
-    weight = next(w for w in model.parameters() if w.is_floating_point())
-    return np.float64 if weight.dtype == torch.float64 else np.float32
+    """What to read a store's fields as: the model's dtype."""
+    return np.float64 if model.dtype == torch.float64 else np.float32
 
 
 def evaluate_store(
@@ -155,7 +155,6 @@ def evaluate_store(
         raise StoreError(path, f"no samples in {span} of its {store.n_samples}")
     store.check_values(inputs + outputs, rows)
     model = model_on_store(model, store, device=device)
-    device = next(model.parameters()).device
     l2 = RelativeL2Loss(store.space, reduction="none").to(device)
     h1 = RelativeH1Loss(store.space, reduction="none").to(device)
     errors_l2, errors_h1, shown, failed = [], [], [], []
@@ -238,7 +237,6 @@ def predict_store(
     store.check_values(inputs)
     name = model if not isinstance(model, FEOperator) else type(model.processor).__name__
     model = model_on_store(model, store, device=device)
-    device = next(model.parameters()).device
     from fenop import __version__
 
     attrs = {
