@@ -64,9 +64,13 @@ UPDATES = ("colours", "owners")
 _CONDITION_LIMIT = 1e10
 
 
-def _dirichlet_mask(residual: nn.Module, n_dofs: int) -> torch.Tensor:
+def free_dofs(residual: nn.Module) -> torch.Tensor:
+    """``(n_dofs,)`` bool: the DOFs a residual solves for, all but its Dirichlet DOFs
+    (``residual.dirichlet``, where it has them), on the CPU."""
     mask = getattr(residual, "dirichlet", None)
-    return torch.zeros(n_dofs, dtype=torch.bool) if mask is None else mask.detach().cpu()
+    if mask is None:
+        return torch.ones(residual.forms.space.n_dofs, dtype=torch.bool)
+    return ~mask.detach().cpu()
 
 
 class _Constraint(nn.Module):
@@ -101,8 +105,7 @@ class _Constraint(nn.Module):
         # Galerkin matrices Φᵀ J Φ are symmetric when J is on the free DOFs; the
         # (Gauss-Newton) normal equations of least squares always are.
         self.symmetric = condition == "least_squares" or bool(getattr(residual, "symmetric", False))
-        mask = _dirichlet_mask(residual, self.space.n_dofs)
-        self.register_buffer("free", ~mask, persistent=False)
+        self.register_buffer("free", free_dofs(residual), persistent=False)
         self.report: dict[str, torch.Tensor] = {}
 
     def _check(self, prediction: torch.Tensor, basis: torch.Tensor) -> None:
@@ -172,13 +175,14 @@ class _Constraint(nn.Module):
         """The experts' condition at ``u`` and its (Gauss-Newton, for least squares)
         matrix: ``F (B, k, N)``, ``M (B, k, N, N)``, for experts of bases ``local``
         ``(B, k, N, n)`` whose territories do not meet (one residual linearisation
-        then serves them all), ``rows`` ``(k, n)`` the residual rows of each."""
+        then serves them all), ``rows`` ``(k, n)`` the residual rows of each. Also the
+        test fields ``(B, k, N, n)``: ``χ_k Φ`` (Galerkin) or ``J(χ_k Φ)`` on the rows."""
         r, product = self._linearised(u, local.sum(dim=1), inputs)
         applied = product[:, None] * rows[None, :, None]  # J(χ_k Φ) on expert k's rows
         test = local if self.condition == "galerkin" else applied
         f_value = (test @ r[:, None, :, None])[..., 0]
         matrix = test @ applied.transpose(-1, -2)
-        return f_value, matrix, test.norm(dim=(-1, -2))
+        return f_value, matrix, test
 
     def _experts(self, u, local, rows, inputs, cache=None):
         """Coefficients ``(B, k, N)`` of experts (territories that do not meet) solved
@@ -188,19 +192,14 @@ class _Constraint(nn.Module):
         condition numbers and the iterations."""
         if self.affine:
             if cache is not None and "matrix" in cache:
+                # J does not depend on u: only the condition's residual is new
                 r = self._residual_of(u, inputs)
-                test = local if self.condition == "galerkin" else cache["applied"]
-                f_value, matrix = (test @ r[:, None, :, None])[..., 0], cache["matrix"]
+                f_value = (cache["test"] @ r[:, None, :, None])[..., 0]
+                matrix = cache["matrix"]
             else:
-                r, product = self._linearised(u, local.sum(dim=1), inputs)
-                applied = product[:, None] * rows[None, :, None]
-                test = local if self.condition == "galerkin" else applied
-                f_value, matrix = (
-                    (test @ r[:, None, :, None])[..., 0],
-                    test @ applied.transpose(-1, -2),
-                )
+                f_value, matrix, test = self._system(u, local, rows, inputs)
                 if cache is not None:
-                    cache.update(matrix=matrix, applied=applied)
+                    cache.update(matrix=matrix, test=test)
             w, ok, condition = self._solve(matrix, -f_value)
             return w, ok, condition, torch.ones_like(ok, dtype=torch.int64)
         return self._newton(u, local, rows, inputs)
@@ -226,7 +225,7 @@ class _Constraint(nn.Module):
             for iteration in range(self.max_iterations + 1):
                 if local.device.type == "cpu" and bool(done.all()):
                     break
-                f_value, matrix, size = self._system(field(w, u, local), local, rows, inputs)
+                f_value, matrix, test = self._system(field(w, u, local), local, rows, inputs)
                 # Converged: the condition below `tolerance` times its scale, the test
                 # fields' norm times the data's (the residual of the zero field), or a
                 # step below `tolerance (1 + |w|)`. Not relative to the first value: after
@@ -234,7 +233,7 @@ class _Constraint(nn.Module):
                 # dependent on a patch the steps do not shrink (they move along the
                 # dependent directions, which the ridge leaves free) while the
                 # condition sits at rounding.
-                scale = size * data[:, None]
+                scale = test.norm(dim=(-1, -2)) * data[:, None]
                 done = done | (f_value.norm(dim=-1) <= self.tolerance * scale)
                 if iteration == self.max_iterations:
                     break

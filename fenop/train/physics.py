@@ -39,7 +39,7 @@ from fenop._errors import InputError
 from fenop.data.pdes import get_pde
 from fenop.fem import BisectionPartition, FunctionSpace, MetisPartition
 from fenop.operators import HardConstraint, MoEConstraint
-from fenop.operators.constraints import CONDITIONS, UPDATES
+from fenop.operators.constraints import CONDITIONS, UPDATES, free_dofs
 
 KINDS = ("moe", "global")
 PARTITIONS = {"metis": MetisPartition, "bisection": BisectionPartition}
@@ -191,9 +191,7 @@ class PhysicsLoss(nn.Module):
     def __init__(self, residual: nn.Module, inputs):
         super().__init__()
         self.residual, self.inputs = residual, list(inputs)
-        mask = getattr(residual, "dirichlet", None)
-        free = torch.ones(residual.forms.space.n_dofs, dtype=torch.bool)
-        self.register_buffer("free", free if mask is None else ~mask.cpu(), persistent=False)
+        self.register_buffer("free", free_dofs(residual), persistent=False)
 
     def forward(self, prediction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         inputs = {name: x[:, i] for i, name in enumerate(self.inputs)}
