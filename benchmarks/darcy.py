@@ -140,7 +140,7 @@ def darcy_data(folder: Path, n: int, n_train: int, n_test: int, *, workers: int)
     )
     train = FieldDataset(path, indices=range(n_train))
     test = FieldDataset(path, indices=range(n_train, total))
-    a, u = train.normalizer(["a"]), train.normalizer(["u"])
+    a, u = train.normalizers()
     stats = {
         "input_stats": (a.mean.tolist(), a.std.tolist()),
         "output_stats": ([0.0], [float(math.sqrt(u.mean.item() ** 2 + u.std.item() ** 2))]),

@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
 def _fit(train: FieldDataset, test: FieldDataset, *, n_vertices: int, epochs: int) -> dict:
     space = train.space
     print(f"space: {space}")
-    f_norm, u_norm = train.normalizer(["f"]), train.normalizer(["u"])
+    f_norm, u_norm = train.normalizers()
     # Scale u without shifting it, so that zero boundary values stay zero.
     u_scale = float(torch.sqrt(u_norm.mean**2 + u_norm.std**2))
 

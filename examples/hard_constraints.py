@@ -60,7 +60,8 @@ def main(argv=None) -> dict:
     from fenop.data.pdes import get_pde
 
     residual = get_pde("nonlinear_diffusion")(space).residual()
-    stats = {"input_stats": train.normalizer(["f"]), "output_stats": train.normalizer(["u"])}
+    f_stats, u_stats = train.normalizers()
+    stats = {"input_stats": f_stats, "output_stats": u_stats}
     runs = {
         "unconstrained": (_model(space, n, n_basis, stats), 0.0),
         "soft (physics_weight 0.1)": (_model(space, n, n_basis, stats), 0.1),

@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     )
     train = FieldDataset(path, indices=range(n_train))
     test = FieldDataset(path, indices=range(n_train, n_train + n_test))
-    a, u = train.normalizer(["a"]), train.normalizer(["u"])
+    a, u = train.normalizers()
     torch.manual_seed(0)
     grid = (n, n)
     model = FEOperator(

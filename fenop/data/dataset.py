@@ -150,3 +150,12 @@ class FieldDataset(Dataset):
         mean = sums / len(rows)
         std = np.sqrt(np.maximum(squares / len(rows) - mean**2, 0.0))
         return Normalizer(mean, np.where(std > 0, std, 1.0))
+
+    def normalizers(self) -> tuple[Normalizer, Normalizer]:
+        """:meth:`normalizer` of the inputs and of the outputs, fitted in one pass."""
+        both = self.normalizer(self.inputs + self.outputs)
+        k = len(self.inputs)
+        return (
+            Normalizer(both.mean[:k], both.std[:k]),
+            Normalizer(both.mean[k:], both.std[k:]),
+        )

@@ -46,6 +46,7 @@ def build_from_config(
     )
     name = table["processor"]  # a registered one (read_config checks)
     space = store.space
+    input_stats, output_stats = train.normalizers()
     description = ModelDescription(
         name,
         space,
@@ -53,8 +54,8 @@ def build_from_config(
         in_channels=len(data["inputs"]),
         out_channels=len(data["outputs"]),
         options=dict(table["options"]),
-        input_stats=train.normalizer(data["inputs"]),
-        output_stats=train.normalizer(data["outputs"]),
+        input_stats=input_stats,
+        output_stats=output_stats,
     )
     if table["constraint"] is not None:
         # The residual is the store's PDE, rebuilt from its recorded parameters.

@@ -90,3 +90,14 @@ def test_dataset_pickles_after_use_for_spawned_workers(darcy):
     copy = pickle.loads(pickle.dumps(dataset))
     torch.testing.assert_close(copy[3][1], first[1])
     assert copy.space.n_dofs == dataset.space.n_dofs
+
+
+def test_normalizers_of_inputs_and_outputs_in_one_pass_equal_each_fitted_alone(darcy):
+    dataset = FieldDataset(darcy, indices=range(8))
+    inputs, outputs = dataset.normalizers()
+    for together, alone in (
+        (inputs, dataset.normalizer(["a"])),
+        (outputs, dataset.normalizer(["u"])),
+    ):
+        torch.testing.assert_close(together.mean, alone.mean, rtol=1e-14, atol=0)
+        torch.testing.assert_close(together.std, alone.std, rtol=1e-14, atol=0)
