@@ -189,11 +189,10 @@ def _evaluate(args) -> int:
         for i, a, b in zip(evaluation.samples, evaluation.l2, evaluation.h1, strict=True):
             print(f"{i} {a:.6f} {b:.6f}")
     if args.plot:
-        from fenop.data import store_space
         from fenop.train.plots import plot_predictions
 
         metrics = Path(args.checkpoint).parent / "metrics.jsonl"
-        plot_predictions(store_space(data), *evaluation.shown, args.plot, metrics=metrics)
+        plot_predictions(evaluation.space, *evaluation.shown, args.plot, metrics=metrics)
         print(f"wrote {args.plot}")
     return 0
 

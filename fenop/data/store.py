@@ -277,14 +277,22 @@ class StoreInfo:
 
 
 def read_batches(
-    store: StoreInfo, fields: Sequence[str], batch_size: int, *, dtype=np.float64
+    store: StoreInfo,
+    fields: Sequence[str],
+    batch_size: int,
+    *,
+    dtype=np.float64,
+    first: int = 0,
+    stop: int | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """The complete samples of ``fields``, ``batch_size`` at a time, in one opening of
-    the file: ``(start, values (b, len(fields), n_dofs))`` in ``dtype``."""
+    """Samples ``first .. stop - 1`` (default: every complete one) of ``fields``,
+    ``batch_size`` at a time, in one opening of the file:
+    ``(start, values (b, len(fields), n_dofs))`` in ``dtype``."""
+    stop = store.n_complete if stop is None else min(stop, store.n_complete)
     with _open(store.path) as f:
-        for start in range(0, store.n_complete, batch_size):
-            stop = min(start + batch_size, store.n_complete)
-            yield start, np.stack([f[name][start:stop] for name in fields], axis=1).astype(dtype)
+        for start in range(first, stop, batch_size):
+            end = min(start + batch_size, stop)
+            yield start, np.stack([f[name][start:end] for name in fields], axis=1).astype(dtype)
 
 
 def read_store(

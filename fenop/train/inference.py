@@ -35,7 +35,7 @@ from fenop._errors import InputError
 from fenop._files import replacing
 from fenop.data import StoreError, StoreInfo, read_store
 from fenop.data.store import create_store, open_h5, read_batches, write_samples
-from fenop.fem import RelativeH1Loss, RelativeL2Loss
+from fenop.fem import FunctionSpace, RelativeH1Loss, RelativeL2Loss
 from fenop.operators import FEOperator
 from fenop.train.checkpoint import checkpoint_path, load_checkpoint, read_config
 from fenop.train.physics import build_constraint
@@ -56,6 +56,7 @@ class Evaluation:
             ``(k, n_dofs)`` (first channel), for pictures.
         failed: ``(m,)`` indices of samples whose hard-constraint solve failed
             (empty without a constraint).
+        space: the store's FE space, where the errors were measured.
     """
 
     path: str
@@ -64,6 +65,7 @@ class Evaluation:
     h1: np.ndarray
     shown: tuple[np.ndarray, np.ndarray, np.ndarray]
     failed: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    space: FunctionSpace | None = None
 
     def summary(self) -> list[str]:
         """One line per norm: mean, median and max over the samples (and one for
@@ -160,7 +162,9 @@ def evaluate_store(
     errors_l2, errors_h1, shown, failed = [], [], [], []
     dtype = _numpy_dtype(model)
     with torch.no_grad(), tqdm(total=len(rows), unit="sample", disable=not progress) as bar:
-        for start, fields in read_batches(store, inputs + outputs, batch_size, dtype=dtype):
+        # only the span of the rows scored is read
+        span = {"first": int(rows.min()), "stop": int(rows.max()) + 1}
+        for start, fields in read_batches(store, inputs + outputs, batch_size, dtype=dtype, **span):
             keep = (rows >= start) & (rows < start + len(fields))
             if not keep.any():
                 continue
@@ -181,6 +185,7 @@ def evaluate_store(
         np.concatenate(errors_h1),
         kept,
         np.asarray(failed, dtype=np.int64),
+        store.space,
     )
 
 
