@@ -144,16 +144,22 @@ def test_the_output_does_not_depend_on_the_dof_numbering():
 )
 def test_gradients_pass_gradcheck(make):
     space, residual, a, u = _darcy(5)
-    layer = make(residual)
+    assert _gradcheck(make(residual), space, u, "a", a, fast=False)
+
+
+def _gradcheck(layer, space, u, name: str, field, *, fast: bool) -> bool:
+    """torch's gradcheck of ``layer`` in its guess, its basis and its input ``name``."""
     fields = _smooth_fields(space, 2, seed=3)
     guess = (0.5 * u).clone().requires_grad_(True)
     basis = (fields + 0.1 * u).clone().requires_grad_(True)
-    a = a.clone().requires_grad_(True)
+    field = field.clone().requires_grad_(True)
 
-    def f(g, phi, a):
-        return layer(g[:, None], phi[None], a=a)
+    def run(g, phi, value):
+        return layer(g[:, None], phi[None], **{name: value})
 
-    assert torch.autograd.gradcheck(f, (guess, basis, a), atol=1e-6, rtol=1e-5)
+    return torch.autograd.gradcheck(
+        run, (guess, basis, field), atol=1e-6, rtol=1e-5, fast_mode=fast
+    )
 
 
 def test_singular_systems_and_failed_solves_are_reported_not_hidden():
@@ -238,16 +244,7 @@ def test_nonlinear_galerkin_improves_on_the_guess_more_than_least_squares():
 
 def _nonlinear_gradcheck(name: str, *, fast: bool) -> bool:
     space, residual, f, u = _nonlinear(5)
-    layer = NONLINEAR[name](residual)
-    fields = _smooth_fields(space, 2, seed=3)
-    guess = (0.5 * u).clone().requires_grad_(True)
-    basis = (fields + 0.1 * u).clone().requires_grad_(True)
-    f = f.clone().requires_grad_(True)
-
-    def run(g, phi, f):
-        return layer(g[:, None], phi[None], f=f)
-
-    return torch.autograd.gradcheck(run, (guess, basis, f), atol=1e-6, rtol=1e-5, fast_mode=fast)
+    return _gradcheck(NONLINEAR[name](residual), space, u, "f", f, fast=fast)
 
 
 @pytest.mark.parametrize("name", list(NONLINEAR))
