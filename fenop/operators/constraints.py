@@ -426,7 +426,8 @@ class MoEConstraint(_Constraint):
             owned = nn.functional.one_hot(self.owner, self.partition.n_experts).T.to(phi.dtype)
         caches = [{} for _ in self.colours]  # an affine residual's matrices, per colour
         for _ in range(self.sweeps):
-            corrections = torch.zeros(batch, self.partition.n_experts, u.shape[-1]).to(u)
+            if self.update == "owners":  # every expert's correction, combined at the end
+                corrections = u.new_zeros(batch, self.partition.n_experts, u.shape[-1])
             start = u
             for colour, cache in zip(self.colours, caches, strict=True):
                 local = phi[:, None] * extended[colour][None, :, None]  # χ_k Φ, (B, k, N, n)
