@@ -36,6 +36,28 @@ def loglog_slope(h, error) -> float:
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# A training configuration small enough for tests: an MgNO on a store "d.h5" of
+# 16 samples beside it.
+SMALL_CONFIG = """
+[data]
+path = "d.h5"
+n_train = 12
+n_test = 4
+
+[model]
+processor = "mgno"
+resolution = 8
+[model.options]
+width = 4
+n_layers = 1
+
+[training]
+epochs = 2
+batch_size = 4
+output = "run"
+device = "cpu"
+"""
+
 
 def load_script(relative_path: str):
     """Import a script of the repository (an example, a benchmark) as a module."""

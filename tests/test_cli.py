@@ -16,6 +16,7 @@ from fenop.data import generate, read_header
 from fenop.fem import FunctionSpace, unit_square
 from fenop.operators import FEMultigrid, FEOperator
 from fenop.train import load_model, read_config, save_checkpoint
+from tests.helpers import SMALL_CONFIG as CONFIG
 from tests.helpers import generation_workers, wait_for_samples
 
 
@@ -142,27 +143,6 @@ def test_console_script_is_installed(tmp_path):
         text=True,
     )
     assert result.returncode == 2 and "no such file" in result.stderr
-
-
-CONFIG = """
-[data]
-path = "d.h5"
-n_train = 12
-n_test = 4
-
-[model]
-processor = "mgno"
-resolution = 8
-[model.options]
-width = 4
-n_layers = 1
-
-[training]
-epochs = 2
-batch_size = 4
-output = "run"
-device = "cpu"
-"""
 
 
 @pytest.fixture

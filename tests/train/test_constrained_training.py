@@ -14,29 +14,11 @@ from fenop.train import load_model, read_config
 from fenop.train.config import ConfigError
 from fenop.train.config import read_config as read_training_config
 from fenop.train.run import train_from_config
+from tests.helpers import SMALL_CONFIG
 
-CONFIG = """
-[data]
-path = "d.h5"
-n_train = 12
-n_test = 4
-
-[model]
-processor = "mgno"
-resolution = 8
-[model.options]
-width = 4
-n_layers = 1
-[model.constraint]
-n_basis = 4
-experts = 2
-sweeps = 2
-
-[training]
-epochs = 2
-batch_size = 4
-output = "run"
-"""
+CONFIG = SMALL_CONFIG.replace(
+    "\n[training]", "[model.constraint]\nn_basis = 4\nexperts = 2\nsweeps = 2\n\n[training]"
+)
 
 
 @pytest.fixture(scope="module")
