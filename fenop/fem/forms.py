@@ -21,10 +21,12 @@ True
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse
 import torch
 from torch import nn
 
 from fenop.fem.space import FunctionSpace
+from fenop.fem.sparse import SparseMatrix
 
 
 def quadrature_data(space: FunctionSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,8 +40,31 @@ def quadrature_data(space: FunctionSpace) -> tuple[np.ndarray, np.ndarray, np.nd
     return phi, dphi, np.asarray(basis.dx)
 
 
+def _interpolation(
+    local: np.ndarray, element_dofs: np.ndarray, n_dofs: int
+) -> scipy.sparse.csr_array:
+    """The sparse ``(prod(shape), n_dofs)`` map from DOF values to values at quadrature
+    points, from the local basis data ``local`` ``(N, *shape)`` (``shape`` ending in
+    ``(E, Q)``) and the cells' DOFs ``(N, E)``."""
+    n_local, shape = local.shape[0], local.shape[1:]
+    rows = np.broadcast_to(np.arange(np.prod(shape)).reshape(shape), local.shape)
+    dofs = element_dofs.reshape((n_local,) + (1,) * (len(shape) - 2) + (shape[-2], 1))
+    cols = np.broadcast_to(dofs, local.shape)
+    matrix = scipy.sparse.csr_array(
+        (local.ravel(), (rows.ravel(), cols.ravel())), shape=(int(np.prod(shape)), n_dofs)
+    )
+    matrix.sum_duplicates()
+    return matrix
+
+
 class FEForms(nn.Module):
-    """Quadrature data of a space, as torch buffers, and batched assembly with it.
+    """Quadrature data of a space, and batched assembly with it.
+
+    Values and gradients at the quadrature points are sparse products with the
+    space's interpolation operators (``E Q x n`` and ``d E Q x n``), and assembly is
+    the product with their transposes, kept beside them
+    (:class:`~fenop.fem.SparseMatrix`): the work is the operators' nonzeros, and
+    none of it a loop over cells.
 
     Args:
         space: the FE space; its scikit-fem basis fixes the quadrature rule.
@@ -56,39 +81,28 @@ class FEForms(nn.Module):
             raise TypeError(f"`space` must be a FunctionSpace, got {type(space).__name__}")
         self.space = space
         phi, dphi, dx = quadrature_data(space)
-        self.register_buffer("phi", torch.from_numpy(phi), persistent=False)
-        self.register_buffer("dphi", torch.from_numpy(dphi), persistent=False)
+        dofs = space.basis.element_dofs
+        self.value_shape, self.gradient_shape = phi.shape[1:], dphi.shape[1:]
+        self.to_values = SparseMatrix(_interpolation(phi, dofs, space.n_dofs))
+        self.to_gradients = SparseMatrix(_interpolation(dphi, dofs, space.n_dofs))
         self.register_buffer("dx", torch.from_numpy(dx), persistent=False)
-        dofs = torch.from_numpy(space.basis.element_dofs.astype(np.int64))  # (N, E)
-        self.register_buffer("element_dofs", dofs, persistent=False)
-
-    def _local(self, coeffs: torch.Tensor) -> torch.Tensor:
-        """``(..., n_dofs)`` -> cell-local coefficients ``(..., N, E)``."""
-        self.space.check_coefficients(coeffs)
-        return coeffs[..., self.element_dofs]
 
     def values(self, coeffs: torch.Tensor) -> torch.Tensor:
         """FE functions at the quadrature points: ``(..., n_dofs)`` -> ``(..., E, Q)``."""
-        return torch.einsum("...ne,neq->...eq", self._local(coeffs), self.phi.to(coeffs.dtype))
+        self.space.check_coefficients(coeffs)
+        return self.to_values(coeffs).reshape(*coeffs.shape[:-1], *self.value_shape)
 
     def gradients(self, coeffs: torch.Tensor) -> torch.Tensor:
         """Their gradients: ``(..., n_dofs)`` -> ``(..., d, E, Q)``."""
-        return torch.einsum("...ne,ndeq->...deq", self._local(coeffs), self.dphi.to(coeffs.dtype))
-
-    def _scatter(self, local: torch.Tensor) -> torch.Tensor:
-        """Sum cell contributions ``(..., N, E)`` into global DOFs ``(..., n_dofs)``."""
-        lead = local.shape[:-2]
-        out = local.new_zeros(*lead, self.space.n_dofs)
-        index = self.element_dofs.reshape(-1)
-        return out.index_add_(-1, index, local.reshape(*lead, -1))
+        self.space.check_coefficients(coeffs)
+        return self.to_gradients(coeffs).reshape(*coeffs.shape[:-1], *self.gradient_shape)
 
     def assemble_values(self, s: torch.Tensor) -> torch.Tensor:
         """``∫ s v`` for every basis function ``v``: ``(..., E, Q)`` -> ``(..., n_dofs)``."""
-        dx = self.dx.to(s.dtype)
-        return self._scatter(torch.einsum("...eq,neq,eq->...ne", s, self.phi.to(s.dtype), dx))
+        weighted = s * self.dx.to(s.dtype)
+        return self.to_values.transposed(weighted.reshape(*s.shape[:-2], -1))
 
     def assemble_gradient(self, flux: torch.Tensor) -> torch.Tensor:
         """``∫ flux · ∇v`` for every basis function v: ``(..., d, E, Q)`` -> ``(..., n_dofs)``."""
-        dx = self.dx.to(flux.dtype)
-        local = torch.einsum("...deq,ndeq,eq->...ne", flux, self.dphi.to(flux.dtype), dx)
-        return self._scatter(local)
+        weighted = flux * self.dx.to(flux.dtype)
+        return self.to_gradients.transposed(weighted.reshape(*flux.shape[:-3], -1))

@@ -72,25 +72,42 @@ def _csr_like(csr: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         )
 
 
+class _Pair:
+    """A CSR matrix and its transpose, handed to :class:`_Product` as one opaque
+    argument: torch.func's transforms cannot take sparse tensors as inputs."""
+
+    __slots__ = ("matrix", "transpose")
+
+    def __init__(self, matrix: torch.Tensor, transpose: torch.Tensor):
+        self.matrix, self.transpose = matrix, transpose
+
+
 class _Product(torch.autograd.Function):
     """``matrix @ x`` whose backward multiplies by a transpose stored in advance.
 
     Autograd's own backward of a CSR product forms ``matrix.t()``, a CSC tensor,
-    and converts it back to CSR (a sort) on every call.
+    and converts it back to CSR (a sort) on every call. Forward mode
+    (``torch.func.jvp``, which the hard constraints linearise residuals with) is the
+    same product.
     """
 
     @staticmethod
-    def forward(x: torch.Tensor, matrix: torch.Tensor, transpose: torch.Tensor) -> torch.Tensor:
-        return matrix @ x
+    def forward(x: torch.Tensor, pair: _Pair) -> torch.Tensor:
+        return pair.matrix @ x
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.transpose = inputs[2]  # a constant: nothing to save for autograd
+        ctx.pair = inputs[1]  # constants: nothing to save for autograd
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # Differentiable in `grad`, so double backward works too.
-        return ctx.transpose @ grad, None, None
+        return ctx.pair.transpose @ grad, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, pair_tangent):
+        # the product again, through apply: under torch.func the tangent is wrapped
+        return _Product.apply(x_tangent, ctx.pair)
 
 
 class SparseMatrix(nn.Module):
@@ -142,25 +159,33 @@ class SparseMatrix(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         return self.rows(flat.T).T.reshape(*x.shape[:-1], self.shape[0])
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
+    def transposed(self, x: torch.Tensor) -> torch.Tensor:
+        """``matrixᵀ @ x`` along the last dimension: ``(..., m)`` -> ``(..., n)``, with
+        the stored transpose (its backward with the matrix)."""
+        flat = x.reshape(-1, x.shape[-1])
+        return self.rows(flat.T, transpose=True).T.reshape(*x.shape[:-1], self.shape[1])
+
+    def rows(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
         """``matrix @ x`` along the first dimension, for node-major layouts.
 
         Args:
-            x: ``(n, ...)``.
+            x: ``(n, ...)`` (``(m, ...)`` with ``transpose``).
+            transpose: multiply by ``matrixᵀ`` instead.
 
         Returns:
-            ``(m, ...)`` in ``x``'s dtype (float32 for half-precision ``x``, also
-            under autocast: FE stencils lose too many digits in half precision),
-            differentiable in ``x``.
+            ``(m, ...)`` (``(n, ...)`` with ``transpose``) in ``x``'s dtype (float32
+            for half-precision ``x``, also under autocast: FE stencils lose too many
+            digits in half precision), differentiable in ``x``.
         """
         x = _prepared(x, self.device)
         pair = self._copies.get(x.dtype)
         if pair is None:  # another dtype (complex, say): converted once, then kept
             pair = tuple(m.to(x.dtype) for m in self._copies[torch.float64])
             self._copies[x.dtype] = pair
+        matrix, transposed = pair[::-1] if transpose else pair
         with torch.autocast(x.device.type, enabled=False):
-            out = _Product.apply(x.reshape(x.shape[0], -1), *pair)
-        return out.reshape(self.shape[0], *x.shape[1:])
+            out = _Product.apply(x.reshape(x.shape[0], -1), _Pair(matrix, transposed))
+        return out.reshape(matrix.shape[0], *x.shape[1:])
 
 
 def apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

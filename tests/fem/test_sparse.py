@@ -35,6 +35,23 @@ def test_gradients_use_the_transpose():
     assert torch.autograd.gradcheck(matrix.rows, (rows,))
 
 
+def test_the_transposed_product_and_forward_mode():
+    a = _random_matrix()
+    dense = torch.from_numpy(a.toarray())
+    matrix = SparseMatrix(a)
+    y = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(matrix.transposed(y), y @ dense, rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(matrix.transposed, (y,))
+    x, v = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    # forward mode through both of torch's interfaces (the product is linear: J v = A v)
+    _, tangent = torch.func.jvp(matrix, (x,), (v,))
+    torch.testing.assert_close(tangent, v @ dense.T, rtol=1e-14, atol=1e-14)
+    with torch.autograd.forward_ad.dual_level():
+        out = matrix(torch.autograd.forward_ad.make_dual(x, v))
+        tangent = torch.autograd.forward_ad.unpack_dual(out).tangent
+    torch.testing.assert_close(tangent, v @ dense.T, rtol=1e-14, atol=1e-14)
+
+
 def test_precision_follows_the_input_and_the_float64_copy_survives_float():
     a = _random_matrix()
     module = torch.nn.Sequential(torch.nn.Identity())
