@@ -12,7 +12,9 @@ recovered matrix are sparse: their cost is the DOFs', not the cells' times the
 quadrature points'.
 
 :class:`JacobianPattern` holds the pattern, the colouring and batched products
-``J X`` that are differentiable in both ``J``'s values and ``X``.
+``J X`` that are differentiable in both ``J``'s values and ``X``; its
+:meth:`~JacobianPattern.blocks` are the diagonal blocks ``J[rows_k, cols_k]`` of
+subdomains, so that each costs its own entries' work.
 
 >>> import torch
 >>> from fenop.fem import FunctionSpace, unit_square
@@ -35,6 +37,87 @@ from torch import nn
 from fenop.fem.partition import _canonical_order, dof_graph
 from fenop.fem.space import FunctionSpace
 from fenop.fem.sparse import _quiet_csr
+
+
+class _CSRPattern(nn.Module):
+    """A fixed ``(rows, cols)`` CSR pattern with its transpose, for batched products
+    whose values change from call to call."""
+
+    def __init__(self, matrix: scipy.sparse.csr_array):
+        super().__init__()
+        matrix = scipy.sparse.csr_array(matrix)
+        matrix.sort_indices()
+        self.shape, self.nnz = matrix.shape, matrix.nnz
+        rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+        transposed = scipy.sparse.csr_array(
+            (np.arange(matrix.nnz, dtype=np.float64), (matrix.indices, rows)),
+            shape=matrix.shape[::-1],
+        )
+        transposed.sort_indices()
+        buffers = {
+            "crow": matrix.indptr,
+            "col": matrix.indices,
+            "crow_t": transposed.indptr,
+            "col_t": transposed.indices,
+            # entry s of the transpose is entry transpose_order[s] of the matrix
+            "transpose_order": transposed.data,
+        }
+        for name, array in buffers.items():
+            self.register_buffer(name, torch.from_numpy(array.astype(np.int64)), persistent=False)
+
+    def rows(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``A_b x_b``: entries ``(B, nnz)``, ``x`` ``(B, cols, M)`` -> ``(B, rows, M)``."""
+        return _PatternProduct.apply(values, x.to(values.dtype), self)
+
+
+def _block_csr(crow, col, values: torch.Tensor, shape) -> torch.Tensor:
+    """The block-diagonal ``(B rows, B cols)`` CSR matrix of B matrices on one pattern
+    (one sparse product then serves the whole batch)."""
+    batch, nnz = values.shape
+    offsets = torch.arange(batch, device=values.device)
+    crow_b = torch.cat([(crow[:-1] + offsets[:, None] * nnz).reshape(-1), crow[-1:] * batch])
+    col_b = (col + offsets[:, None] * shape[1]).reshape(-1)
+    size = (batch * shape[0], batch * shape[1])
+    with _quiet_csr():
+        return torch.sparse_csr_tensor(
+            crow_b, col_b, values.reshape(-1), size=size, check_invariants=False
+        )
+
+
+class _PatternProduct(torch.autograd.Function):
+    """``A x`` on a fixed pattern, ``x`` node-major ``(B, cols, M)``. Backward:
+    ``Aᵀ G`` through the stored transposed pattern, and ``∂/∂A_ij = Σ_m G_im x_jm``
+    sampled on the pattern (SDDMM), so that nothing of size (entries x M) is held."""
+
+    @staticmethod
+    def forward(values, x, pattern):
+        batch, cols, fields = x.shape
+        matrix = _block_csr(pattern.crow, pattern.col, values, pattern.shape)
+        return (matrix @ x.reshape(batch * cols, fields)).reshape(batch, -1, fields)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        values, x, pattern = inputs
+        ctx.pattern = pattern
+        ctx.save_for_backward(values, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, x = ctx.saved_tensors
+        p = ctx.pattern
+        batch, cols, fields = x.shape
+        grad = grad.reshape(batch * p.shape[0], fields)
+        grad_values = grad_x = None
+        if ctx.needs_input_grad[1]:
+            order = values[:, p.transpose_order]
+            transposed = _block_csr(p.crow_t, p.col_t, order, p.shape[::-1])
+            grad_x = (transposed @ grad).reshape(batch, cols, fields)
+        if ctx.needs_input_grad[0]:
+            pattern = _block_csr(p.crow, p.col, torch.zeros_like(values), p.shape)
+            flat = x.reshape(batch * cols, fields)
+            sampled = torch.sparse.sampled_addmm(pattern, grad, flat.T, beta=0.0)
+            grad_values = sampled.values().reshape(batch, -1)
+        return grad_values, grad_x, None
 
 
 class JacobianPattern(nn.Module):
@@ -60,28 +143,19 @@ class JacobianPattern(nn.Module):
         colour = _distance2_colouring(graph, _canonical_order(space))
         n, c = space.n_dofs, int(colour.max()) + 1
         self.space, self.n_colours, self.nnz = space, c, graph.nnz
+        self.pattern = _CSRPattern(graph)
+        # where each entry sits in the pattern's value array, as a SciPy matrix
+        self._positions = scipy.sparse.csr_array(
+            (np.arange(1, graph.nnz + 1, dtype=np.float64), graph.indices, graph.indptr),
+            shape=graph.shape,
+        )
         rows = np.repeat(np.arange(n), np.diff(graph.indptr))
-        cols = graph.indices.astype(np.int64)
         seeds = np.zeros((c, n))
         seeds[colour, np.arange(n)] = 1.0
-        # Entry (i, j) is row i of the product of j's colour: its place in (c, n).
-        probe = colour[cols] * n + rows
-        transposed = scipy.sparse.csr_array(
-            (np.arange(graph.nnz, dtype=np.float64), (cols, rows)), shape=(n, n)
-        )
-        transposed.sort_indices()
-        buffers = {
-            "seeds": torch.from_numpy(seeds),
-            "probe": torch.from_numpy(probe),
-            "crow": torch.from_numpy(graph.indptr.astype(np.int64)),
-            "col": torch.from_numpy(cols),
-            "crow_t": torch.from_numpy(transposed.indptr.astype(np.int64)),
-            "col_t": torch.from_numpy(transposed.indices.astype(np.int64)),
-            # entry s of the transpose is entry transpose_order[s] of the matrix
-            "transpose_order": torch.from_numpy(transposed.data.astype(np.int64)),
-        }
-        for name, tensor in buffers.items():
-            self.register_buffer(name, tensor, persistent=False)
+        self.register_buffer("seeds", torch.from_numpy(seeds), persistent=False)
+        # entry (i, j) is row i of the product of j's colour: its place in (c, n)
+        probe = colour[graph.indices] * n + rows
+        self.register_buffer("probe", torch.from_numpy(probe), persistent=False)
 
     def values(self, products: torch.Tensor) -> torch.Tensor:
         """The entries ``(B, nnz)`` of ``J`` from its products with the seeds,
@@ -103,64 +177,60 @@ class JacobianPattern(nn.Module):
                 f"`x` must have shape ({values.shape[0]}, M, {self.space.n_dofs}), "
                 f"got {tuple(x.shape)}"
             )
-        return _PatternProduct.apply(values, x.to(values.dtype), self)
+        return self.pattern.rows(values, x.transpose(1, 2)).transpose(1, 2)
+
+    def blocks(self, rows: list[np.ndarray], cols: list[np.ndarray]) -> JacobianBlocks:
+        """The blocks ``J[rows[k], cols[k]]`` of ``k`` subdomains (see :class:`JacobianBlocks`)."""
+        return JacobianBlocks(self._positions, rows, cols)
 
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """``(B, n, n)`` dense copies of the matrices (for tests and small problems)."""
         n = self.space.n_dofs
-        rows = torch.repeat_interleave(torch.arange(n, device=values.device), self.crow.diff())
+        p = self.pattern
+        rows = torch.repeat_interleave(torch.arange(n, device=values.device), p.crow.diff())
         out = values.new_zeros(values.shape[0], n, n)
-        out[:, rows, self.col] = values
+        out[:, rows, p.col] = values
         return out
 
 
-def _block_csr(crow, col, values: torch.Tensor, n: int) -> torch.Tensor:
-    """The block-diagonal ``(B n, B n)`` CSR matrix of B matrices on one pattern
-    (one sparse product then serves the whole batch)."""
-    batch, nnz = values.shape
-    offsets = torch.arange(batch, device=values.device)
-    crow_b = torch.cat([(crow[:-1] + offsets[:, None] * nnz).reshape(-1), crow[-1:] * batch])
-    col_b = (col + offsets[:, None] * n).reshape(-1)
-    with _quiet_csr():
-        return torch.sparse_csr_tensor(
-            crow_b, col_b, values.reshape(-1), size=(batch * n, batch * n), check_invariants=False
+class JacobianBlocks(nn.Module):
+    """Diagonal blocks ``J[rows_k, cols_k]`` of a Jacobian for ``k`` subdomains, as one
+    block-diagonal pattern: a product costs the blocks' entries, not the whole
+    matrix's. Subdomain fields are padded to the longest set (``m`` columns,
+    ``m_r`` rows); padding has no entries.
+
+    Shapes:
+        :meth:`matmul`: the Jacobian's entries ``(B, nnz)``, fields ``(B, k, M, m)``
+        -> ``(B, k, M, m_r)``.
+    """
+
+    def __init__(self, positions: scipy.sparse.csr_array, rows, cols):
+        super().__init__()
+        if len(rows) != len(cols):
+            raise ValueError(f"{len(rows)} row sets but {len(cols)} column sets")
+        self.width, self.height = max(map(len, cols)), max(map(len, rows))
+        blocks = [positions[r][:, c] for r, c in zip(rows, cols, strict=True)]
+        padded = [
+            scipy.sparse.csr_array(
+                (b.data, b.indices, np.r_[b.indptr, [b.indptr[-1]] * (self.height - len(r))]),
+                shape=(self.height, self.width),
+            )
+            for b, r in zip(blocks, rows, strict=True)
+        ]
+        matrix = scipy.sparse.csr_array(scipy.sparse.block_diag(padded, format="csr"))
+        matrix.sort_indices()
+        # the entries of the blocks, in their pattern's order, as positions in J's
+        self.register_buffer(
+            "take", torch.from_numpy(matrix.data.astype(np.int64) - 1), persistent=False
         )
+        self.pattern = _CSRPattern(matrix)
 
-
-class _PatternProduct(torch.autograd.Function):
-    """``J X`` on a fixed pattern. Backward: ``Jᵀ G`` through the stored transposed
-    pattern, and ``∂/∂J_ij = Σ_m G_im X_jm`` sampled on the pattern (SDDMM), so
-    that nothing of size (entries x fields) is ever held."""
-
-    @staticmethod
-    def forward(values, x, pattern):
-        batch, fields, n = x.shape
-        matrix = _block_csr(pattern.crow, pattern.col, values, n)
-        columns = x.transpose(1, 2).reshape(batch * n, fields)
-        return (matrix @ columns).reshape(batch, n, fields).transpose(1, 2)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        values, x, pattern = inputs
-        ctx.pattern = pattern
-        ctx.save_for_backward(values, x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        values, x = ctx.saved_tensors
-        p = ctx.pattern
-        batch, fields, n = x.shape
-        grad_columns = grad.transpose(1, 2).reshape(batch * n, fields)
-        grad_values = grad_x = None
-        if ctx.needs_input_grad[1]:
-            transposed = _block_csr(p.crow_t, p.col_t, values[:, p.transpose_order], n)
-            grad_x = (transposed @ grad_columns).reshape(batch, n, fields).transpose(1, 2)
-        if ctx.needs_input_grad[0]:
-            pattern = _block_csr(p.crow, p.col, torch.zeros_like(values), n)
-            columns = x.transpose(1, 2).reshape(batch * n, fields)
-            sampled = torch.sparse.sampled_addmm(pattern, grad_columns, columns.T, beta=0.0)
-            grad_values = sampled.values().reshape(batch, -1)
-        return grad_values, grad_x, None
+    def matmul(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``J[rows_k, cols_k] x_k`` for every subdomain ``k`` and batch element."""
+        batch, k, fields, _ = x.shape
+        columns = x.permute(0, 1, 3, 2).reshape(batch, k * self.width, fields)
+        out = self.pattern.rows(values[:, self.take], columns)
+        return out.reshape(batch, k, self.height, fields).transpose(-1, -2)
 
 
 def _distance2_colouring(graph: scipy.sparse.csr_array, order: np.ndarray) -> np.ndarray:

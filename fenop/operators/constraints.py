@@ -26,6 +26,13 @@ the loop; its backward pass is the implicit function theorem's with the exact
 Jacobian (:mod:`fenop.operators.implicit`), in memory that does not grow with the
 iterations.
 
+The residual is a black box ``R(u, **inputs)``: its Jacobian is recovered on the
+FE pattern from one linearisation per colour of the pattern's columns
+(:class:`~fenop.fem.jacobian.JacobianPattern`, about 9 for P1 triangles), once per
+call for an affine residual and once per Newton iteration otherwise; every product
+after that is sparse, each expert's with its own block of ``J``, so the layer's
+cost and memory grow linearly with the mesh (BENCHMARKS.md).
+
 Every solve is a small dense float64 system, symmetrically scaled to a unit
 diagonal, with a small ridge; Cholesky where it is symmetric, LU otherwise. Its
 condition number is monitored: ``report`` says, per sample, whether every solve
@@ -50,12 +57,14 @@ and the residual norm of the output.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
+import scipy.sparse
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
+from fenop.fem.jacobian import JacobianPattern
 from fenop.operators.implicit import implicit_root
 
 CONDITIONS = ("galerkin", "least_squares")
@@ -106,6 +115,9 @@ class _Constraint(nn.Module):
         # (Gauss-Newton) normal equations of least squares always are.
         self.symmetric = condition == "least_squares" or bool(getattr(residual, "symmetric", False))
         self.register_buffer("free", free_dofs(residual), persistent=False)
+        self.pattern = JacobianPattern(self.space)
+        self.everywhere = _IndexSets(None, self.space.n_dofs)
+        self._pattern_checked = False
         self.report: dict[str, torch.Tensor] = {}
 
     def _check(self, prediction: torch.Tensor, basis: torch.Tensor) -> None:
@@ -125,20 +137,51 @@ class _Constraint(nn.Module):
         spread = {k: v.reshape(v.shape[0], *(1,) * extra, v.shape[-1]) for k, v in inputs.items()}
         return self.residual(u, **spread)
 
-    def _linearised(self, u: torch.Tensor, tangents: torch.Tensor, inputs: dict):
-        """``R(u)`` ``(B, n)`` and ``J(u) t`` for each tangent ``t`` of ``(B, N, n)``."""
-        r = self._residual_of(u, inputs)
-        if self.affine:  # exact for an affine R, and cheaper than forward mode
-            return r, self._residual_of(u[:, None] + tangents, inputs) - r[:, None]
-        primal = u[:, None].repeat(1, tangents.shape[1], 1)
-        with warnings.catch_warnings():
-            # torch loads its forward-mode decompositions through torch.jit.script on
-            # first use, which torch itself deprecates: nothing of fenop's.
-            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated")
-            _, product = torch.func.jvp(
-                lambda v: self._residual_of(v, inputs), (primal,), (tangents,)
+    def _linearise(self, u: torch.Tensor, inputs: dict):
+        """``R(u)`` ``(B, n)`` and the entries ``(B, nnz)`` of ``J(u)`` on the FE pattern,
+        from one residual evaluation per colour of the pattern's columns (for an
+        affine residual call it at ``u = 0``: ``J`` is the same everywhere)."""
+        seeds = self.pattern.seeds.to(u.dtype).expand(len(u), -1, -1)
+        if self.affine:
+            # J s = R(u + s) - R(u) exactly for an affine R; one call for all the fields
+            out = self._residual_of(torch.cat([u[:, None], u[:, None] + seeds], dim=1), inputs)
+            r, products = out[:, 0], out[:, 1:] - out[:, :1]
+        else:
+            r = self._residual_of(u, inputs)
+            products = _jvp(lambda v: self._residual_of(v, inputs), u[:, None], seeds)
+        values = self.pattern.values(products)
+        if not self._pattern_checked:
+            self._check_pattern(u, inputs, r, values)
+        return r, values
+
+    def _check_pattern(self, u, inputs, r, values) -> None:
+        """Once: the recovered ``J`` against a direct linearisation along a random field.
+        A residual coupling DOFs that share no cell has a Jacobian outside the FE
+        pattern, and the colouring would mix its entries."""
+        with torch.no_grad():
+            v = torch.randn(u.shape, generator=torch.Generator().manual_seed(0), dtype=u.dtype)
+            v = v.to(u.device)
+            if self.affine:
+                direct = self._residual_of(u + v, inputs) - r
+            else:
+                direct = _jvp(lambda x: self._residual_of(x, inputs), u, v)
+            recovered = self.pattern.matmul(values, v[:, None])[:, 0]
+            error = (recovered - direct).norm() / direct.norm().clamp_min(1e-300)
+        if not error <= 1e-8:
+            raise ValueError(
+                "the residual's Jacobian does not fit the FE pattern (it couples DOFs that "
+                f"share no cell: relative error {float(error):.1e} of its recovered "
+                "products); hard constraints need a residual assembled cell by cell"
             )
-        return r, product
+        self._pattern_checked = True
+
+    def _residual_from(self, u: torch.Tensor, linear: tuple | None, inputs: dict):
+        """``R(u)`` ``(B, n)``: for an affine residual ``J u + R(0)`` from its
+        linearisation ``(R(0), J)`` (a sparse product), else evaluated."""
+        if linear is None:
+            return self._residual_of(u, inputs)
+        r0, values = linear
+        return self.pattern.matmul(values, u[:, None])[:, 0] + r0
 
     def _solve(self, matrix: torch.Tensor, rhs: torch.Tensor):
         """Solve ``matrix w = rhs`` for ``(..., N, N)`` and ``(..., N)``: scaled to a
@@ -171,45 +214,52 @@ class _Constraint(nn.Module):
             ok = ok & finite & torch.isfinite(w).all(dim=-1)
         return w, ok, condition
 
-    def _system(self, u, local, rows, inputs):
-        """The experts' condition at ``u`` and its (Gauss-Newton, for least squares)
-        matrix: ``F (B, k, N)``, ``M (B, k, N, N)``, for experts of bases ``local``
-        ``(B, k, N, n)`` whose territories do not meet (one residual linearisation
-        then serves them all), ``rows`` ``(k, n)`` the residual rows of each. Also the
-        test fields ``(B, k, N, n)``: ``χ_k Φ`` (Galerkin) or ``J(χ_k Φ)`` on the rows."""
-        r, product = self._linearised(u, local.sum(dim=1), inputs)
-        applied = product[:, None] * rows[None, :, None]  # J(χ_k Φ) on expert k's rows
+    def _system(self, r, values, local, sets):
+        """The experts' condition and its (Gauss-Newton, for least squares) matrix:
+        ``F (B, k, N)``, ``M (B, k, N, N)``, for experts of bases ``local``
+        ``(B, k, N, m)`` on their extended sets. ``r`` ``(B, n)`` and ``values`` are
+        ``R`` and ``J`` at the current field; ``sets`` the experts' (extended, rows)
+        index sets and their blocks of ``J`` (``None``: one expert, the whole domain).
+        Also the test fields: ``χ_k Φ`` (Galerkin) or ``J (χ_k Φ)`` on the rows."""
+        _, rows, blocks = sets
+        if blocks is None:
+            applied = self.pattern.matmul(values, local[:, 0])[:, None]
+        else:
+            applied = blocks.matmul(values, local)  # J (χ_k Φ) on expert k's rows
         test = local if self.condition == "galerkin" else applied
-        f_value = (test @ r[:, None, :, None])[..., 0]
+        f_value = (test * rows.gather(r)[:, :, None]).sum(dim=-1)
         matrix = test @ applied.transpose(-1, -2)
         return f_value, matrix, test
 
-    def _experts(self, u, local, rows, inputs, cache=None):
+    def _experts(self, u, local, sets, inputs, linear=None, cache=None):
         """Coefficients ``(B, k, N)`` of experts (territories that do not meet) solved
-        from ``u`` ``(B, n)``: one solve for an affine residual (its matrix, which does
-        not depend on ``u``, kept in ``cache``), Newton's method otherwise, with the
-        implicit function theorem's gradient. Also whether each succeeded, the
-        condition numbers and the iterations."""
+        from ``u`` ``(B, n)``: for an affine residual, whose linearisation ``linear`` is
+        the forward call's, one solve (the matrix, which does not depend on ``u``, kept
+        in ``cache``); Newton's method otherwise, with the implicit function theorem's
+        gradient. Also whether each succeeded, the condition numbers, the iterations."""
         if self.affine:
+            r = self._residual_from(u, linear, inputs)
             if cache is not None and "matrix" in cache:
-                # J does not depend on u: only the condition's residual is new
-                r = self._residual_of(u, inputs)
-                f_value = (cache["test"] @ r[:, None, :, None])[..., 0]
+                f_value = (cache["test"] * sets[1].gather(r)[:, :, None]).sum(dim=-1)
                 matrix = cache["matrix"]
             else:
-                f_value, matrix, test = self._system(u, local, rows, inputs)
+                f_value, matrix, test = self._system(r, linear[1], local, sets)
                 if cache is not None:
                     cache.update(matrix=matrix, test=test)
             w, ok, condition = self._solve(matrix, -f_value)
             return w, ok, condition, torch.ones_like(ok, dtype=torch.int64)
-        return self._newton(u, local, rows, inputs)
+        return self._newton(u, local, sets, inputs)
 
-    def _newton(self, u, local, rows, inputs):
+    def _newton(self, u, local, sets, inputs):
         batch, k, n_basis, _ = local.shape
+        extended, rows, _ = sets
         names = list(inputs)
 
         def field(w, u, local):
-            return u + (w[:, :, None] @ local)[:, :, 0].sum(dim=1)
+            return u + extended.scatter((w[..., None] * local).sum(dim=2))
+
+        def system(w, u, local, inputs):
+            return self._system(*self._linearise(field(w, u, local), inputs), local, sets)
 
         with torch.no_grad():
             zero = self._residual_of(torch.zeros_like(u), inputs)
@@ -225,7 +275,7 @@ class _Constraint(nn.Module):
             for iteration in range(self.max_iterations + 1):
                 if local.device.type == "cpu" and bool(done.all()):
                     break
-                f_value, matrix, test = self._system(field(w, u, local), local, rows, inputs)
+                f_value, matrix, test = system(w, u, local, inputs)
                 # Converged: the condition below `tolerance` times its scale, the test
                 # fields' norm times the data's (the residual of the zero field), or a
                 # step below `tolerance (1 + |w|)`. Not relative to the first value: after
@@ -249,15 +299,14 @@ class _Constraint(nn.Module):
             # Galerkin's matrix (χΦ)ᵀ J (χΦ) is the condition's exact Jacobian: the
             # adjoint needs no second derivatives, and the condition no linearisation.
             with torch.no_grad():
-                _, jacobian, _ = self._system(field(w, u, local), local, rows, inputs)
+                _, jacobian, _ = system(w, u, local, inputs)
 
         def condition_of(w, u, local, *values):
             ins = dict(zip(names, values, strict=True))
             if self.condition == "galerkin":
                 r = self._residual_of(field(w, u, local), ins)
-                return (local @ r[:, None, :, None])[..., 0]
-            f_value, _, _ = self._system(field(w, u, local), local, rows, ins)
-            return f_value
+                return (local * rows.gather(r)[:, :, None]).sum(dim=-1)
+            return system(w, u, local, ins)[0]
 
         values = (inputs[name] for name in names)
         w = implicit_root(condition_of, w, u, local, *values, jacobian=jacobian)
@@ -271,11 +320,20 @@ class _Constraint(nn.Module):
         phi = torch.where(free, basis.double(), 0.0)  # zero on Dirichlet DOFs
         return g, phi, {k: v.double() for k, v in inputs.items()}
 
-    def _global(self, u, phi, inputs):
+    def _global(self, u, phi, inputs, linear=None):
         """One solve over the whole domain: ``u + Φ w`` with the condition."""
-        everywhere = torch.ones(1, u.shape[-1], dtype=phi.dtype, device=phi.device)
-        w, ok, condition, iterations = self._experts(u, phi[:, None], everywhere, inputs)
+        w, ok, condition, iterations = self._experts(
+            u, phi[:, None], (self.everywhere, self.everywhere, None), inputs, linear
+        )
         return u + (w @ phi)[:, 0], ok[:, 0], condition, iterations
+
+    def _linear_part(self, u, inputs):
+        """For an affine residual, ``(R(0), J)``: all that its solves need, found once
+        per call. It depends on the inputs alone, so when they are data (no gradient)
+        the residual's evaluations leave nothing for the backward pass."""
+        if not self.affine:
+            return None
+        return self._linearise(torch.zeros_like(u), inputs)
 
     def _finish(self, u, ok, conditions, iterations, dtype, inputs: dict) -> torch.Tensor:
         """The output ``(B, 1, n)``, and :attr:`report` of this call, per sample:
@@ -336,7 +394,8 @@ class HardConstraint(_Constraint):
 
     def forward(self, prediction, basis, **inputs):
         g, phi, inputs = self._prepare(prediction, basis, inputs)
-        u, ok, condition, iterations = self._global(g, phi, inputs)
+        linear = self._linear_part(g, inputs)
+        u, ok, condition, iterations = self._global(g, phi, inputs, linear)
         return self._finish(u, ok, [condition], iterations.sum(dim=1), prediction.dtype, inputs)
 
 
@@ -355,9 +414,9 @@ class MoEConstraint(_Constraint):
     first. ``K = 1`` without ``coarse`` is :class:`HardConstraint`.
 
     The experts' matrices need ``J (χ_k Φ)``, which differs from ``χ_k (J Φ)`` at the
-    edge of the extended set. One linearisation of the residual along
-    ``Σ_{k in a colour} χ_k Φ`` gives each expert of the colour its own product on
-    its rows, exactly: the cost is (colours) x N residual evaluations, whatever K.
+    edge of the extended set: each expert multiplies by its own block
+    ``J[rows_k, extended_k]`` of the recovered Jacobian, so an expert costs its own
+    entries' work, and its fields are held on its own DOFs only.
 
     Args:
         residual: as for :class:`HardConstraint`.
@@ -402,62 +461,131 @@ class MoEConstraint(_Constraint):
             raise ValueError(f"`sweeps` must be a non-negative int, got {sweeps!r}")
         self.update = update
         self.strategy, self.overlap, self.sweeps, self.coarse = partition, overlap, sweeps, coarse
-        self.partition = partition.partition(self.space, overlap=overlap)
-        p = self.partition
+        self.partition = p = partition.partition(self.space, overlap=overlap)
         rows = p.extended | p.halo if condition == "least_squares" else p.extended
-        self.register_buffer("owner", torch.from_numpy(p.labels), persistent=False)
-        self.register_buffer("extended", torch.from_numpy(p.extended), persistent=False)
-        self.register_buffer("rows", torch.from_numpy(rows), persistent=False)
-        self.colours = _colours(p.extended | p.halo)
+        n = self.space.n_dofs
+        # per colour: the experts' extended sets, their rows, and J's blocks on them
+        self.groups = nn.ModuleList()
+        self.owned = nn.ModuleList()  # per colour: which of an expert's DOFs it owns
+        for colour in _colours(p.extended | p.halo):
+            cols = [np.flatnonzero(p.extended[k]) for k in colour]
+            rows_of = [np.flatnonzero(rows[k]) for k in colour]
+            extended = _IndexSets(cols, n)
+            row_sets = extended if condition == "galerkin" else _IndexSets(rows_of, n)
+            blocks = self.pattern.blocks(rows_of, cols)
+            self.groups.append(nn.ModuleList([extended, row_sets, blocks]))
+            labels = p.labels[extended.index.numpy()] == colour[:, None]
+            self.owned.append(_Mask(torch.from_numpy(labels) & extended.valid))
 
     def forward(self, prediction, basis, **inputs):
         g, phi, inputs = self._prepare(prediction, basis, inputs)
         batch = phi.shape[0]
         ok = torch.ones(batch, dtype=torch.bool, device=phi.device)
         iterations = torch.zeros(batch, dtype=torch.int64, device=phi.device)
+        linear = self._linear_part(g, inputs)
         u, conditions = g, []
         if self.coarse:
-            u, ok, condition, steps = self._global(u, phi, inputs)
+            u, ok, condition, steps = self._global(u, phi, inputs, linear)
             conditions.append(condition)
             iterations = iterations + steps.sum(dim=1)
-        extended = self.extended.to(phi.dtype)  # (K, n)
-        rows = self.rows.to(phi.dtype)
-        if self.update == "owners":
-            owned = nn.functional.one_hot(self.owner, self.partition.n_experts).T.to(phi.dtype)
-        caches = [{} for _ in self.colours]  # an affine residual's matrices, per colour
+        # χ_k Φ on each expert's extended set, (B, k, N, m) per colour
+        locals_ = [extended.gather(phi) for extended, _, _ in self.groups]
+        caches = [{} for _ in self.groups]  # an affine residual's matrices, per colour
         for _ in range(self.sweeps):
-            if self.update == "owners":  # every expert's correction, combined at the end
-                corrections = u.new_zeros(batch, self.partition.n_experts, u.shape[-1])
-            start = u
-            for colour, cache in zip(self.colours, caches, strict=True):
-                local = phi[:, None] * extended[colour][None, :, None]  # χ_k Φ, (B, k, N, n)
+            start, corrections = u, []
+            for sets, local, owned, cache in zip(
+                self.groups, locals_, self.owned, caches, strict=True
+            ):
                 # colours: from the field the previous colours made; owners: all from
                 # the sweep's starting field
                 base = u if self.update == "colours" else start
                 w, solved, condition, steps = self._experts(
-                    base, local, rows[colour], inputs, cache
+                    base, local, tuple(sets), inputs, linear, cache
                 )
                 ok = ok & solved.all(dim=1)
                 conditions.append(condition)
                 iterations = iterations + steps.sum(dim=1)
-                change = (w[:, :, None] @ local)[:, :, 0]  # (B, k, n)
+                change = (w[..., None] * local).sum(dim=2)  # (B, k, m)
                 if self.update == "colours":
-                    u = u + change.sum(dim=1)
-                else:
-                    corrections[:, colour] = change
+                    u = u + sets[0].scatter(change)
+                else:  # each DOF takes its owner's correction, at the end of the sweep
+                    corrections.append(sets[0].scatter(change * owned.mask))
             if self.update == "owners":
-                u = start + (corrections * owned[None]).sum(dim=1)  # each DOF: its owner's
+                u = start + sum(corrections)
         return self._finish(u, ok, conditions, iterations, prediction.dtype, inputs)
 
 
-def _colours(territory: np.ndarray) -> list[torch.Tensor]:
+def _jvp(fn, primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """``J_fn(primal) tangent`` by forward mode, ``primal`` broadcast against
+    ``tangent``; differentiable by reverse mode (the layer's gradients go through it).
+    ``torch.autograd.forward_ad``, not ``torch.func``: its transforms cannot pass the
+    sparse FE operators through."""
+    with forward_ad.dual_level():
+        # forward mode writes into its dual tensors: no expanded (aliased) ones
+        dual = forward_ad.make_dual(primal.expand_as(tangent).contiguous(), tangent.contiguous())
+        return forward_ad.unpack_dual(fn(dual)).tangent
+
+
+class _IndexSets(nn.Module):
+    """The DOF sets of ``k`` experts, padded to one length ``m``, and the moves between
+    global fields and the experts' own: ``(B, ..., n) -> (B, k, ..., m)`` and back.
+    ``sets=None`` is one set of every DOF (the global solve), moved without copies.
+
+    Attributes:
+        index: ``(k, m)`` DOF indices (padding points at DOF 0).
+        valid: ``(k, m)`` bool, False on padding.
+    """
+
+    def __init__(self, sets: list[np.ndarray] | None, n_dofs: int):
+        super().__init__()
+        self.n_dofs, self.everything = n_dofs, sets is None
+        if self.everything:
+            return
+        m = max(len(s) for s in sets)
+        index = np.zeros((len(sets), m), dtype=np.int64)
+        valid = np.zeros((len(sets), m), dtype=bool)
+        for k, dofs in enumerate(sets):
+            index[k, : len(dofs)], valid[k, : len(dofs)] = dofs, True
+        self.register_buffer("index", torch.from_numpy(index), persistent=False)
+        self.register_buffer("valid", torch.from_numpy(valid), persistent=False)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, ..., n)`` -> ``(B, k, ..., m)``, zero on padding."""
+        if self.everything:
+            return x[:, None]
+        local = x[..., self.index].movedim(-2, 1)  # (B, k, ..., m)
+        shape = (len(self.index),) + (1,) * (x.ndim - 2) + (self.index.shape[1],)
+        return local * self.valid.reshape(shape)
+
+    def scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, k, ..., m)`` -> ``(B, ..., n)``, the sum of the experts' values at each
+        DOF (padding ignored)."""
+        if self.everything:
+            return y[:, 0]
+        shape = (len(self.index),) + (1,) * (y.ndim - 3) + (self.index.shape[1],)
+        flat = (y * self.valid.reshape(shape)).movedim(1, -2).flatten(-2)  # (B, ..., k m)
+        out = y.new_zeros(*flat.shape[:-1], self.n_dofs)
+        return out.index_add_(-1, self.index.reshape(-1), flat)
+
+
+class _Mask(nn.Module):
+    """A constant bool tensor that moves with its module (a buffer in a ModuleList)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask, persistent=False)
+
+
+def _colours(territory: np.ndarray) -> list[np.ndarray]:
     """Experts in groups whose ``territory`` rows (K, n) do not meet: a greedy
     colouring of the graph in which experts are adjacent when their territories share
     a DOF. Returns the expert indices of each colour."""
     k = territory.shape[0]
-    overlaps = (territory.astype(np.int64) @ territory.T.astype(np.int64)) > 0
+    sparse = scipy.sparse.csr_array(territory.astype(np.float64))
+    overlaps = scipy.sparse.csr_array(sparse @ sparse.T)
     colour = np.full(k, -1)
     for expert in range(k):
-        taken = {colour[other] for other in np.flatnonzero(overlaps[expert]) if other != expert}
+        neighbours = overlaps.indices[overlaps.indptr[expert] : overlaps.indptr[expert + 1]]
+        taken = {colour[other] for other in neighbours if other != expert}
         colour[expert] = next(c for c in range(k) if c not in taken)
-    return [torch.from_numpy(np.flatnonzero(colour == c)) for c in range(colour.max() + 1)]
+    return [np.flatnonzero(colour == c) for c in range(colour.max() + 1)]

@@ -196,6 +196,26 @@ def test_bad_arguments_are_refused():
         MoEConstraint(residual, MetisPartition(experts=2), update="jacobi")
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_residual_coupling_dofs_that_share_no_cell_is_refused(affine):
+    # Darcy's residual plus a term coupling every DOF to the mean: its Jacobian is
+    # dense, which the colouring of the FE pattern cannot recover
+    space, darcy, a, _ = _darcy(9)
+
+    class Coupled(torch.nn.Module):
+        forms, dirichlet = darcy.forms, darcy.dirichlet
+
+        def forward(self, u, *, a):
+            mean = u.mean(dim=-1, keepdim=True)
+            return darcy(u, a=a) + (mean if affine else mean**3)
+
+    Coupled.affine = affine
+    basis = _smooth_fields(space, 2, seed=0)[None]
+    with pytest.raises(ValueError, match="does not fit the FE pattern"):
+        guess = torch.full((1, 1, space.n_dofs), 0.5, dtype=torch.float64)
+        HardConstraint(Coupled())(guess, basis, a=a)
+
+
 # -- a nonlinear residual: -div((1 + u²) ∇u) = f ------------------------------------------
 
 

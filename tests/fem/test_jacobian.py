@@ -1,0 +1,87 @@
+"""JacobianPattern: residual Jacobians recovered by colouring, against autograd's dense
+Jacobian; products and their gradients; diagonal blocks of subdomains."""
+
+import numpy as np
+import pytest
+import torch
+
+from fenop.data.pdes import get_pde
+from fenop.fem import FunctionSpace, MetisPartition, l_shape, unit_square
+from fenop.fem.jacobian import JacobianPattern
+from fenop.fem.partition import dof_graph
+
+SPACES = {
+    "P1 L-shape": lambda: FunctionSpace(l_shape(7), dirichlet="boundary"),
+    "P2 square": lambda: FunctionSpace(unit_square(5), degree=2, dirichlet="boundary"),
+    "Q1 square": lambda: FunctionSpace(unit_square(6, cell="quad"), dirichlet="boundary"),
+}
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_columns_of_one_colour_share_no_row(name):
+    space = SPACES[name]()
+    pattern = JacobianPattern(space)
+    graph = dof_graph(space).toarray() > 0
+    seeds = pattern.seeds.numpy() > 0
+    assert (seeds.sum(axis=0) == 1).all()  # every column has one colour
+    # rows touched by each colour's columns: at most one column per row
+    assert (graph.astype(int) @ seeds.T.astype(int)).max() == 1
+    assert pattern.n_colours < space.n_dofs / 2
+
+
+@pytest.mark.parametrize("name", SPACES)
+@pytest.mark.parametrize("pde", ["darcy", "nonlinear_diffusion"])
+def test_recovered_jacobian_is_autograds(name, pde):
+    space = SPACES[name]()
+    family = get_pde(pde)(space)
+    residual = family.residual()
+    (field,) = family.inputs
+    sample = family.sample(0, 0)
+    inputs = {field: torch.from_numpy(sample[field])}
+    u = torch.from_numpy(sample["u"]) * 0.7 + 0.1  # not the solution: J depends on u
+    pattern = JacobianPattern(space)
+    dense = torch.autograd.functional.jacobian(lambda v: residual(v, **inputs), u)
+    products = (dense @ pattern.seeds.T).T[None]  # what c linearisations give
+    recovered = pattern.dense(pattern.values(products))[0]
+    torch.testing.assert_close(recovered, dense, rtol=0, atol=1e-13 * dense.abs().max())
+
+
+def test_products_and_their_gradients():
+    space = FunctionSpace(unit_square(5))
+    pattern = JacobianPattern(space)
+    values = torch.randn(2, pattern.nnz, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, space.n_dofs, dtype=torch.float64, requires_grad=True)
+    dense = pattern.dense(values)
+    torch.testing.assert_close(pattern.matmul(values, x), x @ dense.transpose(1, 2))
+    assert torch.autograd.gradcheck(pattern.matmul, (values, x))
+
+
+def test_blocks_are_the_subdomains_submatrices():
+    space = FunctionSpace(unit_square(7))
+    pattern = JacobianPattern(space)
+    partition = MetisPartition(experts=3).partition(space, overlap=1)
+    cols = [np.flatnonzero(e) for e in partition.extended]
+    rows = [np.flatnonzero(e | h) for e, h in zip(partition.extended, partition.halo, strict=True)]
+    blocks = pattern.blocks(rows, cols)
+    values = torch.randn(2, pattern.nnz, dtype=torch.float64, requires_grad=True)
+    width = max(map(len, cols))
+    x = torch.zeros(2, 3, 4, width, dtype=torch.float64)
+    for k, c in enumerate(cols):
+        x[:, k, :, : len(c)] = torch.randn(2, 4, len(c), dtype=torch.float64)
+    out = blocks.matmul(values, x)
+    dense = pattern.dense(values)
+    for k, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        expected = x[:, k, :, : len(c)] @ dense[:, r][:, :, c].transpose(1, 2)
+        torch.testing.assert_close(out[:, k, :, : len(r)], expected)
+        assert (out[:, k, :, len(r) :] == 0).all()  # padding rows have no entries
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(blocks.matmul, (values, x))
+
+
+def test_shapes_are_checked():
+    space = FunctionSpace(unit_square(4))
+    pattern = JacobianPattern(space)
+    with pytest.raises(ValueError, match="products"):
+        pattern.values(torch.zeros(1, pattern.n_colours + 1, space.n_dofs))
+    with pytest.raises(ValueError, match="values"):
+        pattern.matmul(torch.zeros(1, 3), torch.zeros(1, 1, space.n_dofs))
