@@ -1,15 +1,31 @@
 """The hard-constraint layer in training: what it costs as the mesh grows.
 
-``scaling``: one training step (forward, backward, optimiser) of the same
-FEOperator (FNO on a 64 x 64 grid) on R x R P1 meshes, unconstrained, with the
-global Galerkin constraint, and with experts (MoE, two-level Galerkin, METIS,
-overlap 2, 3 sweeps; K fixed, and K growing with the mesh at a fixed number of
-DOFs per expert). Each configuration runs in a process of its own, which reports
-the median step time over ``--steps`` steps after one warm-up step, and the peak
-resident memory those steps added (the process's peak minus its size before the
-first step). Beside them, scikit-fem's solve of one sample (the data generator's).
+``accuracy``: the same FEOperator (FNO, 12 modes, 32 channels, on the mesh's
+grid) trained on one generated data set (R x R P1, 200 training and 50 test
+samples) in each way: unconstrained, soft (physics loss), global hard (Galerkin,
+least squares), and experts (MoE, METIS, overlap 2, 3 sweeps: K = 4, 16, 64 with the
+global coarse solve, K = 16 without it, K = 16 least squares), each for the same
+wall-clock budget (epochs from its measured step time, a cosine schedule over
+them). It reports the test relative L2 against the FE solutions, the residual norm
+of the outputs (relative to the zero field's), the epochs and training time, the
+inference time per sample and the number of expert unknowns over free DOFs
+(K N / n_free).
 
+``scaling``: one training step (forward, backward, optimiser) of the same
+FEOperator (FNO, 12 modes, 32 channels, on a 64 x 64 grid or, ``--grid mesh``, an
+R x R one) on R x R P1 meshes: unconstrained, soft (the physics loss, weight 0.1),
+with the global Galerkin constraint, and with experts (MoE, two-level Galerkin,
+METIS, overlap 2, 3 sweeps; K fixed, and K growing with the mesh at a fixed number
+of DOFs per expert), N = 16 basis fields. Each configuration runs in a process of
+its own, which reports the median step time over ``--steps`` steps after one
+warm-up step, and the peak resident memory those steps added (the process's peak
+minus its size before the first step). Beside them, scikit-fem's solve of one
+sample (the data generator's).
+
+    python benchmarks/hard_constraints.py accuracy --pde darcy --seconds 60
+    python benchmarks/hard_constraints.py accuracy --pde nonlinear_diffusion --seconds 60
     python benchmarks/hard_constraints.py scaling --pde darcy
+    python benchmarks/hard_constraints.py scaling --pde darcy --grid mesh
     python benchmarks/hard_constraints.py scaling --pde nonlinear_diffusion --resolutions 33 65
 """
 
@@ -23,25 +39,146 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from fenop.data.pdes import get_pde
 from fenop.fem import FunctionSpace, MetisPartition, unit_square
 from fenop.operators import FNO, FEOperator, HardConstraint, MoEConstraint
+from fenop.train.physics import PhysicsLoss
 
 _INPUT = {"darcy": "a", "nonlinear_diffusion": "f"}
-_VARIANTS = ("unconstrained", "global", "moe K=16", "moe K=64", "moe 400 DOFs/expert")
+_VARIANTS = ("unconstrained", "soft", "global", "moe K=16", "moe K=64", "moe 400 DOFs/expert")
 
 
 def _constraint(variant: str, residual):
-    if variant == "unconstrained":
+    if variant in ("unconstrained", "soft"):
         return None
     if variant == "global":
         return HardConstraint(residual)
     if variant.endswith("DOFs/expert"):
         return MoEConstraint(residual, MetisPartition(dofs_per_expert=int(variant.split()[1])))
     return MoEConstraint(residual, MetisPartition(experts=int(variant.split("=")[1])))
+
+
+_ACCURACY = {
+    "unconstrained": None,
+    "soft (physics weight 0.1)": None,
+    "global, Galerkin": lambda r: HardConstraint(r),
+    "global, least squares": lambda r: HardConstraint(r, condition="least_squares"),
+    "MoE K=4, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=4)),
+    "MoE K=16, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=16)),
+    "MoE K=64, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=64)),
+    "MoE K=16, Galerkin, no coarse solve": lambda r: MoEConstraint(
+        r, MetisPartition(experts=16), coarse=False
+    ),
+    "MoE K=16, two-level least squares": lambda r: MoEConstraint(
+        r, MetisPartition(experts=16), condition="least_squares"
+    ),
+}
+
+
+def _accuracy(args) -> dict:
+    from fenop.data import FieldDataset, generate
+    from fenop.train import Trainer
+
+    name = _INPUT[args.pde]
+    n_train, n_test = 200, 50
+    path = generate(
+        args.pde,
+        n_train + n_test,
+        unit_square(args.resolution),
+        seed=0,
+        path=args.data / f"{args.pde}_{args.resolution}.h5",
+        progress=False,
+    )
+    train = FieldDataset(path, inputs=[name], indices=range(n_train))
+    test = FieldDataset(path, inputs=[name], indices=range(n_train, n_train + n_test))
+    space = train.space
+    residual = get_pde(args.pde)(space).residual()
+    physics = PhysicsLoss(residual, [name])
+    stats = dict(zip(("input_stats", "output_stats"), train.normalizers(), strict=True))
+    free = int((~residual.dirichlet).sum())
+    x_test = torch.stack([test[i][0] for i in range(len(test))])
+    print(
+        f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{args.pde} {args.resolution} x {args.resolution} P1, {space.n_dofs} DOFs, "
+        f"{n_train} / {n_test} samples, N = {args.basis}, batch {args.batch}, "
+        f"{args.seconds:.0f} s of training each"
+    )
+    print(
+        "| variant | K N / n_free | epochs | training (s) | test rel. L2 | residual | "
+        "inference (ms / sample) | failed solves |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    results = {}
+    for variant, make in _ACCURACY.items():
+        torch.manual_seed(0)  # the same initial weights for every variant
+        constraint = make(residual) if make is not None else None
+        out = 1 + (args.basis if constraint is not None else 0)
+        processor = FNO(4, out, n_modes=(12, 12), hidden_channels=32)
+        extra = {"constraint": constraint, "constraint_inputs": (name,)} if constraint else {}
+        model = FEOperator(space, space, processor, resolution=args.resolution, **stats, **extra)
+        weight = 0.1 if variant.startswith("soft") else 0.0
+        epochs = _epochs_for(model, train, args, physics if weight else None, weight)
+        trainer = Trainer(
+            model,
+            train,
+            test,
+            epochs=epochs,
+            batch_size=args.batch,
+            lr=1e-3,
+            device="cpu",
+            seed=0,
+            progress=False,
+            physics=physics if weight else None,
+            physics_weight=weight,
+        )
+        start = time.perf_counter()
+        history = trainer.fit()
+        seconds = time.perf_counter() - start
+        model.eval()
+        with torch.no_grad():
+            begin = time.perf_counter()
+            prediction = model(x_test)
+            inference = (time.perf_counter() - begin) / len(x_test)
+            residual_norm = physics(prediction.double(), x_test.double()).item()
+        report = getattr(constraint, "report", None)
+        failed = int((~report["converged"]).sum()) if report else 0
+        experts = getattr(getattr(constraint, "partition", None), "n_experts", 1)
+        ratio = f"{experts * args.basis / free:.2f}" if constraint is not None else "-"
+        results[variant] = {"test_l2": history[-1]["test_l2"], "seconds": seconds}
+        print(
+            f"| {variant} | {ratio} | {epochs} | {seconds:.0f} | {history[-1]['test_l2']:.4f} | "
+            f"{residual_norm:.1e} | {1000 * inference:.1f} | {failed} / {len(x_test)} |",
+            flush=True,
+        )
+    return results
+
+
+def _epochs_for(model, train, args, physics, weight) -> int:
+    """Epochs that fit ``args.seconds`` at this model's measured step time (the
+    median of three steps after one, on a copy, so the model itself starts fresh)."""
+    import copy
+
+    trial = copy.deepcopy(model)
+    optimiser = torch.optim.Adam(trial.parameters(), lr=1e-3)
+    x, y = (torch.stack(t) for t in zip(*(train[i] for i in range(args.batch)), strict=True))
+    times = []
+    for _ in range(4):
+        begin = time.perf_counter()
+        optimiser.zero_grad()
+        out = trial(x)
+        loss = ((out - y) ** 2).mean()
+        if physics is not None:
+            loss = loss + weight * physics(out.double(), x.double())
+        loss.backward()
+        optimiser.step()
+        times.append(time.perf_counter() - begin)
+    steps_per_epoch = -(-len(train) // args.batch)
+    per_epoch = statistics.median(times[1:]) * steps_per_epoch * 1.15  # + the test pass
+    return max(1, min(args.max_epochs, int(args.seconds / per_epoch)))
 
 
 def _rss_bytes() -> int:
@@ -62,6 +199,7 @@ def _step(args) -> dict:
     y = torch.stack([torch.from_numpy(s["u"]) for s in samples])[:, None].float()
     constraint = _constraint(args.variant, family.residual())
     out = 1 + (args.basis if constraint is not None else 0)
+    grid = 64 if args.grid == "64" else args.resolution
     processor = FNO(4, out, n_modes=(12, 12), hidden_channels=32)
     extra = {"constraint": constraint, "constraint_inputs": (name,)} if constraint else {}
     # Statistics of the batch, so the network's outputs have the solution's size, as a
@@ -70,13 +208,17 @@ def _step(args) -> dict:
         "input_stats": ([x.mean().item()], [x.std().item()]),
         "output_stats": ([y.mean().item()], [y.std().item()]),
     }
-    model = FEOperator(space, space, processor, resolution=64, **stats, **extra)
+    model = FEOperator(space, space, processor, resolution=grid, **stats, **extra)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    physics = PhysicsLoss(family.residual(), [name]) if args.variant == "soft" else None
 
     def step() -> float:
         begin = time.perf_counter()
         optimiser.zero_grad()
-        loss = ((model(x) - y) ** 2).mean()
+        out = model(x)
+        loss = ((out - y) ** 2).mean()
+        if physics is not None:
+            loss = loss + 0.1 * physics(out.double(), x.double())
         loss.backward()
         optimiser.step()
         return time.perf_counter() - begin
@@ -100,7 +242,8 @@ def _step(args) -> dict:
 def _scaling(args) -> None:
     print(
         f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-        f"{args.pde}, batch {args.batch}, N = {args.basis}, FNO 64 x 64"
+        f"{args.pde}, batch {args.batch}, N = {args.basis}, FNO on "
+        + ("a 64 x 64 grid" if args.grid == "64" else "an R x R grid")
     )
     print(
         "| R x R | DOFs | variant | experts | step (s) | x unconstrained | "
@@ -120,6 +263,7 @@ def _scaling(args) -> None:
                 f"--batch={args.batch}",
                 f"--basis={args.basis}",
                 f"--steps={args.steps}",
+                f"--grid={args.grid}",
             ]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
@@ -141,6 +285,14 @@ def _scaling(args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    accuracy = commands.add_parser("accuracy", help="each variant trained for one budget")
+    accuracy.add_argument("--pde", default="darcy", choices=sorted(_INPUT))
+    accuracy.add_argument("--resolution", type=int, default=33, help="vertices a side")
+    accuracy.add_argument("--seconds", type=float, default=60.0, help="training per variant")
+    accuracy.add_argument("--max-epochs", type=int, default=200)
+    accuracy.add_argument("--batch", type=int, default=8)
+    accuracy.add_argument("--basis", type=int, default=16, help="N, the basis fields")
+    accuracy.add_argument("--data", type=Path, default=Path("runs/hard_constraints"))
     scaling = commands.add_parser("scaling", help="step time and memory as the mesh grows")
     scaling.add_argument("--resolutions", type=int, nargs="+", default=[33, 65, 129, 225, 317])
     scaling.add_argument("--variants", nargs="+", default=list(_VARIANTS), choices=_VARIANTS)
@@ -152,9 +304,15 @@ def main(argv=None) -> None:
         sub.add_argument("--batch", type=int, default=4)
         sub.add_argument("--basis", type=int, default=16, help="N, the basis fields")
         sub.add_argument("--steps", type=int, default=3)
+        sub.add_argument(
+            "--grid", default="64", choices=["64", "mesh"], help="the FNO's grid: 64 or R x R"
+        )
     args = parser.parse_args(argv)
     if args.command == "_step":
         print(json.dumps(_step(args)))
+    elif args.command == "accuracy":
+        args.data.mkdir(parents=True, exist_ok=True)
+        _accuracy(args)
     else:
         _scaling(args)
 

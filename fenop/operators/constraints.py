@@ -20,7 +20,7 @@ the solves: for a residual affine in ``u`` (Darcy, Poisson, a heat step) the sol
 is exact, and autograd through it is the implicit gradient.
 
 For a residual that is not affine in ``u`` (nonlinear diffusion) each solve is
-Newton's method on the ``N`` unknowns (Gauss-Newton for least squares), with a
+Newton's method on the ``N`` unknowns (Levenberg-Marquardt for least squares), with a
 fixed iteration cap, per-problem convergence masks and no host synchronisation in
 the loop; its backward pass is the implicit function theorem's with the exact
 Jacobian (:mod:`fenop.operators.implicit`), in memory that does not grow with the
@@ -71,6 +71,8 @@ CONDITIONS = ("galerkin", "least_squares")
 UPDATES = ("colours", "owners")
 # Solves whose scaled matrix is worse conditioned than this are reported as failed.
 _CONDITION_LIMIT = 1e10
+# Levenberg-Marquardt's first damping, relative to the Gauss-Newton matrix's diagonal.
+_DAMPING = 1e-3
 
 
 def free_dofs(residual: nn.Module) -> torch.Tensor:
@@ -259,8 +261,16 @@ class _Constraint(nn.Module):
             return u + extended.scatter((w[..., None] * local).sum(dim=2))
 
         def system(w, u, local, inputs):
-            return self._system(*self._linearise(field(w, u, local), inputs), local, sets)
+            r, values = self._linearise(field(w, u, local), inputs)
+            return self._system(r, values, local, sets)
 
+        def state(w):
+            """The condition, its matrix, the test fields and least squares' objective
+            |R|² on each expert's rows ``(B, k)``, at ``w``."""
+            r, values = self._linearise(field(w, u, local), inputs)
+            return (*self._system(r, values, local, sets), rows.gather(r).square().sum(-1))
+
+        damped = self.condition == "least_squares"
         with torch.no_grad():
             zero = self._residual_of(torch.zeros_like(u), inputs)
             data = torch.where(self.free, zero, 0.0).norm(dim=-1)  # (B,)
@@ -269,13 +279,13 @@ class _Constraint(nn.Module):
             done = torch.zeros_like(ok)
             iterations = torch.zeros(batch, k, dtype=torch.int64, device=local.device)
             condition = local.new_zeros(batch, k)
+            f_value, matrix, test, current = state(w)
+            # Levenberg-Marquardt (least squares): λ per problem, Marquardt's scaling
+            damping = local.new_full((batch, k), _DAMPING)
             # Problems that have converged are left as they are. On a GPU the loop runs
             # its full count, with no host synchronisation inside; on the CPU, where
             # asking costs nothing, it stops once every problem has converged.
             for iteration in range(self.max_iterations + 1):
-                if local.device.type == "cpu" and bool(done.all()):
-                    break
-                f_value, matrix, test = system(w, u, local, inputs)
                 # Converged: the condition below `tolerance` times its scale, the test
                 # fields' norm times the data's (the residual of the zero field), or a
                 # step below `tolerance (1 + |w|)`. Not relative to the first value: after
@@ -285,21 +295,38 @@ class _Constraint(nn.Module):
                 # condition sits at rounding.
                 scale = test.norm(dim=(-1, -2)) * data[:, None]
                 done = done | (f_value.norm(dim=-1) <= self.tolerance * scale)
-                if iteration == self.max_iterations:
+                if iteration == self.max_iterations or (
+                    local.device.type == "cpu" and bool(done.all())
+                ):
                     break
-                step, solved, condition = self._solve(matrix, -f_value)
+                system_matrix = matrix
+                if damped:
+                    diagonal = torch.diagonal(matrix, dim1=-2, dim2=-1)
+                    system_matrix = matrix + torch.diag_embed(damping[..., None] * diagonal)
+                step, solved, condition = self._solve(system_matrix, -f_value)
                 ok = ok & (solved | done)
-                w = torch.where(done[..., None], w, w + step)
+                trial = torch.where(done[..., None], w, w + step)
+                f_new, matrix_new, test_new, value = state(trial)
+                accept = ~done
+                if damped:
+                    # A step that raises |R|² (beyond rounding) is refused and λ raised
+                    # tenfold; an accepted one lowers λ tenfold, so that near the
+                    # solution the steps are Gauss-Newton's and converge as fast.
+                    accept = accept & (value <= current * (1 + 1e-13))
+                    damping = torch.where(accept, damping / 10, damping * 10).clamp(0, 1e12)
+                    current = torch.where(accept, value, current)
                 iterations = iterations + (~done).to(torch.int64)
+                w = torch.where(accept[..., None], trial, w)
+                f_value = torch.where(accept[..., None], f_new, f_value)
+                matrix = torch.where(accept[..., None, None], matrix_new, matrix)
+                test = torch.where(accept[..., None, None], test_new, test)
                 done = done | (step.norm(dim=-1) <= self.tolerance * (1 + w.norm(dim=-1)))
             ok = ok & done  # not converged within max_iterations: reported
 
-        jacobian = None
-        if self.condition == "galerkin":
-            # Galerkin's matrix (χΦ)ᵀ J (χΦ) is the condition's exact Jacobian: the
-            # adjoint needs no second derivatives, and the condition no linearisation.
-            with torch.no_grad():
-                _, jacobian, _ = system(w, u, local, inputs)
+        # Galerkin's matrix (χΦ)ᵀ J (χΦ), at the solution, is the condition's exact
+        # Jacobian: the adjoint needs no second derivatives, and the condition no
+        # linearisation. (Least squares' Gauss-Newton matrix is not: autograd's.)
+        jacobian = matrix if self.condition == "galerkin" else None
 
         def condition_of(w, u, local, *values):
             ins = dict(zip(names, values, strict=True))
@@ -363,7 +390,9 @@ class HardConstraint(_Constraint):
             its space (``residual.forms.space``), such as ``PDEFamily.residual()``;
             ``affine = True`` on it makes one linear solve exact, else Newton's
             method solves.
-        condition: ``"galerkin"`` or ``"least_squares"`` (Gauss-Newton iterations).
+        condition: ``"galerkin"`` or ``"least_squares"`` (for a residual that is not
+            affine, Levenberg-Marquardt iterations: a step that raises ``|R|²`` is
+            refused and the damping raised tenfold, an accepted one lowers it tenfold).
         ridge: added to the unit diagonal of each scaled system.
         max_iterations, tolerance: Newton's, for residuals that are not affine: a
             solve has converged when its condition has fallen below ``tolerance``
