@@ -20,6 +20,8 @@ True
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import scipy.sparse
 import torch
@@ -57,6 +59,30 @@ def _interpolation(
     return matrix
 
 
+class Cells(nn.Module):
+    """The quadrature maps of a set of a space's cells (all of them, or a subset):
+    sparse ``(E Q, n)`` and ``(d E Q, n)`` operators from DOF values to values and
+    gradients at their quadrature points, and the weights ``(E, Q)``.
+
+    Args:
+        space: the FE space.
+        cells: indices of the cells, or ``None`` for all.
+    """
+
+    def __init__(self, space: FunctionSpace, cells: np.ndarray | None = None):
+        super().__init__()
+        phi, dphi, dx = quadrature_data(space)
+        dofs = space.basis.element_dofs
+        if cells is not None:
+            cells = np.asarray(cells, dtype=np.int64)
+            phi, dphi, dx, dofs = phi[:, cells], dphi[:, :, cells], dx[cells], dofs[:, cells]
+        self.n_cells = dx.shape[0]
+        self.value_shape, self.gradient_shape = phi.shape[1:], dphi.shape[1:]
+        self.to_values = SparseMatrix(_interpolation(phi, dofs, space.n_dofs))
+        self.to_gradients = SparseMatrix(_interpolation(dphi, dofs, space.n_dofs))
+        self.register_buffer("dx", torch.from_numpy(dx), persistent=False)
+
+
 class FEForms(nn.Module):
     """Quadrature data of a space, and batched assembly with it.
 
@@ -65,6 +91,12 @@ class FEForms(nn.Module):
     the product with their transposes, kept beside them
     (:class:`~fenop.fem.SparseMatrix`): the work is the operators' nonzeros, and
     none of it a loop over cells.
+
+    Within ``with forms.on(forms.subset(cells)):`` the same calls see only those
+    cells: values at their quadrature points, and assembly of their contributions
+    alone (exact at the DOFs all of whose cells are in the subset). A residual
+    written with these calls is then evaluated at the cost of those cells: how a
+    hard constraint's experts linearise a residual on their own subdomains.
 
     Args:
         space: the FE space; its scikit-fem basis fixes the quadrature rule.
@@ -80,29 +112,48 @@ class FEForms(nn.Module):
         if not isinstance(space, FunctionSpace):
             raise TypeError(f"`space` must be a FunctionSpace, got {type(space).__name__}")
         self.space = space
-        phi, dphi, dx = quadrature_data(space)
-        dofs = space.basis.element_dofs
-        self.value_shape, self.gradient_shape = phi.shape[1:], dphi.shape[1:]
-        self.to_values = SparseMatrix(_interpolation(phi, dofs, space.n_dofs))
-        self.to_gradients = SparseMatrix(_interpolation(dphi, dofs, space.n_dofs))
-        self.register_buffer("dx", torch.from_numpy(dx), persistent=False)
+        self.cells = Cells(space)
+        # the cells the calls see; a plain dict so that the subset is not a submodule
+        self._state: dict[str, Cells | None] = {"active": None}
+
+    def subset(self, cells: np.ndarray) -> Cells:
+        """The quadrature maps of ``cells`` (indices), to use with :meth:`on`; a
+        module of its own, which the caller keeps (and moves to its device)."""
+        return Cells(self.space, cells)
+
+    @contextlib.contextmanager
+    def on(self, cells: Cells):
+        """Within this context the calls below see only ``cells``."""
+        previous, self._state["active"] = self._state["active"], cells
+        try:
+            yield self
+        finally:
+            self._state["active"] = previous
+
+    @property
+    def _cells(self) -> Cells:
+        return self._state["active"] or self.cells
 
     def values(self, coeffs: torch.Tensor) -> torch.Tensor:
         """FE functions at the quadrature points: ``(..., n_dofs)`` -> ``(..., E, Q)``."""
         self.space.check_coefficients(coeffs)
-        return self.to_values(coeffs).reshape(*coeffs.shape[:-1], *self.value_shape)
+        cells = self._cells
+        return cells.to_values(coeffs).reshape(*coeffs.shape[:-1], *cells.value_shape)
 
     def gradients(self, coeffs: torch.Tensor) -> torch.Tensor:
         """Their gradients: ``(..., n_dofs)`` -> ``(..., d, E, Q)``."""
         self.space.check_coefficients(coeffs)
-        return self.to_gradients(coeffs).reshape(*coeffs.shape[:-1], *self.gradient_shape)
+        cells = self._cells
+        return cells.to_gradients(coeffs).reshape(*coeffs.shape[:-1], *cells.gradient_shape)
 
     def assemble_values(self, s: torch.Tensor) -> torch.Tensor:
         """``∫ s v`` for every basis function ``v``: ``(..., E, Q)`` -> ``(..., n_dofs)``."""
-        weighted = s * self.dx.to(s.dtype)
-        return self.to_values.transposed(weighted.reshape(*s.shape[:-2], -1))
+        cells = self._cells
+        weighted = s * cells.dx.to(s.dtype)
+        return cells.to_values.transposed(weighted.reshape(*s.shape[:-2], -1))
 
     def assemble_gradient(self, flux: torch.Tensor) -> torch.Tensor:
         """``∫ flux · ∇v`` for every basis function v: ``(..., d, E, Q)`` -> ``(..., n_dofs)``."""
-        weighted = flux * self.dx.to(flux.dtype)
-        return self.to_gradients.transposed(weighted.reshape(*flux.shape[:-3], -1))
+        cells = self._cells
+        weighted = flux * cells.dx.to(flux.dtype)
+        return cells.to_gradients.transposed(weighted.reshape(*flux.shape[:-3], -1))

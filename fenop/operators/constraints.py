@@ -56,6 +56,7 @@ and the residual norm of the output.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -139,10 +140,20 @@ class _Constraint(nn.Module):
         spread = {k: v.reshape(v.shape[0], *(1,) * extra, v.shape[-1]) for k, v in inputs.items()}
         return self.residual(u, **spread)
 
-    def _linearise(self, u: torch.Tensor, inputs: dict):
+    def _linearise(self, u: torch.Tensor, inputs: dict, cells=None):
         """``R(u)`` ``(B, n)`` and the entries ``(B, nnz)`` of ``J(u)`` on the FE pattern,
         from one residual evaluation per colour of the pattern's columns (for an
-        affine residual call it at ``u = 0``: ``J`` is the same everywhere)."""
+        affine residual call it at ``u = 0``: ``J`` is the same everywhere). With
+        ``cells`` (a subset of the forms' cells) the residual sees only those:
+        exact at the rows whose cells all are in it, at their cost."""
+        with self._on(cells):
+            return self._linearise_here(u, inputs)
+
+    def _on(self, cells):
+        """The residual's forms restricted to ``cells`` (nothing for ``None``)."""
+        return contextlib.nullcontext() if cells is None else self.residual.forms.on(cells)
+
+    def _linearise_here(self, u: torch.Tensor, inputs: dict):
         seeds = self.pattern.seeds.to(u.dtype).expand(len(u), -1, -1)
         if self.affine:
             # J s = R(u + s) - R(u) exactly for an affine R; one call for all the fields
@@ -233,7 +244,7 @@ class _Constraint(nn.Module):
         matrix = test @ applied.transpose(-1, -2)
         return f_value, matrix, test
 
-    def _experts(self, u, local, sets, inputs, linear=None, cache=None):
+    def _experts(self, u, local, sets, inputs, linear=None, cache=None, cells=None):
         """Coefficients ``(B, k, N)`` of experts (territories that do not meet) solved
         from ``u`` ``(B, n)``: for an affine residual, whose linearisation ``linear`` is
         the forward call's, one solve (the matrix, which does not depend on ``u``, kept
@@ -250,9 +261,9 @@ class _Constraint(nn.Module):
                     cache.update(matrix=matrix, test=test)
             w, ok, condition = self._solve(matrix, -f_value)
             return w, ok, condition, torch.ones_like(ok, dtype=torch.int64)
-        return self._newton(u, local, sets, inputs)
+        return self._newton(u, local, sets, inputs, cells)
 
-    def _newton(self, u, local, sets, inputs):
+    def _newton(self, u, local, sets, inputs, cells=None):
         batch, k, n_basis, _ = local.shape
         extended, rows, _ = sets
         names = list(inputs)
@@ -261,13 +272,13 @@ class _Constraint(nn.Module):
             return u + extended.scatter((w[..., None] * local).sum(dim=2))
 
         def system(w, u, local, inputs):
-            r, values = self._linearise(field(w, u, local), inputs)
+            r, values = self._linearise(field(w, u, local), inputs, cells)
             return self._system(r, values, local, sets)
 
         def state(w):
             """The condition, its matrix, the test fields and least squares' objective
             |R|² on each expert's rows ``(B, k)``, at ``w``."""
-            r, values = self._linearise(field(w, u, local), inputs)
+            r, values = self._linearise(field(w, u, local), inputs, cells)
             return (*self._system(r, values, local, sets), rows.gather(r).square().sum(-1))
 
         damped = self.condition == "least_squares"
@@ -331,7 +342,8 @@ class _Constraint(nn.Module):
         def condition_of(w, u, local, *values):
             ins = dict(zip(names, values, strict=True))
             if self.condition == "galerkin":
-                r = self._residual_of(field(w, u, local), ins)
+                with self._on(cells):
+                    r = self._residual_of(field(w, u, local), ins)
                 return (local * rows.gather(r)[:, :, None]).sum(dim=-1)
             return system(w, u, local, ins)[0]
 
@@ -496,7 +508,8 @@ class MoEConstraint(_Constraint):
         # per colour: the experts' extended sets, their rows, and J's blocks on them
         self.groups = nn.ModuleList()
         self.owned = nn.ModuleList()  # per colour: which of an expert's DOFs it owns
-        for colour in _colours(p.extended | p.halo):
+        colours = _colours(p.extended | p.halo)
+        for colour in colours:
             cols = [np.flatnonzero(p.extended[k]) for k in colour]
             rows_of = [np.flatnonzero(rows[k]) for k in colour]
             extended = _IndexSets(cols, n)
@@ -505,6 +518,16 @@ class MoEConstraint(_Constraint):
             self.groups.append(nn.ModuleList([extended, row_sets, blocks]))
             labels = p.labels[extended.index.numpy()] == colour[:, None]
             self.owned.append(_Mask(torch.from_numpy(labels) & extended.valid))
+        # A residual that is not affine is linearised at every Newton iteration: each
+        # colour's experts then evaluate it on the cells that touch their rows alone,
+        # where their rows and their blocks of J are exact.
+        self.cells = nn.ModuleList()
+        if not self.affine:
+            element_dofs = self.space.basis.element_dofs
+            for colour in colours:
+                touched = rows[colour].any(axis=0)
+                forms = self.residual.forms
+                self.cells.append(forms.subset(np.flatnonzero(touched[element_dofs].any(axis=0))))
 
     def forward(self, prediction, basis, **inputs):
         g, phi, inputs = self._prepare(prediction, basis, inputs)
@@ -522,14 +545,15 @@ class MoEConstraint(_Constraint):
         caches = [{} for _ in self.groups]  # an affine residual's matrices, per colour
         for _ in range(self.sweeps):
             start, corrections = u, []
-            for sets, local, owned, cache in zip(
-                self.groups, locals_, self.owned, caches, strict=True
+            cells = self.cells if len(self.cells) else [None] * len(self.groups)
+            for sets, local, owned, cache, subset in zip(
+                self.groups, locals_, self.owned, caches, cells, strict=True
             ):
                 # colours: from the field the previous colours made; owners: all from
                 # the sweep's starting field
                 base = u if self.update == "colours" else start
                 w, solved, condition, steps = self._experts(
-                    base, local, tuple(sets), inputs, linear, cache
+                    base, local, tuple(sets), inputs, linear, cache, subset
                 )
                 ok = ok & solved.all(dim=1)
                 conditions.append(condition)
