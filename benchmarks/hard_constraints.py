@@ -114,14 +114,19 @@ def _accuracy(args) -> dict:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     results = {}
     for variant, make in _ACCURACY.items():
-        torch.manual_seed(0)  # the same initial weights for every variant
-        constraint = make(residual) if make is not None else None
-        out = 1 + (args.basis if constraint is not None else 0)
-        processor = FNO(4, out, n_modes=(12, 12), hidden_channels=32)
-        extra = {"constraint": constraint, "constraint_inputs": (name,)} if constraint else {}
-        model = FEOperator(space, space, processor, resolution=args.resolution, **stats, **extra)
+
+        def build(make=make):
+            torch.manual_seed(0)  # the same initial weights for every variant
+            constraint = make(residual) if make is not None else None
+            out = 1 + (args.basis if constraint is not None else 0)
+            processor = FNO(4, out, n_modes=(12, 12), hidden_channels=32)
+            extra = {"constraint": constraint, "constraint_inputs": (name,)} if constraint else {}
+            return FEOperator(space, space, processor, resolution=args.resolution, **stats, **extra)
+
         weight = 0.1 if variant.startswith("soft") else 0.0
-        epochs = _epochs_for(model, train, args, physics if weight else None, weight)
+        epochs = _epochs_for(build(), train, args, physics if weight else None, weight)
+        model = build()
+        constraint = model.constraint
         trainer = Trainer(
             model,
             train,
@@ -158,11 +163,9 @@ def _accuracy(args) -> dict:
 
 
 def _epochs_for(model, train, args, physics, weight) -> int:
-    """Epochs that fit ``args.seconds`` at this model's measured step time (the
-    median of three steps after one, on a copy, so the model itself starts fresh)."""
-    import copy
-
-    trial = copy.deepcopy(model)
+    """Epochs that fit ``args.seconds`` at ``model``'s measured step time (the
+    median of three steps after one; the caller trains a fresh model)."""
+    trial = model
     optimiser = torch.optim.Adam(trial.parameters(), lr=1e-3)
     x, y = (torch.stack(t) for t in zip(*(train[i] for i in range(args.batch)), strict=True))
     times = []

@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
             0.0,
         ),
     }
-    if not args.quick:  # the experts cost 8 x the global solve per step on the CPU here
+    if not args.quick:  # nonlinear experts re-linearise per Newton step: slow on a CPU
         experts = MoEConstraint(residual, MetisPartition(experts=4), sweeps=2)
         runs["hard (MoE, K = 4)"] = (_model(space, n, n_basis, stats, experts), 0.0)
     physics = PhysicsLoss(residual, ["f"])
