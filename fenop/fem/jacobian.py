@@ -5,11 +5,11 @@ sparsity of the DOF graph. Columns that share no row (no DOF neighbours both) ca
 be probed together: ``J s_c``, with ``s_c`` the indicator of a group ``c`` of such
 columns, holds each of their entries in its own row. A greedy colouring of the
 columns (distance-2 in the DOF graph; Curtis, Powell & Reid 1974, the scheme
-behind PETSc's ``MatFDColoring``) gives ``c`` groups, about 7-15 for 2D P1
-meshes, so ``c`` linearisations of the residual recover all of ``J``, exactly,
-where a dense product with ``N`` fields would take ``N`` of them. Products with the
-recovered matrix are sparse: their cost is the DOFs', not the cells' times the
-quadrature points'.
+behind PETSc's ``MatFDColoring``) gives ``c`` groups (9 on the P1 triangle
+meshes of the unit square and the L-shape, 25 for P2), so ``c`` linearisations of
+the residual recover all of ``J``, exactly, where a dense product with ``N`` fields
+would take ``N`` of them. Products with the recovered matrix are sparse: their cost
+is the DOFs', not the cells' times the quadrature points'.
 
 :class:`JacobianPattern` holds the pattern, the colouring and batched products
 ``J X`` that are differentiable in both ``J``'s values and ``X``; its

@@ -87,8 +87,8 @@ class _Product(torch.autograd.Function):
 
     Autograd's own backward of a CSR product forms ``matrix.t()``, a CSC tensor,
     and converts it back to CSR (a sort) on every call. Forward mode
-    (``torch.func.jvp``, which the hard constraints linearise residuals with) is the
-    same product.
+    (``torch.autograd.forward_ad``, which the hard constraints linearise residuals
+    with, and ``torch.func.jvp``) is the same product.
     """
 
     @staticmethod

@@ -569,10 +569,9 @@ class MoEConstraint(_Constraint):
 
 
 def _jvp(fn, primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
-    """``J_fn(primal) tangent`` by forward mode, ``primal`` broadcast against
-    ``tangent``; differentiable by reverse mode (the layer's gradients go through it).
-    ``torch.autograd.forward_ad``, not ``torch.func``: its transforms cannot pass the
-    sparse FE operators through."""
+    """``J_fn(primal) tangent`` by forward mode (``torch.autograd.forward_ad``),
+    ``primal`` broadcast against ``tangent``; differentiable by reverse mode (the
+    layer's gradients go through it)."""
     with forward_ad.dual_level():
         # forward mode writes into its dual tensors: no expanded (aliased) ones
         dual = forward_ad.make_dual(primal.expand_as(tangent).contiguous(), tangent.contiguous())
