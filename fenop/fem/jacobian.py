@@ -150,6 +150,13 @@ class JacobianPattern(nn.Module):
             shape=graph.shape,
         )
         rows = np.repeat(np.arange(n), np.diff(graph.indptr))
+        self.register_buffer("entry_rows", torch.from_numpy(rows), persistent=False)
+        diagonal = self._positions[np.arange(n), np.arange(n)]
+        self.register_buffer(
+            "diagonal",
+            torch.from_numpy(np.asarray(diagonal).astype(np.int64) - 1),
+            persistent=False,
+        )
         seeds = np.zeros((c, n))
         seeds[colour, np.arange(n)] = 1.0
         self.register_buffer("seeds", torch.from_numpy(seeds), persistent=False)
@@ -178,6 +185,27 @@ class JacobianPattern(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         return self.pattern.rows(values, x.transpose(1, 2)).transpose(1, 2)
+
+    def local_slots(self) -> np.ndarray:
+        """``(N, N, E)``: where entry ``(i, j)`` of cell ``e``'s local matrix lands in
+        the pattern's entries, for assembling a Jacobian cell by cell."""
+        dofs = self.space.basis.element_dofs
+        rows = np.broadcast_to(dofs[:, None, :], (dofs.shape[0], *dofs.shape))
+        cols = np.broadcast_to(dofs[None, :, :], rows.shape)
+        positions = np.asarray(self._positions[rows.ravel(), cols.ravel()]).astype(np.int64)
+        return positions.reshape(rows.shape) - 1
+
+    def entries(self, matrix: scipy.sparse.sparray) -> torch.Tensor:
+        """``(nnz,)`` float64: a SciPy ``(n, n)`` matrix's entries on the pattern.
+
+        Raises:
+            ValueError: the matrix has entries outside the pattern."""
+        matrix = scipy.sparse.csr_array(matrix)
+        coo = matrix.tocoo()
+        slots = np.asarray(self._positions[coo.row, coo.col]).astype(np.int64).ravel() - 1
+        if (slots < 0).any():
+            raise ValueError("the matrix has entries outside the FE pattern")
+        return torch.from_numpy(np.bincount(slots, weights=coo.data, minlength=self.nnz))
 
     def blocks(self, rows: list[np.ndarray], cols: list[np.ndarray]) -> JacobianBlocks:
         """The blocks ``J[rows[k], cols[k]]`` of ``k`` subdomains (see :class:`JacobianBlocks`)."""

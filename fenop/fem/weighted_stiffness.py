@@ -32,15 +32,19 @@ class WeightedStiffness:
 
     Args:
         space: the FE space of both the coefficient and the matrix.
+
+    Attributes:
+        cell_tensors: ``(N, N, N, E)``, ``T[m, i, j, e] = ∫_e φ_m ∇φ_i · ∇φ_j``.
+        element_dofs: ``(N, E)``, each cell's DOFs.
     """
 
     def __init__(self, space: FunctionSpace):
         phi, dphi, dx = quadrature_data(space)
-        self._tensor = np.einsum("meq,ideq,jdeq,eq->mije", phi, dphi, dphi, dx)
-        self._dofs = space.basis.element_dofs  # (N, E)
+        self.cell_tensors = np.einsum("meq,ideq,jdeq,eq->mije", phi, dphi, dphi, dx)
+        self.element_dofs = space.basis.element_dofs  # (N, E)
         n = space.n_dofs
-        rows = np.broadcast_to(self._dofs[:, None, :], self._tensor.shape[1:]).ravel()
-        cols = np.broadcast_to(self._dofs[None, :, :], self._tensor.shape[1:]).ravel()
+        rows = np.broadcast_to(self.element_dofs[:, None, :], self.cell_tensors.shape[1:]).ravel()
+        cols = np.broadcast_to(self.element_dofs[None, :, :], self.cell_tensors.shape[1:]).ravel()
         # The pattern, and for every cell entry its slot in the pattern's data array.
         pattern = scipy.sparse.csr_array(
             (np.arange(1, rows.size + 1, dtype=np.float64), (rows, cols)), shape=(n, n)
@@ -52,7 +56,7 @@ class WeightedStiffness:
 
     def __call__(self, a: np.ndarray) -> scipy.sparse.csr_array:
         """``K(a)`` as a CSR array ``(n_dofs, n_dofs)``; ``a`` is ``(n_dofs,)``."""
-        local = np.einsum("me,mije->ije", a[self._dofs], self._tensor)
+        local = np.einsum("me,mije->ije", a[self.element_dofs], self.cell_tensors)
         data = np.bincount(self._slots, weights=local.ravel(), minlength=len(self._indices))
         return scipy.sparse.csr_array((data, self._indices, self._indptr), shape=self.shape)
 

@@ -372,7 +372,15 @@ class _Constraint(nn.Module):
         the residual's evaluations leave nothing for the backward pass."""
         if not self.affine:
             return None
-        return self._linearise(torch.zeros_like(u), inputs)
+        zero = torch.zeros_like(u)
+        assembled = getattr(self.residual, "jacobian_entries", None)
+        entries = None if assembled is None else assembled(self.pattern, **inputs)
+        if entries is None:  # recovered from one linearisation per colour
+            return self._linearise(zero, inputs)
+        r0 = self._residual_of(zero, inputs)
+        if not self._pattern_checked:  # the residual's own J, checked once like a recovered one
+            self._check_pattern(zero, inputs, r0, entries)
+        return r0, entries.to(u.dtype)
 
     def _finish(self, u, ok, conditions, iterations, dtype, inputs: dict) -> torch.Tensor:
         """The output ``(B, 1, n)``, and :attr:`report` of this call, per sample:

@@ -9,6 +9,7 @@ from fenop.data.pdes import get_pde
 from fenop.fem import FunctionSpace, MetisPartition, l_shape, unit_square
 from fenop.fem.jacobian import JacobianPattern
 from fenop.fem.partition import dof_graph
+from fenop.train.physics import residual_inputs
 
 SPACES = {
     "P1 L-shape": lambda: FunctionSpace(l_shape(7), dirichlet="boundary"),
@@ -85,3 +86,20 @@ def test_shapes_are_checked():
         pattern.values(torch.zeros(1, pattern.n_colours + 1, space.n_dofs))
     with pytest.raises(ValueError, match="values"):
         pattern.matmul(torch.zeros(1, 3), torch.zeros(1, 1, space.n_dofs))
+
+
+@pytest.mark.parametrize("name", SPACES)
+@pytest.mark.parametrize("pde", ["darcy", "poisson", "heat"])
+def test_affine_residuals_assemble_the_jacobian_the_colouring_recovers(name, pde):
+    space = SPACES[name]()
+    family = get_pde(pde)(space)
+    residual = family.residual()
+    sample = family.sample(0, 0)
+    inputs = {k: torch.from_numpy(sample[k])[None] for k in residual_inputs(residual)}
+    pattern = JacobianPattern(space)
+    zero = torch.zeros(1, space.n_dofs, dtype=torch.float64)
+    fields = torch.cat([zero[:, None], pattern.seeds[None]], dim=1)
+    out = residual(fields, **{k: v[:, None] for k, v in inputs.items()})
+    recovered = pattern.values(out[:, 1:] - out[:, :1])
+    assembled = residual.jacobian_entries(pattern, **inputs)
+    torch.testing.assert_close(assembled, recovered, rtol=0, atol=1e-12 * recovered.abs().max())

@@ -136,3 +136,20 @@ class DirichletResidual(nn.Module):
     def forward(self, u: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         """``R(u; inputs)``: ``u`` and each input ``(..., n_dofs)`` -> ``(..., n_dofs)``."""
         return torch.where(self.dirichlet, u, self.weak_form(u, **inputs))
+
+    def weak_jacobian(self, pattern, **inputs: torch.Tensor) -> torch.Tensor | None:
+        """The weak form's Jacobian (affine residuals: it does not depend on ``u``) as
+        entries ``(B, nnz)`` on a :class:`~fenop.fem.jacobian.JacobianPattern`, for
+        inputs ``(B, n_dofs)``; ``None`` where a subclass does not assemble it (the
+        hard constraints then recover it from linearisations)."""
+        return None
+
+    def jacobian_entries(self, pattern, **inputs: torch.Tensor) -> torch.Tensor | None:
+        """``R``'s Jacobian on ``pattern`` ``(B, nnz)``: :meth:`weak_jacobian` with the
+        Dirichlet rows made identity rows; ``None`` where it is not assembled."""
+        weak = self.weak_jacobian(pattern, **inputs)
+        if weak is None:
+            return None
+        dirichlet = self.dirichlet.to(weak.device)
+        entries = torch.where(dirichlet[pattern.entry_rows], 0.0, weak)
+        return entries.index_fill(-1, pattern.diagonal[dirichlet], 1.0)

@@ -95,6 +95,22 @@ class DarcyResidual(DirichletResidual):
     def __init__(self, space: FunctionSpace, *, load: torch.Tensor):
         super().__init__(space)
         self.register_buffer("load", load.to(torch.float64), persistent=False)
+        self._cells = None  # the cell tensors of K(a), made on the first weak_jacobian
+
+    def weak_jacobian(self, pattern, *, a: torch.Tensor) -> torch.Tensor:
+        """``K(a)`` on the pattern, assembled cell by cell: linear in ``a``, so one
+        contraction with ``∫_e φ_m ∇φ_i · ∇φ_j`` (WeightedStiffness's cell tensors)."""
+        if self._cells is None or self._cells[0].device != a.device:
+            stiffness = WeightedStiffness(self.forms.space)
+            tensor = torch.from_numpy(stiffness.cell_tensors).to(a.device)  # (m, i, j, E)
+            slots = torch.from_numpy(pattern.local_slots()).to(a.device)  # (i, j, E)
+            dofs = torch.from_numpy(stiffness.element_dofs.astype(np.int64)).to(a.device)
+            self._cells = (tensor, slots, dofs)
+        tensor, slots, dofs = self._cells
+        local = a[..., dofs]  # (B, m, E)
+        cell = sum(local[:, m, None, None, :] * tensor[m].to(a.dtype) for m in range(len(tensor)))
+        out = a.new_zeros(a.shape[0], pattern.nnz)
+        return out.index_add_(-1, slots.reshape(-1), cell.reshape(a.shape[0], -1))
 
     def weak_form(self, u: torch.Tensor, *, a: torch.Tensor) -> torch.Tensor:
         flux = self.forms.values(a).unsqueeze(-3) * self.forms.gradients(u)
