@@ -37,6 +37,7 @@ from fenop._errors import InputError
 from fenop.data import FieldDataset
 from fenop.fem import RelativeH1Loss, RelativeL2Loss
 from fenop.operators import FEOperator
+from fenop.train import distributed
 from fenop.train.checkpoint import CheckpointError, save_checkpoint
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -133,7 +134,7 @@ class Trainer:
             raise ValueError(
                 f"`epochs` and `batch_size` must be positive, got {epochs} and {batch_size}"
             )
-        self.device = resolve_device(device)
+        self.rank, self.world, self.device = distributed.setup(resolve_device(device))
         self.model = model.to(self.device)
         self.train_set, self.test_set = train_set, test_set
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
@@ -182,6 +183,13 @@ class Trainer:
         self.epoch, self.best = 0, math.inf
         if resume and self.directory is not None and (self.directory / "last").is_dir():
             self._restore(self.directory / "last")
+        # Several processes (torchrun): gradients averaged over the ranks. Buffers are
+        # not broadcast: they are each rank's own FE data, built alike from the mesh.
+        self.network = self.model
+        if self.world > 1:
+            self.network = torch.nn.parallel.DistributedDataParallel(
+                self.model, broadcast_buffers=False
+            )
 
     # -- state --------------------------------------------------------------------------
 
@@ -253,7 +261,7 @@ class Trainer:
             FloatingPointError: the loss became NaN or Inf (the last good checkpoint stays).
         """
         history = []
-        if self.directory is not None:
+        if self.directory is not None and self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
         steps_per_epoch = math.ceil(len(self.train_set) / self.batch_size)
         bar = tqdm(
@@ -261,22 +269,29 @@ class Trainer:
             initial=self.epoch * steps_per_epoch,
             desc="training",
             unit="step",
-            disable=not self.progress,
+            disable=not self.progress or self.rank != 0,
         )
         with bar:
             while self.epoch < self.epochs:
                 start, running = time.perf_counter(), 0.0
+                # The batch order of an epoch depends on (seed, epoch) alone, whatever the
+                # number of processes: each rank takes its share of every batch.
                 generator = torch.Generator().manual_seed(self.seed + self.epoch)
-                loader = DataLoader(
-                    self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator
-                )
-                for step, (x, y) in enumerate(loader):
+                # The order torch's DataLoader(shuffle=True) drew in earlier versions, so
+                # that runs (and the shipped models' recipes) reproduce: its iterator
+                # takes a base seed from the generator before the sampler's permutation.
+                torch.empty((), dtype=torch.int64).random_(generator=generator)
+                order = torch.randperm(len(self.train_set), generator=generator).tolist()
+                for step in range(steps_per_epoch):
+                    batch = order[step * self.batch_size : (step + 1) * self.batch_size]
+                    mine, weight = distributed.batch_share(batch, rank=self.rank, world=self.world)
+                    x, y = _batch(self.train_set, mine)
                     x, y = x.to(self.device), y.to(self.device)
                     self.optimiser.zero_grad(set_to_none=True)
                     # bfloat16 needs no loss scaling; FEOperator keeps its FE maps and
                     # output in float32, so only the processor runs in low precision.
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                        prediction = self.model(x)
+                        prediction = self.network(x)
                     loss = self.loss_fn(prediction, y)
                     if self.physics_weight > 0:
                         loss = loss + self.physics_weight * self.physics(prediction, x)
@@ -287,18 +302,21 @@ class Trainer:
                         if self.directory is not None:
                             where += f"; the last good checkpoint is in {self.directory / 'last'}"
                         raise FloatingPointError(where)
+                    if self.world > 1:  # DDP averages: the ranks' weighted means sum
+                        loss = loss * weight
                     loss.backward()
                     if self.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
                     self.optimiser.step()
                     self.scheduler.step()
-                    running += loss.item()
+                    running += loss.item() / self.world
                     bar.update(1)
                     bar.set_postfix(loss=f"{running / (step + 1):.4f}")
                 self.epoch += 1
                 metrics = {
                     "epoch": self.epoch,
-                    "train_loss": running / steps_per_epoch,
+                    "train_loss": distributed.sum_over_ranks(running, self.device)
+                    / steps_per_epoch,
                     **self._evaluate(),
                     "lr": self.scheduler.get_last_lr()[0],
                     "seconds": time.perf_counter() - start,
@@ -308,7 +326,7 @@ class Trainer:
         return history
 
     def _write(self, metrics: dict) -> None:
-        if self.directory is None:
+        if self.directory is None or self.rank != 0:
             return
         extra = {
             **self.extra,
@@ -324,3 +342,12 @@ class Trainer:
         save_checkpoint(self.directory / "last", self.model, extra=extra, attach=self._save_state)
         with open(self.directory / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
+
+
+def _batch(dataset, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples ``items`` of ``dataset`` stacked, ``(b, C, n)`` each (read at once
+    where the dataset can)."""
+    read = getattr(dataset, "__getitems__", None)
+    samples = read(items) if read is not None else [dataset[i] for i in items]
+    x, y = zip(*samples, strict=True)
+    return torch.stack(x), torch.stack(y)
