@@ -74,6 +74,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 class Trainer:
     """AdamW on an FE-norm relative loss, evaluated every epoch.
 
+    Started by ``torchrun`` on several processes, it trains with PyTorch's
+    DistributedDataParallel (:mod:`fenop.train.distributed`): each rank takes its
+    share of every batch (``batch_size`` is the global batch), the weights are those
+    one process would train, and rank 0 alone writes.
+
     Args:
         model: the model to train (moved to ``device``).
         train_set, test_set: datasets of ``(input, output)`` FE fields.
@@ -273,13 +278,13 @@ class Trainer:
         )
         with bar:
             while self.epoch < self.epochs:
-                start, running = time.perf_counter(), 0.0
+                start, running, shown = time.perf_counter(), 0.0, 0.0
                 # The batch order of an epoch depends on (seed, epoch) alone, whatever the
-                # number of processes: each rank takes its share of every batch.
+                # number of processes (each rank takes its share of every batch). It is
+                # the order DataLoader(shuffle=True) drew in earlier versions, so that
+                # runs and the shipped models' recipes reproduce: its iterator takes a
+                # base seed from the generator before the sampler's permutation.
                 generator = torch.Generator().manual_seed(self.seed + self.epoch)
-                # The order torch's DataLoader(shuffle=True) drew in earlier versions, so
-                # that runs (and the shipped models' recipes) reproduce: its iterator
-                # takes a base seed from the generator before the sampler's permutation.
                 torch.empty((), dtype=torch.int64).random_(generator=generator)
                 order = torch.randperm(len(self.train_set), generator=generator).tolist()
                 for step in range(steps_per_epoch):
@@ -302,6 +307,7 @@ class Trainer:
                         if self.directory is not None:
                             where += f"; the last good checkpoint is in {self.directory / 'last'}"
                         raise FloatingPointError(where)
+                    own = loss.item()  # this rank's mean, for the progress bar
                     if self.world > 1:  # DDP averages: the ranks' weighted means sum
                         loss = loss * weight
                     loss.backward()
@@ -309,9 +315,10 @@ class Trainer:
                         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
                     self.optimiser.step()
                     self.scheduler.step()
-                    running += loss.item() / self.world
+                    running += loss.item() / self.world  # summed over the ranks below
+                    shown += own
                     bar.update(1)
-                    bar.set_postfix(loss=f"{running / (step + 1):.4f}")
+                    bar.set_postfix(loss=f"{shown / (step + 1):.4f}")
                 self.epoch += 1
                 metrics = {
                     "epoch": self.epoch,
