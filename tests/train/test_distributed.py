@@ -50,6 +50,11 @@ def test_two_and_three_processes_train_the_weights_of_one(store, tmp_path):
     assert len(lines) == 2
 
 
+def test_femultigrid_on_two_processes_trains_the_weights_of_one(store, tmp_path):
+    one = _run(store, tmp_path / "one", 2, 1, "--femultigrid")
+    _assert_same(_run(store, tmp_path / "two", 2, 2, "--femultigrid"), one)
+
+
 def test_a_run_of_two_processes_resumes_on_one(store, tmp_path):
     _run(store, tmp_path / "run", 2, 2, "--stop-after", "1")
     resumed = _run(store, tmp_path / "run", 2, 1, "--resume")
