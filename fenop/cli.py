@@ -225,10 +225,29 @@ def _predict(args) -> int:
     return 0
 
 
+def _shipped_models() -> int:
+    """``fenop info`` without a file: the shipped models, one line each."""
+    from fenop.train import PRETRAINED, pretrained_names, read_config
+
+    print("shipped models (fenop info NAME for one; the model card is in its folder):")
+    for name in pretrained_names():
+        config = read_config(PRETRAINED / name)
+        model, data = config["model"], config.get("data", {})
+        constraint = model.get("constraint")
+        kind = f", {constraint['kind']} {constraint['condition']} constraint" if constraint else ""
+        print(
+            f"  {name:<26} {data.get('pde', '?')}, {model['processor']}{kind}; "
+            f"test relative L2 {config['test_error']:.4f}"
+        )
+    return 0
+
+
 def _info(args) -> int:
     from fenop.data import read_store
     from fenop.train import checkpoint_path, pretrained_names
 
+    if args.file is None:
+        return _shipped_models()
     path = Path(args.file)
     if path.is_dir() or (not path.exists() and args.file in pretrained_names()):
         return _checkpoint_info(checkpoint_path(args.file))
@@ -329,8 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(run=_predict)
 
-    info = commands.add_parser("info", help="what a store or checkpoint holds")
-    info.add_argument("file", help="an HDF5 store or a checkpoint directory")
+    info = commands.add_parser(
+        "info", help="what a store or checkpoint holds (without one: the shipped models)"
+    )
+    info.add_argument(
+        "file", nargs="?", help="an HDF5 store, a checkpoint directory or a shipped model's name"
+    )
     info.set_defaults(run=_info)
     return parser
 

@@ -406,3 +406,10 @@ def test_info_refuses_a_checkpoint_whose_weights_are_truncated(tmp_path, capsys)
     assert main(["info", str(folder)]) == 2
     err = capsys.readouterr().err.strip()
     assert "model.safetensors is not readable" in err and len(err.splitlines()) == 1
+
+
+def test_info_without_a_file_lists_the_shipped_models(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "darcy-fno                  darcy, fno; test relative L2 0.01" in out
+    assert "nonlinear-diffusion-hard   nonlinear_diffusion, fno, global galerkin constraint" in out
