@@ -165,23 +165,32 @@ def _accuracy(args) -> dict:
 def _epochs_for(model, train, args, physics, weight) -> int:
     """Epochs that fit ``args.seconds`` at ``model``'s measured step time (the
     median of three steps after one; the caller trains a fresh model)."""
-    trial = model
-    optimiser = torch.optim.Adam(trial.parameters(), lr=1e-3)
     x, y = (torch.stack(t) for t in zip(*(train[i] for i in range(args.batch)), strict=True))
-    times = []
-    for _ in range(4):
+    step = _training_step(model, x, y, physics, weight)
+    times = [step() for _ in range(4)]
+    steps_per_epoch = -(-len(train) // args.batch)
+    per_epoch = statistics.median(times[1:]) * steps_per_epoch * 1.15  # + the test pass
+    return max(1, min(args.max_epochs, int(args.seconds / per_epoch)))
+
+
+def _training_step(model, x, y, physics, weight):
+    """A function that takes one Adam step of ``model`` on ``(x, y)`` (mean squared
+    error, plus ``weight`` times the physics loss when one is given) and returns its
+    wall-clock seconds."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> float:
         begin = time.perf_counter()
         optimiser.zero_grad()
-        out = trial(x)
+        out = model(x)
         loss = ((out - y) ** 2).mean()
         if physics is not None:
             loss = loss + weight * physics(out.double(), x.double())
         loss.backward()
         optimiser.step()
-        times.append(time.perf_counter() - begin)
-    steps_per_epoch = -(-len(train) // args.batch)
-    per_epoch = statistics.median(times[1:]) * steps_per_epoch * 1.15  # + the test pass
-    return max(1, min(args.max_epochs, int(args.seconds / per_epoch)))
+        return time.perf_counter() - begin
+
+    return step
 
 
 def _rss_bytes() -> int:
@@ -212,19 +221,8 @@ def _step(args) -> dict:
         "output_stats": ([y.mean().item()], [y.std().item()]),
     }
     model = FEOperator(space, space, processor, resolution=grid, **stats, **extra)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     physics = PhysicsLoss(family.residual(), [name]) if args.variant == "soft" else None
-
-    def step() -> float:
-        begin = time.perf_counter()
-        optimiser.zero_grad()
-        out = model(x)
-        loss = ((out - y) ** 2).mean()
-        if physics is not None:
-            loss = loss + 0.1 * physics(out.double(), x.double())
-        loss.backward()
-        optimiser.step()
-        return time.perf_counter() - begin
+    step = _training_step(model, x, y, physics, 0.1)
 
     before = _rss_bytes()
     step()  # warm-up: first-use allocations and kernels

@@ -272,10 +272,6 @@ class _Constraint(nn.Module):
             return u + extended.scatter((w[..., None] * local).sum(dim=2))
 
         def system(w, u, local, inputs):
-            r, values = self._linearise(field(w, u, local), inputs, cells)
-            return self._system(r, values, local, sets)
-
-        def state(w):
             """The condition, its matrix, the test fields and least squares' objective
             |R|² on each expert's rows ``(B, k)``, at ``w``."""
             r, values = self._linearise(field(w, u, local), inputs, cells)
@@ -290,7 +286,7 @@ class _Constraint(nn.Module):
             done = torch.zeros_like(ok)
             iterations = torch.zeros(batch, k, dtype=torch.int64, device=local.device)
             condition = local.new_zeros(batch, k)
-            f_value, matrix, test, current = state(w)
+            f_value, matrix, test, current = system(w, u, local, inputs)
             # Levenberg-Marquardt (least squares): λ per problem, Marquardt's scaling
             damping = local.new_full((batch, k), _DAMPING)
             # Problems that have converged are left as they are. On a GPU the loop runs
@@ -317,7 +313,7 @@ class _Constraint(nn.Module):
                 step, solved, condition = self._solve(system_matrix, -f_value)
                 ok = ok & (solved | done)
                 trial = torch.where(done[..., None], w, w + step)
-                f_new, matrix_new, test_new, value = state(trial)
+                f_new, matrix_new, test_new, value = system(trial, u, local, inputs)
                 accept = ~done
                 if damped:
                     # A step that raises |R|² (beyond rounding) is refused and λ raised

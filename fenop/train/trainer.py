@@ -307,7 +307,7 @@ class Trainer:
                         if self.directory is not None:
                             where += f"; the last good checkpoint is in {self.directory / 'last'}"
                         raise FloatingPointError(where)
-                    own = loss.item()  # this rank's mean, for the progress bar
+                    own = loss.item()  # this rank's mean, read once for the metrics and the bar
                     if self.world > 1:  # DDP averages: the ranks' weighted means sum
                         loss = loss * weight
                     loss.backward()
@@ -315,7 +315,7 @@ class Trainer:
                         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
                     self.optimiser.step()
                     self.scheduler.step()
-                    running += loss.item() / self.world  # summed over the ranks below
+                    running += own * weight / self.world  # summed over the ranks below
                     shown += own
                     bar.update(1)
                     bar.set_postfix(loss=f"{shown / (step + 1):.4f}")
