@@ -62,10 +62,12 @@ import math
 import numpy as np
 import scipy.sparse
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.autograd import forward_ad
 
 from fenop.fem.jacobian import JacobianPattern
+from fenop.operators import sharding
 from fenop.operators.implicit import implicit_root
 
 CONDITIONS = ("galerkin", "least_squares")
@@ -507,31 +509,57 @@ class MoEConstraint(_Constraint):
         self.update = update
         self.strategy, self.overlap, self.sweeps, self.coarse = partition, overlap, sweeps, coarse
         self.partition = p = partition.partition(self.space, overlap=overlap)
-        rows = p.extended | p.halo if condition == "least_squares" else p.extended
-        n = self.space.n_dofs
+        self.rows = p.extended | p.halo if condition == "least_squares" else p.extended
+        self.colours = _colours(p.extended | p.halo)
+        self._build(rank=0, world=1)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Solve only process ``rank``'s share of each colour's experts (of ``world``
+        processes in the default ``torch.distributed`` group, which must be
+        initialised before the first call), every process taking the whole batch:
+        the corrections are summed over the processes, gradients flow back through
+        the sum (:mod:`fenop.operators.sharding`), and each process holds only its
+        experts' index sets and blocks. The outputs and gradients are those of one
+        process (to rounding). ``shard(0, 1)`` undoes it."""
+        if not 0 <= rank < world:
+            raise ValueError(f"`rank` must be in [0, world), got rank {rank} of {world}")
+        self._build(rank=rank, world=world)
+
+    def _build(self, *, rank: int, world: int) -> None:
+        """Per colour, this process's experts (``colour[rank::world]``), padded to one
+        count on every process by copies that solve nothing (their fields are all
+        padding), so that every process runs the same steps."""
+        p, n, device = self.partition, self.space.n_dofs, self.free.device
+        self.world = world
         # per colour: the experts' extended sets, their rows, and J's blocks on them
         self.groups = nn.ModuleList()
         self.owned = nn.ModuleList()  # per colour: which of an expert's DOFs it owns
-        colours = _colours(p.extended | p.halo)
-        for colour in colours:
-            cols = [np.flatnonzero(p.extended[k]) for k in colour]
-            rows_of = [np.flatnonzero(rows[k]) for k in colour]
-            extended = _IndexSets(cols, n)
-            row_sets = extended if condition == "galerkin" else _IndexSets(rows_of, n)
-            blocks = self.pattern.blocks(rows_of, cols)
-            self.groups.append(nn.ModuleList([extended, row_sets, blocks]))
-            labels = p.labels[extended.index.numpy()] == colour[:, None]
-            self.owned.append(_Mask(torch.from_numpy(labels) & extended.valid))
         # A residual that is not affine is linearised at every Newton iteration: each
         # colour's experts then evaluate it on the cells that touch their rows alone,
         # where their rows and their blocks of J are exact.
         self.cells = nn.ModuleList()
-        if not self.affine:
-            element_dofs = self.space.basis.element_dofs
-            for colour in colours:
-                touched = rows[colour].any(axis=0)
-                forms = self.residual.forms
-                self.cells.append(forms.subset(np.flatnonzero(touched[element_dofs].any(axis=0))))
+        for colour in self.colours:
+            mine = colour[rank::world]
+            count = -(-len(colour) // world)
+            real = np.arange(count) < len(mine)
+            experts = np.r_[mine, np.full(count - len(mine), colour[0])]
+            cols = [np.flatnonzero(p.extended[k]) for k in experts]
+            rows_of = [np.flatnonzero(self.rows[k]) for k in experts]
+            extended = _IndexSets(cols, n, keep=real)
+            row_sets = extended
+            if self.condition == "least_squares":
+                row_sets = _IndexSets(rows_of, n, keep=real)
+            blocks = self.pattern.blocks(rows_of, cols)
+            self.groups.append(nn.ModuleList([extended, row_sets, blocks]))
+            labels = p.labels[extended.index.numpy()] == experts[:, None]
+            self.owned.append(_Mask(torch.from_numpy(labels) & extended.valid))
+            if not self.affine:
+                touched = self.rows[experts].any(axis=0)
+                element_dofs = self.space.basis.element_dofs
+                subset = np.flatnonzero(touched[element_dofs].any(axis=0))
+                self.cells.append(self.residual.forms.subset(subset))
+        for modules in (self.groups, self.owned, self.cells):
+            modules.to(device)
 
     def forward(self, prediction, basis, **inputs):
         g, phi, inputs = self._prepare(prediction, basis, inputs)
@@ -544,32 +572,71 @@ class MoEConstraint(_Constraint):
             u, ok, condition, steps = self._global(u, phi, inputs, linear)
             conditions.append(condition)
             iterations = iterations + steps.sum(dim=1)
+        # Sharded over processes (shard()): what every process holds enters its share
+        # of the experts through to_shards, and their corrections leave through
+        # from_shards; with one process both are the identity.
+        sharded = self.world > 1
+        if sharded and not sharding.active():
+            raise RuntimeError(
+                f"this MoEConstraint is sharded over {self.world} processes, but no "
+                "torch.distributed process group of that size is initialised"
+            )
+        share_inputs = {k: sharding.to_shards(v) for k, v in inputs.items()}
+        share_linear = None if linear is None else tuple(map(sharding.to_shards, linear))
+        share_phi = sharding.to_shards(phi)
         # χ_k Φ on each expert's extended set, (B, k, N, m) per colour
-        locals_ = [extended.gather(phi) for extended, _, _ in self.groups]
+        locals_ = [extended.gather(share_phi) for extended, _, _ in self.groups]
         caches = [{} for _ in self.groups]  # an affine residual's matrices, per colour
+        cells = self.cells if len(self.cells) else [None] * len(self.groups)
+        expert_ok = torch.ones_like(ok)
+        expert_iterations = torch.zeros_like(iterations)
+        expert_conditions = []
         for _ in range(self.sweeps):
             start, corrections = u, []
-            cells = self.cells if len(self.cells) else [None] * len(self.groups)
             for sets, local, owned, cache, subset in zip(
                 self.groups, locals_, self.owned, caches, cells, strict=True
             ):
                 # colours: from the field the previous colours made; owners: all from
                 # the sweep's starting field
-                base = u if self.update == "colours" else start
+                base = sharding.to_shards(u if self.update == "colours" else start)
                 w, solved, condition, steps = self._experts(
-                    base, local, tuple(sets), inputs, linear, cache, subset
+                    base, local, tuple(sets), share_inputs, share_linear, cache, subset
                 )
-                ok = ok & solved.all(dim=1)
-                conditions.append(condition)
-                iterations = iterations + steps.sum(dim=1)
+                expert_ok = expert_ok & solved.all(dim=1)
+                expert_conditions.append(condition)
+                real = sets[0].valid.any(dim=-1)  # not the padding of a process's share
+                expert_iterations = expert_iterations + (steps * real).sum(dim=1)
                 change = (w[..., None] * local).sum(dim=2)  # (B, k, m)
                 if self.update == "colours":
-                    u = u + sets[0].scatter(change)
+                    u = u + sharding.from_shards(sets[0].scatter(change))
                 else:  # each DOF takes its owner's correction, at the end of the sweep
-                    corrections.append(sets[0].scatter(change * owned.mask))
+                    corrections.append(sharding.from_shards(sets[0].scatter(change * owned.mask)))
             if self.update == "owners":
                 u = start + sum(corrections)
+        if sharded:  # the report covers every process's experts
+            expert_ok, expert_iterations, expert_conditions = _gathered_report(
+                expert_ok, expert_iterations, expert_conditions
+            )
+        ok = ok & expert_ok
+        iterations = iterations + expert_iterations
+        conditions = conditions + expert_conditions
         return self._finish(u, ok, conditions, iterations, prediction.dtype, inputs)
+
+
+def _gathered_report(ok, iterations, conditions):
+    """The experts' success ``(B,)``, iterations ``(B,)`` and condition numbers (a
+    list of ``(B, k)``) of every process of the default group, on every process."""
+    with torch.no_grad():
+        ok = ok.to(torch.int64)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        iterations = iterations.clone()
+        dist.all_reduce(iterations)
+        gathered = []
+        for condition in conditions:
+            parts = [torch.empty_like(condition) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, condition.contiguous())
+            gathered.append(torch.cat(parts, dim=1))
+    return ok.bool(), iterations, gathered
 
 
 def _jvp(fn, primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
@@ -585,14 +652,15 @@ def _jvp(fn, primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
 class _IndexSets(nn.Module):
     """The DOF sets of ``k`` experts, padded to one length ``m``, and the moves between
     global fields and the experts' own: ``(B, ..., n) -> (B, k, ..., m)`` and back.
-    ``sets=None`` is one set of every DOF (the global solve), moved without copies.
+    ``sets=None`` is one set of every DOF (the global solve), moved without copies;
+    ``keep`` ``(k,)`` bool, where given, makes the sets it marks False all padding.
 
     Attributes:
         index: ``(k, m)`` DOF indices (padding points at DOF 0).
         valid: ``(k, m)`` bool, False on padding.
     """
 
-    def __init__(self, sets: list[np.ndarray] | None, n_dofs: int):
+    def __init__(self, sets: list[np.ndarray] | None, n_dofs: int, *, keep=None):
         super().__init__()
         self.n_dofs, self.everything = n_dofs, sets is None
         if self.everything:
@@ -602,6 +670,8 @@ class _IndexSets(nn.Module):
         valid = np.zeros((len(sets), m), dtype=bool)
         for k, dofs in enumerate(sets):
             index[k, : len(dofs)], valid[k, : len(dofs)] = dofs, True
+        if keep is not None:  # sets not kept are all padding
+            valid &= np.asarray(keep, dtype=bool)[:, None]
         self.register_buffer("index", torch.from_numpy(index), persistent=False)
         self.register_buffer("valid", torch.from_numpy(valid), persistent=False)
 

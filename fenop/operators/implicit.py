@@ -60,7 +60,7 @@ class _ImplicitRoot(torch.autograd.Function):
             params = [p.detach().requires_grad_(p.requires_grad) for p in params]
             f_value = ctx.fn(w, *params)
             jacobian = block_jacobian(f_value, w) if ctx.jacobian is None else ctx.jacobian
-            adjoint = torch.linalg.solve(jacobian.transpose(-1, -2), grad[..., None])[..., 0]
+            adjoint = _adjoint(jacobian, grad)
             wanted = [p for p in params if p.requires_grad]
             grads = iter(
                 torch.autograd.grad(f_value, wanted, grad_outputs=-adjoint, allow_unused=True)
@@ -68,6 +68,18 @@ class _ImplicitRoot(torch.autograd.Function):
                 else ()
             )
         return (None, None, None, *(next(grads) if p.requires_grad else None for p in params))
+
+
+def _adjoint(jacobian: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``λ`` ``(..., N)`` of ``Jᵀ λ = grad`` for ``J`` ``(..., N, N)``. An unknown whose
+    row and column of ``J`` vanish (a basis field that is zero where its problem lives,
+    which the forward solve holds at zero; every unknown of a problem that is all
+    padding) has no influence: its ``λ`` is zero, and the rest solve as usual."""
+    diagonal = torch.diagonal(jacobian, dim1=-2, dim2=-1).abs()
+    live = diagonal > 1e-14 * diagonal.amax(dim=-1, keepdim=True)
+    matrix = jacobian + torch.diag_embed((~live).to(jacobian.dtype))
+    adjoint = torch.linalg.solve(matrix.transpose(-1, -2), (grad * live)[..., None])[..., 0]
+    return adjoint * live
 
 
 def implicit_root(

@@ -39,6 +39,7 @@ be any mesh of that domain: fields are interpolated to and from the finest level
     device = "auto"            # auto | cpu | cuda
     amp = false
     physics_weight = 0.0       # > 0: add the scaled FE residual norm to the loss (soft)
+    parallel = "data"          # under torchrun: data | experts (shard the MoE's experts)
 
 A hard constraint on the output (the store's PDE residual; see
 :mod:`fenop.train.physics` for every key):
@@ -63,7 +64,7 @@ from fenop._errors import InputError
 from fenop.fem.mesh import DOMAINS
 from fenop.train.models import PROCESSORS
 from fenop.train.physics import ConstraintError, constraint_table
-from fenop.train.trainer import LOSSES, SCHEDULES
+from fenop.train.trainer import LOSSES, PARALLEL, SCHEDULES
 
 _REQUIRED = object()
 _Keys = dict[str, tuple[type | tuple[type, ...], object]]
@@ -95,6 +96,7 @@ _SCHEMA: dict[str, _Keys] = {
         "device": (str, "auto"),
         "amp": (bool, False),
         "physics_weight": ((float, int), 0.0),
+        "parallel": (str, "data"),
     },
 }
 _HIERARCHY: _Keys = {
@@ -166,7 +168,11 @@ def read_config(path: str | os.PathLike) -> dict:
         raise ConfigError(
             path, f"training.physics_weight must be non-negative, got {training['physics_weight']}"
         )
-    for key, choices in (("schedule", SCHEDULES), ("loss", LOSSES)):
+    if training["parallel"] == "experts" and (model["constraint"] or {}).get("kind") != "moe":
+        raise ConfigError(
+            path, 'training.parallel = "experts" shards a [model.constraint] of kind "moe"'
+        )
+    for key, choices in (("schedule", SCHEDULES), ("loss", LOSSES), ("parallel", PARALLEL)):
         if training[key] not in choices:
             raise ConfigError(
                 path, f"training.{key} must be one of {list(choices)}, got {training[key]!r}"

@@ -40,23 +40,37 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def batch_share(batch: list[int], *, rank: int, world: int) -> tuple[list[int], float]:
-    """This rank's samples of a global ``batch`` (contiguous parts, sizes within one
-    of each other) and the weight ``world * len(part) / len(batch)`` of its mean loss,
-    so that the ranks' averaged gradients are the batch's. A rank left without a
-    sample takes the batch's first at weight 0 (every rank must join each step)."""
-    size, extra = divmod(len(batch), world)
+def share(items, *, rank: int, world: int):
+    """This rank's contiguous part of ``items`` (a sequence): parts in rank order,
+    their sizes within one of each other, possibly empty."""
+    size, extra = divmod(len(items), world)
     start = rank * size + min(rank, extra)
-    part = batch[start : start + size + (rank < extra)]
+    return items[start : start + size + (rank < extra)]
+
+
+def batch_share(batch: list[int], *, rank: int, world: int) -> tuple[list[int], float]:
+    """This rank's samples of a global ``batch`` (its :func:`share`) and the weight
+    ``world * len(part) / len(batch)`` of its mean loss, so that the ranks' averaged
+    gradients are the batch's. A rank left without a sample takes the batch's first
+    at weight 0 (every rank must join each step)."""
+    part = share(batch, rank=rank, world=world)
     if not part:
         return batch[:1], 0.0
     return part, world * len(part) / len(batch)
 
 
-def sum_over_ranks(value: float, device: torch.device) -> float:
-    """``value`` summed over the ranks (itself with one process)."""
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """``value`` (any shape) summed over the ranks (itself with one process)."""
     if not dist.is_initialized():
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return float(tensor.item())
+    value = value.clone()
+    dist.all_reduce(value)
+    return value
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Every rank's parameters set to rank 0's (complex ones as their real views)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            data = parameter.data
+            dist.broadcast(torch.view_as_real(data) if data.is_complex() else data, src=0)

@@ -178,6 +178,7 @@ def train_from_config(
         progress=progress,
         physics=physics,
         physics_weight=float(training["physics_weight"]),
+        parallel=training["parallel"],
         extra={
             "data": {
                 # the file's name, not the machine's path: checkpoints get shared

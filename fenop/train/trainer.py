@@ -30,18 +30,18 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fenop._errors import InputError
 from fenop.data import FieldDataset
 from fenop.fem import RelativeH1Loss, RelativeL2Loss
-from fenop.operators import FEOperator
+from fenop.operators import FEOperator, MoEConstraint
 from fenop.train import distributed
 from fenop.train.checkpoint import CheckpointError, save_checkpoint
 
 SCHEDULES = ("cosine", "step", "constant")
 LOSSES = ("l2", "h1")
+PARALLEL = ("data", "experts")
 
 
 class DeviceError(InputError):
@@ -76,8 +76,12 @@ class Trainer:
 
     Started by ``torchrun`` on several processes, it trains with PyTorch's
     DistributedDataParallel (:mod:`fenop.train.distributed`): each rank takes its
-    share of every batch (``batch_size`` is the global batch), the weights are those
-    one process would train, and rank 0 alone writes.
+    share of every batch (``batch_size`` is the global batch) and of the test set,
+    the weights are those one process would train, and rank 0 alone writes. With
+    ``parallel="experts"`` every rank takes the whole batch instead and solves its
+    share of the experts of the model's :class:`~fenop.operators.MoEConstraint`
+    (:meth:`~fenop.operators.MoEConstraint.shard`), for models whose experts do not
+    fit one device.
 
     Args:
         model: the model to train (moved to ``device``).
@@ -104,6 +108,8 @@ class Trainer:
             loss with ``physics_weight``.
         physics_weight: its weight.
         extra: further JSON written into each checkpoint's config (e.g. data description).
+        parallel: on several processes, ``"data"`` (each takes a share of every
+            batch) or ``"experts"`` (each solves a share of the experts); ignored on one.
     """
 
     def __init__(
@@ -128,11 +134,14 @@ class Trainer:
         physics: torch.nn.Module | None = None,
         physics_weight: float = 0.0,
         extra: dict | None = None,
+        parallel: str = "data",
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}")
         if loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}")
+        if parallel not in PARALLEL:
+            raise ValueError(f"`parallel` must be one of {PARALLEL}, got {parallel!r}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"`grad_clip` must be positive or None, got {grad_clip}")
         if epochs < 1 or batch_size < 1:
@@ -141,6 +150,20 @@ class Trainer:
             )
         self.rank, self.world, self.device = distributed.setup(resolve_device(device))
         self.model = model.to(self.device)
+        if self.world > 1 and parallel == "data" and batch_size < self.world:
+            raise ValueError(
+                f"`batch_size` {batch_size} is smaller than the {self.world} processes: "
+                "each step would leave a process without a sample"
+            )
+        self.sharded = self.world > 1 and parallel == "experts"
+        if self.sharded:
+            experts = [m for m in self.model.modules() if isinstance(m, MoEConstraint)]
+            if not experts:
+                raise ValueError(
+                    "`parallel='experts'` needs a model with an MoEConstraint to shard"
+                )
+            for constraint in experts:
+                constraint.shard(self.rank, self.world)
         self.train_set, self.test_set = train_set, test_set
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self.grad_clip = grad_clip
@@ -191,7 +214,9 @@ class Trainer:
         # Several processes (torchrun): gradients averaged over the ranks. Buffers are
         # not broadcast: they are each rank's own FE data, built alike from the mesh.
         self.network = self.model
-        if self.world > 1:
+        if self.sharded:  # every rank computes the same gradients: the same weights
+            distributed.broadcast_parameters(self.model)
+        elif self.world > 1:
             self.network = torch.nn.parallel.DistributedDataParallel(
                 self.model, broadcast_buffers=False
             )
@@ -247,16 +272,24 @@ class Trainer:
     # -- loop ---------------------------------------------------------------------------
 
     def _evaluate(self) -> dict[str, float]:
+        """Relative L2 and H1 errors on the test set, averaged over its samples: each
+        rank scores its share and the sums are added over the ranks (with sharded
+        experts every rank scores every sample, as the model's solves are shared)."""
         self.model.eval()
-        l2 = h1 = 0.0
+        n = len(self.test_set)
+        split = self.world > 1 and not self.sharded
+        mine = distributed.share(range(n), rank=self.rank, world=self.world) if split else range(n)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         with torch.no_grad():
-            for x, y in DataLoader(self.test_set, batch_size=self.batch_size):
+            for start in range(0, len(mine), self.batch_size):
+                x, y = _batch(self.test_set, list(mine[start : start + self.batch_size]))
                 x, y = x.to(self.device), y.to(self.device)
                 prediction = self.model(x)
-                l2 += self.l2_sum(prediction, y).item()
-                h1 += self.h1_sum(prediction, y).item()
+                totals += torch.stack([self.l2_sum(prediction, y), self.h1_sum(prediction, y)])
         self.model.train()
-        n = len(self.test_set)
+        if split:
+            totals = distributed.sum_over_ranks(totals)
+        l2, h1 = totals.tolist()
         return {"test_l2": l2 / n, "test_h1": h1 / n}
 
     def fit(self) -> list[dict]:
@@ -289,7 +322,12 @@ class Trainer:
                 order = torch.randperm(len(self.train_set), generator=generator).tolist()
                 for step in range(steps_per_epoch):
                     batch = order[step * self.batch_size : (step + 1) * self.batch_size]
-                    mine, weight = distributed.batch_share(batch, rank=self.rank, world=self.world)
+                    if self.sharded:  # every rank the whole batch, its share of the experts
+                        mine, weight = batch, 1.0
+                    else:
+                        mine, weight = distributed.batch_share(
+                            batch, rank=self.rank, world=self.world
+                        )
                     x, y = _batch(self.train_set, mine)
                     x, y = x.to(self.device), y.to(self.device)
                     self.optimiser.zero_grad(set_to_none=True)
@@ -322,7 +360,9 @@ class Trainer:
                 self.epoch += 1
                 metrics = {
                     "epoch": self.epoch,
-                    "train_loss": distributed.sum_over_ranks(running, self.device)
+                    "train_loss": distributed.sum_over_ranks(
+                        torch.tensor(running, dtype=torch.float64, device=self.device)
+                    ).item()
                     / steps_per_epoch,
                     **self._evaluate(),
                     "lr": self.scheduler.get_last_lr()[0],

@@ -1,20 +1,25 @@
 """One training run for tests/train/test_distributed.py, under torchrun or alone:
 
-    python distributed_run.py STORE FOLDER EPOCHS [--stop-after K] [--resume] [--femultigrid]
+    python distributed_run.py STORE FOLDER EPOCHS [--stop-after K] [--resume]
+        [--femultigrid | --fno | --experts] [--fail-on-rank R] [--batch-size B]
 
 ``--stop-after K``: a run of EPOCHS epochs that ends after K, as a killed one would.
-A small MgNO (or FEMultigrid) in float64 on the store's samples 0-17 (training) and
-18-22 (test), batch 5 (so the last batch of each epoch has 3 samples, fewer than
-some rank counts need)."""
+A small MgNO (or FEMultigrid, or FNO with its complex weights; or MgNO under an
+MoEConstraint of 5 experts, trained with the experts sharded over the processes)
+in float64 on the store's samples 0-17 (training) and 18-22 (test), batch 5 (so
+the last batch of each epoch has 3 samples, fewer than some rank counts need).
+``--fail-on-rank R``: process R fails reading its second batch."""
 
+import os
 import sys
 
 import torch
 
 from fenop.data import FieldDataset
 from fenop.fem import FunctionSpace, unit_square
-from fenop.operators import FEMultigrid, FEOperator, MgNO
+from fenop.operators import FNO, FEMultigrid, FEOperator, MgNO
 from fenop.train import Trainer
+from fenop.train.physics import build_constraint, constraint_table
 
 
 def main() -> None:
@@ -26,6 +31,15 @@ def main() -> None:
         spaces = [FunctionSpace(unit_square(n), dirichlet="boundary") for n in (3, 5, 9)]
         processor = FEMultigrid(spaces, 1, 1, width=4, n_layers=1)
         model = FEOperator(train.space, train.space, processor).double()
+    elif "--fno" in sys.argv:
+        processor = FNO(4, 1, n_modes=(4, 4), hidden_channels=4, n_layers=1)
+        model = FEOperator(train.space, train.space, processor, resolution=8).double()
+    elif "--experts" in sys.argv:
+        table = {"pde": "darcy", "inputs": ["a"], "n_basis": 3, "experts": 5, "sweeps": 1}
+        moe = build_constraint(constraint_table(table), train.space)
+        processor = MgNO(4, 4, grid=(8, 8), width=4, n_layers=1)
+        model = FEOperator(train.space, train.space, processor, resolution=8, constraint=moe)
+        model = model.double()
     else:
         processor = MgNO(4, 1, grid=(8, 8), width=4, n_layers=1)
         model = FEOperator(train.space, train.space, processor, resolution=8).double()
@@ -34,15 +48,31 @@ def main() -> None:
         train,
         test,
         epochs=epochs,
-        batch_size=5,
+        batch_size=int(_option("--batch-size")) if "--batch-size" in sys.argv else 5,
         directory=folder,
         resume="--resume" in sys.argv,
         device="cpu",
         progress=False,
+        parallel="experts" if "--experts" in sys.argv else "data",
     )
+    if "--experts" in sys.argv:  # sharded, not merely run on several processes
+        assert model.constraint.world == int(os.environ.get("WORLD_SIZE", "1"))
+    if "--fail-on-rank" in sys.argv and trainer.rank == int(_option("--fail-on-rank")):
+        reads = iter(range(2))
+
+        def failing(items):
+            if next(reads, None) is None:
+                raise RuntimeError(f"rank {trainer.rank} cannot read samples {items}")
+            return train.__class__.__getitems__(train, items)
+
+        train.__getitems__ = failing
     if "--stop-after" in sys.argv:
-        trainer.epochs = int(sys.argv[sys.argv.index("--stop-after") + 1])
+        trainer.epochs = int(_option("--stop-after"))
     trainer.fit()
+
+
+def _option(name: str) -> str:
+    return sys.argv[sys.argv.index(name) + 1]
 
 
 if __name__ == "__main__":

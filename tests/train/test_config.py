@@ -48,6 +48,8 @@ def test_defaults_and_paths(tmp_path):
         (("epochs = 2", 'epochs = 2\nschedule = "cos"'), r"training\.schedule must be one of"),
         (("epochs = 2", 'epochs = 2\nloss = "l1"'), r"training\.loss must be one of \['l2'"),
         (('"mgno"', '"unet"'), r"model\.processor must be one of \['femultigrid', 'fno'"),
+        (("epochs = 2", 'epochs = 2\nparallel = "model"'), r"training\.parallel must be one of"),
+        (("epochs = 2", 'epochs = 2\nparallel = "experts"'), r"shards a \[model\.constraint\]"),
     ],
 )
 def test_errors_name_the_key(tmp_path, change, message):

@@ -55,10 +55,45 @@ def test_femultigrid_on_two_processes_trains_the_weights_of_one(store, tmp_path)
     _assert_same(_run(store, tmp_path / "two", 2, 2, "--femultigrid"), one)
 
 
+def test_fno_with_complex_weights_on_two_processes_trains_the_weights_of_one(store, tmp_path):
+    one = _run(store, tmp_path / "one", 2, 1, "--fno")
+    assert any(key.endswith("weight") for key in one)
+    _assert_same(_run(store, tmp_path / "two", 2, 2, "--fno"), one)
+
+
+def test_experts_sharded_on_two_processes_train_the_weights_of_one(store, tmp_path):
+    # every process takes the whole batch and solves its share of the experts
+    one = _run(store, tmp_path / "one", 2, 1, "--experts")
+    _assert_same(_run(store, tmp_path / "two", 2, 2, "--experts"), one)
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_a_run_of_two_processes_resumes_on_one(store, tmp_path):
     _run(store, tmp_path / "run", 2, 2, "--stop-after", "1")
     resumed = _run(store, tmp_path / "run", 2, 1, "--resume")
     _assert_same(resumed, _run(store, tmp_path / "straight", 2, 2))
+
+
+def test_a_failing_rank_ends_the_run_with_its_error(store, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(WORKER), str(store), str(tmp_path / "run"), "2"]
+    command += ["--fail-on-rank", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # rank 0 waits in an all-reduce for rank 1: torchrun must end it, not hang
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    assert "RuntimeError: rank 1 cannot read samples" in done.stderr
+    assert not (tmp_path / "run" / "last").exists()  # no checkpoint of a step not taken
+
+
+def test_a_batch_smaller_than_the_number_of_processes_is_refused(store, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(WORKER), str(store), str(tmp_path / "run"), "1"]
+    command += ["--batch-size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    assert "`batch_size` 1 is smaller than the 2 processes" in done.stderr
 
 
 def test_each_rank_takes_its_share_of_a_batch():
