@@ -193,3 +193,12 @@ def test_constraint_formulations_runs(capsys):
     )
     assert all(r["converged"] and r["error"] > 0 for r in results.values())
     assert "two-level Galerkin" in capsys.readouterr().out
+
+
+def test_distributed_runs(capsys):
+    results = load_script("benchmarks/distributed.py").main(
+        ["--steps", "1", "--batch", "4", "--resolution", "9"]
+    )
+    assert set(results) == {"1x1", "1x2", "2x1"}
+    assert results["2x1"]["all_reduce"] > 0 and results["1x1"]["all_reduce"] == 0
+    assert "samples/s" in capsys.readouterr().out

@@ -33,6 +33,23 @@ def test_generate_then_info(tmp_path, capsys):
     assert "5 of 5 complete" in out and "P1, 81 DOFs" in out and "poisson" in out
 
 
+def test_generate_on_a_dask_cluster(tmp_path):
+    # `fenop generate --scheduler ADDRESS`, the README's cluster path, against a
+    # LocalCluster of two worker processes: the file one machine writes
+    distributed = pytest.importorskip("distributed", reason="the cluster extra is not installed")
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=None
+    ) as cluster:
+        args = ["generate", "darcy", "-n", "5", "--resolution", "9", "-q"]
+        path = tmp_path / "cluster.h5"
+        assert main([*args, "-o", str(path), "--scheduler", cluster.scheduler_address]) == 0
+    direct = generate("darcy", 5, unit_square(9), seed=0, path=tmp_path / "d.h5", progress=False)
+    with h5py.File(path) as f, h5py.File(direct) as g:
+        for name in ("a", "u"):
+            np.testing.assert_array_equal(f[name][()], g[name][()])
+    assert read_header(path)["n_complete"] == 5
+
+
 def test_options_domain_and_mesh_files(tmp_path, capsys):
     path = tmp_path / "l.h5"
     args = f"generate darcy -n 2 --domain lshape --resolution 9 -o {path}".split()

@@ -71,3 +71,35 @@ def test_hard_constraints(tmp_path, capsys):
     assert hard["test_error"] < 0.5 * free["test_error"]
     assert hard["residual"] < free["residual"]
     assert "relative residual" in capsys.readouterr().out
+
+
+def test_the_slurm_script_runs_torchrun_outside_slurm(tmp_path):
+    # Without SLURM_JOB_ID the script launches torchrun on this machine: the same
+    # launcher line a cluster runs through srun, here with 2 processes on the CPU.
+    import os
+    import socket
+    import subprocess
+
+    from fenop.data import generate
+    from fenop.fem import unit_square
+    from tests.helpers import SMALL_CONFIG
+
+    generate("darcy", 16, unit_square(9), seed=0, path=tmp_path / "d.h5", progress=False)
+    (tmp_path / "c.toml").write_text(SMALL_CONFIG)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(GPUS_PER_NODE="2", PORT=str(port))
+    script = str(ROOT / "examples" / "slurm.sh")
+    done = subprocess.run(
+        ["bash", script, str(tmp_path / "c.toml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    usage = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
+    assert usage.returncode == 2 and "usage: sbatch examples/slurm.sh" in usage.stderr

@@ -1,0 +1,189 @@
+"""Training on several processes (torchrun, DDP): samples per second, and each step
+split into compute and gradient all-reduce.
+
+The quick start's model (FNO, 12 x 12 modes, 32 channels, on the 33 x 33 grid of a
+33 x 33 P1 Darcy mesh; ``--resolution`` changes both), trained with the
+Trainer's step (each process its share of the global batch, its loss weighted by
+it) for ``--steps`` timed steps after two warm-up steps, on 1 process and on
+``--processes`` processes, each with ``--threads`` PyTorch threads (one process is
+also run with all of them, what a user without torchrun gets). Per configuration:
+
+- ``step``: median wall time of a full DDP step (forward, backward with the
+  all-reduce DDP overlaps with it, optimiser);
+- ``compute``: the same step under ``DistributedDataParallel.no_sync()``, no
+  all-reduce (the local gradients step the optimiser: timing only);
+- ``all-reduce``: median time of one ``all_reduce`` of a tensor as large as the
+  model's gradients, alone;
+- samples per second: the global batch over ``step``.
+
+Each configuration runs in its own ``torchrun`` (gloo on the CPU, NCCL on CUDA).
+
+    python benchmarks/distributed.py --processes 2 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _model(space, resolution: int):
+    from fenop.operators import FNO, FEOperator
+
+    processor = FNO(4, 1, n_modes=(12, 12), hidden_channels=32)
+    return FEOperator(space, space, processor, resolution=resolution)
+
+
+def _worker(args) -> dict:
+    """One configuration, on every process torchrun started; rank 0's figures."""
+    from fenop.data import FieldDataset
+    from fenop.fem import RelativeL2Loss
+    from fenop.train.distributed import batch_share, setup
+
+    torch.set_num_threads(args.threads)
+    rank, world, device = setup(torch.device(args.device))
+    data = FieldDataset(args.store, indices=range(args.batch * 4))
+    torch.manual_seed(0)
+    model = _model(data.space, args.resolution).to(device)
+    network = model
+    if world > 1:
+        network = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    loss_fn = RelativeL2Loss(data.space).to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    samples = [data[i] for i in range(len(data))]
+
+    def step(index: int, sync: bool) -> float:
+        batch = list(range(index * args.batch, (index + 1) * args.batch))
+        batch = [i % len(samples) for i in batch]
+        mine, weight = batch_share(batch, rank=rank, world=world)
+        x = torch.stack([samples[i][0] for i in mine]).to(device)
+        y = torch.stack([samples[i][1] for i in mine]).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimiser.zero_grad(set_to_none=True)
+        context = network.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+        with context:
+            loss = loss_fn(network(x), y) * (weight if world > 1 else 1.0)
+            loss.backward()
+        optimiser.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for index in range(2):
+        step(index, True)
+    full = [step(i, True) for i in range(args.steps)]
+    compute = [step(i, False) for i in range(args.steps)]
+    values = sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters())
+    reduce_times = []
+    if world > 1:
+        flat = torch.zeros(values, device=device)
+        for _ in range(args.steps + 2):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(flat)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            reduce_times.append(time.perf_counter() - start)
+        reduce_times = reduce_times[2:]
+    return {
+        "processes": world,
+        "threads": args.threads,
+        "step": statistics.median(full),
+        "compute": statistics.median(compute),
+        "all_reduce": statistics.median(reduce_times) if reduce_times else 0.0,
+        "gradient_mb": values * 4 / 1e6,
+        "rank": rank,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _run(args, processes: int, threads: int) -> dict:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+    command += ["--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{_free_port()}"]
+    command += [__file__, "_worker", f"--store={args.store}", f"--threads={threads}"]
+    command += [f"--batch={args.batch}", f"--steps={args.steps}", f"--device={args.device}"]
+    command += [f"--resolution={args.resolution}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{processes} processes failed:\n{done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return next(row for row in rows if row["rank"] == 0)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", default="compare", choices=["compare", "_worker"])
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads per process")
+    parser.add_argument("--batch", type=int, default=20, help="the global batch")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--resolution", type=int, default=33, help="mesh vertices a side")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--store", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "_worker":
+        row = _worker(args)
+        print(json.dumps(row), flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return row
+
+    from fenop.data import generate
+    from fenop.fem import unit_square
+
+    with tempfile.TemporaryDirectory() as folder:
+        if args.store is None:
+            args.store = generate(
+                "darcy",
+                args.batch * 4,
+                unit_square(args.resolution),
+                seed=0,
+                path=Path(folder) / "darcy.h5",
+                progress=False,
+            )
+        configurations = [(1, args.threads), (1, args.threads * args.processes)]
+        configurations.append((args.processes, args.threads))
+        results = {}
+        for processes, threads in dict.fromkeys(configurations):
+            results[(processes, threads)] = _run(args, processes, threads)
+    print(
+        f"Darcy {args.resolution} x {args.resolution} P1, FNO 12 modes 32 channels, global batch "
+        f"{args.batch}, {args.device}, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}"
+    )
+    base = results[(1, args.threads)]
+    print("| processes x threads | step s | compute s | all-reduce s | samples/s | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (processes, threads), row in results.items():
+        rate = args.batch / row["step"]
+        print(
+            f"| {processes} x {threads} | {row['step']:.3f} | {row['compute']:.3f} | "
+            f"{row['all_reduce']:.4f} | {rate:.1f} | {base['step'] / row['step']:.2f} |"
+        )
+    print(f"gradient volume per step: {base['gradient_mb']:.1f} MB (float32)")
+    return {f"{p}x{t}": row for (p, t), row in results.items()}
+
+
+if __name__ == "__main__":
+    main()
