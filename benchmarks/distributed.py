@@ -2,7 +2,7 @@
 split into compute and gradient all-reduce.
 
 The quick start's model (FNO, 12 x 12 modes, 32 channels, on the 33 x 33 grid of a
-33 x 33 P1 Darcy mesh; ``--resolution`` changes both), trained with the
+33 x 33 P1 Darcy mesh; ``--resolution`` changes both, ``--pde`` the data), trained with the
 Trainer's step (each process its share of the global batch, its loss weighted by
 it) for ``--steps`` timed steps after two warm-up steps, on 1 process and on
 ``--processes`` processes, each with ``--threads`` PyTorch threads (one process is
@@ -14,11 +14,19 @@ also run with all of them, what a user without torchrun gets). Per configuration
   all-reduce (the local gradients step the optimiser: timing only);
 - ``all-reduce``: median time of one ``all_reduce`` of a tensor as large as the
   model's gradients, alone;
-- samples per second: the global batch over ``step``.
+- samples per second: the global batch over ``step``;
+- memory: the peak resident size process 0 added from its first step on (CUDA:
+  peak allocated).
+
+With ``--experts K`` the model is the FNO under an MoEConstraint of K experts, and a
+last configuration shares out the experts instead of the batch
+(``Trainer(parallel="experts")``: every process the whole batch).
 
 Each configuration runs in its own ``torchrun`` (gloo on the CPU, NCCL on CUDA).
 
     python benchmarks/distributed.py --processes 2 --threads 1
+    python benchmarks/distributed.py --resolution 65 --experts 16 --batch 8 --steps 5
+    python benchmarks/distributed.py --pde nonlinear_diffusion --experts 16 --batch 8 --steps 5
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
+import resource
 import socket
 import statistics
 import subprocess
@@ -39,12 +49,29 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+_INPUT = {"darcy": "a", "nonlinear_diffusion": "f"}
 
-def _model(space, resolution: int):
+
+def _model(space, resolution: int, experts: int, pde: str):
+    """The FNO, with ``experts > 0`` under an MoEConstraint of that many experts
+    (16 basis fields, the two-level Galerkin default: METIS, overlap 2, 3 sweeps)."""
     from fenop.operators import FNO, FEOperator
+    from fenop.train.physics import build_constraint, constraint_table
 
-    processor = FNO(4, 1, n_modes=(12, 12), hidden_channels=32)
-    return FEOperator(space, space, processor, resolution=resolution)
+    constraint, n_basis = None, 0
+    if experts:
+        n_basis = 16
+        table = {"pde": pde, "inputs": [_INPUT[pde]], "n_basis": n_basis, "experts": experts}
+        constraint = build_constraint(constraint_table(table), space)
+    processor = FNO(4, 1 + n_basis, n_modes=(12, 12), hidden_channels=32)
+    return FEOperator(
+        space,
+        space,
+        processor,
+        resolution=resolution,
+        constraint=constraint,
+        constraint_inputs=[_INPUT[pde]],
+    )
 
 
 def _worker(args) -> dict:
@@ -55,11 +82,14 @@ def _worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     rank, world, device = setup(torch.device(args.device))
-    data = FieldDataset(args.store, indices=range(args.batch * 4))
+    data = FieldDataset(args.store, [_INPUT[args.pde]], indices=range(args.batch * 4))
     torch.manual_seed(0)
-    model = _model(data.space, args.resolution).to(device)
+    model = _model(data.space, args.resolution, args.experts, args.pde).to(device)
     network = model
-    if world > 1:
+    sharded = world > 1 and args.parallel == "experts"
+    if sharded:  # every process the whole batch, its share of the experts
+        model.constraint.shard(rank, world)
+    elif world > 1:
         network = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     loss_fn = RelativeL2Loss(data.space).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -68,14 +98,15 @@ def _worker(args) -> dict:
     def step(index: int, sync: bool) -> float:
         batch = list(range(index * args.batch, (index + 1) * args.batch))
         batch = [i % len(samples) for i in batch]
-        mine, weight = batch_share(batch, rank=rank, world=world)
+        mine, weight = (batch, 1.0) if sharded else batch_share(batch, rank=rank, world=world)
         x = torch.stack([samples[i][0] for i in mine]).to(device)
         y = torch.stack([samples[i][1] for i in mine]).to(device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         optimiser.zero_grad(set_to_none=True)
-        context = network.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+        data_parallel = world > 1 and not sharded
+        context = network.no_sync() if data_parallel and not sync else contextlib.nullcontext()
         with context:
             loss = loss_fn(network(x), y) * (weight if world > 1 else 1.0)
             loss.backward()
@@ -84,13 +115,14 @@ def _worker(args) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    before = _peak_memory(device)
     for index in range(2):
         step(index, True)
     full = [step(i, True) for i in range(args.steps)]
-    compute = [step(i, False) for i in range(args.steps)]
+    compute = [step(i, False) for i in range(args.steps)] if not sharded else [math.nan]
     values = sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters())
     reduce_times = []
-    if world > 1:
+    if world > 1 and not sharded:
         flat = torch.zeros(values, device=device)
         for _ in range(args.steps + 2):
             dist.barrier()
@@ -105,10 +137,18 @@ def _worker(args) -> dict:
         "threads": args.threads,
         "step": statistics.median(full),
         "compute": statistics.median(compute),
-        "all_reduce": statistics.median(reduce_times) if reduce_times else 0.0,
+        "all_reduce": statistics.median(reduce_times) if reduce_times else math.nan,
         "gradient_mb": values * 4 / 1e6,
+        "memory_mb": (_peak_memory(device) - before) / 1e6,
         "rank": rank,
     }
+
+
+def _peak_memory(device: torch.device) -> float:
+    """Bytes: this process's peak resident size (CUDA: peak allocated)."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
 def _free_port() -> int:
@@ -117,18 +157,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args, processes: int, threads: int) -> dict:
+def _run(args, processes: int, threads: int, parallel: str = "data") -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
     command += ["--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{_free_port()}"]
     command += [__file__, "_worker", f"--store={args.store}", f"--threads={threads}"]
     command += [f"--batch={args.batch}", f"--steps={args.steps}", f"--device={args.device}"]
-    command += [f"--resolution={args.resolution}"]
+    command += [f"--resolution={args.resolution}", f"--experts={args.experts}"]
+    command += [f"--parallel={parallel}", f"--pde={args.pde}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"{processes} processes failed:\n{done.stderr[-3000:]}")
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     return next(row for row in rows if row["rank"] == 0)
+
+
+def _cell(value: float, digits: int) -> str:
+    """A table cell: ``-`` where a figure does not apply (NaN)."""
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def main(argv=None) -> dict:
@@ -141,6 +187,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--resolution", type=int, default=33, help="mesh vertices a side")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--store", type=Path, default=None)
+    parser.add_argument(
+        "--experts", type=int, default=0, help="K > 0: the FNO under an MoEConstraint"
+    )
+    parser.add_argument("--parallel", default="data", choices=["data", "experts"])
+    parser.add_argument("--pde", default="darcy", choices=sorted(_INPUT))
     args = parser.parse_args(argv)
     if args.command == "_worker":
         row = _worker(args)
@@ -155,34 +206,44 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         if args.store is None:
             args.store = generate(
-                "darcy",
+                args.pde,
                 args.batch * 4,
                 unit_square(args.resolution),
                 seed=0,
-                path=Path(folder) / "darcy.h5",
+                path=Path(folder) / "data.h5",
                 progress=False,
             )
         configurations = [(1, args.threads), (1, args.threads * args.processes)]
         configurations.append((args.processes, args.threads))
         results = {}
         for processes, threads in dict.fromkeys(configurations):
-            results[(processes, threads)] = _run(args, processes, threads)
+            results[(processes, threads, "data")] = _run(args, processes, threads)
+        if args.experts:  # the constrained model: its experts shared out instead
+            key = (args.processes, args.threads, "experts")
+            results[key] = _run(args, args.processes, args.threads, "experts")
+    model = "FNO 12 modes 32 channels" + (f", MoE K={args.experts}" if args.experts else "")
     print(
-        f"Darcy {args.resolution} x {args.resolution} P1, FNO 12 modes 32 channels, global batch "
+        f"{args.pde} {args.resolution} x {args.resolution} P1, {model}, global batch "
         f"{args.batch}, {args.device}, {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}"
     )
-    base = results[(1, args.threads)]
-    print("| processes x threads | step s | compute s | all-reduce s | samples/s | speed-up |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for (processes, threads), row in results.items():
+    base = results[(1, args.threads, "data")]
+    print(
+        "| processes x threads | parallel | step s | compute s | all-reduce s | samples/s "
+        "| speed-up | memory MB |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for (processes, threads, parallel), row in results.items():
         rate = args.batch / row["step"]
+        compute, reduce = (
+            _cell(row[k], digits) for k, digits in (("compute", 3), ("all_reduce", 4))
+        )
         print(
-            f"| {processes} x {threads} | {row['step']:.3f} | {row['compute']:.3f} | "
-            f"{row['all_reduce']:.4f} | {rate:.1f} | {base['step'] / row['step']:.2f} |"
+            f"| {processes} x {threads} | {parallel} | {row['step']:.3f} | {compute} | {reduce} "
+            f"| {rate:.1f} | {base['step'] / row['step']:.2f} | {row['memory_mb']:.0f} |"
         )
     print(f"gradient volume per step: {base['gradient_mb']:.1f} MB (float32)")
-    return {f"{p}x{t}": row for (p, t), row in results.items()}
+    return {f"{p}x{t}" + ("" if m == "data" else " experts"): r for (p, t, m), r in results.items()}
 
 
 if __name__ == "__main__":
