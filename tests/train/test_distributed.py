@@ -68,9 +68,11 @@ def test_experts_sharded_on_two_processes_train_the_weights_of_one(store, tmp_pa
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_a_run_of_two_processes_resumes_on_one(store, tmp_path):
+@pytest.mark.parametrize("processes", [2, 1])
+def test_a_run_of_two_processes_stopped_after_a_checkpoint_resumes(store, tmp_path, processes):
+    # on two processes again, or on one: the weights of the run that went straight on
     _run(store, tmp_path / "run", 2, 2, "--stop-after", "1")
-    resumed = _run(store, tmp_path / "run", 2, 1, "--resume")
+    resumed = _run(store, tmp_path / "run", 2, processes, "--resume")
     _assert_same(resumed, _run(store, tmp_path / "straight", 2, 2))
 
 
