@@ -197,7 +197,7 @@ def test_constraint_formulations_runs(capsys):
 
 
 def test_distributed_runs(capsys):
-    results = load_script("benchmarks/distributed.py").main(
+    results = load_script("benchmarks/distributed_training.py").main(
         ["--steps", "1", "--batch", "4", "--resolution", "9", "--experts", "3"]
     )
     assert set(results) == {"1x1", "1x2", "2x1", "2x1 experts"}

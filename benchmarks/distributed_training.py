@@ -24,9 +24,10 @@ last configuration shares out the experts instead of the batch
 
 Each configuration runs in its own ``torchrun`` (gloo on the CPU, NCCL on CUDA).
 
-    python benchmarks/distributed.py --processes 2 --threads 1
-    python benchmarks/distributed.py --resolution 65 --experts 16 --batch 8 --steps 5
-    python benchmarks/distributed.py --pde nonlinear_diffusion --experts 16 --batch 8 --steps 5
+    python benchmarks/distributed_training.py --processes 2 --threads 1
+    python benchmarks/distributed_training.py --resolution 65 --experts 16 --batch 8 --steps 5
+    python benchmarks/distributed_training.py --pde nonlinear_diffusion --experts 16 \
+        --batch 8 --steps 5
 """
 
 from __future__ import annotations
@@ -195,7 +196,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.command == "_worker":
         row = _worker(args)
-        print(json.dumps(row), flush=True)
+        if row["rank"] == 0:  # one line: the processes' output shares one pipe
+            print(json.dumps(row), flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
         return row
