@@ -256,7 +256,7 @@ def _info(args) -> int:
     header, space = store.header, store.space
     mesh = space.mesh
     print(f"{path}: fenop store, format {header['fenop_format']}")
-    print(f"  pde         {header.get('pde', '?')}")
+    print(f"  pde         {header.get('pde', 'not recorded')}")
     print(f"  samples     {header['n_complete']} of {header['n_samples']} complete")
     print(f"  fields      {', '.join(header['fields'])}")
     lower, upper = mesh.p.min(axis=1).tolist(), mesh.p.max(axis=1).tolist()

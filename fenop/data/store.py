@@ -10,6 +10,11 @@ without fenop, thanks to HDF5 dimension scales::
     /mesh_cells  (cell, corner)  int64     connectivity into mesh_points
     /<field>     (sample, dof)   float64   one dataset per field
 
+A file written by hand needs only ``fenop_format``, ``element``, the mesh and its
+fields (float32 or float64; cells int32 or int64): without ``fields`` the fields
+are its other (sample, dof) datasets, without ``n_samples`` their length, and
+without ``n_complete`` it is complete (docs/formats.md).
+
 Writing is crash-tolerant: the field datasets are allocated in full when the file
 is created (so later writes change no HDF5 structure, only raw data), samples are
 written a chunk at a time with the file closed in between, and ``n_complete``
@@ -51,6 +56,8 @@ FORMAT_VERSION = 1
 _DEGREES = {"P1": 1, "P2": 2, "Q1": 1, "Q2": 2}
 # Rows checked for NaN/Inf per read while validating: bounds memory on large files.
 _VALIDATION_ROWS = 256
+# Datasets of the layout that are not fields: the mesh, and HDF5 dimension scales.
+_NOT_FIELDS = {"mesh_points", "mesh_cells", "sample", "dof", "vertex", "cell", "corner", "axis"}
 
 
 class StoreError(InputError):
@@ -125,9 +132,8 @@ def create_store(
         raise ValueError(f"`n_samples` must be at least 1, got {n_samples}")
     if not fields or len(set(fields)) != len(fields):
         raise ValueError(f"`fields` must be distinct names, got {list(fields)}")
-    reserved = {"mesh_points", "mesh_cells", "sample", "dof", "vertex", "cell", "corner", "axis"}
-    if reserved & set(fields):
-        raise ValueError(f"field names {sorted(reserved & set(fields))} are reserved")
+    if _NOT_FIELDS & set(fields):
+        raise ValueError(f"field names {sorted(_NOT_FIELDS & set(fields))} are reserved")
     with open_h5(path, "w") as f:
         f.attrs["fenop_format"] = FORMAT_VERSION
         f.attrs["element"] = space.element
@@ -214,10 +220,45 @@ def _header(path, f: h5py.File) -> dict:
         elif isinstance(value, np.generic):
             value = value.item()
         header[key] = value
-    for key in ("element", "fields", "n_samples", "n_complete"):
-        if key not in header:
-            raise StoreError(path, f"missing attribute {key!r}")
+    if "element" not in header:
+        raise StoreError(path, "missing attribute 'element' (P1, P2, Q1 or Q2)")
+    # A file written by hand, or by another program, may leave out what a generated
+    # store records: its fields are then its datasets of one row per sample, and it
+    # is complete.
+    header["fields"] = _field_names(path, f, header.get("fields"))
+    if "n_samples" not in header:
+        rows = {f[name].shape[0] for name in header["fields"] if name in f}
+        if len(rows) > 1:
+            raise StoreError(
+                path, f"the fields {header['fields']} have different numbers of samples {rows}"
+            )
+        header["n_samples"] = rows.pop() if rows else 0
+    header.setdefault("n_complete", header["n_samples"])
     return header
+
+
+def _field_names(path, f: h5py.File, given) -> list[str]:
+    """The store's field names: the ``fields`` attribute (a JSON list, an HDF5 array
+    of strings, or names separated by commas or spaces), else every two-dimensional
+    dataset at the root that is not part of the layout."""
+    if given is None:
+        names = [
+            name
+            for name, item in f.items()
+            if name not in _NOT_FIELDS and isinstance(item, h5py.Dataset) and item.ndim == 2
+        ]
+        if not names:
+            raise StoreError(
+                path, "no fields: no 'fields' attribute, and no (sample, dof) dataset at the root"
+            )
+        return names
+    if isinstance(given, np.ndarray):
+        given = [v.decode() if isinstance(v, bytes) else str(v) for v in given.ravel()]
+    elif isinstance(given, str):
+        given = given.replace(",", " ").split()
+    if not isinstance(given, list) or not all(isinstance(v, str) and v for v in given):
+        raise StoreError(path, f"attribute 'fields' must list field names, got {given!r}")
+    return given
 
 
 def _mesh(path, f: h5py.File) -> skfem.Mesh:
@@ -382,10 +423,20 @@ def open_store(path: str | os.PathLike, *, allow_partial: bool = False):
     store = read_store(path, allow_partial=allow_partial)
     store.check_values(store.header["fields"])
     header, space = store.header, store.space
-    ds = _waiting(lambda: xr.open_dataset(path, engine="h5netcdf"), path, 60.0)
+    ds = _waiting(lambda: xr.open_dataset(path, engine="h5netcdf", phony_dims="sort"), path, 60.0)
+    close = ds.close
+    fields = header["fields"]
+    if "sample" not in ds.dims:  # written without dimension scales (by hand): the
+        # fields' two unnamed axes are (sample, dof); the mesh is left out
+        ds = xr.Dataset(
+            {
+                name: ds[name].rename(dict(zip(ds[name].dims, ("sample", "dof"), strict=True)))
+                for name in fields
+            }
+        )
     names = ("x", "y", "z")[: space.dim]
     view = ds.isel(sample=slice(0, int(header["n_complete"]))).assign_coords(
         {n: ("dof", space.dof_points[:, i]) for i, n in enumerate(names)}
     )
-    view.set_close(ds.close)  # closing the view (or leaving its `with`) closes the file
+    view.set_close(close)  # closing the view (or leaving its `with`) closes the file
     return view

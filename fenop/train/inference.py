@@ -245,7 +245,7 @@ def predict_store(
     from fenop import __version__
 
     attrs = {
-        "pde": store.header.get("pde", "unknown"),
+        **({"pde": store.header["pde"]} if "pde" in store.header else {}),
         "dirichlet": store.header.get("dirichlet", "boundary"),
         "model": str(name),
         "fenop_version": __version__,

@@ -14,6 +14,7 @@ from fenop.data.store import (
     create_store,
     open_h5,
     open_store,
+    read_store,
     store_space,
     validate_store,
     write_samples,
@@ -163,3 +164,59 @@ def test_writes_wait_while_a_reader_has_the_file_open(tmp_path):
     with _held_open(path, 30.0):
         with pytest.raises(StoreError, match=r"locked by another process .* \(waited 0.5 s\)"):
             open_h5(path, "r+", patience=0.5)
+
+
+def _by_hand(path, *, fields=None, extra=None):
+    """A store written as a user would: the required attributes, float32 fields and
+    int32 cells, on a 5 x 5 P1 mesh; ``fields``, if given, as the attribute."""
+    from fenop.fem import unit_square
+
+    mesh = unit_square(5)
+    with h5py.File(path, "w") as f:
+        f.attrs["fenop_format"], f.attrs["element"] = 1, "P1"
+        if fields is not None:
+            f.attrs["fields"] = fields
+        f["mesh_points"], f["mesh_cells"] = mesh.p.T, mesh.t.T.astype(np.int32)
+        f["a"] = np.ones((3, 25), dtype=np.float32)
+        f["u"] = np.zeros((3, 25), dtype=np.float32)
+        for name, value in (extra or {}).items():
+            f[name] = value
+    return path
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [None, "a, u", "a u", np.array(["a", "u"], dtype=h5py.string_dtype()), '["a", "u"]'],
+    ids=["none", "commas", "spaces", "string array", "json"],
+)
+def test_a_store_written_by_hand_needs_no_fields_or_counts(tmp_path, fields):
+    path = _by_hand(tmp_path / "mine.h5", fields=fields)
+    store = read_store(path)
+    assert store.header["fields"] == ["a", "u"]  # not letter by letter
+    assert store.n_samples == store.n_complete == 3 and store.space.n_dofs == 25
+    with open_store(path) as ds:
+        assert ds["a"].dtype == np.float32 and ds.sizes["sample"] == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "fields", "message"),
+    [
+        ({"b": np.ones((4, 25))}, None, r"the fields \['a', 'b', 'u'\] have different numbers"),
+        ({"b": np.ones((3, 7))}, None, r"field 'b' has shape \(3, 7\), expected \(3, 25\)"),
+        ({}, "a, v", r"missing field 'v'"),
+    ],
+)
+def test_a_store_written_by_hand_with_mistakes_is_refused_clearly(tmp_path, extra, fields, message):
+    path = _by_hand(tmp_path / "mine.h5", fields=fields, extra=extra)
+    with pytest.raises(StoreError, match=message) as info:
+        read_store(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_store_without_any_field_is_refused(tmp_path):
+    path = tmp_path / "empty.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["fenop_format"], f.attrs["element"] = 1, "P1"
+        f["mesh_points"], f["mesh_cells"] = np.eye(3)[:, :2], np.array([[0, 1, 2]])
+    with pytest.raises(StoreError, match="no fields: no 'fields' attribute"):
+        read_store(path)
