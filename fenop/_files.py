@@ -26,6 +26,8 @@ def replacing(target: str | os.PathLike, *, folder: bool = False) -> Iterator[Pa
     target = Path(target)
     if problem := missing_folder(target):
         raise InputError(f"{target}: {problem}")
+    if not folder and target.is_dir():
+        raise InputError(f"{target}: is a folder; name a file to write")
     try:
         if folder:
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -55,7 +57,10 @@ def replacing(target: str | os.PathLike, *, folder: bool = False) -> Iterator[Pa
                 os.replace(staging, target)
         else:
             staging.chmod(0o666 & ~umask)
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError as exc:  # the user's path, not the hidden staging file's
+                raise InputError(f"{target}: cannot be written ({exc.strerror})") from None
     except BaseException:
         if folder:
             shutil.rmtree(staging, ignore_errors=True)

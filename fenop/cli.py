@@ -4,7 +4,10 @@
     fenop train CONFIG.toml [--resume | --overwrite] [--device cpu|cuda]
     fenop evaluate CHECKPOINT DATA.h5 [--samples START:STOP | --split test]
     fenop predict CHECKPOINT INPUT.h5 -o OUTPUT.h5 [--overwrite]
-    fenop info FILE
+    fenop info [FILE]
+
+``--threads N`` (train, evaluate, predict) sets PyTorch's threads. Building the
+parser imports neither torch nor scikit-fem, so ``--help`` is quick.
 
 Bad input ends with one line on stderr naming the file and the problem, and exit
 status 2; no output file is left half-written (an interrupted generation keeps its
@@ -20,11 +23,33 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# The choices `generate` offers, named here so that building the parser imports
+# neither torch nor scikit-fem (tests check them against fenop.data.pdes.PDES and
+# fenop.fem.mesh.DOMAINS).
+PDE_NAMES = ("darcy", "heat", "nonlinear_diffusion", "poisson")
+DOMAIN_NAMES = ("square", "lshape")
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own usage errors: same one-line form, status 2
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+class _Help(argparse.HelpFormatter):
+    """argparse's help, with each option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        meaningful = not (default is None or default is False or default == [])
+        if (
+            "%(default)" not in text
+            and action.option_strings
+            and meaningful
+            and default is not argparse.SUPPRESS
+        ):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -38,14 +63,24 @@ def _option(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _at_least(low: int):
+    """An argparse type: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            wanted = "a positive integer" if low == 1 else f"an integer of at least {low}"
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = "integer"  # what argparse names in its messages
+    return parse
+
+
+_positive_int = _at_least(1)
 
 
 def _samples(text: str) -> slice:
@@ -96,11 +131,27 @@ def _mesh(args):
     return DOMAINS[args.domain](33 if args.resolution is None else args.resolution)
 
 
+def _already_written(output: Path, overwrite: bool) -> int:
+    """Samples a store at ``output`` holds already (0 if it is new or to be replaced;
+    whether its recipe is this command's is generate()'s to check)."""
+    from fenop.data import StoreError, read_header
+
+    if overwrite or not output.is_file():
+        return 0
+    try:
+        return int(read_header(output)["n_complete"])
+    except (StoreError, KeyError, ValueError):
+        return 0
+
+
 def _generate(args) -> int:
     from fenop.data import SampleError, WorkerDiedError, generate, read_header
 
     output = Path(args.output)  # generate() checks that it can be written
     mesh = _mesh(args)
+    before = _already_written(output, args.overwrite)
+    if 0 < before < args.n_samples and not args.quiet:
+        print(f"resuming {output}: {before} of {args.n_samples} samples there", file=sys.stderr)
     try:
         generate(
             args.pde,
@@ -129,7 +180,13 @@ def _generate(args) -> int:
         print(f"fenop generate: error: {exc}", file=sys.stderr)
         return 1
     if not args.quiet:
-        print(f"wrote {args.n_samples} {args.pde} samples to {output}")
+        if before >= args.n_samples:
+            print(f"{output} holds all {args.n_samples} {args.pde} samples already; nothing to do")
+        elif before:
+            written = args.n_samples - before
+            print(f"wrote {written} {args.pde} samples to {output} ({args.n_samples} in all)")
+        else:
+            print(f"wrote {args.n_samples} {args.pde} samples to {output}")
     return 0
 
 
@@ -163,6 +220,10 @@ def _train(args) -> int:
         last = history[-1]
         l2, h1 = last["test_l2"], last["test_h1"]
         print(f"epoch {last['epoch']}: test relative L2 {l2:.4f}, H1 {h1:.4f}")
+    elif not history:  # resumed a run that had finished
+        folder = Path(output or read_config(args.config)["training"]["output"])
+        epoch = json.loads((folder / "last" / "training.json").read_text())["epoch"]
+        print(f"{folder} finished at epoch {epoch} already; nothing to resume", file=sys.stderr)
     return 0
 
 
@@ -273,24 +334,50 @@ def _info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fenop import __version__
-    from fenop.data.pdes import PDES
-    from fenop.fem.mesh import DOMAINS
 
-    parser = _Parser(prog="fenop", description="Neural operators on finite-element meshes.")
+    parser = _Parser(
+        prog="fenop",
+        description="Neural operators on finite-element meshes.",
+        formatter_class=_Help,
+    )
     parser.add_argument("--version", action="version", version=f"fenop {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
 
-    gen = commands.add_parser("generate", help="solve PDE samples into an HDF5 store")
-    gen.add_argument("pde", choices=sorted(PDES), help="PDE family")
-    gen.add_argument("-n", "--n-samples", type=int, required=True, help="number of samples")
+    def command(name: str, **options) -> argparse.ArgumentParser:
+        return commands.add_parser(name, formatter_class=_Help, **options)
+
+    def threads(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--threads",
+            type=_positive_int,
+            help="PyTorch threads (default: PyTorch's, OMP_NUM_THREADS where set)",
+        )
+
+    gen = command("generate", help="solve PDE samples into an HDF5 store")
+    gen.add_argument("pde", choices=PDE_NAMES, help="PDE family")
+    gen.add_argument(
+        "-n", "--n-samples", type=_positive_int, required=True, help="number of samples"
+    )
     gen.add_argument("-o", "--output", required=True, help="HDF5 file to write (or resume)")
-    gen.add_argument("--seed", type=int, default=0, help="sample i depends on (seed, i) only")
-    gen.add_argument("--resolution", type=int, help="vertices per side of the built-in mesh (33)")
-    gen.add_argument("--domain", choices=list(DOMAINS), default="square", help="built-in mesh")
+    gen.add_argument(
+        "--seed", type=_at_least(0), default=0, help="sample i depends on (seed, i) only"
+    )
+    gen.add_argument(
+        "--resolution", type=_at_least(2), help="vertices per side of the built-in mesh (33)"
+    )
+    gen.add_argument("--domain", choices=DOMAIN_NAMES, default="square", help="built-in mesh")
     gen.add_argument("--mesh", help="a mesh file (Gmsh, VTK, XDMF) instead of a built-in mesh")
-    gen.add_argument("--degree", type=int, default=1, help="Lagrange degree of the FE space")
-    gen.add_argument("-j", "--workers", type=int, default=1, help="local worker processes")
-    gen.add_argument("--chunk-size", type=int, default=32, help="samples written per chunk")
+    gen.add_argument(
+        "--degree", type=int, choices=(1, 2), default=1, help="Lagrange degree of the FE space"
+    )
+    gen.add_argument(
+        "-j", "--workers", type=_positive_int, default=1, help="local worker processes"
+    )
+    gen.add_argument(
+        "--chunk-size", type=_positive_int, default=32, help="samples written per chunk"
+    )
     gen.add_argument("--scheduler", help="dask.distributed scheduler address (fenop[cluster])")
     gen.add_argument(
         "--option",
@@ -304,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(run=_generate)
 
-    train = commands.add_parser("train", help="train a model from a TOML configuration")
+    train = command("train", help="train a model from a TOML configuration")
     train.add_argument("config", help="TOML configuration (see examples/*.toml)")
     train.add_argument(
         "--resume",
@@ -318,9 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a finished run in the output folder"
     )
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    threads(train)
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("evaluate", help="errors of a checkpoint on a store")
+    evaluate = command("evaluate", help="errors of a checkpoint on a store")
     evaluate.add_argument("checkpoint", help="checkpoint directory or shipped name")
     evaluate.add_argument("data", help="store with the model's input and output fields")
     evaluate.add_argument("--batch-size", type=_positive_int, default=32, help="samples per batch")
@@ -334,9 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which.add_argument("--split", choices=["test"], help="score the checkpoint's own test split")
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    threads(evaluate)
     evaluate.set_defaults(run=_evaluate)
 
-    predict = commands.add_parser("predict", help="run a model on the input fields of a store")
+    predict = command("predict", help="run a model on the input fields of a store")
     predict.add_argument("model", help="checkpoint directory or shipped name (e.g. darcy-fno)")
     predict.add_argument(
         "input", help="store with the model's input fields (any mesh of its domain)"
@@ -346,9 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=_positive_int, default=32, help="samples per batch")
     predict.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    threads(predict)
     predict.set_defaults(run=_predict)
 
-    info = commands.add_parser(
+    info = command(
         "info", help="what a store or checkpoint holds (without one: the shipped models)"
     )
     info.add_argument(
@@ -359,10 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from fenop._errors import InputError
-
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv:  # a bare `fenop`: what it can do, not just an error
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    args = parser.parse_args(argv)
     try:
+        # Imported here, inside the handler: Ctrl-C while torch loads is a clean exit.
+        from fenop._errors import InputError
+
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.run(args)
     except KeyboardInterrupt:  # commands that leave nothing to resume: nothing to add
         print(f"fenop {args.command}: interrupted", file=sys.stderr)
@@ -401,6 +501,12 @@ def _checkpoint_info(path: Path) -> int:
     space = description.space_in
     vertices = space.mesh.p.shape[1]
     print(f"  space       {space.element} on {type(space.mesh).__name__}, {vertices} vertices")
+    saved = {
+        "best": "best: the epoch of lowest test error",
+        "last": "last: the latest epoch (with what --resume needs)",
+    }
+    if path.name in saved and path.parent.joinpath("metrics.jsonl").is_file():
+        print(f"  saved       {saved[path.name]}")
     for key in ("epoch", "test_error", "data"):
         if key in config:
             print(f"  {key:<11} {json.dumps(config[key])}")

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from fenop.cli import main
+from fenop.cli import DOMAIN_NAMES, PDE_NAMES, main
 from fenop.data import generate, read_header
 from fenop.fem import FunctionSpace, unit_square
 from fenop.operators import FEMultigrid, FEOperator
 from fenop.train import load_model, read_config, save_checkpoint
 from tests.helpers import SMALL_CONFIG as CONFIG
-from tests.helpers import generation_workers, wait_for_samples
+from tests.helpers import child_processes, generation_workers, wait_for_samples
 
 
 def test_generate_then_info(tmp_path, capsys):
@@ -89,10 +89,12 @@ def _status(args) -> int:
     [
         ("generate darcy -n 2 --mesh {tmp}/none.msh -o {out}", "none.msh': no such file"),
         ("generate darcy -n 2 --mesh {tmp}/m.vtk --resolution 5 -o {out}", "not both"),
-        ("generate darcy -n 0 -o {out}", "n_samples"),
+        ("generate darcy -n 0 -o {out}", "argument -n/--n-samples: expected a positive integer"),
+        ("generate darcy -n 2 -j 0 -o {out}", "argument -j/--workers: expected a positive"),
+        ("generate darcy -n 2 --resolution 1 -o {out}", "--resolution: expected an integer of at"),
         ("generate darcy -n 2 --option viscosity=1 -o {out}", "no option 'viscosity'; its"),
         ("generate darcy -n 2 --resolution 2 -o {out}", "all 4 DOFs of this space lie on"),
-        ("generate darcy -n 2 --seed -1 -o {out}", "`seed` must be a non-negative int"),
+        ("generate darcy -n 2 --seed -1 -o {out}", "argument --seed: expected an integer of at"),
         ("generate darcy -n 2 -o {tmp}/no/out.h5", "folder {tmp}/no does not exist"),
         ("predict darcy-fno {tmp}/none.h5 -o {tmp}/no/out.h5", "folder {tmp}/no does not"),
         ("predict darcy-fno {tmp}/none.h5 -o {out} --batch-size 0", "a positive integer"),
@@ -103,6 +105,7 @@ def _status(args) -> int:
         ("generate stokes -n 2 -o {out}", "invalid choice: 'stokes'"),
         ("generate darcy -n 2 --option a_high -o {out}", "KEY=VALUE"),
         ("info {tmp}/none.h5", "none.h5: no such file"),
+        ("predict darcy-fno {tmp}/none.h5 -o {tmp} --overwrite", "{tmp}: is a folder; name a file"),
     ],
 )
 def test_bad_input_is_one_line_with_status_2_and_no_output(tmp_path, capsys, command, message):
@@ -113,6 +116,39 @@ def test_bad_input_is_one_line_with_status_2_and_no_output(tmp_path, capsys, com
     err = capsys.readouterr().err.strip()
     assert message.format(tmp=tmp_path) in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_help_is_quick_shows_defaults_and_a_bare_fenop_shows_it(capsys):
+    # building the parser imports neither torch nor scikit-fem
+    probe = "import sys; from fenop.cli import build_parser; build_parser(); "
+    probe += "print(sorted({'torch', 'skfem'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.strip() == "[]", done.stderr
+    from fenop.data.pdes import PDES
+    from fenop.fem.mesh import DOMAINS
+
+    assert set(PDE_NAMES) == set(PDES) and list(DOMAIN_NAMES) == list(DOMAINS)
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 32)" in out and "(default: 0)" in out and "(default: None)" not in out
+    assert _status([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fenop") and "generate" in err and "predict" in err
+
+
+def test_generate_says_when_it_resumes_or_has_nothing_to_do(tmp_path, capsys):
+    path = tmp_path / "d.h5"
+    args = ["generate", "poisson", "--resolution", "5", "--chunk-size", "2", "-o", str(path)]
+    assert main([*args, "-n", "3", "-q"]) == 0
+    with h5py.File(path, "r+") as f:  # as an interrupted run leaves it
+        f.attrs["n_complete"] = 2
+    assert main([*args, "-n", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert f"resuming {path}: 2 of 3 samples there" in err
+    assert f"wrote 1 poisson samples to {path} (3 in all)" in out
+    assert main([*args, "-n", "3"]) == 0
+    assert "holds all 3 poisson samples already; nothing to do" in capsys.readouterr().out
 
 
 def test_existing_output_of_another_recipe_is_kept(tmp_path, capsys):
@@ -151,6 +187,36 @@ def test_generate_with_a_killed_worker_fails_clearly_and_resumes(tmp_path):
     done = read_header(path)["n_complete"]
     assert 16 <= done < 600 and f"the {done} samples written are kept" in stderr
     assert main(args) == 0 and read_header(path)["n_complete"] == 600  # the same command resumes
+
+
+def test_ctrl_c_early_in_a_parallel_generate_is_one_clean_line(tmp_path):
+    path = tmp_path / "d.h5"
+    args = ["generate", "darcy", "-n", "200", "--resolution", "33", "-j", "2", "-o", str(path)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fenop.cli", *args, "-q"],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal's job
+    )
+    try:
+        # The forkserver, once there, imports torch and scikit-fem for seconds: the
+        # moment at which a Ctrl-C used to print its traceback.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+            "forkserver" in Path(f"/proc/{child}/cmdline").read_text()
+            for child in child_processes(process.pid)
+        ):
+            time.sleep(0.01)
+        time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole group
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines() == [stderr.strip().splitlines()[-1]]  # one line
+    assert "interrupted" in stderr
 
 
 def test_console_script_is_installed(tmp_path):
@@ -204,7 +270,23 @@ def test_train_evaluate_predict(trained, capsys):
         relative = np.linalg.norm(f["u"][()] - g["u"][()]) / np.linalg.norm(g["u"][()])
         assert relative < 1.0
     assert main(["info", str(run / "best")]) == 0
-    assert "fenop checkpoint" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fenop checkpoint" in out and "saved       best: the epoch of lowest test error" in out
+    assert main(["info", str(run / "last")]) == 0
+    assert "saved       last: the latest epoch" in capsys.readouterr().out
+
+
+def test_threads_sets_pytorchs_threads(trained, capsys):
+    threads = torch.get_num_threads()
+    output = trained / "threads.h5"
+    try:
+        args = ["predict", str(trained / "run" / "best"), str(trained / "d.h5"), "-o", str(output)]
+        assert main([*args, "-q", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert _status([*args, "--overwrite", "--threads", "0"]) == 2
+    assert "argument --threads: expected a positive integer" in capsys.readouterr().err
 
 
 def test_train_resume(trained, capsys):
@@ -213,6 +295,7 @@ def test_train_resume(trained, capsys):
     before = (trained / "run" / "last" / "model.safetensors").read_bytes()
     assert main(["train", str(config), "-q", "--resume"]) == 0  # finished: nothing left to do
     assert (trained / "run" / "last" / "model.safetensors").read_bytes() == before
+    assert "finished at epoch 2 already; nothing to resume" in capsys.readouterr().err
     assert main(["train", str(config), "-q", "--resume", str(trained / "missing")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
     config.write_text(CONFIG.replace("epochs = 2", "epochs = 3"))

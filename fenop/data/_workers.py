@@ -146,6 +146,24 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def _start_forkserver() -> None:
+    """Start the forkserver (if it is not running) with Ctrl-C ignored: a terminal's
+    Ctrl-C reaches the whole process group, and the server would otherwise print a
+    KeyboardInterrupt traceback from its imports before the caller's own clean line.
+    The server sets its own handling once its imports are done, and the workers
+    ignore Ctrl-C anyway (:func:`_worker`): the caller ends them."""
+    import multiprocessing.forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        multiprocessing.forkserver.ensure_running()  # signals belong to the main thread
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the server
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def samples(
     recipe: Recipe, family: PDEFamily, seed: int, indices: range, workers: int, scheduler
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -173,6 +191,8 @@ def _on_workers(
     os.environ.update(_worker_env())
     finished = False
     try:
+        if context.get_start_method() == "forkserver":
+            _start_forkserver()
         for _ in range(min(workers, len(indices))):
             ours, theirs = context.Pipe()
             process = context.Process(target=_worker, args=(recipe, theirs), daemon=True)

@@ -227,6 +227,8 @@ def predict_store(
             cannot be written.
     """
     output = Path(output)
+    if output.is_dir():
+        raise InputError(f"{output}: is a folder; name a file to write")
     if output.exists() and not overwrite:
         raise InputError(f"{output}: exists; pass --overwrite to replace it")
     if output.exists() and output.resolve() == Path(path).resolve():
