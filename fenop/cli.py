@@ -5,6 +5,8 @@
     fenop evaluate CHECKPOINT DATA.h5 [--samples START:STOP | --split test]
     fenop predict CHECKPOINT INPUT.h5 -o OUTPUT.h5 [--overwrite]
     fenop info [FILE]
+    fenop convert STORE.h5 OUT.xdmf|OUT.vtu [--predictions PRED.h5] [--samples START:STOP]
+    fenop convert MESH.xdmf|MESH.vtu|... STORE.h5
 
 ``--threads N`` (train, evaluate, predict) sets PyTorch's threads. Building the
 parser imports neither torch nor scikit-fem, so ``--help`` is quick.
@@ -286,6 +288,34 @@ def _predict(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from fenop._errors import InputError
+    from fenop.data.meshio_files import meshio_to_store, store_to_meshio
+
+    source, target = Path(args.input), Path(args.output)
+    if source.suffix == ".h5":  # a store out to ParaView's formats
+        written = store_to_meshio(
+            source,
+            target,
+            predictions=args.predictions,
+            samples=args.samples,
+            overwrite=args.overwrite,
+        )
+        if target.suffix == ".xdmf":
+            print(f"wrote {written[0]} (its arrays in {written[1].name})")
+        else:
+            shown = written[0] if len(written) == 1 else f"{written[0]} ... {written[-1].name}"
+            print(f"wrote {shown}")
+        return 0
+    if args.predictions is not None or args.samples is not None:
+        raise InputError("--predictions and --samples are for converting a store (.h5)")
+    if target.suffix != ".h5":
+        raise InputError(f"{target}: a mesh file becomes a store: name an .h5 file")
+    meshio_to_store(source, target, overwrite=args.overwrite)
+    print(f"wrote {target}")
+    return 0
+
+
 def _shipped_models() -> int:
     """``fenop info`` without a file: the shipped models, one line each."""
     from fenop.train import PRETRAINED, pretrained_names, read_config
@@ -437,6 +467,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     threads(predict)
     predict.set_defaults(run=_predict)
+
+    convert = command(
+        "convert",
+        help="a store to XDMF or VTU for ParaView, or a mesh file with point data to a store",
+    )
+    convert.add_argument("input", help="a store (.h5), or a meshio file with point data")
+    convert.add_argument(
+        "output", help=".xdmf (a step per sample) or .vtu (a file per sample); .h5 from a mesh file"
+    )
+    convert.add_argument(
+        "--predictions", help="a store of predictions on the same mesh: added, with errors"
+    )
+    convert.add_argument(
+        "--samples", type=_samples, metavar="START:STOP", help="convert these samples only"
+    )
+    convert.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    convert.set_defaults(run=_convert)
 
     info = command(
         "info", help="what a store or checkpoint holds (without one: the shipped models)"

@@ -151,6 +151,21 @@ def test_generate_says_when_it_resumes_or_has_nothing_to_do(tmp_path, capsys):
     assert "holds all 3 poisson samples already; nothing to do" in capsys.readouterr().out
 
 
+def test_convert_to_paraview_and_back(tmp_path, capsys):
+    data = tmp_path / "d.h5"
+    assert main(["generate", "poisson", "-n", "3", "--resolution", "5", "-o", str(data), "-q"]) == 0
+    assert main(["convert", str(data), str(tmp_path / "view.xdmf"), "--samples", "0:2"]) == 0
+    assert "(its arrays in view.h5)" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "view.xdmf"), str(tmp_path / "back.h5")]) == 0
+    with h5py.File(data) as f, h5py.File(tmp_path / "back.h5") as g:
+        np.testing.assert_array_equal(g["u"][()], f["u"][:2])
+    capsys.readouterr()
+    assert main(["convert", str(data), str(tmp_path / "d.xdmf")]) == 2  # would write d.h5
+    err = capsys.readouterr().err.strip()
+    assert err == f"fenop convert: error: {data}: is an input; name the output otherwise"
+    assert not (tmp_path / "d.xdmf").exists()
+
+
 def test_existing_output_of_another_recipe_is_kept(tmp_path, capsys):
     path = tmp_path / "d.h5"
     assert main(["generate", "darcy", "-n", "2", "--resolution", "5", "-o", str(path), "-q"]) == 0

@@ -1,0 +1,130 @@
+"""Stores to XDMF / VTU and back (meshio): lossless round trips for P1, P2, Q1 and
+Q2, predictions with their errors, a file from another solver, and refusals."""
+
+import h5py
+import meshio
+import numpy as np
+import pytest
+
+from fenop._errors import InputError
+from fenop.data.meshio_files import meshio_to_store, store_to_meshio
+from fenop.data.store import StoreError, create_store, read_store, write_samples
+from fenop.fem import FunctionSpace, l_shape, unit_square
+
+
+def _store(path, space, n=3, fields=("a", "u")):
+    """A store of smooth fields (values known from the DOF points) on ``space``."""
+    x, y = space.dof_points.T
+    values = {
+        name: np.stack([np.sin(x + k) * np.cos(2 * y) + j for k in range(n)])
+        for j, name in enumerate(fields)
+    }
+    create_store(path, space, fields=list(fields), n_samples=n, attrs={"pde": "test"})
+    write_samples(path, 0, values)
+    return path, values
+
+
+SPACES = {
+    "P1 L-shape": lambda: FunctionSpace(l_shape(5), dirichlet="boundary"),
+    "P2 L-shape": lambda: FunctionSpace(l_shape(5), degree=2, dirichlet="boundary"),
+    "Q1 square": lambda: FunctionSpace(unit_square(4, cell="quad"), dirichlet="boundary"),
+    "Q2 square": lambda: FunctionSpace(unit_square(4, cell="quad"), degree=2, dirichlet="boundary"),
+}
+
+
+@pytest.mark.parametrize("suffix", [".xdmf", ".vtu"])
+@pytest.mark.parametrize("name", list(SPACES))
+def test_a_store_goes_out_and_comes_back_unchanged(tmp_path, name, suffix):
+    space = SPACES[name]()
+    path, values = _store(tmp_path / "d.h5", space, n=1 if suffix == ".vtu" else 3)
+    (written, *_) = store_to_meshio(path, tmp_path / f"view{suffix}")
+    back = read_store(meshio_to_store(written, tmp_path / "back.h5"))
+    assert back.space.element == space.element and back.header["fields"] == ["a", "u"]
+    np.testing.assert_array_equal(back.space.mesh.p, space.mesh.p)
+    np.testing.assert_array_equal(back.space.mesh.t, space.mesh.t)
+    for field, expected in values.items():
+        with h5py.File(back.path) as f:
+            np.testing.assert_array_equal(f[field][()], expected)
+
+
+@pytest.mark.parametrize("name", ["P2 L-shape", "Q2 square"])
+def test_second_order_cells_have_their_nodes_where_vtk_puts_them(tmp_path, name):
+    # corners, then the midpoints of the edges (0, 1), (1, 2), ... in turn (and the centre)
+    space = SPACES[name]()
+    path, _ = _store(tmp_path / "d.h5", space, n=1)
+    mesh = meshio.read(store_to_meshio(path, tmp_path / "view.vtu")[0])
+    (block,) = mesh.cells
+    nodes = mesh.points[block.data][..., :2]  # (cells, nodes, 2)
+    corners = 3 if block.type == "triangle6" else 4
+    for edge in range(corners):
+        middle = (nodes[:, edge] + nodes[:, (edge + 1) % corners]) / 2
+        np.testing.assert_allclose(nodes[:, corners + edge], middle, atol=1e-12)
+    if block.type == "quad9":
+        np.testing.assert_allclose(nodes[:, 8], nodes[:, :4].mean(axis=1), atol=1e-12)
+
+
+def test_an_xdmf_time_series_has_a_step_per_sample_and_predictions_with_errors(tmp_path):
+    space = FunctionSpace(unit_square(5), dirichlet="boundary")
+    data, values = _store(tmp_path / "d.h5", space, n=4)
+    predicted, guesses = _store(tmp_path / "p.h5", space, n=4, fields=("u",))
+    written = store_to_meshio(
+        data, tmp_path / "view.xdmf", predictions=predicted, samples=slice(1, 3)
+    )
+    assert [p.name for p in written] == ["view.xdmf", "view.h5"]
+    with meshio.xdmf.TimeSeriesReader(str(written[0])) as reader:
+        reader.read_points_cells()
+        steps = [reader.read_data(k) for k in range(reader.num_steps)]
+    assert [t for t, _, _ in steps] == [1.0, 2.0]
+    for k, (_, point_data, _) in enumerate(steps, start=1):
+        assert set(point_data) == {"a", "u", "u_predicted", "u_error"}
+        np.testing.assert_array_equal(point_data["u_error"], guesses["u"][k] - values["u"][k])
+
+
+def test_several_samples_go_to_numbered_vtu_files(tmp_path):
+    space = FunctionSpace(unit_square(5), dirichlet="boundary")
+    path, values = _store(tmp_path / "d.h5", space, n=3)
+    written = store_to_meshio(path, tmp_path / "view.vtu")
+    assert [p.name for p in written] == ["view_0000.vtu", "view_0001.vtu", "view_0002.vtu"]
+    np.testing.assert_array_equal(meshio.read(written[2]).point_data["a"], values["a"][2])
+
+
+def test_a_file_from_another_solver_becomes_a_store(tmp_path):
+    # Gmsh-like: boundary lines beside the triangles, a point no cell uses, a vector
+    # field (skipped) and a scalar one
+    mesh = unit_square(5)
+    points = np.vstack([np.c_[mesh.p.T, np.zeros(25)], [[9.0, 9.0, 0.0]]])
+    lines = np.array([[0, 1], [1, 2]])
+    temperature = points[:, 0] + 2 * points[:, 1]
+    source = meshio.Mesh(
+        points,
+        [("line", lines), ("triangle", mesh.t.T)],
+        point_data={"T": temperature, "velocity": np.ones((26, 2))},
+    )
+    path = tmp_path / "solver.vtu"
+    meshio.write(path, source)
+    store = read_store(meshio_to_store(path, tmp_path / "s.h5"))
+    assert store.header["fields"] == ["T"] and store.space.element == "P1"
+    x, y = store.space.dof_points.T
+    with h5py.File(store.path) as f:
+        np.testing.assert_allclose(f["T"][0], x + 2 * y)
+
+
+def test_conversions_that_would_lose_or_replace_files_are_refused(tmp_path):
+    space = FunctionSpace(unit_square(5), dirichlet="boundary")
+    path, _ = _store(tmp_path / "d.h5", space)
+    with pytest.raises(InputError, match=r"d\.h5: is an input; name the output otherwise"):
+        store_to_meshio(path, tmp_path / "d.xdmf")  # its arrays would go to d.h5
+    assert not (tmp_path / "d.xdmf").exists()
+    with pytest.raises(InputError, match=r"write \.xdmf"):
+        store_to_meshio(path, tmp_path / "view.png")
+    store_to_meshio(path, tmp_path / "view.xdmf")
+    with pytest.raises(InputError, match="exists; pass --overwrite"):
+        store_to_meshio(path, tmp_path / "view.xdmf")
+    other, _ = _store(tmp_path / "o.h5", FunctionSpace(unit_square(6), dirichlet="boundary"))
+    with pytest.raises(StoreError, match="its mesh or element is not that of"):
+        store_to_meshio(path, tmp_path / "p.xdmf", predictions=other)
+    lines = tmp_path / "lines.vtu"
+    meshio.write(lines, meshio.Mesh(np.eye(3), [("line", np.array([[0, 1]]))]))
+    with pytest.raises(InputError, match=r"no cells fenop reads .* it has \['line'\]"):
+        meshio_to_store(lines, tmp_path / "l.h5")
+    assert not (tmp_path / "l.h5").exists()
