@@ -35,6 +35,7 @@ hold NaN.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -185,14 +186,25 @@ def write_samples(path: str | os.PathLike, start: int, values: Mapping[str, np.n
         f.attrs["n_complete"] = start + count
 
 
-def _open(path: str | os.PathLike) -> h5py.File:
+@contextlib.contextmanager
+def _open(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """The store open for reading; HDF5's errors about its structure inside the block
+    (a damaged object header or symbol table: h5py raises KeyError, RuntimeError or
+    OSError for them) become one StoreError naming the file."""
     path = Path(path)
     if problem := missing_file(path):
         raise StoreError(path, problem)
     try:
-        return open_h5(path, "r")
+        file = open_h5(path, "r")
     except OSError as exc:
         raise StoreError(path, f"not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+    with file:
+        try:
+            yield file
+        except (KeyError, RuntimeError, OSError) as exc:
+            raise StoreError(
+                path, f"damaged: HDF5 cannot read its structure ({exc}); regenerate or restore it"
+            ) from None
 
 
 def read_header(path: str | os.PathLike) -> dict:

@@ -154,10 +154,43 @@ def mesh_from_arrays(points: np.ndarray, cells: np.ndarray) -> skfem.Mesh:
         )
     if cells.size and (cells.min() < 0 or cells.max() >= len(points)):
         raise MeshError("the cells refer to vertices that the points do not have")
+    if not np.isfinite(points).all():
+        raise MeshError("the mesh points hold NaN or Inf")
+    flat = int(np.count_nonzero(_cell_measures(points, cells) <= _flat(points)))
+    if flat:
+        size = {1: "length", 2: "area", 3: "volume"}[points.shape[1]]
+        raise MeshError(
+            f"{flat} of {len(cells)} cells have zero {size} (vertices that coincide or lie "
+            "on a line): the mesh points are damaged or the cells do not fit them"
+        )
     return kind(
         np.ascontiguousarray(points.T, dtype=np.float64),
         np.ascontiguousarray(cells.T, dtype=np.int64),
     )
+
+
+def _cell_measures(points: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """``(n_cells,)`` lengths, areas or volumes (unsigned; a quadrilateral as the two
+    triangles of its diagonal 0-2)."""
+    corners = points[cells]  # (cells, corners, dim)
+    edges = corners[:, 1:] - corners[:, :1]
+    if points.shape[1] == 1:
+        return np.abs(edges[:, 0, 0])
+    if points.shape[1] == 3:
+        return np.abs(np.linalg.det(edges[:, :3])) / 6
+    cross = (
+        edges[:, :, 0, None] * edges[:, None, :, 1] - edges[:, :, 1, None] * edges[:, None, :, 0]
+    )
+    area = np.abs(cross[:, 0, 1]) / 2  # triangle (0, 1, 2)
+    if cells.shape[1] == 4:
+        area = area + np.abs(cross[:, 1, 2]) / 2  # triangle (0, 2, 3)
+    return area
+
+
+def _flat(points: np.ndarray) -> float:
+    """The measure below which a cell is flat: rounding, relative to the mesh's size."""
+    extent = float(np.ptp(points, axis=0).max()) if len(points) else 0.0
+    return 1e-13 * extent ** points.shape[1]
 
 
 def bounding_box(mesh: skfem.Mesh) -> tuple[np.ndarray, np.ndarray]:

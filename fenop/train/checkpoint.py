@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from fenop._errors import InputError
 from fenop._files import replacing
 from fenop.operators import FEOperator
-from fenop.train.models import DescriptionError, ModelDescription, build_model, describe_model
+from fenop.train.models import ModelDescription, build_model, describe_model
 
 FORMAT_VERSION = 1
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
@@ -101,6 +101,8 @@ def read_config(directory: str | os.PathLike) -> dict:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(directory, f"config.json is not readable JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(directory, "config.json does not hold a JSON object")
     version = config.get("format_version")
     if not isinstance(version, int):
         raise CheckpointError(directory, "config.json has no format_version")
@@ -118,10 +120,14 @@ def load_checkpoint(
 ) -> FEOperator:
     """The model saved in ``directory``, ready for use (in evaluation mode)."""
     config = read_config(directory)
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(directory, "config.json has no model description ('model')")
     try:
         model = build_model(ModelDescription.from_json(config["model"]))
-    except (KeyError, DescriptionError) as exc:
-        raise CheckpointError(directory, f"config.json: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        # the description's values refused by the model's own checks, too
+        detail = f"lacks {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise CheckpointError(directory, f"config.json: {detail}") from None
     try:
         state = load_file(Path(directory) / "model.safetensors")
     except Exception as exc:  # safetensors raises its own error types for bad files

@@ -166,7 +166,9 @@ class ModelDescription:
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, DescriptionError):
                 raise
-            raise DescriptionError(f"not a model description: {exc!r}") from None
+            if isinstance(exc, KeyError):
+                raise DescriptionError(f"the model description lacks {exc}") from None
+            raise DescriptionError(f"not a model description: {exc}") from None
 
     def _processor_out_channels(self) -> int:
         extra = 0 if self.constraint is None else self.constraint["n_basis"]

@@ -85,6 +85,12 @@ def _break(path, how: str) -> None:
             f.attrs["n_complete"] = 3
         elif how == "bad mesh":
             f["mesh_cells"][0, 0] = 10_000
+        elif how == "zero mesh points":
+            f["mesh_points"][:] = 0.0
+    if how == "damaged header":  # zeros over the root group's object header
+        with open(path, "r+b") as raw:
+            raw.seek(512)
+            raw.write(bytes(4096))
 
 
 @pytest.mark.parametrize(
@@ -98,6 +104,8 @@ def _break(path, how: str) -> None:
         ("not a store", r"not a fenop store"),
         ("incomplete", r"incomplete: 3 of 5 samples"),
         ("bad mesh", r"mesh_cells: the cells refer to vertices that the points do not have"),
+        ("zero mesh points", r"mesh_cells: 24 of 24 cells have zero area"),
+        ("damaged header", r"damaged: HDF5 cannot read its structure"),
         ("truncated bytes", r"not a readable HDF5 file"),
         ("not hdf5", r"not a readable HDF5 file"),
     ],

@@ -85,3 +85,20 @@ def test_load_mesh_errors_name_the_file(tmp_path):
     meshio.write(vertices, meshio.Mesh(points, [("vertex", np.array([[0], [1]]))]))
     with pytest.raises(ValueError, match=r"vertices\.vtk.*vertex"):
         load_mesh(vertices)
+
+
+def test_flat_cells_and_damaged_points_are_refused():
+    from fenop.fem.mesh import MeshError, mesh_from_arrays
+
+    points = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    cells = np.array([[0, 1, 2], [0, 1, 3]])  # the second on a line
+    with pytest.raises(MeshError, match="1 of 2 cells have zero area"):
+        mesh_from_arrays(points, cells)
+    with pytest.raises(MeshError, match="NaN or Inf"):
+        mesh_from_arrays(np.where(points == 2.0, np.nan, points), cells)
+    quad = unit_square(3, cell="quad")
+    squashed = quad.p.T.copy()
+    squashed[:, 1] = 0.0
+    with pytest.raises(MeshError, match="4 of 4 cells have zero area"):
+        mesh_from_arrays(squashed, quad.t.T)
+    assert mesh_from_arrays(quad.p.T, quad.t.T).t.shape == (4, 4)

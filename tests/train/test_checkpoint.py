@@ -99,6 +99,33 @@ def test_bad_checkpoints_are_refused_with_a_reason(tmp_path):
         load_checkpoint(target)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: [1, 2], "config.json does not hold a JSON object"),
+        (lambda c: {k: v for k, v in c.items() if k != "model"}, r"has no model description"),
+        (lambda c: _without(c, "processor"), "the model description lacks 'processor'"),
+        (lambda c: _with(c, resolution="big"), "`resolution` must be 2 ints"),
+        (lambda c: _with(c, input_stats=3), "not a model description"),
+    ],
+)
+def test_a_malformed_config_is_one_clear_error(tmp_path, change, message):
+    target = save_checkpoint(tmp_path / "ckpt", _models()["mgno"])
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(change(config)))
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(target)
+    assert str(target) in str(info.value)
+
+
+def _with(config: dict, **model) -> dict:
+    return {**config, "model": {**config["model"], **model}}
+
+
+def _without(config: dict, key: str) -> dict:
+    return {**config, "model": {k: v for k, v in config["model"].items() if k != key}}
+
+
 @pytest.mark.parametrize("name", ["fno", "femultigrid"])
 def test_checkpoint_of_a_transferred_model_is_on_its_new_mesh(tmp_path, name):
     model = _models()[name]
