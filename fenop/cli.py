@@ -252,10 +252,23 @@ def _evaluate(args) -> int:
         for i, a, b in zip(evaluation.samples, evaluation.l2, evaluation.h1, strict=True):
             print(f"{i} {a:.6f} {b:.6f}")
     if args.plot:
+        from fenop.train import checkpoint_path
+        from fenop.train.inference import fields_of
         from fenop.train.plots import plot_predictions
 
-        metrics = Path(args.checkpoint).parent / "metrics.jsonl"
-        plot_predictions(evaluation.space, *evaluation.shown, args.plot, metrics=metrics)
+        # the curves of the checkpoint's own run (a shipped model has none)
+        metrics = checkpoint_path(args.checkpoint).parent / "metrics.jsonl"
+        inputs, outputs = fields_of(args.checkpoint)
+        shown = len(evaluation.shown[0])
+        plot_predictions(
+            evaluation.space,
+            *evaluation.shown,
+            args.plot,
+            metrics=metrics,
+            names=(inputs[0], outputs[0]),
+            samples=evaluation.samples[:shown].tolist(),
+            errors=evaluation.l2[:shown].tolist(),
+        )
         print(f"wrote {args.plot}")
     return 0
 

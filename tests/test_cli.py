@@ -509,6 +509,16 @@ def test_evaluate_scores_a_range_or_the_checkpoints_test_split(trained, capsys):
     assert "no samples in 1000:1200 of its 16" in capsys.readouterr().err
 
 
+def test_evaluate_plots_a_shipped_model_without_the_current_folders_metrics(
+    trained, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    Path("metrics.jsonl").write_text("not the shipped model's run\n")  # once read, a crash
+    data = str(trained / "d.h5")
+    assert main(["evaluate", "darcy-fno", data, "--samples", "3:5", "--plot", "p.png"]) == 0
+    assert Path("p.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_info_refuses_a_checkpoint_whose_weights_are_truncated(tmp_path, capsys):
     import shutil
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,22 @@ def plot_predictions(
     path: str | os.PathLike,
     *,
     metrics: str | os.PathLike | None = None,
+    names: tuple[str, str] = ("input", "output"),
+    samples: Sequence[int] | None = None,
+    errors: Sequence[float] | None = None,
 ) -> Path:
-    """Save a figure: per sample, input, reference, prediction and error on the mesh.
+    """Save a figure: per sample, input, reference, prediction and error on the mesh
+    (any element: scikit-fem draws P2 and quadrilaterals), the error in a colour map
+    centred on zero; 150 dpi.
 
     Args:
         space: the space of the fields (2-D).
         inputs, reference, prediction: ``(n_samples, n_dofs)`` (first channel of each).
         path: the image file (PNG, PDF, ... by suffix).
         metrics: a ``metrics.jsonl`` whose training curves are added in a last row.
+        names: the input and output fields' names, for the titles (e.g. ``("a", "u")``).
+        samples: the samples' indices in their store, for the titles (default 0, 1, ...).
+        errors: each sample's relative error, shown in its error panel's title.
     """
     import matplotlib
 
@@ -39,17 +48,17 @@ def plot_predictions(
     curves = []
     if metrics is not None and Path(metrics).is_file():
         curves = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
+    samples = range(len(inputs)) if samples is None else samples
     rows = len(inputs) + (1 if curves else 0)
-    figure, axes = plt.subplots(rows, 4, figsize=(13, 3 * rows), squeeze=False)
-    titles = ("input", "reference", "prediction", "error")
+    figure = plt.figure(figsize=(13, 3 * rows))
+    grid = figure.add_gridspec(rows, 4)
+    field, output = names
+    titles = (field, f"{output} (reference)", f"{output} (prediction)", "error")
     for row, (a, u, p) in enumerate(zip(inputs, reference, prediction, strict=True)):
         error = p - u
         largest = float(np.abs(error).max()) or 1.0
-        panels = zip(titles, (a, u, p, error), strict=True)
-        for col, (title, values) in enumerate(panels):
-            ax = axes[row, col]
-            # scikit-fem draws any element (P2 through its refined interpolation)
-            # and quadrilaterals; the error gets a colour map centred on zero.
+        for col, (title, values) in enumerate(zip(titles, (a, u, p, error), strict=True)):
+            ax = figure.add_subplot(grid[row, col])
             colours = (
                 {"cmap": "RdBu_r", "vmin": -largest, "vmax": largest}
                 if col == 3
@@ -57,18 +66,19 @@ def plot_predictions(
             )
             skfem_plot(space.basis, values, ax=ax, shading="gouraud", colorbar=True, **colours)
             ax.set_aspect("equal")
-            ax.set_title(f"sample {row}: {title}")
+            if col == 3 and errors is not None:
+                title = f"error (relative L2 {errors[row]:.4f})"
+            ax.set_title(f"sample {samples[row]}: {title}")
             ax.set_xticks([])
             ax.set_yticks([])
-    if curves:
-        ax = axes[-1, 0]
+    if curves:  # the whole last row
+        ax = figure.add_subplot(grid[-1, :])
         epochs = [c["epoch"] for c in curves]
         ax.semilogy(epochs, [c["train_loss"] for c in curves], label="train loss")
         ax.semilogy(epochs, [c["test_l2"] for c in curves], label="test relative L2")
         ax.set_xlabel("epoch")
+        ax.set_title("training")
         ax.legend()
-        for ax in axes[-1, 1:]:
-            ax.axis("off")
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=150)
