@@ -35,7 +35,13 @@ class SpaceInterpolator(nn.Module):
     Args:
         source: the space of the input coefficients.
         target: the space of the output coefficients; its DOF points must lie in
-            ``source``'s mesh.
+            ``source``'s mesh, or outside it by at most ``padding``.
+        padding: DOF points of ``target`` outside ``source``'s mesh by at most this
+            fraction of the size of the cell they are nearest take the value
+            extrapolated from that cell. Two meshes of one curved domain differ
+            so at the boundary (a refined mesh cuts the curve by chords, a finer
+            mesh of the curve has points beyond them); points farther out are an
+            error. ``0`` asks every point to be inside.
 
     Shapes:
         ``(..., source.n_dofs)`` -> ``(..., target.n_dofs)``.
@@ -46,7 +52,7 @@ class SpaceInterpolator(nn.Module):
             message says how many, and the first).
     """
 
-    def __init__(self, source: FunctionSpace, target: FunctionSpace):
+    def __init__(self, source: FunctionSpace, target: FunctionSpace, *, padding: float = 0.5):
         super().__init__()
         for name, space in (("source", source), ("target", target)):
             if not isinstance(space, FunctionSpace):
@@ -55,12 +61,13 @@ class SpaceInterpolator(nn.Module):
             raise ValueError(
                 f"`source` is {source.dim}-D but `target` is {target.dim}-D: not the same domain"
             )
-        matrix, inside = source.evaluation_matrix(target.dof_points)
+        matrix, inside = source.evaluation_matrix(target.dof_points, padding=padding)
         if not inside.all():
             first = target.dof_points[(~inside).argmax()]
             raise ValueError(
                 f"{int((~inside).sum())} of {target.n_dofs} DOF points of the target mesh lie "
-                f"outside the source mesh (first: {tuple(first.tolist())}): not the same domain"
+                f"outside the source mesh by more than {padding:g} of a cell (first: "
+                f"{tuple(first.tolist())}): not the same domain"
             )
         self.source, self.target = source, target
         self.matrix = SparseMatrix(matrix)

@@ -64,19 +64,54 @@ class PointLocator:
         self._radius = float(radii.max()) * (1.0 + 1e-9)
         self._tree = cKDTree(centroids)
 
-    def __call__(self, points: np.ndarray) -> np.ndarray:
+    def __call__(self, points: np.ndarray, *, padding: float = 0.0) -> np.ndarray:
         """Cell index of each point ``(n_points,)``, -1 for points outside the mesh.
 
         Args:
             points: ``(n_points, dim)`` coordinates.
+            padding: points outside every cell, but by at most this fraction of a
+                cell's size (barycentric coordinates down to ``-padding``), get the
+                cell they are least outside of: the mesh's boundary taken as that
+                much thicker, as where a refined mesh cuts a curved boundary by
+                chords and another mesh of the same domain has points on the curve.
         """
         points = np.asarray(points, dtype=np.float64)
         if points.ndim != 2 or points.shape[1] != self.dim:
             raise ValueError(f"`points` must have shape (n_points, {self.dim}), got {points.shape}")
+        if not padding >= 0:
+            raise ValueError(f"`padding` must be non-negative, got {padding}")
         found = np.full(points.shape[0], -1, dtype=np.int64)
         if points.shape[0] == 0:
             return found
-        candidates = self._tree.query_ball_point(points, self._radius)
+        for p, s, outside in self._candidates(points, self._radius):
+            inside = outside <= TOLERANCE
+            # The first containing simplex wins; later chunks only fill points still unknown.
+            p_in, s_in = p[inside], s[inside]
+            first = np.unique(p_in, return_index=True)[1]
+            p_in, s_in = p_in[first], s_in[first]
+            unset = found[p_in] < 0
+            found[p_in[unset]] = self._owner[s_in[unset]]
+        missing = np.flatnonzero(found < 0)
+        if padding > 0 and len(missing):
+            # Within `padding` of a simplex is within the simplex scaled about its
+            # centroid by 1 + (dim + 1) padding: the ball query grows as much.
+            radius = self._radius * (1 + (self.dim + 1) * padding)
+            best = np.full(len(missing), np.inf)
+            for p, s, outside in self._candidates(points[missing], radius):
+                order = np.lexsort((outside, p))  # per point, the least outside first
+                p, s, outside = p[order], s[order], outside[order]
+                first = np.unique(p, return_index=True)[1]
+                p, s, outside = p[first], s[first], outside[first]
+                better = (outside < best[p]) & (outside <= padding)
+                best[p[better]] = outside[better]
+                found[missing[p[better]]] = self._owner[s[better]]
+        return found
+
+    def _candidates(self, points: np.ndarray, radius: float):
+        """Chunks of (point, simplex) pairs whose simplex's centroid lies within
+        ``radius`` of the point, with how far the point lies outside the simplex:
+        minus its least barycentric coordinate (zero or less inside)."""
+        candidates = self._tree.query_ball_point(points, radius)
         counts = np.fromiter((len(c) for c in candidates), dtype=np.int64, count=len(points))
         which_point = np.repeat(np.arange(len(points)), counts)
         which_simplex = np.fromiter(
@@ -86,14 +121,8 @@ class PointLocator:
             p = which_point[start : start + _CHUNK]
             s = which_simplex[start : start + _CHUNK]
             lam = np.einsum("nij,nj->ni", self._inverse[s], points[p] - self._origin[s])
-            inside = (lam.min(axis=1) >= -TOLERANCE) & (lam.sum(axis=1) <= 1.0 + TOLERANCE)
-            # The first containing simplex wins; later chunks only fill points still unknown.
-            p_in, s_in = p[inside], s[inside]
-            first = np.unique(p_in, return_index=True)[1]
-            p_in, s_in = p_in[first], s_in[first]
-            unset = found[p_in] < 0
-            found[p_in[unset]] = self._owner[s_in[unset]]
-        return found
+            outside = -np.minimum(lam.min(axis=1), 1.0 - lam.sum(axis=1))
+            yield p, s, outside
 
 
 def locate(mesh: skfem.Mesh, points: np.ndarray) -> np.ndarray:

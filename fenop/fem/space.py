@@ -181,7 +181,9 @@ class FunctionSpace:
         """The :class:`~fenop.fem.locate.PointLocator` of this space's mesh."""
         return PointLocator(self.mesh)
 
-    def evaluation_matrix(self, points: np.ndarray) -> tuple[scipy.sparse.csr_array, np.ndarray]:
+    def evaluation_matrix(
+        self, points: np.ndarray, *, padding: float = 0.0
+    ) -> tuple[scipy.sparse.csr_array, np.ndarray]:
         """The sparse matrix mapping coefficients to values at ``points``.
 
         Row ``i`` holds the basis functions of the cell containing point ``i``
@@ -190,13 +192,17 @@ class FunctionSpace:
 
         Args:
             points: ``(n_points, dim)`` coordinates.
+            padding: points outside the mesh by at most this fraction of a cell's
+                size take the value extrapolated from the cell they are least
+                outside of (its polynomials, evaluated there) and count as inside
+                (:class:`~fenop.fem.locate.PointLocator`).
 
         Returns:
             The matrix ``(n_points, n_dofs)`` and a boolean mask ``(n_points,)`` of
             the points that lie in the mesh.
         """
         points = np.asarray(points, dtype=np.float64)
-        cells = self.locator(points)
+        cells = self.locator(points, padding=padding)
         inside = cells >= 0
         rows = np.nonzero(inside)[0]
         cells = cells[inside]

@@ -50,7 +50,12 @@ def _stencils(space: FunctionSpace) -> tuple[SparseMatrix, int]:
     for form in forms:
         matrix = scipy.sparse.csr_array(skfem.BilinearForm(form).assemble(basis))
         row_sums = np.asarray(abs(matrix).sum(axis=1)).ravel()
-        scaled.append(scipy.sparse.diags(1.0 / row_sums) @ matrix)
+        # A row can vanish where the mesh is symmetric about a node (a mixed
+        # derivative at the centre of a regular fan): it is set to zero, not its
+        # rounding scaled up to O(1).
+        live = row_sums > 1e-10 * row_sums.max()
+        inverse = np.divide(1.0, row_sums, out=np.zeros_like(row_sums), where=live)
+        scaled.append(scipy.sparse.diags(inverse) @ matrix)
     # Stacked (n_stencils * n_dofs, n_dofs): one sparse product applies them all.
     return SparseMatrix(scipy.sparse.vstack(scaled)), len(scaled)
 

@@ -71,3 +71,38 @@ def test_bad_input():
     interpolator = SpaceInterpolator(square, FunctionSpace(unit_square(3)))
     with pytest.raises(ValueError, match=r"25 DOFs in its last dimension.*got shape \(2, 24\)"):
         interpolator(torch.zeros(2, 24))
+
+
+def test_a_mesh_of_the_curve_beyond_a_refined_meshs_chords_is_reached_by_extrapolation():
+    # A coarse disk refined twice cuts the circle by chords; a disk meshed as finely
+    # has its boundary points on the circle, outside the refined mesh by a fraction
+    # of a cell. Those take the extrapolated value: exact for a linear function.
+    import skfem
+
+    chords = FunctionSpace(skfem.MeshTri.init_circle(2).refined(2))
+    curve = FunctionSpace(skfem.MeshTri.init_circle(4))
+    with pytest.raises(ValueError, match=r"48 of 545 DOF points .* by more than 0 of a cell"):
+        SpaceInterpolator(chords, curve, padding=0.0)
+    interpolator = SpaceInterpolator(chords, curve)  # padding: half a cell
+    u = chords.interpolate(lambda x: 1 + 2 * x[0] - x[1])
+    exact = curve.interpolate(lambda x: 1 + 2 * x[0] - x[1])
+    torch.testing.assert_close(interpolator(u), exact, rtol=0, atol=1e-12)
+    # a disk a fifth larger is not the same domain, padding or not
+    wider = skfem.MeshTri.init_circle(4)
+    wider = FunctionSpace(skfem.MeshTri(wider.p * 1.2, wider.t))
+    with pytest.raises(ValueError, match=r"by more than 0.5 of a cell"):
+        SpaceInterpolator(chords, wider)
+
+
+def test_femultigrid_runs_on_a_curved_domain_whose_data_mesh_is_not_its_hierarchy():
+    import skfem
+
+    from fenop.fem import hierarchy
+    from fenop.operators import FEMultigrid, FEOperator
+
+    data = FunctionSpace(skfem.MeshTri.init_circle(4), dirichlet="boundary")
+    levels = hierarchy(skfem.MeshTri.init_circle(2), 3)  # 41 -> 145 -> 545 vertices, chords
+    model = FEOperator(data, data, FEMultigrid(levels, 1, 1, width=4, n_layers=1))
+    out = model(torch.randn(2, 1, data.n_dofs))
+    assert out.shape == (2, 1, data.n_dofs) and torch.isfinite(out).all()
+    assert out[..., data.boundary_dofs].abs().max() == 0  # Dirichlet values exact
