@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a tool its reader left
 # The choices `generate` offers, named here so that building the parser imports
 # neither torch nor scikit-fem (tests check them against fenop.data.pdes.PDES and
 # fenop.fem.mesh.DOMAINS).
@@ -527,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # commands that leave nothing to resume: nothing to add
         print(f"fenop {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `fenop info ... | head`: the reader has gone, as with any tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return EXIT_BROKEN_PIPE
     except FloatingPointError as exc:  # a diverged training run
         print(f"fenop {args.command}: error: {exc}", file=sys.stderr)
         return 1

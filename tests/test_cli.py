@@ -137,6 +137,21 @@ def test_help_is_quick_shows_defaults_and_a_bare_fenop_shows_it(capsys):
     assert err.startswith("usage: fenop") and "generate" in err and "predict" in err
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    # `fenop info darcy-fno | head -1`: the pipe closes before fenop writes
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fenop.cli", "info", "darcy-fno"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process.stdout.close()
+    with process.stderr:
+        stderr = process.stderr.read()
+    process.wait(timeout=60)
+    assert process.returncode == 141 and stderr == ""
+
+
 def test_generate_says_when_it_resumes_or_has_nothing_to_do(tmp_path, capsys):
     path = tmp_path / "d.h5"
     args = ["generate", "poisson", "--resolution", "5", "--chunk-size", "2", "-o", str(path)]
