@@ -61,7 +61,7 @@ def test_bad_descriptions_are_refused_naming_the_problem():
         build_model(ModelDescription("lsm", SPACE, SPACE))
     with pytest.raises(DescriptionError, match="needs its mesh levels"):
         build_model(ModelDescription("femultigrid", SPACE, SPACE))
-    with pytest.raises(DescriptionError, match="not a model description: KeyError"):
+    with pytest.raises(DescriptionError, match="the model description lacks 'options'"):
         ModelDescription.from_json({"processor": "fno"})
 
 
