@@ -76,7 +76,9 @@ def test_bad_checkpoints_are_refused_with_a_reason(tmp_path):
     model = _models()["mgno"]
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "none")
-    with pytest.raises(CheckpointError, match="nor a shipped model; shipped: darcy-femultigrid, darcy-fno"):
+    with pytest.raises(
+        CheckpointError, match="nor a shipped model; shipped: darcy-femultigrid, darcy-fno"
+    ):
         load_model("darcy-fno-unknown")
     target = save_checkpoint(tmp_path / "ckpt", model)
     config = json.loads((target / "config.json").read_text())
