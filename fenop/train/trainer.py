@@ -150,10 +150,10 @@ class Trainer:
             )
         self.rank, self.world, self.device = distributed.setup(resolve_device(device))
         self.model = model.to(self.device)
-        if self.world > 1 and parallel == "data" and batch_size < self.world:
+        if self.world > 1 and parallel == "data" and batch_size % self.world:
             raise ValueError(
-                f"`batch_size` {batch_size} is smaller than the {self.world} processes: "
-                "each step would leave a process without a sample"
+                f"`batch_size` {batch_size} is not a multiple of the {self.world} processes: "
+                "each takes an equal share of every batch (the last of an epoch aside)"
             )
         self.sharded = self.world > 1 and parallel == "experts"
         if self.sharded:

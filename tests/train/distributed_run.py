@@ -6,8 +6,8 @@
 ``--stop-after K``: a run of EPOCHS epochs that ends after K, as a killed one would.
 A small MgNO (or FEMultigrid, or FNO with its complex weights; or MgNO under an
 MoEConstraint of 5 experts, trained with the experts sharded over the processes)
-in float64 on the store's samples 0-17 (training) and 18-22 (test), batch 5 (so
-the last batch of each epoch has 3 samples, fewer than some rank counts need).
+in float64 on the store's samples 0-16 (training) and 17-22 (test), batch 6 (so
+the last batch of each epoch has 5 samples, which 2 and 3 processes share unevenly).
 ``--fail-on-rank R``: process R fails reading its second batch."""
 
 import os
@@ -24,8 +24,8 @@ from fenop.train.physics import build_constraint, constraint_table
 
 def main() -> None:
     store, folder, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    train = FieldDataset(store, indices=range(18), dtype=torch.float64)
-    test = FieldDataset(store, indices=range(18, 23), dtype=torch.float64)
+    train = FieldDataset(store, indices=range(17), dtype=torch.float64)
+    test = FieldDataset(store, indices=range(17, 23), dtype=torch.float64)
     torch.manual_seed(0)
     if "--femultigrid" in sys.argv:  # on the mesh hierarchy 3 x 3, 5 x 5, 9 x 9
         spaces = [FunctionSpace(unit_square(n), dirichlet="boundary") for n in (3, 5, 9)]
@@ -48,7 +48,7 @@ def main() -> None:
         train,
         test,
         epochs=epochs,
-        batch_size=int(_option("--batch-size")) if "--batch-size" in sys.argv else 5,
+        batch_size=int(_option("--batch-size")) if "--batch-size" in sys.argv else 6,
         directory=folder,
         resume="--resume" in sys.argv,
         device="cpu",

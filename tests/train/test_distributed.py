@@ -44,7 +44,7 @@ def store(tmp_path_factory):
 def test_two_and_three_processes_train_the_weights_of_one(store, tmp_path):
     one = _run(store, tmp_path / "one", 2, 1)
     _assert_same(_run(store, tmp_path / "two", 2, 2), one)
-    _assert_same(_run(store, tmp_path / "three", 2, 3), one)  # ranks with unequal shares
+    _assert_same(_run(store, tmp_path / "three", 2, 3), one)  # unequal shares of the last
     # rank 0 alone wrote: one metrics line per epoch, no duplicates
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -88,14 +88,15 @@ def test_a_failing_rank_ends_the_run_with_its_error(store, tmp_path):
     assert not (tmp_path / "run" / "last").exists()  # no checkpoint of a step not taken
 
 
-def test_a_batch_smaller_than_the_number_of_processes_is_refused(store, tmp_path):
+def test_a_batch_that_the_processes_do_not_share_equally_is_refused(store, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc_per_node=2", str(WORKER), str(store), str(tmp_path / "run"), "1"]
-    command += ["--batch-size", "1"]
+    command += ["--batch-size", "5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode != 0
-    assert "`batch_size` 1 is smaller than the 2 processes" in done.stderr
+    assert "`batch_size` 5 is not a multiple of the 2 processes" in done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_each_rank_takes_its_share_of_a_batch():
