@@ -1,6 +1,9 @@
 """Helpers shared by the tests."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -152,3 +155,14 @@ def wait_for_samples(path, count: int, *, timeout: float = 120.0) -> None:
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{path} did not reach {count} samples in {timeout} s")
+
+
+def launch(script: Path, *args: str, processes: int = 1, timeout: float = 300):
+    """Run ``script args`` on ``processes`` processes (torchrun, gloo on the CPU; a
+    plain run for one), one thread each; the ``subprocess.CompletedProcess``."""
+    command = [sys.executable, str(script), *args]
+    if processes > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone"]
+        command.insert(4, f"--nproc_per_node={processes}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)

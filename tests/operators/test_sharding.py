@@ -1,9 +1,6 @@
 """MoEConstraint's experts sharded over two processes (torchrun, gloo): the outputs,
 the gradients and the report are those of one process."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,17 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 from fenop.operators import sharding
+from tests.helpers import launch
 
 WORKER = Path(__file__).with_name("sharding_run.py")
 
 
 def _run(out: Path, processes: int, *options: str) -> dict:
-    command = [sys.executable, str(WORKER), str(out), *options]
-    if processes > 1:
-        command[1:1] = ["-m", "torch.distributed.run", "--standalone"]
-        command.insert(4, f"--nproc_per_node={processes}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = launch(WORKER, str(out), *options, processes=processes)
     assert done.returncode == 0, done.stderr[-3000:]
     return load_file(out)
 

@@ -13,18 +13,13 @@ from safetensors.torch import load_file
 from fenop.data import generate
 from fenop.fem import unit_square
 from fenop.train.distributed import batch_share
-from tests.helpers import SMALL_CONFIG
+from tests.helpers import SMALL_CONFIG, launch
 
 WORKER = Path(__file__).with_name("distributed_run.py")
 
 
 def _run(store, folder, epochs, processes, *extra):
-    command = [sys.executable, str(WORKER), str(store), str(folder), str(epochs), *extra]
-    if processes > 1:
-        command[1:1] = ["-m", "torch.distributed.run", "--standalone"]
-        command.insert(4, f"--nproc_per_node={processes}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = launch(WORKER, str(store), str(folder), str(epochs), *extra, processes=processes)
     assert done.returncode == 0, done.stderr[-3000:]
     return load_file(Path(folder) / "last" / "model.safetensors")
 
@@ -77,23 +72,17 @@ def test_a_run_of_two_processes_stopped_after_a_checkpoint_resumes(store, tmp_pa
 
 
 def test_a_failing_rank_ends_the_run_with_its_error(store, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", str(WORKER), str(store), str(tmp_path / "run"), "2"]
-    command += ["--fail-on-rank", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # rank 0 waits in an all-reduce for rank 1: torchrun must end it, not hang
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    args = (str(store), str(tmp_path / "run"), "2", "--fail-on-rank", "1")
+    done = launch(WORKER, *args, processes=2, timeout=120)
     assert done.returncode != 0
     assert "RuntimeError: rank 1 cannot read samples" in done.stderr
     assert not (tmp_path / "run" / "last").exists()  # no checkpoint of a step not taken
 
 
 def test_a_batch_that_the_processes_do_not_share_equally_is_refused(store, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node=2", str(WORKER), str(store), str(tmp_path / "run"), "1"]
-    command += ["--batch-size", "5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    args = (str(store), str(tmp_path / "run"), "1", "--batch-size", "5")
+    done = launch(WORKER, *args, processes=2, timeout=120)
     assert done.returncode != 0
     assert "`batch_size` 5 is not a multiple of the 2 processes" in done.stderr
     assert not (tmp_path / "run").exists()
