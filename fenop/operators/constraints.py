@@ -78,6 +78,12 @@ _CONDITION_LIMIT = 1e10
 _DAMPING = 1e-3
 
 
+def _needs_gradient(*tensors) -> bool:
+    """Whether autograd will want a gradient through any of ``tensors`` (or a dict's values)."""
+    flat = [t for x in tensors for t in (x.values() if isinstance(x, dict) else [x])]
+    return torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+
+
 def free_dofs(residual: nn.Module) -> torch.Tensor:
     """``(n_dofs,)`` bool: the DOFs a residual solves for, all but its Dirichlet DOFs
     (``residual.dirichlet``, where it has them), on the CPU."""
@@ -98,6 +104,7 @@ class _Constraint(nn.Module):
         ridge: float,
         max_iterations: int = 25,
         tolerance: float = 1e-10,
+        chord: bool = True,
     ):
         super().__init__()
         if condition not in CONDITIONS:
@@ -115,6 +122,7 @@ class _Constraint(nn.Module):
         self.residual, self.condition, self.ridge = residual, condition, float(ridge)
         self.affine = bool(getattr(residual, "affine", False))
         self.max_iterations, self.tolerance = int(max_iterations), float(tolerance)
+        self.chord = bool(chord)
         self.space = forms.space
         # Galerkin matrices Φᵀ J Φ are symmetric when J is on the free DOFs; the
         # (Gauss-Newton) normal equations of least squares always are.
@@ -279,6 +287,18 @@ class _Constraint(nn.Module):
             r, values = self._linearise(field(w, u, local), inputs, cells)
             return (*self._system(r, values, local, sets), rows.gather(r).square().sum(-1))
 
+        def condition_only(w, u, local, inputs):
+            """Galerkin's condition at ``w`` without linearising: one residual evaluation."""
+            with self._on(cells):
+                r = self._residual_of(field(w, u, local), inputs)
+            return (local * rows.gather(r)[:, :, None]).sum(dim=-1)
+
+        # Chord iterations (Galerkin): the matrix of the first iterate is kept, so an
+        # iteration costs one residual evaluation, not a linearisation (one per
+        # colour of the pattern); the root is the same. Least squares' condition
+        # holds J itself, so it linearises every iteration.
+        chord = self.chord and self.condition == "galerkin"
+
         damped = self.condition == "least_squares"
         with torch.no_grad():
             zero = self._residual_of(torch.zeros_like(u), inputs)
@@ -315,7 +335,23 @@ class _Constraint(nn.Module):
                 step, solved, condition = self._solve(system_matrix, -f_value)
                 ok = ok & (solved | done)
                 trial = torch.where(done[..., None], w, w + step)
-                f_new, matrix_new, test_new, value = system(trial, u, local, inputs)
+                if chord:  # the matrix kept: the condition alone at the trial
+                    f_new, matrix_new, test_new, value = (
+                        condition_only(trial, u, local, inputs),
+                        matrix,
+                        test,
+                        current,
+                    )
+                    # A chord step that has not halved the condition gets the matrix
+                    # at its point next (Newton's step): the chord's linear rate is
+                    # slow where the matrix moves. On a GPU, where asking whether
+                    # any problem is slow would synchronise, it is computed always.
+                    slow = ~done & (f_new.norm(dim=-1) > 0.5 * f_value.norm(dim=-1))
+                    if local.device.type != "cpu" or bool(slow.any()):
+                        fresh = system(trial, u, local, inputs)[1]
+                        matrix_new = torch.where(slow[..., None, None], fresh, matrix)
+                else:
+                    f_new, matrix_new, test_new, value = system(trial, u, local, inputs)
                 accept = ~done
                 if damped:
                     # A step that raises |R|² (beyond rounding) is refused and λ raised
@@ -335,6 +371,9 @@ class _Constraint(nn.Module):
         # Galerkin's matrix (χΦ)ᵀ J (χΦ), at the solution, is the condition's exact
         # Jacobian: the adjoint needs no second derivatives, and the condition no
         # linearisation. (Least squares' Gauss-Newton matrix is not: autograd's.)
+        if chord and _needs_gradient(u, local, inputs):
+            with torch.no_grad():
+                matrix = system(w, u, local, inputs)[1]
         jacobian = matrix if self.condition == "galerkin" else None
 
         def condition_of(w, u, local, *values):
@@ -416,6 +455,10 @@ class HardConstraint(_Constraint):
             solve has converged when its condition has fallen below ``tolerance``
             times its scale (the test fields' norm times that of the residual of
             the zero field), or its step below ``tolerance (1 + |w|)``.
+        chord: for a residual that is not affine, with the Galerkin condition, keep
+            the first iterate's matrix (chord iterations: a residual evaluation per
+            iteration instead of a linearisation; the same root, and the exact
+            matrix at it for the gradient). BENCHMARKS.md measures both.
 
     Shapes:
         ``prediction (B, 1, n)``, ``basis (B, N, n)``, each input ``(B, n)`` ->
@@ -430,6 +473,7 @@ class HardConstraint(_Constraint):
         ridge: float = 1e-12,
         max_iterations: int = 25,
         tolerance: float = 1e-10,
+        chord: bool = True,
     ):
         super().__init__(
             residual,
@@ -437,6 +481,7 @@ class HardConstraint(_Constraint):
             ridge=ridge,
             max_iterations=max_iterations,
             tolerance=tolerance,
+            chord=chord,
         )
 
     def forward(self, prediction, basis, **inputs):
@@ -475,7 +520,7 @@ class MoEConstraint(_Constraint):
         sweeps: expert sweeps.
         coarse: a global solve first (the two-level method).
         update: ``"colours"`` or ``"owners"``.
-        ridge, max_iterations, tolerance: as for :class:`HardConstraint`.
+        ridge, max_iterations, tolerance, chord: as for :class:`HardConstraint`.
 
     Shapes:
         as for :class:`HardConstraint`.
@@ -494,6 +539,7 @@ class MoEConstraint(_Constraint):
         ridge: float = 1e-12,
         max_iterations: int = 25,
         tolerance: float = 1e-10,
+        chord: bool = True,
     ):
         super().__init__(
             residual,
@@ -501,6 +547,7 @@ class MoEConstraint(_Constraint):
             ridge=ridge,
             max_iterations=max_iterations,
             tolerance=tolerance,
+            chord=chord,
         )
         if update not in UPDATES:
             raise ValueError(f"`update` must be one of {UPDATES}, got {update!r}")

@@ -314,3 +314,29 @@ def test_newton_that_does_not_converge_is_reported():
     layer = HardConstraint(residual, max_iterations=1)
     out = layer(torch.zeros_like(u)[:, None], basis, f=f)
     assert layer.report["converged"].tolist() == [False] and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r, chord: HardConstraint(r, chord=chord),
+        lambda r, chord: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, chord=chord),
+    ],
+    ids=["global", "moe"],
+)
+def test_chord_iterations_reach_newtons_root_and_gradient(make):
+    space, residual, f, u = _nonlinear(9)
+    fields = _smooth_fields(space, 3, seed=4)
+    guess = (0.8 * u).clone().requires_grad_(True)
+    basis = (fields + 0.2 * u).clone().requires_grad_(True)
+    weights = torch.linspace(-1, 1, space.n_dofs, dtype=torch.float64)
+    results = []
+    for chord in (True, False):
+        layer = make(residual, chord)
+        out = layer(guess[:, None], basis[None], f=f)
+        grads = torch.autograd.grad((out.reshape(-1) * weights).sum(), (guess, basis))
+        assert layer.report["converged"].tolist() == [True]
+        results.append((out.detach(), *grads))
+    # the same root to the solves' tolerance (1e-10), so the same gradient nearly
+    for chord_value, newton_value in zip(*results, strict=True):
+        torch.testing.assert_close(chord_value, newton_value, rtol=1e-6, atol=1e-9)
