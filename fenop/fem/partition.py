@@ -194,6 +194,13 @@ class MetisPartition(_Strategy):
             options=options,
         )
         labels = np.asarray(parts, dtype=np.int64)[rank]
+        found = len(np.unique(labels))
+        if found < k:  # METIS leaves parts empty on a graph too small for them
+            raise ValueError(
+                f"METIS made {found} parts of the {k} asked for on {space.n_dofs} DOFs: ask "
+                "for fewer experts (or size them by dofs_per_expert), or use "
+                "BisectionPartition"
+            )
         return _relabelled(labels, order)
 
 
