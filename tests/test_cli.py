@@ -157,6 +157,19 @@ def test_ctrl_c_while_torch_imports_is_one_clean_line():
     assert stderr.strip() == "fenop info: interrupted"
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, capsys):
+    # /proc takes no new files, even from root: the user's path in the message, not
+    # the hidden staging file's
+    data = tmp_path / "d.h5"
+    assert main(["generate", "darcy", "-n", "1", "--resolution", "5", "-o", str(data), "-q"]) == 0
+    for command in (["predict", "darcy-fno", str(data), "-o"], ["convert", str(data)]):
+        target = "/proc/fenop-out.h5" if command[0] == "predict" else "/proc/fenop-out.xdmf"
+        assert _status([*command, target]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"fenop {command[0]}: error: {target}: cannot be written"), err
+
+
 def test_a_reader_that_leaves_early_ends_the_command_quietly():
     # `fenop info darcy-fno | head -1`: the pipe closes before fenop writes
     process = subprocess.Popen(
