@@ -157,6 +157,30 @@ def test_ctrl_c_while_torch_imports_is_one_clean_line():
     assert stderr.strip() == "fenop info: interrupted"
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [("header", "damaged: HDF5 cannot read its structure"), ("points", "cells have zero area")],
+)
+def test_a_damaged_store_is_one_line_in_every_command(tmp_path, capsys, damage, message):
+    data = tmp_path / "d.h5"
+    assert main(["generate", "darcy", "-n", "2", "--resolution", "9", "-o", str(data), "-q"]) == 0
+    if damage == "header":  # zeros over the root group's object header
+        with open(data, "r+b") as raw:
+            raw.seek(512)
+            raw.write(bytes(4096))
+    else:
+        with h5py.File(data, "r+") as f:
+            f["mesh_points"][:] = 0.0
+    out = tmp_path / "p.h5"
+    for command in (["info", str(data)], ["predict", "darcy-fno", str(data), "-o", str(out)]):
+        assert _status([*command, "-q"] if command[0] == "predict" else command) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and str(data) in err
+    assert _status(["evaluate", "darcy-fno", str(data)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
 def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, capsys):
     # /proc takes no new files, even from root: the user's path in the message, not
