@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -166,3 +167,9 @@ def launch(script: Path, *args: str, processes: int = 1, timeout: float = 300):
         command.insert(4, f"--nproc_per_node={processes}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def sigint_by_default() -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``: the child takes Ctrl-C as from a
+    terminal even where the tests run with SIGINT ignored (a shell's background job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -17,7 +17,12 @@ from fenop.fem import FunctionSpace, unit_square
 from fenop.operators import FEMultigrid, FEOperator
 from fenop.train import load_model, read_config, save_checkpoint
 from tests.helpers import SMALL_CONFIG as CONFIG
-from tests.helpers import child_processes, generation_workers, wait_for_samples
+from tests.helpers import (
+    child_processes,
+    generation_workers,
+    sigint_by_default,
+    wait_for_samples,
+)
 
 
 def test_generate_then_info(tmp_path, capsys):
@@ -144,6 +149,7 @@ def test_ctrl_c_while_torch_imports_is_one_clean_line():
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_by_default,
     )
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
@@ -284,6 +290,7 @@ def test_ctrl_c_early_in_a_parallel_generate_is_one_clean_line(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # a process group of its own, as a terminal's job
+        preexec_fn=sigint_by_default,
     )
     try:
         # The forkserver, once there, imports torch and scikit-fem for seconds: the
@@ -398,6 +405,7 @@ def test_ctrl_c_during_training_says_how_to_resume(trained):
         [sys.executable, "-m", "fenop.cli", "train", str(config), "-q"],
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_by_default,
     )
     try:
         deadline = time.monotonic() + 120
