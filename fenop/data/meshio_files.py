@@ -34,13 +34,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import h5py
 import meshio
 import numpy as np
 
 from fenop._errors import InputError
 from fenop._files import replacing
-from fenop.data.store import StoreError, create_store, read_store, write_samples
+from fenop.data.store import StoreError, create_store, read_batches, read_store, write_samples
 from fenop.fem import FunctionSpace
 from fenop.fem.mesh import MeshError, mesh_from_arrays
 
@@ -99,7 +98,7 @@ def store_to_meshio(
     chosen = range(info.n_complete)[samples or slice(None)]
     if not len(chosen):
         raise InputError(f"{store}: no samples in {_describe(samples)} of {info.n_complete}")
-    fields = {name: _rows(info.path, name, chosen) for name in info.header["fields"]}
+    fields = _rows(info, chosen)
     if predictions is not None:
         other = read_store(predictions, allow_partial=True)
         if not _same_space(info.space, other.space):
@@ -108,8 +107,7 @@ def store_to_meshio(
             raise StoreError(
                 predictions, f"holds {other.n_complete} samples; {chosen.stop} are needed"
             )
-        for name in other.header["fields"]:
-            predicted = _rows(other.path, name, chosen)
+        for name, predicted in _rows(other, chosen).items():
             fields[f"{name}_predicted"] = predicted
             if name in info.header["fields"]:
                 fields[f"{name}_error"] = predicted - fields[name]
@@ -170,9 +168,13 @@ def _staged(folder: Path, targets: Sequence[Path]):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _rows(path: str, name: str, chosen: range) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        return np.asarray(f[name][chosen.start : chosen.stop : chosen.step], dtype=np.float64)
+def _rows(store, chosen: range) -> dict[str, np.ndarray]:
+    """Each field of ``store`` (a StoreInfo) at the samples ``chosen`` ``(k, n_dofs)``,
+    float64, read in one opening by the store's own reader."""
+    names = list(store.header["fields"])
+    stop = chosen.start + (len(chosen) - 1) * chosen.step + 1
+    _, values = next(read_batches(store, names, stop - chosen.start, first=chosen.start, stop=stop))
+    return {name: values[:: chosen.step, k] for k, name in enumerate(names)}
 
 
 def _same_space(a: FunctionSpace, b: FunctionSpace) -> bool:
