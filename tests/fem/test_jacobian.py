@@ -103,3 +103,6 @@ def test_affine_residuals_assemble_the_jacobian_the_colouring_recovers(name, pde
     recovered = pattern.values(out[:, 1:] - out[:, :1])
     assembled = residual.jacobian_entries(pattern, **inputs)
     torch.testing.assert_close(assembled, recovered, rtol=0, atol=1e-12 * recovered.abs().max())
+    offset = residual.offset(**inputs)  # R(0), where the residual has it without evaluating
+    if offset is not None:
+        torch.testing.assert_close(offset, out[:, 0], rtol=0, atol=1e-14)

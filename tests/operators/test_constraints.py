@@ -116,6 +116,66 @@ def test_one_expert_is_the_global_solve(condition):
     )
 
 
+def _dense_darcy(space, a: torch.Tensor):
+    """Darcy's residual ``R(u) = J u + r0`` as dense NumPy arrays, assembled by
+    scikit-fem itself (identity rows at the Dirichlet DOFs)."""
+    import skfem
+    from skfem.helpers import dot, grad
+
+    basis = space.basis
+    stiffness = skfem.BilinearForm(lambda u, v, w: w["a"] * dot(grad(u), grad(v))).assemble(
+        basis, a=basis.interpolate(a[0].numpy())
+    )
+    load = skfem.LinearForm(lambda v, w: 1.0 * v).assemble(basis)
+    dirichlet = space.boundary_dofs
+    jacobian = stiffness.toarray()
+    jacobian[dirichlet] = 0.0
+    jacobian[dirichlet, dirichlet] = 1.0
+    offset = -load
+    offset[dirichlet] = 0.0
+    return jacobian, offset
+
+
+@pytest.mark.parametrize("condition", ["galerkin", "least_squares"])
+def test_expert_sweeps_equal_a_dense_schwarz_iteration(condition):
+    # The two-level method written out with dense NumPy solves: a global solve, then
+    # colour by colour, each expert's N coefficients on its extended set from the
+    # field the previous colours left.
+    space, residual, a, _u, guess, _ = _perturbed_case()
+    basis = _smooth_fields(space, 6, seed=7)[None]  # well conditioned on every patch
+    layer = MoEConstraint(residual, MetisPartition(experts=8), condition=condition, sweeps=2)
+    out = layer(guess, basis, a=a)[0, 0].numpy()
+
+    jacobian, offset = _dense_darcy(space, a)
+    phi = basis[0].numpy()  # (N, n), zero on the boundary
+    field = guess[0, 0].numpy().copy()
+
+    def correction(test, applied, r):
+        # Galerkin: test (χΦ), applied J(χΦ)ᵀ; least squares: both J(χΦ)ᵀ on the rows
+        return np.linalg.solve(test @ applied.T, -test @ r)
+
+    applied = phi @ jacobian.T
+    test = phi if condition == "galerkin" else applied
+    field += correction(test, applied, jacobian @ field + offset) @ phi
+    coarse = field.copy()
+    partition = layer.partition
+    rows = partition.extended | partition.halo if condition == "least_squares" else None
+    for _ in range(2):
+        for colour in layer.colours:
+            r = jacobian @ field + offset
+            for k in colour:
+                local = np.where(partition.extended[k], phi, 0.0)
+                applied = local @ jacobian.T
+                if condition == "galerkin":
+                    w = correction(local, applied, r)
+                else:
+                    w = correction(applied[:, rows[k]], applied[:, rows[k]], r[rows[k]])
+                field += w @ local
+    tolerance = 1e-9 * np.abs(field).max()
+    assert np.abs(field - coarse).max() > 1e4 * tolerance  # the sweeps do move the field
+    np.testing.assert_allclose(out, field, rtol=0, atol=tolerance)
+
+
 def test_the_output_does_not_depend_on_the_dof_numbering():
     mesh = unit_square(17)
     renumbered, new_of_old = _renumbered(mesh, seed=4)

@@ -144,6 +144,18 @@ class DirichletResidual(nn.Module):
         hard constraints then recover it from linearisations)."""
         return None
 
+    def weak_offset(self, **inputs: torch.Tensor) -> torch.Tensor | None:
+        """For an affine residual, the weak form at ``u = 0`` ``(B, n_dofs)`` for inputs
+        ``(B, n_dofs)``, where a subclass has it cheaper than an evaluation; ``None``
+        otherwise (the hard constraints then evaluate ``R(0)``)."""
+        return None
+
+    def offset(self, **inputs: torch.Tensor) -> torch.Tensor | None:
+        """``R(0)`` ``(B, n_dofs)``: :meth:`weak_offset` with the Dirichlet rows zero;
+        ``None`` where it is not provided."""
+        weak = self.weak_offset(**inputs)
+        return None if weak is None else torch.where(self.dirichlet.to(weak.device), 0.0, weak)
+
     def jacobian_entries(self, pattern, **inputs: torch.Tensor) -> torch.Tensor | None:
         """``R``'s Jacobian on ``pattern`` ``(B, nnz)``: :meth:`weak_jacobian` with the
         Dirichlet rows made identity rows; ``None`` where it is not assembled."""
