@@ -658,7 +658,7 @@ class MoEConstraint(_Constraint):
         spills = self.spills if len(self.spills) else [None] * len(self.groups)
         # For an affine residual, colour by colour, R(u) is updated from the products
         # the experts' solves formed, J (χ_k Φ) on their rows and halos, instead of
-        # one product with the whole J per colour: measured 2x faster at 5e4 DOFs.
+        # one product with the whole J per colour (BENCHMARKS.md, "Affine residuals").
         track = self.affine and self.update == "colours"
         r = self._residual_from(u, linear, inputs) if track else None
         expert_ok = torch.ones_like(ok)

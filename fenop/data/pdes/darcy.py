@@ -103,8 +103,9 @@ class DarcyResidual(DirichletResidual):
     def weak_jacobian(self, pattern, *, a: torch.Tensor) -> torch.Tensor:
         """``K(a)`` on the pattern: linear in ``a``, so one sparse product ``(nnz, n)``
         with it, whose entries are WeightedStiffness's cell tensors
-        ``∫_e φ_m ∇φ_i · ∇φ_j`` summed where cells share a pattern entry (measured 15x
-        faster than contracting the cell tensors and adding them up per call)."""
+        ``∫_e φ_m ∇φ_i · ∇φ_j`` summed where cells share a pattern entry (10x faster than
+        contracting the cell tensors and adding them up per call: 13 against 128 ms at
+        5e4 DOFs, batch 4)."""
         if self._to_entries is None or self._to_entries[0] is not pattern:
             self._to_entries = (pattern, SparseMatrix(_entries_map(self.forms.space, pattern)))
         return self._to_entries[1].to(a.device)(a)
