@@ -22,11 +22,18 @@ warm-up step, and the peak resident memory those steps added (the process's peak
 minus its size before the first step). Beside them, scikit-fem's solve of one
 sample (the data generator's).
 
+``layer``: the constraint layer alone on one batch (a guess 5 % off the solutions,
+random basis fields): its forward pass without gradients (what inference costs),
+with them, and the backward pass.
+
     python benchmarks/hard_constraints.py accuracy --pde darcy --seconds 60
     python benchmarks/hard_constraints.py accuracy --pde nonlinear_diffusion --seconds 60
+    python benchmarks/hard_constraints.py accuracy --seconds 180 --variants unconstrained \
+        "global, Galerkin" "MoE K=64, two-level Galerkin"
     python benchmarks/hard_constraints.py scaling --pde darcy
     python benchmarks/hard_constraints.py scaling --pde darcy --grid mesh
     python benchmarks/hard_constraints.py scaling --pde nonlinear_diffusion --resolutions 33 65
+    python benchmarks/hard_constraints.py layer --pde darcy --resolution 225
 """
 
 from __future__ import annotations
@@ -113,7 +120,8 @@ def _accuracy(args) -> dict:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     results = {}
-    for variant, make in _ACCURACY.items():
+    for variant in args.variants:
+        make = _ACCURACY[variant]
 
         def build(make=make):
             torch.manual_seed(0)  # the same initial weights for every variant
@@ -240,6 +248,46 @@ def _step(args) -> dict:
     }
 
 
+def _layer(args) -> None:
+    """The constraint layer alone on one batch of samples: its forward pass without
+    gradients (inference) and with them, and the backward pass, medians of
+    ``--steps`` calls after one; a guess 5 % off the solutions and random basis
+    fields of their size."""
+    space = FunctionSpace(unit_square(args.resolution), dirichlet="boundary")
+    family = get_pde(args.pde)(space)
+    name = _INPUT[args.pde]
+    samples = [family.sample(0, i) for i in range(args.batch)]
+    x = torch.stack([torch.from_numpy(s[name]) for s in samples]).float()
+    u = torch.stack([torch.from_numpy(s["u"]) for s in samples]).float()
+    generator = torch.Generator().manual_seed(0)
+    guess = (u + 0.05 * u.std() * torch.randn(u.shape, generator=generator))[:, None]
+    basis = torch.randn(args.batch, args.basis, space.n_dofs, generator=generator) * u.std()
+    print(
+        f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{args.pde} {args.resolution} x {args.resolution} P1, {space.n_dofs} DOFs, "
+        f"batch {args.batch}, N = {args.basis}"
+    )
+    print("| variant | forward, no gradient (s) | forward (s) | backward (s) |")
+    print("|---|---:|---:|---:|")
+    for variant in args.variants:
+        layer = _constraint(variant, family.residual())
+        inference, forward, backward = [], [], []
+        for _ in range(args.steps + 1):
+            with torch.no_grad():
+                begin = time.perf_counter()
+                layer(guess, basis, **{name: x})
+                inference.append(time.perf_counter() - begin)
+            g, phi = guess.clone().requires_grad_(), basis.clone().requires_grad_()
+            begin = time.perf_counter()
+            loss = layer(g, phi, **{name: x}).square().sum()
+            middle = time.perf_counter()
+            loss.backward()
+            forward.append(middle - begin)
+            backward.append(time.perf_counter() - middle)
+        medians = (statistics.median(t[1:]) for t in (inference, forward, backward))
+        print(f"| {variant} | " + " | ".join(f"{t:.3f}" for t in medians) + " |", flush=True)
+
+
 def _scaling(args) -> None:
     print(
         f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
@@ -294,13 +342,19 @@ def main(argv=None) -> None:
     accuracy.add_argument("--batch", type=int, default=8)
     accuracy.add_argument("--basis", type=int, default=16, help="N, the basis fields")
     accuracy.add_argument("--data", type=Path, default=Path("runs/hard_constraints"))
+    accuracy.add_argument(
+        "--variants", nargs="+", default=list(_ACCURACY), choices=list(_ACCURACY), metavar="NAME"
+    )
     scaling = commands.add_parser("scaling", help="step time and memory as the mesh grows")
     scaling.add_argument("--resolutions", type=int, nargs="+", default=[33, 65, 129, 225, 317])
     scaling.add_argument("--variants", nargs="+", default=list(_VARIANTS), choices=_VARIANTS)
+    layer = commands.add_parser("layer", help="the constraint layer alone, forward and backward")
+    layer.add_argument("--resolution", type=int, default=225, help="vertices a side")
+    layer.add_argument("--variants", nargs="+", default=list(_VARIANTS[2:]), choices=_VARIANTS[2:])
     step = commands.add_parser("_step")  # one configuration; run by `scaling`
     step.add_argument("--resolution", type=int, required=True)
     step.add_argument("--variant", required=True, choices=_VARIANTS)
-    for sub in (scaling, step):
+    for sub in (scaling, layer, step):
         sub.add_argument("--pde", default="darcy", choices=sorted(_INPUT))
         sub.add_argument("--batch", type=int, default=4)
         sub.add_argument("--basis", type=int, default=16, help="N, the basis fields")
@@ -311,6 +365,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.command == "_step":
         print(json.dumps(_step(args)))
+    elif args.command == "layer":
+        _layer(args)
     elif args.command == "accuracy":
         args.data.mkdir(parents=True, exist_ok=True)
         _accuracy(args)

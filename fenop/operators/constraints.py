@@ -155,7 +155,16 @@ class _Constraint(nn.Module):
         from one residual evaluation per colour of the pattern's columns (for an
         affine residual call it at ``u = 0``: ``J`` is the same everywhere). With
         ``cells`` (a subset of the forms' cells) the residual sees only those:
-        exact at the rows whose cells all are in it, at their cost."""
+        exact at the rows whose cells all are in it, at their cost. A residual that
+        assembles its Jacobian (``residual.linearised``) is linearised by it instead,
+        in one pass on all the cells, exact everywhere."""
+        assembled = None if self.affine else getattr(self.residual, "linearised", None)
+        out = None if assembled is None else assembled(self.pattern, u, **inputs)
+        if out is not None:
+            r, values = out
+            if not self._pattern_checked:
+                self._check_pattern(u, inputs, r, values)
+            return r, values
         with self._on(cells):
             return self._linearise_here(u, inputs)
 

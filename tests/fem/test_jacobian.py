@@ -106,3 +106,26 @@ def test_affine_residuals_assemble_the_jacobian_the_colouring_recovers(name, pde
     offset = residual.offset(**inputs)  # R(0), where the residual has it without evaluating
     if offset is not None:
         torch.testing.assert_close(offset, out[:, 0], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_nonlinear_diffusion_assembles_scikit_fems_jacobian(name):
+    # NonlinearDiffusionResidual.linearised against the data generator's Newton
+    # matrix, assembled by scikit-fem (identity rows at the Dirichlet DOFs)
+    from fenop.data.pdes.nonlinear_diffusion import _jacobian
+
+    space = SPACES[name]()
+    family = get_pde("nonlinear_diffusion")(space)
+    residual = family.residual()
+    sample = family.sample(0, 0)
+    u, f = (torch.from_numpy(sample[k])[None] for k in ("u", "f"))
+    u = 0.7 * u  # not the solution: R(u) is not zero
+    pattern = JacobianPattern(space)
+    r, entries = residual.linearised(pattern, u, f=f)
+    torch.testing.assert_close(r, residual(u, f=f), rtol=0, atol=1e-12 * r.abs().max())
+    reference = _jacobian.assemble(space.basis, u=space.basis.interpolate(u[0].numpy())).toarray()
+    dirichlet = space.boundary_dofs
+    reference[dirichlet] = 0.0
+    reference[dirichlet, dirichlet] = 1.0
+    dense = pattern.dense(entries)[0].numpy()
+    np.testing.assert_allclose(dense, reference, rtol=0, atol=1e-12 * np.abs(reference).max())

@@ -144,6 +144,23 @@ class DirichletResidual(nn.Module):
         hard constraints then recover it from linearisations)."""
         return None
 
+    def linearised(
+        self, pattern, u: torch.Tensor, **inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a residual not affine in ``u``: ``R(u)`` ``(B, n_dofs)`` and its Jacobian
+        at ``u`` as entries ``(B, nnz)`` on ``pattern``, assembled cell by cell (one
+        pass, where recovering it takes one linearisation per colour of the pattern),
+        differentiable in ``u`` and the inputs; ``None`` where a subclass does not
+        assemble it. Always on all the cells."""
+        return None
+
+    def _with_dirichlet_rows(self, pattern, weak: torch.Tensor) -> torch.Tensor:
+        """Entries ``(B, nnz)`` of a weak form's Jacobian with the Dirichlet rows made
+        identity rows."""
+        dirichlet = self.dirichlet.to(weak.device)
+        entries = torch.where(dirichlet[pattern.entry_rows], 0.0, weak)
+        return entries.index_fill(-1, pattern.diagonal[dirichlet], 1.0)
+
     def weak_offset(self, **inputs: torch.Tensor) -> torch.Tensor | None:
         """For an affine residual, the weak form at ``u = 0`` ``(B, n_dofs)`` for inputs
         ``(B, n_dofs)``, where a subclass has it cheaper than an evaluation; ``None``
@@ -160,8 +177,4 @@ class DirichletResidual(nn.Module):
         """``R``'s Jacobian on ``pattern`` ``(B, nnz)``: :meth:`weak_jacobian` with the
         Dirichlet rows made identity rows; ``None`` where it is not assembled."""
         weak = self.weak_jacobian(pattern, **inputs)
-        if weak is None:
-            return None
-        dirichlet = self.dirichlet.to(weak.device)
-        entries = torch.where(dirichlet[pattern.entry_rows], 0.0, weak)
-        return entries.index_fill(-1, pattern.diagonal[dirichlet], 1.0)
+        return None if weak is None else self._with_dirichlet_rows(pattern, weak)

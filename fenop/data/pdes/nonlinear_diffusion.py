@@ -16,6 +16,7 @@ from skfem.helpers import dot, grad
 
 from fenop.data.pdes.base import DirichletResidual, PDEFamily
 from fenop.fem import FunctionSpace
+from fenop.fem.forms import quadrature_data
 
 
 @skfem.LinearForm
@@ -91,7 +92,43 @@ class NonlinearDiffusionResidual(DirichletResidual):
     Shapes: ``u``, ``f``: ``(..., n_dofs)`` -> ``(..., n_dofs)``.
     """
 
+    def __init__(self, space: FunctionSpace):
+        super().__init__(space)
+        self._cells = None  # the cell data of the Jacobian, made on the first linearised
+
     def weak_form(self, u: torch.Tensor, *, f: torch.Tensor) -> torch.Tensor:
         forms = self.forms
         flux = (1 + forms.values(u) ** 2).unsqueeze(-3) * forms.gradients(u)
         return forms.assemble_gradient(flux) - forms.assemble_values(forms.values(f))
+
+    def linearised(self, pattern, u: torch.Tensor, *, f: torch.Tensor):
+        """``R(u)`` and ``J(u)`` on the pattern: ``J_ij = ∫ (1 + u²) ∇φ_j·∇φ_i +
+        ∫ 2 u φ_j ∇u·∇φ_i``, cell by cell at the quadrature points."""
+        if self._cells is None or self._cells[0] is not pattern:
+            phi, dphi, dx = quadrature_data(self.forms.space)  # (N, E, Q), (N, d, E, Q)
+            tensors = {
+                "stiffness": np.einsum("ideq,jdeq,eq->ijeq", dphi, dphi, dx),
+                "phi": phi,
+                "dphi": dphi,
+                "dx": dx,
+                "slots": pattern.local_slots(),  # (N, N, E)
+            }
+            self._cells = (pattern, {k: torch.from_numpy(v) for k, v in tensors.items()})
+        cells = {k: v.to(u.device) for k, v in self._cells[1].items()}
+        with self.forms.on(self.forms.cells):  # all the cells, whatever the caller's subset
+            forms = self.forms
+            values, gradients = forms.values(u), forms.gradients(u)  # (B, E, Q), (B, d, E, Q)
+            flux = (1 + values**2).unsqueeze(-3) * gradients
+            weak = forms.assemble_gradient(flux) - forms.assemble_values(forms.values(f))
+        r = torch.where(self.dirichlet, u, weak)
+        dtype = u.dtype
+        stiffness, phi = cells["stiffness"].to(dtype), cells["phi"].to(dtype)
+        along = torch.einsum("bdeq,ideq->bieq", gradients, cells["dphi"].to(dtype))  # ∇u·∇φ_i
+        local = torch.einsum("beq,ijeq->bije", 1 + values**2, stiffness) + torch.einsum(
+            "beq,bieq,jeq->bije", 2 * values * cells["dx"].to(dtype), along, phi
+        )
+        slots = cells["slots"].reshape(-1)
+        weak_entries = u.new_zeros(u.shape[0], pattern.nnz).index_add_(
+            -1, slots, local.reshape(u.shape[0], -1)
+        )
+        return r, self._with_dirichlet_rows(pattern, weak_entries)
