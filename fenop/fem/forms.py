@@ -67,6 +67,9 @@ class Cells(nn.Module):
     Args:
         space: the FE space.
         cells: indices of the cells, or ``None`` for all.
+
+    Attributes:
+        index: ``(E,)`` the indices of its cells in the space's.
     """
 
     def __init__(self, space: FunctionSpace, cells: np.ndarray | None = None):
@@ -77,6 +80,8 @@ class Cells(nn.Module):
             cells = np.asarray(cells, dtype=np.int64)
             phi, dphi, dx, dofs = phi[:, cells], dphi[:, :, cells], dx[cells], dofs[:, cells]
         self.n_cells = dx.shape[0]
+        index = np.arange(self.n_cells) if cells is None else cells
+        self.register_buffer("index", torch.from_numpy(index), persistent=False)
         self.value_shape, self.gradient_shape = phi.shape[1:], dphi.shape[1:]
         self.to_values = SparseMatrix(_interpolation(phi, dofs, space.n_dofs))
         self.to_gradients = SparseMatrix(_interpolation(dphi, dofs, space.n_dofs))
@@ -131,29 +136,30 @@ class FEForms(nn.Module):
             self._state["active"] = previous
 
     @property
-    def _cells(self) -> Cells:
+    def active(self) -> Cells:
+        """The cells the calls see now: all of them, or those of :meth:`on`."""
         return self._state["active"] or self.cells
 
     def values(self, coeffs: torch.Tensor) -> torch.Tensor:
         """FE functions at the quadrature points: ``(..., n_dofs)`` -> ``(..., E, Q)``."""
         self.space.check_coefficients(coeffs)
-        cells = self._cells
+        cells = self.active
         return cells.to_values(coeffs).reshape(*coeffs.shape[:-1], *cells.value_shape)
 
     def gradients(self, coeffs: torch.Tensor) -> torch.Tensor:
         """Their gradients: ``(..., n_dofs)`` -> ``(..., d, E, Q)``."""
         self.space.check_coefficients(coeffs)
-        cells = self._cells
+        cells = self.active
         return cells.to_gradients(coeffs).reshape(*coeffs.shape[:-1], *cells.gradient_shape)
 
     def assemble_values(self, s: torch.Tensor) -> torch.Tensor:
         """``∫ s v`` for every basis function ``v``: ``(..., E, Q)`` -> ``(..., n_dofs)``."""
-        cells = self._cells
+        cells = self.active
         weighted = s * cells.dx.to(s.dtype)
         return cells.to_values.transposed(weighted.reshape(*s.shape[:-2], -1))
 
     def assemble_gradient(self, flux: torch.Tensor) -> torch.Tensor:
         """``∫ flux · ∇v`` for every basis function v: ``(..., d, E, Q)`` -> ``(..., n_dofs)``."""
-        cells = self._cells
+        cells = self.active
         weighted = flux * cells.dx.to(flux.dtype)
         return cells.to_gradients.transposed(weighted.reshape(*flux.shape[:-3], -1))

@@ -157,14 +157,7 @@ class _Constraint(nn.Module):
         ``cells`` (a subset of the forms' cells) the residual sees only those:
         exact at the rows whose cells all are in it, at their cost. A residual that
         assembles its Jacobian (``residual.linearised``) is linearised by it instead,
-        in one pass on all the cells, exact everywhere."""
-        assembled = None if self.affine else getattr(self.residual, "linearised", None)
-        out = None if assembled is None else assembled(self.pattern, u, **inputs)
-        if out is not None:
-            r, values = out
-            if not self._pattern_checked:
-                self._check_pattern(u, inputs, r, values)
-            return r, values
+        in one pass."""
         with self._on(cells):
             return self._linearise_here(u, inputs)
 
@@ -173,6 +166,13 @@ class _Constraint(nn.Module):
         return contextlib.nullcontext() if cells is None else self.residual.forms.on(cells)
 
     def _linearise_here(self, u: torch.Tensor, inputs: dict):
+        assembled = None if self.affine else getattr(self.residual, "linearised", None)
+        out = None if assembled is None else assembled(self.pattern, u, **inputs)
+        if out is not None:
+            r, values = out
+            if not self._pattern_checked:
+                self._check_pattern(u, inputs, r, values)
+            return r, values
         seeds = self.pattern.seeds.to(u.dtype).expand(len(u), -1, -1)
         if self.affine:
             # J s = R(u + s) - R(u) exactly for an affine R; one call for all the fields
@@ -835,9 +835,10 @@ class _IndexSets(nn.Module):
         """``(B, ..., n)`` -> ``(B, k, ..., m)``, zero on padding."""
         if self.everything:
             return x[:, None]
-        local = x[..., self.index].movedim(-2, 1)  # (B, k, ..., m)
-        shape = (len(self.index),) + (1,) * (x.ndim - 2) + (self.index.shape[1],)
-        return local * self.valid.reshape(shape)
+        local = x[..., self.index] * self.valid  # (B, ..., k, m)
+        # contiguous: the batched products that use the experts' fields would copy
+        # a strided view each time (measured: a slower backward pass)
+        return local.movedim(-2, 1).contiguous()  # (B, k, ..., m)
 
     def scatter(self, y: torch.Tensor) -> torch.Tensor:
         """``(B, k, ..., m)`` -> ``(B, ..., n)``, the sum of the experts' values at each

@@ -129,3 +129,21 @@ def test_nonlinear_diffusion_assembles_scikit_fems_jacobian(name):
     reference[dirichlet, dirichlet] = 1.0
     dense = pattern.dense(entries)[0].numpy()
     np.testing.assert_allclose(dense, reference, rtol=0, atol=1e-12 * np.abs(reference).max())
+
+
+def test_nonlinear_diffusion_jacobian_on_subsets_of_cells_adds_up_to_the_whole():
+    space = SPACES["P1 L-shape"]()
+    family = get_pde("nonlinear_diffusion")(space)
+    residual = family.residual()
+    sample = family.sample(0, 0)
+    u, f = (torch.from_numpy(sample[k])[None] for k in ("u", "f"))
+    pattern = JacobianPattern(space)
+    whole = residual.linearised(pattern, u, f=f)[1]
+    cells = np.random.default_rng(0).permutation(space.mesh.t.shape[1])
+    parts = []
+    for subset in np.array_split(cells, 2):
+        with residual.forms.on(residual.forms.subset(subset)):
+            parts.append(residual.linearised(pattern, u, f=f)[1])
+    free = ~residual.dirichlet[pattern.entry_rows]  # Dirichlet rows are identity rows in each
+    torch.testing.assert_close((parts[0] + parts[1])[:, free], whole[:, free], rtol=0, atol=1e-12)
+    assert (parts[0][:, free] - whole[:, free]).abs().max() > 1e-3  # each part is a part

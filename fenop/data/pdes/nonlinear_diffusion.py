@@ -103,8 +103,9 @@ class NonlinearDiffusionResidual(DirichletResidual):
 
     def linearised(self, pattern, u: torch.Tensor, *, f: torch.Tensor):
         """``R(u)`` and ``J(u)`` on the pattern: ``J_ij = ∫ (1 + u²) ∇φ_j·∇φ_i +
-        ∫ 2 u φ_j ∇u·∇φ_i``, cell by cell at the quadrature points."""
-        if self._cells is None or self._cells[0] is not pattern:
+        ∫ 2 u φ_j ∇u·∇φ_i``, cell by cell at the quadrature points; on the cells the
+        forms see (``forms.on``: then exact at the rows all of whose cells those are)."""
+        if self._cells is None or self._cells[0] is not pattern or self._cells[1] != u.device:
             phi, dphi, dx = quadrature_data(self.forms.space)  # (N, E, Q), (N, d, E, Q)
             tensors = {
                 "stiffness": np.einsum("ideq,jdeq,eq->ijeq", dphi, dphi, dx),
@@ -113,22 +114,23 @@ class NonlinearDiffusionResidual(DirichletResidual):
                 "dx": dx,
                 "slots": pattern.local_slots(),  # (N, N, E)
             }
-            self._cells = (pattern, {k: torch.from_numpy(v) for k, v in tensors.items()})
-        cells = {k: v.to(u.device) for k, v in self._cells[1].items()}
-        with self.forms.on(self.forms.cells):  # all the cells, whatever the caller's subset
-            forms = self.forms
-            values, gradients = forms.values(u), forms.gradients(u)  # (B, E, Q), (B, d, E, Q)
-            flux = (1 + values**2).unsqueeze(-3) * gradients
-            weak = forms.assemble_gradient(flux) - forms.assemble_values(forms.values(f))
-        r = torch.where(self.dirichlet, u, weak)
-        dtype = u.dtype
-        stiffness, phi = cells["stiffness"].to(dtype), cells["phi"].to(dtype)
-        along = torch.einsum("bdeq,ideq->bieq", gradients, cells["dphi"].to(dtype))  # ∇u·∇φ_i
-        local = torch.einsum("beq,ijeq->bije", 1 + values**2, stiffness) + torch.einsum(
-            "beq,bieq,jeq->bije", 2 * values * cells["dx"].to(dtype), along, phi
+            tensors = {k: torch.from_numpy(v).to(u.device) for k, v in tensors.items()}
+            self._cells = (pattern, u.device, tensors)
+        forms, dtype = self.forms, u.dtype
+        index = forms.active.index.to(u.device)
+        stiffness, phi, dphi, dx, slots = (
+            self._cells[2][k].index_select(-1 if k == "slots" else -2, index)
+            for k in ("stiffness", "phi", "dphi", "dx", "slots")
         )
-        slots = cells["slots"].reshape(-1)
+        values, gradients = forms.values(u), forms.gradients(u)  # (B, E, Q), (B, d, E, Q)
+        flux = (1 + values**2).unsqueeze(-3) * gradients
+        weak = forms.assemble_gradient(flux) - forms.assemble_values(forms.values(f))
+        r = torch.where(self.dirichlet, u, weak)
+        along = torch.einsum("bdeq,ideq->bieq", gradients, dphi.to(dtype))  # ∇u·∇φ_i
+        local = torch.einsum("beq,ijeq->bije", 1 + values**2, stiffness.to(dtype)) + torch.einsum(
+            "beq,bieq,jeq->bije", 2 * values * dx.to(dtype), along, phi.to(dtype)
+        )
         weak_entries = u.new_zeros(u.shape[0], pattern.nnz).index_add_(
-            -1, slots, local.reshape(u.shape[0], -1)
+            -1, slots.reshape(-1), local.reshape(u.shape[0], -1)
         )
         return r, self._with_dirichlet_rows(pattern, weak_entries)
