@@ -29,7 +29,9 @@ iterations.
 The residual is a black box ``R(u, **inputs)``: its Jacobian is recovered on the
 FE pattern from one linearisation per colour of the pattern's columns
 (:class:`~fenop.fem.jacobian.JacobianPattern`, about 9 for P1 triangles), once per
-call for an affine residual and once per Newton iteration otherwise; every product
+call for an affine residual and once per Newton iteration otherwise, unless the
+residual assembles it itself (``jacobian_entries`` for an affine residual,
+``linearised`` for another: one pass instead of one per colour); every product
 after that is sparse, each expert's with its own block of ``J``, so the layer's
 cost and memory grow linearly with the mesh (BENCHMARKS.md).
 
