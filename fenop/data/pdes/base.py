@@ -151,7 +151,7 @@ class DirichletResidual(nn.Module):
         at ``u`` as entries ``(B, nnz)`` on ``pattern``, assembled cell by cell (one
         pass, where recovering it takes one linearisation per colour of the pattern),
         differentiable in ``u`` and the inputs; ``None`` where a subclass does not
-        assemble it. Always on all the cells."""
+        assemble it. On the cells the forms see (``forms.on``), like an evaluation."""
         return None
 
     def _with_dirichlet_rows(self, pattern, weak: torch.Tensor) -> torch.Tensor:

@@ -97,8 +97,13 @@ class NonlinearDiffusionResidual(DirichletResidual):
         self._cells = None  # the cell data of the Jacobian, made on the first linearised
 
     def weak_form(self, u: torch.Tensor, *, f: torch.Tensor) -> torch.Tensor:
+        return self._weak(self.forms.values(u), self.forms.gradients(u), f)
+
+    def _weak(self, values: torch.Tensor, gradients: torch.Tensor, f: torch.Tensor):
+        """The weak form from ``u``'s values ``(B, E, Q)`` and gradients ``(B, d, E, Q)``
+        at the quadrature points."""
         forms = self.forms
-        flux = (1 + forms.values(u) ** 2).unsqueeze(-3) * forms.gradients(u)
+        flux = (1 + values**2).unsqueeze(-3) * gradients
         return forms.assemble_gradient(flux) - forms.assemble_values(forms.values(f))
 
     def linearised(self, pattern, u: torch.Tensor, *, f: torch.Tensor):
@@ -123,9 +128,7 @@ class NonlinearDiffusionResidual(DirichletResidual):
             for k in ("stiffness", "phi", "dphi", "dx", "slots")
         )
         values, gradients = forms.values(u), forms.gradients(u)  # (B, E, Q), (B, d, E, Q)
-        flux = (1 + values**2).unsqueeze(-3) * gradients
-        weak = forms.assemble_gradient(flux) - forms.assemble_values(forms.values(f))
-        r = torch.where(self.dirichlet, u, weak)
+        r = torch.where(self.dirichlet, u, self._weak(values, gradients, f))
         along = torch.einsum("bdeq,ideq->bieq", gradients, dphi.to(dtype))  # ∇u·∇φ_i
         local = torch.einsum("beq,ijeq->bije", 1 + values**2, stiffness.to(dtype)) + torch.einsum(
             "beq,bieq,jeq->bije", 2 * values * dx.to(dtype), along, phi.to(dtype)
