@@ -217,23 +217,27 @@ class _Constraint(nn.Module):
         r0, values = linear
         return self.pattern.matmul(values, u[:, None])[:, 0] + r0
 
-    def _solve(self, matrix: torch.Tensor, rhs: torch.Tensor):
-        """Solve ``matrix w = rhs`` for ``(..., N, N)`` and ``(..., N)``: scaled to a
-        unit diagonal, ridged. Returns ``w``, whether each solve succeeded (factorised,
-        finite), and each scaled matrix's condition number: above ``1e10`` the system
-        is numerically singular (basis fields dependent where it lives), and the ridge
-        picks its coefficients."""
+    def _scaled(self, matrix: torch.Tensor):
+        """``matrix`` ``(..., N, N)`` scaled symmetrically to a unit diagonal and
+        ridged, and the scale ``(..., N)``. A basis field that vanishes where the
+        system lives (a zero diagonal) gets a unit row and column: a zero coefficient."""
         diagonal = torch.diagonal(matrix, dim1=-2, dim2=-1).abs()
         largest = diagonal.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(matrix.dtype).tiny)
-        # A basis field that vanishes where this system lives gets a zero coefficient.
         live = diagonal > 1e-14 * largest
         scale = torch.where(live, diagonal.clamp_min(1e-300).rsqrt(), torch.zeros_like(diagonal))
         scaled = scale[..., :, None] * matrix * scale[..., None, :]
         eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-        scaled = scaled + self.ridge * eye + torch.diag_embed((~live).to(matrix.dtype))
+        return scaled + self.ridge * eye + torch.diag_embed((~live).to(matrix.dtype)), scale
+
+    def _solve(self, matrix: torch.Tensor, rhs: torch.Tensor):
+        """Solve ``matrix w = rhs`` for ``(..., N, N)`` and ``(..., N)``, scaled and
+        ridged (:meth:`_scaled`). Returns ``w`` and whether each solve succeeded
+        (factorised, finite)."""
+        scaled, scale = self._scaled(matrix)
         if self.symmetric:
             factor, info = torch.linalg.cholesky_ex(scaled)
             ok = info == 0
+            eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
             safe = torch.where(ok[..., None, None], factor, eye)  # no NaN from failed ones
             y = torch.cholesky_solve((scale * rhs)[..., None], safe)[..., 0]
         else:
@@ -242,11 +246,27 @@ class _Constraint(nn.Module):
             y = torch.linalg.lu_solve(lu, pivots, (scale * rhs)[..., None])[..., 0]
         w = scale * y
         with torch.no_grad():
+            ok = ok & torch.isfinite(scaled).all(dim=(-1, -2)) & torch.isfinite(w).all(dim=-1)
+        return w, ok
+
+    def _condition(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``(...)``: the 2-norm condition numbers of the scaled systems that
+        :meth:`_solve` factorises for ``matrix`` ``(..., N, N)`` (infinite where not
+        finite). Above ``1e10`` a system is numerically singular (basis fields
+        dependent where it lives), and the ridge picks its coefficients. Asked once
+        per matrix, not per solve: an SVD costs more than the solve (measured: a
+        tenth of a nonlinear expert sweep's forward pass)."""
+        with torch.no_grad():
+            scaled = self._scaled(matrix.detach())[0]
             finite = torch.isfinite(scaled).all(dim=(-1, -2))
-            condition = torch.full_like(diagonal[..., 0], math.inf)
-            condition[finite] = torch.linalg.cond(scaled[finite])
-            ok = ok & finite & torch.isfinite(w).all(dim=-1)
-        return w, ok, condition
+            condition = torch.full_like(scaled[..., 0, 0], math.inf)
+            good = scaled[finite]
+            if self.symmetric:  # |λ|max / |λ|min, the SVD's ratio, from eigvalsh
+                magnitudes = torch.linalg.eigvalsh(good).abs()
+                condition[finite] = magnitudes.amax(dim=-1) / magnitudes.amin(dim=-1)
+            else:
+                condition[finite] = torch.linalg.cond(good)
+        return condition
 
     def _system(self, r, values, local, sets):
         """The experts' condition and its (Gauss-Newton, for least squares) matrix:
@@ -266,29 +286,41 @@ class _Constraint(nn.Module):
         matrix = test @ applied.transpose(-1, -2)
         return f_value, matrix, test, applied
 
-    def _experts(self, u, local, sets, inputs, linear=None, cache=None, cells=None, r=None):
+    def _experts(
+        self, u, local, sets, inputs, linear=None, cache=None, cells=None, r=None, data=None
+    ):
         """Coefficients ``(B, k, N)`` of experts (territories that do not meet) solved
         from ``u`` ``(B, n)``: for an affine residual, whose linearisation ``linear`` is
         the forward call's, one solve (the matrix, which does not depend on ``u``, kept
         in ``cache`` with the test fields and ``J (χ_k Φ)``), from ``r = R(u)`` where
         the caller has it; Newton's method otherwise, with the implicit function
-        theorem's gradient. Also whether each succeeded, the condition numbers, the
-        iterations."""
+        theorem's gradient, whose convergence test is relative to ``data`` ``(B,)``
+        (:meth:`_data_norm`, found here if not given). Also whether each succeeded,
+        the condition numbers, the iterations."""
         if self.affine:
             if r is None:
                 r = self._residual_from(u, linear, inputs)
             if cache is not None and "matrix" in cache:
                 f_value = _tested(cache["test"], sets[1].gather(r))
-                matrix = cache["matrix"]
+                matrix, condition = cache["matrix"], cache["condition"]
             else:
                 f_value, matrix, test, applied = self._system(r, linear[1], local, sets)
+                condition = self._condition(matrix)
                 if cache is not None:
-                    cache.update(matrix=matrix, test=test, applied=applied)
-            w, ok, condition = self._solve(matrix, -f_value)
+                    cache.update(matrix=matrix, test=test, applied=applied, condition=condition)
+            w, ok = self._solve(matrix, -f_value)
             return w, ok, condition, torch.ones_like(ok, dtype=torch.int64)
-        return self._newton(u, local, sets, inputs, cells)
+        return self._newton(u, local, sets, inputs, cells, data)
 
-    def _newton(self, u, local, sets, inputs, cells=None):
+    def _data_norm(self, u: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """``(B,)``: the norm of the residual of the zero field (shaped like ``u``
+        ``(B, n)``) on the free DOFs, the scale of the data that Newton's convergence
+        test is relative to."""
+        with torch.no_grad():
+            zero = self._residual_of(torch.zeros_like(u), inputs)
+            return torch.where(self.free, zero, 0.0).norm(dim=-1)
+
+    def _newton(self, u, local, sets, inputs, cells=None, data=None):
         batch, k, n_basis, _ = local.shape
         extended, rows, _ = sets
         names = list(inputs)
@@ -317,13 +349,12 @@ class _Constraint(nn.Module):
 
         damped = self.condition == "least_squares"
         with torch.no_grad():
-            zero = self._residual_of(torch.zeros_like(u), inputs)
-            data = torch.where(self.free, zero, 0.0).norm(dim=-1)  # (B,)
+            if data is None:
+                data = self._data_norm(u, inputs)
             w = local.new_zeros(batch, k, n_basis)
             ok = torch.ones(batch, k, dtype=torch.bool, device=local.device)
             done = torch.zeros_like(ok)
             iterations = torch.zeros(batch, k, dtype=torch.int64, device=local.device)
-            condition = local.new_zeros(batch, k)
             f_value, matrix, test, current = system(w, u, local, inputs)
             # Levenberg-Marquardt (least squares): λ per problem, Marquardt's scaling
             damping = local.new_full((batch, k), _DAMPING)
@@ -348,7 +379,7 @@ class _Constraint(nn.Module):
                 if damped:
                     diagonal = torch.diagonal(matrix, dim1=-2, dim2=-1)
                     system_matrix = matrix + torch.diag_embed(damping[..., None] * diagonal)
-                step, solved, condition = self._solve(system_matrix, -f_value)
+                step, solved = self._solve(system_matrix, -f_value)
                 ok = ok & (solved | done)
                 trial = torch.where(done[..., None], w, w + step)
                 if chord:  # the matrix kept: the condition alone at the trial
@@ -383,6 +414,8 @@ class _Constraint(nn.Module):
                 test = torch.where(accept[..., None, None], test_new, test)
                 done = done | (step.norm(dim=-1) <= self.tolerance * (1 + w.norm(dim=-1)))
             ok = ok & done  # not converged within max_iterations: reported
+            # the (undamped) matrix of the last iterate: once, not every iteration
+            condition = self._condition(matrix)
 
         # Galerkin's matrix (χΦ)ᵀ J (χΦ), at the solution, is the condition's exact
         # Jacobian: the adjoint needs no second derivatives, and the condition no
@@ -412,10 +445,11 @@ class _Constraint(nn.Module):
         phi = torch.where(free, basis.double(), 0.0)  # zero on Dirichlet DOFs
         return g, phi, {k: v.double() for k, v in inputs.items()}
 
-    def _global(self, u, phi, inputs, linear=None):
+    def _global(self, u, phi, inputs, linear=None, data=None):
         """One solve over the whole domain: ``u + Φ w`` with the condition."""
+        sets = (self.everywhere, self.everywhere, None)
         w, ok, condition, iterations = self._experts(
-            u, phi[:, None], (self.everywhere, self.everywhere, None), inputs, linear
+            u, phi[:, None], sets, inputs, linear, data=data
         )
         return u + (w @ phi)[:, 0], ok[:, 0], condition, iterations
 
@@ -645,9 +679,11 @@ class MoEConstraint(_Constraint):
         ok = torch.ones(batch, dtype=torch.bool, device=phi.device)
         iterations = torch.zeros(batch, dtype=torch.int64, device=phi.device)
         linear = self._linear_part(g, inputs)
+        # Newton's scale, for a residual that is not affine: the same for every solve
+        data = None if self.affine else self._data_norm(g, inputs)
         u, conditions = g, []
         if self.coarse:
-            u, ok, condition, steps = self._global(u, phi, inputs, linear)
+            u, ok, condition, steps = self._global(u, phi, inputs, linear, data)
             conditions.append(condition)
             iterations = iterations + steps.sum(dim=1)
         # Sharded over processes (shard()): what every process holds enters its share
@@ -685,7 +721,15 @@ class MoEConstraint(_Constraint):
                 base = sharding.to_shards(u if self.update == "colours" else start)
                 share_r = sharding.to_shards(r) if track else None
                 w, solved, condition, steps = self._experts(
-                    base, local, tuple(sets), share_inputs, share_linear, cache, subset, share_r
+                    base,
+                    local,
+                    tuple(sets),
+                    share_inputs,
+                    share_linear,
+                    cache,
+                    subset,
+                    share_r,
+                    data,
                 )
                 expert_ok = expert_ok & solved.all(dim=1)
                 expert_conditions.append(condition)

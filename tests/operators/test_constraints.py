@@ -245,6 +245,26 @@ def test_singular_systems_and_failed_solves_are_reported_not_hidden():
     assert failed.report["converged"].tolist() == [False]
 
 
+@pytest.mark.parametrize("condition", ["galerkin", "least_squares"])
+def test_the_reported_condition_number_is_the_scaled_systems(condition):
+    space, residual, a, u = _darcy(9)
+    fields = _smooth_fields(space, 4, seed=2)
+    # two of the fields nearly parallel: a system far from the identity
+    basis = torch.stack([u[0], *fields[:3], fields[0] + 0.05 * fields[3]])[None]
+    layer = HardConstraint(residual, condition=condition)
+    layer(torch.zeros_like(u)[:, None], basis, a=a)
+    # the system on scikit-fem's matrix, scaled to a unit diagonal and ridged, by NumPy
+    jacobian, _ = _dense_darcy(space, a)
+    phi = basis[0].numpy() * ~residual.dirichlet.numpy()
+    applied = phi @ jacobian.T
+    matrix = phi @ applied.T if condition == "galerkin" else applied @ applied.T
+    scale = 1 / np.sqrt(np.diag(matrix))
+    scaled = scale[:, None] * matrix * scale[None] + layer.ridge * np.eye(len(matrix))
+    expected = np.linalg.cond(scaled)
+    assert expected > 100  # a case where the figure says something
+    np.testing.assert_allclose(layer.report["condition"][0].item(), expected, rtol=1e-6)
+
+
 def test_bad_arguments_are_refused():
     space = FunctionSpace(unit_square(5), dirichlet="boundary")
     residual = get_pde("darcy")(space).residual()
