@@ -19,12 +19,15 @@ outside held at the current values, a few sweeps after an optional global solve
 the solves: for a residual affine in ``u`` (Darcy, Poisson, a heat step) the solve
 is exact, and autograd through it is the implicit gradient.
 
-For a residual that is not affine in ``u`` (nonlinear diffusion) each solve is
+For a residual that is not affine in ``u`` (nonlinear diffusion) the global solve is
 Newton's method on the ``N`` unknowns (Levenberg-Marquardt for least squares), with a
 fixed iteration cap, per-problem convergence masks and no host synchronisation in
 the loop; its backward pass is the implicit function theorem's with the exact
 Jacobian (:mod:`fenop.operators.implicit`), in memory that does not grow with the
-iterations.
+iterations. The experts' sweeps then solve the residual's linearisation at the
+coarse solution (one Newton step of the two-level iteration, as cheap as an affine
+residual's sweeps), or, ``nonlinear="newton"``, each expert its own nonlinear
+problem the same way as the global solve.
 
 The residual is a black box ``R(u, **inputs)``: its Jacobian is recovered on the
 FE pattern from one linearisation per colour of the pattern's columns
@@ -74,6 +77,8 @@ from fenop.operators.implicit import implicit_root
 
 CONDITIONS = ("galerkin", "least_squares")
 UPDATES = ("colours", "owners")
+# How MoEConstraint's experts treat a residual that is not affine (see its docstring).
+NONLINEAR = ("linearised", "newton")
 # Solves whose scaled matrix is worse conditioned than this are reported as failed.
 _CONDITION_LIMIT = 1e10
 # Levenberg-Marquardt's first damping, relative to the Gauss-Newton matrix's diagonal.
@@ -295,9 +300,10 @@ class _Constraint(nn.Module):
         in ``cache`` with the test fields and ``J (χ_k Φ)``), from ``r = R(u)`` where
         the caller has it; Newton's method otherwise, with the implicit function
         theorem's gradient, whose convergence test is relative to ``data`` ``(B,)``
-        (:meth:`_data_norm`, found here if not given). Also whether each succeeded,
-        the condition numbers, the iterations."""
-        if self.affine:
+        (:meth:`_data_norm`, found here if not given). A residual that is not affine
+        but given with its linearisation (``linear``) is solved as that affine one.
+        Also whether each succeeded, the condition numbers, the iterations."""
+        if linear is not None:
             if r is None:
                 r = self._residual_from(u, linear, inputs)
             if cache is not None and "matrix" in cache:
@@ -576,6 +582,15 @@ class MoEConstraint(_Constraint):
         sweeps: expert sweeps.
         coarse: a global solve first (the two-level method).
         update: ``"colours"`` or ``"owners"``.
+        nonlinear: for a residual that is not affine, ``"linearised"`` (default): the
+            experts' sweeps solve its linearisation at the field they start from (the
+            coarse solution), one Newton step of the two-level iteration, with the
+            affine residual's machinery, the gradient through the linearisation too;
+            ``"newton"``: each expert solves its own nonlinear problem by Newton's
+            method (chord iterations) with the implicit function theorem's gradient.
+            The coarse solve is Newton's either way. Measured on one sample
+            (BENCHMARKS.md, "Nonlinear experts"): the outputs agree to 1e-4 relative,
+            below the errors both leave, and the linearised sweeps cost 3-20x less.
         ridge, max_iterations, tolerance, chord: as for :class:`HardConstraint`.
 
     Shapes:
@@ -592,6 +607,7 @@ class MoEConstraint(_Constraint):
         sweeps: int = 3,
         coarse: bool = True,
         update: str = "colours",
+        nonlinear: str = "linearised",
         ridge: float = 1e-12,
         max_iterations: int = 25,
         tolerance: float = 1e-10,
@@ -607,6 +623,11 @@ class MoEConstraint(_Constraint):
         )
         if update not in UPDATES:
             raise ValueError(f"`update` must be one of {UPDATES}, got {update!r}")
+        if nonlinear not in NONLINEAR:
+            raise ValueError(f"`nonlinear` must be one of {NONLINEAR}, got {nonlinear!r}")
+        self.nonlinear = nonlinear
+        # the sweeps solve an affine residual: the residual itself, or its linearisation
+        self.linear_sweeps = self.affine or nonlinear == "linearised"
         if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
             raise ValueError(f"`sweeps` must be a non-negative int, got {sweeps!r}")
         self.update = update
@@ -637,15 +658,16 @@ class MoEConstraint(_Constraint):
         # per colour: the experts' extended sets, their rows, and J's blocks on them
         self.groups = nn.ModuleList()
         self.owned = nn.ModuleList()  # per colour: which of an expert's DOFs it owns
-        # A residual that is not affine is linearised at every Newton iteration: each
-        # colour's experts then evaluate it on the cells that touch their rows alone,
-        # where their rows and their blocks of J are exact.
+        # Experts solving a residual that is not affine linearise it at every Newton
+        # iteration: each colour's experts then evaluate it on the cells that touch
+        # their rows alone, where their rows and their blocks of J are exact.
         self.cells = nn.ModuleList()
-        # An affine residual is kept up to date colour by colour from the experts' own
-        # products (see forward): a Galerkin expert's rows are its extended set, so it
-        # also needs J's block from that set to its halo, where its correction reaches.
+        # An affine residual (or linearisation) is kept up to date colour by colour
+        # from the experts' own products (see forward): a Galerkin expert's rows are
+        # its extended set, so it also needs J's block from that set to its halo,
+        # where its correction reaches.
         self.spills = nn.ModuleList()
-        spill = self.affine and self.update == "colours" and self.condition == "galerkin"
+        spill = self.linear_sweeps and self.update == "colours" and self.condition == "galerkin"
         for colour in self.colours:
             mine = colour[rank::world]
             count = -(-len(colour) // world)
@@ -665,7 +687,7 @@ class MoEConstraint(_Constraint):
                 halos = [np.flatnonzero(p.halo[k]) for k in experts]
                 halo_sets = _IndexSets(halos, n, keep=real)
                 self.spills.append(nn.ModuleList([halo_sets, self.pattern.blocks(halos, cols)]))
-            if not self.affine:
+            if not self.linear_sweeps:
                 touched = self.rows[experts].any(axis=0)
                 element_dofs = self.space.basis.element_dofs
                 subset = np.flatnonzero(touched[element_dofs].any(axis=0))
@@ -686,6 +708,12 @@ class MoEConstraint(_Constraint):
             u, ok, condition, steps = self._global(u, phi, inputs, linear, data)
             conditions.append(condition)
             iterations = iterations + steps.sum(dim=1)
+        # The sweeps' affine residual: a residual's own (R(0), J), or, for one that is
+        # not affine, its linearisation at the sweeps' starting field, R(u) - J u and J.
+        sweep_linear = linear
+        if self.linear_sweeps and not self.affine:
+            r_start, values = self._linearise(u, inputs)
+            sweep_linear = (r_start - self.pattern.matmul(values, u[:, None])[:, 0], values)
         # Sharded over processes (shard()): what every process holds enters its share
         # of the experts through to_shards, and their corrections leave through
         # from_shards; with one process both are the identity.
@@ -696,7 +724,9 @@ class MoEConstraint(_Constraint):
                 "torch.distributed process group of that size is initialised"
             )
         share_inputs = {k: sharding.to_shards(v) for k, v in inputs.items()}
-        share_linear = None if linear is None else tuple(map(sharding.to_shards, linear))
+        share_linear = (
+            None if sweep_linear is None else tuple(map(sharding.to_shards, sweep_linear))
+        )
         share_phi = sharding.to_shards(phi)
         # χ_k Φ on each expert's extended set, (B, k, N, m) per colour
         locals_ = [extended.gather(share_phi) for extended, _, _ in self.groups]
@@ -706,8 +736,8 @@ class MoEConstraint(_Constraint):
         # For an affine residual, colour by colour, R(u) is updated from the products
         # the experts' solves formed, J (χ_k Φ) on their rows and halos, instead of
         # one product with the whole J per colour (BENCHMARKS.md, "Affine residuals").
-        track = self.affine and self.update == "colours"
-        r = self._residual_from(u, linear, inputs) if track else None
+        track = self.linear_sweeps and self.update == "colours"
+        r = self._residual_from(u, sweep_linear, inputs) if track else None
         expert_ok = torch.ones_like(ok)
         expert_iterations = torch.zeros_like(iterations)
         expert_conditions = []

@@ -15,6 +15,7 @@ and the ``[model.constraint]`` table of a training configuration::
     sweeps = 3
     coarse = true           # a global solve first
     update = "colours"      # colours | owners
+    nonlinear = "linearised"  # linearised | newton: the experts on a residual not affine
 
 and, filled in by the training layer from the store, ``pde``, ``parameters`` (the
 family's, to rebuild its residual on any mesh) and ``inputs`` (the residual's name
@@ -39,7 +40,7 @@ from fenop._errors import InputError
 from fenop.data.pdes import get_pde
 from fenop.fem import BisectionPartition, FunctionSpace, MetisPartition
 from fenop.operators import HardConstraint, MoEConstraint
-from fenop.operators.constraints import CONDITIONS, UPDATES, free_dofs
+from fenop.operators.constraints import CONDITIONS, NONLINEAR, UPDATES, free_dofs
 
 KINDS = ("moe", "global")
 PARTITIONS = {"metis": MetisPartition, "bisection": BisectionPartition}
@@ -54,6 +55,7 @@ _DEFAULTS = {
     "sweeps": 3,
     "coarse": True,
     "update": "colours",
+    "nonlinear": "linearised",
     "ridge": 1e-12,
 }
 _TYPES = {
@@ -67,6 +69,7 @@ _TYPES = {
     "sweeps": int,
     "coarse": bool,
     "update": str,
+    "nonlinear": str,
     "ridge": (int, float),
 }
 _CHOICES = {
@@ -74,6 +77,7 @@ _CHOICES = {
     "condition": CONDITIONS,
     "partition": tuple(PARTITIONS),
     "update": UPDATES,
+    "nonlinear": NONLINEAR,
 }
 
 
@@ -170,6 +174,9 @@ def build_constraint(description: dict, space: FunctionSpace) -> nn.Module:
             sweeps=description["sweeps"],
             coarse=description["coarse"],
             update=description["update"],
+            # a description written before the option existed: the experts then
+            # solved by Newton's method, and load back to the same outputs
+            nonlinear=description.get("nonlinear", "newton"),
             **options,
         )
     layer.description = dict(description)

@@ -1,8 +1,9 @@
 """One MoEConstraint call for tests/operators/test_sharding.py, under torchrun or alone:
 
-    python sharding_run.py OUT [--nonlinear] [--least-squares] [--owners]
+    python sharding_run.py OUT [--nonlinear] [--newton] [--least-squares] [--owners]
 
-Darcy (or nonlinear diffusion) on a 9 x 9 P1 mesh, two samples, 7 experts (colours
+Darcy (or nonlinear diffusion, its experts on the linearisation or, ``--newton``,
+each solving by Newton's method) on a 9 x 9 P1 mesh, two samples, 7 experts (colours
 whose experts two processes do not share evenly), 2 sweeps after the coarse solve;
 the output and the gradients of a weighted sum of it with respect to the
 prediction, the basis and the PDE's input, written by rank 0 to OUT (safetensors)."""
@@ -36,6 +37,7 @@ def main() -> None:
         MetisPartition(experts=7),
         condition="least_squares" if "--least-squares" in options else "galerkin",
         update="owners" if "--owners" in options else "colours",
+        nonlinear="newton" if "--newton" in options else "linearised",
         sweeps=2,
     )
     moe.shard(rank, world)

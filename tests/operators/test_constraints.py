@@ -314,6 +314,12 @@ NONLINEAR = {
     "moe least squares": lambda r: MoEConstraint(
         r, MetisPartition(experts=4), condition="least_squares", sweeps=2
     ),
+    "moe galerkin, newton": lambda r: MoEConstraint(
+        r, MetisPartition(experts=4), sweeps=2, nonlinear="newton"
+    ),
+    "moe least squares, newton": lambda r: MoEConstraint(
+        r, MetisPartition(experts=4), condition="least_squares", sweeps=2, nonlinear="newton"
+    ),
 }
 
 
@@ -355,7 +361,7 @@ def test_nonlinear_gradients_pass_gradcheck(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["moe galerkin", "moe least squares"])
+@pytest.mark.parametrize("name", [name for name in NONLINEAR if name.startswith("moe")])
 def test_nonlinear_expert_gradients_pass_the_full_gradcheck(name):
     assert _nonlinear_gradcheck(name, fast=False)
 
@@ -400,7 +406,9 @@ def test_newton_that_does_not_converge_is_reported():
     "make",
     [
         lambda r, chord: HardConstraint(r, chord=chord),
-        lambda r, chord: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, chord=chord),
+        lambda r, chord: MoEConstraint(
+            r, MetisPartition(experts=4), sweeps=2, chord=chord, nonlinear="newton"
+        ),
     ],
     ids=["global", "moe"],
 )
@@ -420,3 +428,26 @@ def test_chord_iterations_reach_newtons_root_and_gradient(make):
     # the same root to the solves' tolerance (1e-10), so the same gradient nearly
     for chord_value, newton_value in zip(*results, strict=True):
         torch.testing.assert_close(chord_value, newton_value, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("condition", ["galerkin", "least_squares"])
+def test_linearised_experts_differ_from_newtons_by_the_square_of_the_correction(condition):
+    # One Newton step of the sweeps (the experts on the linearisation at the coarse
+    # solution) against each expert's own Newton solve: the gap is second order in
+    # the distance from the solution, so halving the guess's error quarters it.
+    space, residual, f, u = _nonlinear(17)
+    direction = _smooth_fields(space, 1, seed=2)[0]
+    direction = direction / direction.abs().max() * u.abs().max()
+    basis = _smooth_fields(space, 6, seed=7)[None]
+    gaps = []
+    for size in (0.2, 0.1):
+        guess = (u[0] + size * direction)[None, None]
+        outs = [
+            MoEConstraint(residual, MetisPartition(experts=4), condition=condition, nonlinear=how)(
+                guess, basis, f=f
+            )
+            for how in ("newton", "linearised")
+        ]
+        gaps.append(_relative(outs[1], outs[0]))
+        assert _relative(outs[0], guess) > 1e3 * gaps[-1]  # the experts did correct it
+    assert 3.5 < gaps[0] / gaps[1] < 4.5, gaps

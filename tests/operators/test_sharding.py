@@ -21,8 +21,22 @@ def _run(out: Path, processes: int, *options: str) -> dict:
 
 @pytest.mark.parametrize(
     "options",
-    [(), ("--owners",), ("--nonlinear",), ("--nonlinear", "--least-squares")],
-    ids=["darcy", "darcy owners", "nonlinear galerkin", "nonlinear least squares"],
+    [
+        (),
+        ("--owners",),
+        ("--nonlinear",),
+        ("--nonlinear", "--least-squares"),
+        ("--nonlinear", "--newton"),
+        ("--nonlinear", "--newton", "--least-squares"),
+    ],
+    ids=[
+        "darcy",
+        "darcy owners",
+        "nonlinear galerkin",
+        "nonlinear least squares",
+        "nonlinear galerkin newton",
+        "nonlinear least squares newton",
+    ],
 )
 def test_experts_sharded_on_two_processes_give_the_outputs_and_gradients_of_one(tmp_path, options):
     one = _run(tmp_path / "one.safetensors", 1, *options)

@@ -89,6 +89,7 @@ def test_the_soft_physics_loss_trains(tmp_path):
         (("experts = 2", "experts = 2\ndofs_per_expert = 10"), "exactly one of experts"),
         (("experts = 2", "experts = 2\nexpert = 3"), r"unknown key model.constraint.expert"),
         (("sweeps = 2", 'sweeps = 2\ncondition = "ritz"'), r"condition must be one of"),
+        (("sweeps = 2", 'sweeps = 2\nnonlinear = "bfgs"'), r"nonlinear must be one of"),
         (("n_basis = 4", "n_basis = 0"), r"n_basis must be positive"),
         (("n_basis = 4", 'n_basis = "four"'), r"n_basis must be int, got 'four'"),
         (('output = "run"', 'output = "run"\nphysics_weight = -1'), "physics_weight must be"),
@@ -98,3 +99,18 @@ def test_constraint_tables_are_checked_key_by_key(tmp_path, change, message):
     (tmp_path / "c.toml").write_text(CONFIG.replace(*change))
     with pytest.raises(ConfigError, match=message):
         read_training_config(tmp_path / "c.toml")
+
+
+def test_experts_solve_the_linearisation_unless_a_description_predates_the_option():
+    from fenop.fem import FunctionSpace
+    from fenop.train.physics import build_constraint, constraint_table
+
+    space = FunctionSpace(unit_square(9), dirichlet="boundary")
+    store = {"pde": "nonlinear_diffusion", "parameters": {}, "inputs": ["f"]}
+    table = {**constraint_table({"experts": 2}), **store}
+    assert build_constraint(table, space).nonlinear == "linearised"
+    newton = {**constraint_table({"experts": 2, "nonlinear": "newton"}), **store}
+    assert build_constraint(newton, space).nonlinear == "newton"
+    # a checkpoint's description written before the option: its experts' Newton solves
+    older = {key: value for key, value in table.items() if key != "nonlinear"}
+    assert build_constraint(older, space).nonlinear == "newton"
