@@ -56,7 +56,15 @@ from fenop.operators import FNO, FEOperator, HardConstraint, MoEConstraint
 from fenop.train.physics import PhysicsLoss
 
 _INPUT = {"darcy": "a", "nonlinear_diffusion": "f"}
-_VARIANTS = ("unconstrained", "soft", "global", "moe K=16", "moe K=64", "moe 400 DOFs/expert")
+_VARIANTS = (
+    "unconstrained",
+    "soft",
+    "global",
+    "moe K=16",
+    "moe K=64",
+    "moe 400 DOFs/expert",
+    "moe K=16 newton",
+)
 
 
 def _constraint(variant: str, residual):
@@ -66,7 +74,10 @@ def _constraint(variant: str, residual):
         return HardConstraint(residual)
     if variant.endswith("DOFs/expert"):
         return MoEConstraint(residual, MetisPartition(dofs_per_expert=int(variant.split()[1])))
-    return MoEConstraint(residual, MetisPartition(experts=int(variant.split("=")[1])))
+    # "moe K=16 newton": the experts each solving their nonlinear problem by Newton's method
+    experts, *how = variant.split("=")[1].split()
+    options = {"nonlinear": "newton"} if how else {}
+    return MoEConstraint(residual, MetisPartition(experts=int(experts)), **options)
 
 
 _ACCURACY = {
@@ -77,6 +88,9 @@ _ACCURACY = {
     "MoE K=4, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=4)),
     "MoE K=16, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=16)),
     "MoE K=64, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=64)),
+    "MoE K=16, two-level Galerkin, experts by Newton": lambda r: MoEConstraint(
+        r, MetisPartition(experts=16), nonlinear="newton"
+    ),
     "MoE K=16, Galerkin, no coarse solve": lambda r: MoEConstraint(
         r, MetisPartition(experts=16), coarse=False
     ),
