@@ -590,7 +590,7 @@ class MoEConstraint(_Constraint):
             method (chord iterations) with the implicit function theorem's gradient.
             The coarse solve is Newton's either way. Measured on one sample
             (BENCHMARKS.md, "Nonlinear experts"): the outputs agree to 1e-4 relative,
-            below the errors both leave, and the linearised sweeps cost 3-20x less.
+            below the errors both leave, and the linearised sweeps cost 3-9x less.
         ridge, max_iterations, tolerance, chord: as for :class:`HardConstraint`.
 
     Shapes:
