@@ -710,7 +710,7 @@ class MoEConstraint(_Constraint):
             iterations = iterations + steps.sum(dim=1)
         # The sweeps' affine residual: a residual's own (R(0), J), or, for one that is
         # not affine, its linearisation at the sweeps' starting field, R(u) - J u and J.
-        sweep_linear = linear
+        sweep_linear, r_start = linear, None
         if self.linear_sweeps and not self.affine:
             r_start, values = self._linearise(u, inputs)
             sweep_linear = (r_start - self.pattern.matmul(values, u[:, None])[:, 0], values)
@@ -737,7 +737,9 @@ class MoEConstraint(_Constraint):
         # the experts' solves formed, J (χ_k Φ) on their rows and halos, instead of
         # one product with the whole J per colour (BENCHMARKS.md, "Affine residuals").
         track = self.linear_sweeps and self.update == "colours"
-        r = self._residual_from(u, sweep_linear, inputs) if track else None
+        r = None
+        if track:  # a linearisation's own R(u) where there is one
+            r = self._residual_from(u, sweep_linear, inputs) if r_start is None else r_start
         expert_ok = torch.ones_like(ok)
         expert_iterations = torch.zeros_like(iterations)
         expert_conditions = []
