@@ -238,20 +238,39 @@ class _Constraint(nn.Module):
         """Solve ``matrix w = rhs`` for ``(..., N, N)`` and ``(..., N)``, scaled and
         ridged (:meth:`_scaled`). Returns ``w`` and whether each solve succeeded
         (factorised, finite)."""
+        return self._solve_factored(self._factorise(matrix), rhs)
+
+    def _factorise(self, matrix: torch.Tensor) -> tuple:
+        """The factors of ``matrix`` ``(..., N, N)`` scaled and ridged, for
+        :meth:`_solve_factored`: Cholesky's (an identity where it failed, so that
+        its solves give no NaN) or LU's, the scale ``(..., N)``, and whether each
+        factorised ``(...)``."""
         scaled, scale = self._scaled(matrix)
+        pivots = None
         if self.symmetric:
             factor, info = torch.linalg.cholesky_ex(scaled)
             ok = info == 0
             eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-            safe = torch.where(ok[..., None, None], factor, eye)  # no NaN from failed ones
-            y = torch.cholesky_solve((scale * rhs)[..., None], safe)[..., 0]
+            factor = torch.where(ok[..., None, None], factor, eye)
         else:
-            lu, pivots, info = torch.linalg.lu_factor_ex(scaled)
+            factor, pivots, info = torch.linalg.lu_factor_ex(scaled)
             ok = info == 0
-            y = torch.linalg.lu_solve(lu, pivots, (scale * rhs)[..., None])[..., 0]
-        w = scale * y
         with torch.no_grad():
-            ok = ok & torch.isfinite(scaled).all(dim=(-1, -2)) & torch.isfinite(w).all(dim=-1)
+            ok = ok & torch.isfinite(scaled).all(dim=(-1, -2))
+        return factor, pivots, scale, ok
+
+    def _solve_factored(self, factors: tuple, rhs: torch.Tensor):
+        """``w`` ``(..., N)`` solving the system of ``factors`` (:meth:`_factorise`)
+        for ``rhs`` ``(..., N)``, and whether each solve succeeded."""
+        factor, pivots, scale, ok = factors
+        b = (scale * rhs)[..., None]
+        if pivots is None:
+            y = torch.cholesky_solve(b, factor)
+        else:
+            y = torch.linalg.lu_solve(factor, pivots, b)
+        w = scale * y[..., 0]
+        with torch.no_grad():
+            ok = ok & torch.isfinite(w).all(dim=-1)
         return w, ok
 
     def _condition(self, matrix: torch.Tensor) -> torch.Tensor:
@@ -297,7 +316,7 @@ class _Constraint(nn.Module):
         """Coefficients ``(B, k, N)`` of experts (territories that do not meet) solved
         from ``u`` ``(B, n)``: for an affine residual, whose linearisation ``linear`` is
         the forward call's, one solve (the matrix, which does not depend on ``u``, kept
-        in ``cache`` with the test fields and ``J (χ_k Φ)``), from ``r = R(u)`` where
+        in ``cache`` with its factors and the test fields), from ``r = R(u)`` where
         the caller has it; Newton's method otherwise, with the implicit function
         theorem's gradient, whose convergence test is relative to ``data`` ``(B,)``
         (:meth:`_data_norm`, found here if not given). A residual that is not affine
@@ -306,15 +325,15 @@ class _Constraint(nn.Module):
         if linear is not None:
             if r is None:
                 r = self._residual_from(u, linear, inputs)
-            if cache is not None and "matrix" in cache:
+            if cache is not None and "factors" in cache:
                 f_value = _tested(cache["test"], sets[1].gather(r))
-                matrix, condition = cache["matrix"], cache["condition"]
+                factors, condition = cache["factors"], cache["condition"]
             else:
-                f_value, matrix, test, applied = self._system(r, linear[1], local, sets)
-                condition = self._condition(matrix)
+                f_value, matrix, test, _ = self._system(r, linear[1], local, sets)
+                factors, condition = self._factorise(matrix), self._condition(matrix)
                 if cache is not None:
-                    cache.update(matrix=matrix, test=test, applied=applied, condition=condition)
-            w, ok = self._solve(matrix, -f_value)
+                    cache.update(test=test, factors=factors, condition=condition)
+            w, ok = self._solve_factored(factors, -f_value)
             return w, ok, condition, torch.ones_like(ok, dtype=torch.int64)
         return self._newton(u, local, sets, inputs, cells, data)
 
@@ -631,9 +650,15 @@ class MoEConstraint(_Constraint):
         if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
             raise ValueError(f"`sweeps` must be a non-negative int, got {sweeps!r}")
         self.update = update
+        # Colour by colour, the sweeps of an affine residual keep R(u) up to date from
+        # the experts' own products (_tracked_sweeps) rather than evaluating it.
+        self.tracked = self.linear_sweeps and update == "colours"
         self.strategy, self.overlap, self.sweeps, self.coarse = partition, overlap, sweeps, coarse
         self.partition = p = partition.partition(self.space, overlap=overlap)
-        self.rows = p.extended | p.halo if condition == "least_squares" else p.extended
+        # An expert's rows: least squares' residual rows, or where R moves when the
+        # sweeps track it, are its extended set and halo (J reaches one layer out).
+        reach = condition == "least_squares" or self.tracked
+        self.rows = p.extended | p.halo if reach else p.extended
         self.colours = _colours(p.extended | p.halo)
         self._build(rank=0, world=1)
 
@@ -658,16 +683,11 @@ class MoEConstraint(_Constraint):
         # per colour: the experts' extended sets, their rows, and J's blocks on them
         self.groups = nn.ModuleList()
         self.owned = nn.ModuleList()  # per colour: which of an expert's DOFs it owns
+        self.places = nn.ModuleList()  # per colour (tracked Galerkin): extended sets in rows
         # Experts solving a residual that is not affine linearise it at every Newton
         # iteration: each colour's experts then evaluate it on the cells that touch
         # their rows alone, where their rows and their blocks of J are exact.
         self.cells = nn.ModuleList()
-        # An affine residual (or linearisation) is kept up to date colour by colour
-        # from the experts' own products (see forward): a Galerkin expert's rows are
-        # its extended set, so it also needs J's block from that set to its halo,
-        # where its correction reaches.
-        self.spills = nn.ModuleList()
-        spill = self.linear_sweeps and self.update == "colours" and self.condition == "galerkin"
         for colour in self.colours:
             mine = colour[rank::world]
             count = -(-len(colour) // world)
@@ -677,22 +697,22 @@ class MoEConstraint(_Constraint):
             rows_of = [np.flatnonzero(self.rows[k]) for k in experts]
             extended = _IndexSets(cols, n, keep=real)
             row_sets = extended
-            if self.condition == "least_squares":
+            if self.rows is not p.extended:
                 row_sets = _IndexSets(rows_of, n, keep=real)
             blocks = self.pattern.blocks(rows_of, cols)
             self.groups.append(nn.ModuleList([extended, row_sets, blocks]))
             labels = p.labels[extended.index.numpy()] == experts[:, None]
-            self.owned.append(_Mask(torch.from_numpy(labels) & extended.valid))
-            if spill:
-                halos = [np.flatnonzero(p.halo[k]) for k in experts]
-                halo_sets = _IndexSets(halos, n, keep=real)
-                self.spills.append(nn.ModuleList([halo_sets, self.pattern.blocks(halos, cols)]))
+            self.owned.append(_Constant(torch.from_numpy(labels) & extended.valid))
+            if self.tracked and self.condition == "galerkin":
+                # where each DOF of an expert's extended set is among its rows
+                place = [np.searchsorted(r, c) for r, c in zip(rows_of, cols, strict=True)]
+                self.places.append(_Constant(_IndexSets(place, n).index))
             if not self.linear_sweeps:
                 touched = self.rows[experts].any(axis=0)
                 element_dofs = self.space.basis.element_dofs
                 subset = np.flatnonzero(touched[element_dofs].any(axis=0))
                 self.cells.append(self.residual.forms.subset(subset))
-        for modules in (self.groups, self.owned, self.cells, self.spills):
+        for modules in (self.groups, self.owned, self.places, self.cells):
             modules.to(device)
 
     def forward(self, prediction, basis, **inputs):
@@ -728,55 +748,16 @@ class MoEConstraint(_Constraint):
             None if sweep_linear is None else tuple(map(sharding.to_shards, sweep_linear))
         )
         share_phi = sharding.to_shards(phi)
-        # χ_k Φ on each expert's extended set, (B, k, N, m) per colour
-        locals_ = [extended.gather(share_phi) for extended, _, _ in self.groups]
-        caches = [{} for _ in self.groups]  # an affine residual's matrices, per colour
-        cells = self.cells if len(self.cells) else [None] * len(self.groups)
-        spills = self.spills if len(self.spills) else [None] * len(self.groups)
-        # For an affine residual, colour by colour, R(u) is updated from the products
-        # the experts' solves formed, J (χ_k Φ) on their rows and halos, instead of
-        # one product with the whole J per colour (BENCHMARKS.md, "Affine residuals").
-        track = self.linear_sweeps and self.update == "colours"
-        r = None
-        if track:  # a linearisation's own R(u) where there is one
+        if self.tracked:
+            # a linearisation's own R(u) where there is one
             r = self._residual_from(u, sweep_linear, inputs) if r_start is None else r_start
-        expert_ok = torch.ones_like(ok)
-        expert_iterations = torch.zeros_like(iterations)
-        expert_conditions = []
-        for _ in range(self.sweeps):
-            start, corrections = u, []
-            for sets, local, owned, cache, subset, spill in zip(
-                self.groups, locals_, self.owned, caches, cells, spills, strict=True
-            ):
-                # colours: from the field the previous colours made; owners: all from
-                # the sweep's starting field
-                base = sharding.to_shards(u if self.update == "colours" else start)
-                share_r = sharding.to_shards(r) if track else None
-                w, solved, condition, steps = self._experts(
-                    base,
-                    local,
-                    tuple(sets),
-                    share_inputs,
-                    share_linear,
-                    cache,
-                    subset,
-                    share_r,
-                    data,
-                )
-                expert_ok = expert_ok & solved.all(dim=1)
-                expert_conditions.append(condition)
-                real = sets[0].valid.any(dim=-1)  # not the padding of a process's share
-                expert_iterations = expert_iterations + (steps * real).sum(dim=1)
-                change = _combined(w, local)  # (B, k, m)
-                if self.update == "colours":
-                    u = u + sharding.from_shards(sets[0].scatter(change))
-                    if track:
-                        delta = self._residual_change(w, sets[1], cache, spill, local, share_linear)
-                        r = r + sharding.from_shards(delta)
-                else:  # each DOF takes its owner's correction, at the end of the sweep
-                    corrections.append(sharding.from_shards(sets[0].scatter(change * owned.mask)))
-            if self.update == "owners":
-                u = start + sum(corrections)
+            u, expert_ok, expert_iterations, expert_conditions = self._tracked_sweeps(
+                u, r, share_phi, share_linear[1]
+            )
+        else:
+            u, expert_ok, expert_iterations, expert_conditions = self._solved_sweeps(
+                u, share_phi, share_inputs, share_linear, data
+            )
         if sharded:  # the report covers every process's experts
             expert_ok, expert_iterations, expert_conditions = _gathered_report(
                 expert_ok, expert_iterations, expert_conditions
@@ -786,18 +767,97 @@ class MoEConstraint(_Constraint):
         conditions = conditions + expert_conditions
         return self._finish(u, ok, conditions, iterations, prediction.dtype, inputs, linear)
 
-    def _residual_change(self, w, rows, cache, spill, local, linear) -> torch.Tensor:
-        """``J (χ_k Φ) w_k`` summed over a colour's experts ``(B, n)``, for an affine
-        residual: the change of ``R`` that the colour's corrections make, on the
-        experts' rows from the products their solves kept, and (Galerkin, whose rows
-        are the extended sets) on their halos from J's blocks there, formed once."""
-        delta = rows.scatter(_combined(w, cache["applied"]))
-        if spill is None:
-            return delta
-        halo, blocks = spill
-        if "spill" not in cache:
-            cache["spill"] = blocks.matmul(linear[1], local)  # J (χ_k Φ) on the halos
-        return delta + halo.scatter(_combined(w, cache["spill"]))
+    def _tracked_sweeps(self, u, r, phi, values):
+        """The sweeps colour by colour for an affine residual (or a linearisation) of
+        Jacobian entries ``values`` ``(B, nnz)``, from ``u`` and ``r = R(u)`` ``(B, n)``,
+        with the basis ``phi`` ``(B, N, n)``. No sweep evaluates the residual or
+        multiplies by the whole ``J``: an expert's correction ``Σ_j w_j χ_k Φ_j``
+        changes ``R`` by ``Σ_j w_j J (χ_k Φ_j)`` on its rows (its extended set and
+        halo), the products its matrix is made of (BENCHMARKS.md, "Affine
+        residuals"); and as only ``R`` steers the solves, ``u`` takes each expert's
+        corrections, summed over the sweeps, once at the end. What does not depend
+        on the field (the matrices, their factors and condition numbers) is formed
+        once per colour, before the sweeps.
+
+        Returns ``u`` ``(B, n)``, whether every solve succeeded ``(B,)``, the number of
+        expert solves ``(B,)`` and their condition numbers (``(B, k)`` per solve)."""
+        ok = torch.ones(len(u), dtype=torch.bool, device=u.device)
+        solves = torch.zeros(len(u), dtype=torch.int64, device=u.device)
+        conditions, colours = [], []
+        if not self.sweeps:
+            return u, ok, solves, conditions
+        places = self.places if len(self.places) else [None] * len(self.groups)
+        # χ_k Φ on each colour's extended sets, (B, k, N, m)
+        locals_ = _IndexSets.gather_all([extended for extended, _, _ in self.groups], phi)
+        for (extended, rows, blocks), place, local in zip(
+            self.groups, places, locals_, strict=True
+        ):
+            applied = blocks.matmul(values, local)  # J (χ_k Φ) on the rows, (B, k, N, m_r)
+            if self.condition == "galerkin":
+                # the test fields χ_k Φ live on the extended sets (the rows' halo is
+                # only where R moves): J (χ_k Φ) there, taken from the rows (padding:
+                # garbage that meets the test fields' zeros)
+                index = place.value[:, None].expand(*local.shape[:-1], -1)
+                test, on = local, extended
+                matrix = local @ applied.gather(-1, index).transpose(-1, -2)
+            else:
+                test, on = applied, rows
+                matrix = applied @ applied.transpose(-1, -2)
+            factors, condition = self._factorise(matrix), self._condition(matrix)
+            colours.append((rows, (test, on), applied, factors, condition))
+            real = extended.valid.any(dim=-1)  # not the padding of a process's share
+            solves = solves + self.sweeps * real.sum()
+        totals = [0.0] * len(colours)  # each colour's coefficients, summed over the sweeps
+        for sweep in range(self.sweeps):
+            for c, (rows, (test, on), applied, factors, condition) in enumerate(colours):
+                f_value = _tested(test, on.gather(sharding.to_shards(r)))
+                w, solved = self._solve_factored(factors, -f_value)
+                totals[c] = totals[c] + w
+                if sweep < self.sweeps - 1 or c < len(colours) - 1:  # R is read again
+                    r = r + sharding.from_shards(rows.scatter(_combined(w, applied)))
+                ok = ok & solved.all(dim=1)
+                conditions.append(condition)
+        change = sum(
+            extended.scatter(_combined(total, local))
+            for (extended, _, _), local, total in zip(self.groups, locals_, totals, strict=True)
+        )
+        return u + sharding.from_shards(change), ok, solves, conditions
+
+    def _solved_sweeps(self, u, phi, inputs, linear, data):
+        """The sweeps that evaluate the residual: the experts' own Newton solves, or
+        (``update="owners"``) every expert solving from the sweep's starting field
+        ``u`` ``(B, n)``, each DOF taking its owner's correction. Returns as
+        :meth:`_tracked_sweeps`, the solves counted by their Newton iterations."""
+        ok = torch.ones(len(u), dtype=torch.bool, device=u.device)
+        iterations = torch.zeros(len(u), dtype=torch.int64, device=u.device)
+        conditions = []
+        # χ_k Φ on each expert's extended set, (B, k, N, m) per colour
+        locals_ = _IndexSets.gather_all([extended for extended, _, _ in self.groups], phi)
+        caches = [{} for _ in self.groups]  # an affine residual's matrices, per colour
+        cells = self.cells if len(self.cells) else [None] * len(self.groups)
+        for _ in range(self.sweeps):
+            start, corrections = u, []
+            for sets, local, owned, cache, subset in zip(
+                self.groups, locals_, self.owned, caches, cells, strict=True
+            ):
+                # colours: from the field the previous colours made; owners: all from
+                # the sweep's starting field
+                base = sharding.to_shards(u if self.update == "colours" else start)
+                w, solved, condition, steps = self._experts(
+                    base, local, tuple(sets), inputs, linear, cache, subset, data=data
+                )
+                ok = ok & solved.all(dim=1)
+                conditions.append(condition)
+                real = sets[0].valid.any(dim=-1)  # not the padding of a process's share
+                iterations = iterations + (steps * real).sum(dim=1)
+                change = _combined(w, local)  # (B, k, m)
+                if self.update == "colours":
+                    u = u + sharding.from_shards(sets[0].scatter(change))
+                else:  # each DOF takes its owner's correction, at the end of the sweep
+                    corrections.append(sharding.from_shards(sets[0].scatter(change * owned.value)))
+            if self.update == "owners":
+                u = start + sum(corrections)
+        return u, ok, iterations, conditions
 
 
 def _gathered_report(ok, iterations, conditions):
@@ -918,6 +978,22 @@ class _IndexSets(nn.Module):
         # a strided view each time (measured: a slower backward pass)
         return local.movedim(-2, 1).contiguous()  # (B, k, ..., m)
 
+    @staticmethod
+    def gather_all(sets: list[_IndexSets], x: torch.Tensor) -> list[torch.Tensor]:
+        """``[s.gather(x) for s in sets]`` in one indexing of ``x``, whose backward
+        fills one zero array of ``x``'s size, not one per set. At 5e4 DOFs such an
+        array of a basis is tens of MB, memory new to the process each time, whose
+        page faults cost more than the zeroing (the profiler's largest item in the
+        experts' backward pass)."""
+        if any(s.everything for s in sets):
+            return [s.gather(x) for s in sets]
+        picked = x.index_select(-1, torch.cat([s.index.reshape(-1) for s in sets]))
+        parts = picked.split([s.index.numel() for s in sets], dim=-1)
+        return [
+            (part.unflatten(-1, s.index.shape) * s.valid).movedim(-2, 1).contiguous()
+            for part, s in zip(parts, sets, strict=True)
+        ]
+
     def scatter(self, y: torch.Tensor) -> torch.Tensor:
         """``(B, k, ..., m)`` -> ``(B, ..., n)``, the sum of the experts' values at each
         DOF (padding ignored)."""
@@ -929,12 +1005,12 @@ class _IndexSets(nn.Module):
         return out.index_add_(-1, self.index.reshape(-1), flat)
 
 
-class _Mask(nn.Module):
-    """A constant bool tensor that moves with its module (a buffer in a ModuleList)."""
+class _Constant(nn.Module):
+    """A constant tensor that moves with its module (a buffer in a ModuleList)."""
 
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, value: torch.Tensor):
         super().__init__()
-        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("value", value, persistent=False)
 
 
 def _colours(territory: np.ndarray) -> list[np.ndarray]:
