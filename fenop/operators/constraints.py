@@ -657,8 +657,8 @@ class MoEConstraint(_Constraint):
         self.partition = p = partition.partition(self.space, overlap=overlap)
         # An expert's rows: least squares' residual rows, or where R moves when the
         # sweeps track it, are its extended set and halo (J reaches one layer out).
-        reach = condition == "least_squares" or self.tracked
-        self.rows = p.extended | p.halo if reach else p.extended
+        self.halo_rows = condition == "least_squares" or self.tracked
+        self.rows = p.extended | p.halo if self.halo_rows else p.extended
         self.colours = _colours(p.extended | p.halo)
         self._build(rank=0, world=1)
 
@@ -697,7 +697,7 @@ class MoEConstraint(_Constraint):
             rows_of = [np.flatnonzero(self.rows[k]) for k in experts]
             extended = _IndexSets(cols, n, keep=real)
             row_sets = extended
-            if self.rows is not p.extended:
+            if self.halo_rows:
                 row_sets = _IndexSets(rows_of, n, keep=real)
             blocks = self.pattern.blocks(rows_of, cols)
             self.groups.append(nn.ModuleList([extended, row_sets, blocks]))
@@ -721,8 +721,10 @@ class MoEConstraint(_Constraint):
         ok = torch.ones(batch, dtype=torch.bool, device=phi.device)
         iterations = torch.zeros(batch, dtype=torch.int64, device=phi.device)
         linear = self._linear_part(g, inputs)
-        # Newton's scale, for a residual that is not affine: the same for every solve
-        data = None if self.affine else self._data_norm(g, inputs)
+        # Newton's scale, the same for every solve: where one runs (a residual that is
+        # not affine, in the coarse solve or the experts' own)
+        newton = not self.affine and (self.coarse or not self.linear_sweeps)
+        data = self._data_norm(g, inputs) if newton else None
         u, conditions = g, []
         if self.coarse:
             u, ok, condition, steps = self._global(u, phi, inputs, linear, data)
@@ -973,10 +975,7 @@ class _IndexSets(nn.Module):
         """``(B, ..., n)`` -> ``(B, k, ..., m)``, zero on padding."""
         if self.everything:
             return x[:, None]
-        local = x[..., self.index] * self.valid  # (B, ..., k, m)
-        # contiguous: the batched products that use the experts' fields would copy
-        # a strided view each time (measured: a slower backward pass)
-        return local.movedim(-2, 1).contiguous()  # (B, k, ..., m)
+        return _IndexSets.gather_all([self], x)[0]
 
     @staticmethod
     def gather_all(sets: list[_IndexSets], x: torch.Tensor) -> list[torch.Tensor]:
@@ -989,6 +988,8 @@ class _IndexSets(nn.Module):
             return [s.gather(x) for s in sets]
         picked = x.index_select(-1, torch.cat([s.index.reshape(-1) for s in sets]))
         parts = picked.split([s.index.numel() for s in sets], dim=-1)
+        # contiguous: the batched products that use the experts' fields would copy
+        # a strided view each time (measured: a slower backward pass)
         return [
             (part.unflatten(-1, s.index.shape) * s.valid).movedim(-2, 1).contiguous()
             for part, s in zip(parts, sets, strict=True)
