@@ -139,8 +139,10 @@ def _dense_darcy(space, a: torch.Tensor):
 @pytest.mark.parametrize("condition", ["galerkin", "least_squares"])
 def test_expert_sweeps_equal_a_dense_schwarz_iteration(condition):
     # The two-level method written out with dense NumPy solves: a global solve, then
-    # colour by colour, each expert's N coefficients on its extended set from the
-    # field the previous colours left.
+    # expert after expert, each one's N coefficients on its extended set from the
+    # field the previous ones left. The layer solves a colour's experts at once: the
+    # same thing when no expert of a colour reads R where another's correction moves
+    # it, which is what its colouring must ensure.
     space, residual, a, _u, guess, _ = _perturbed_case()
     basis = _smooth_fields(space, 6, seed=7)[None]  # well conditioned on every patch
     layer = MoEConstraint(residual, MetisPartition(experts=8), condition=condition, sweeps=2)
@@ -162,8 +164,8 @@ def test_expert_sweeps_equal_a_dense_schwarz_iteration(condition):
     rows = partition.extended | partition.halo if condition == "least_squares" else None
     for _ in range(2):
         for colour in layer.colours:
-            r = jacobian @ field + offset
             for k in colour:
+                r = jacobian @ field + offset
                 local = np.where(partition.extended[k], phi, 0.0)
                 applied = local @ jacobian.T
                 if condition == "galerkin":
