@@ -174,9 +174,9 @@ class JacobianPattern(nn.Module):
             )
         return products.reshape(products.shape[0], -1)[:, self.probe]
 
-    def matmul(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``J_b X_b`` for each batch element: entries ``(B, nnz)``, ``x`` ``(B, M, n)``
-        -> ``(B, M, n)``; differentiable in both."""
+    def matmul(self, values: torch.Tensor, x: torch.Tensor, *, transpose=False) -> torch.Tensor:
+        """``J_b X_b`` (``transpose``: ``J_bᵀ X_b``) for each batch element: entries
+        ``(B, nnz)``, ``x`` ``(B, M, n)`` -> ``(B, M, n)``; differentiable in both."""
         if values.ndim != 2 or values.shape[1] != self.nnz:
             raise ValueError(f"`values` must have shape (batch, {self.nnz}), got {values.shape}")
         if x.ndim != 3 or x.shape[0] != values.shape[0] or x.shape[2] != self.space.n_dofs:
@@ -184,7 +184,15 @@ class JacobianPattern(nn.Module):
                 f"`x` must have shape ({values.shape[0]}, M, {self.space.n_dofs}), "
                 f"got {tuple(x.shape)}"
             )
+        if transpose:  # the DOF graph is symmetric: Jᵀ has J's pattern, its entries reordered
+            values = values[:, self.pattern.transpose_order]
         return self.pattern.rows(values, x.transpose(1, 2)).transpose(1, 2)
+
+    def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """The entries ``(B, nnz)`` of ``left_b right_bᵀ`` on the pattern, from
+        ``(B, n)`` and ``(B, n)``: the gradient with respect to ``J``'s entries of
+        ``leftᵀ J right``."""
+        return left[:, self.entry_rows] * right[:, self.pattern.col]
 
     def local_slots(self) -> np.ndarray:
         """``(N, N, E)``: where entry ``(i, j)`` of cell ``e``'s local matrix lands in

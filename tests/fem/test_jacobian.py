@@ -55,6 +55,13 @@ def test_products_and_their_gradients():
     dense = pattern.dense(values)
     torch.testing.assert_close(pattern.matmul(values, x), x @ dense.transpose(1, 2))
     assert torch.autograd.gradcheck(pattern.matmul, (values, x))
+    transposed = pattern.matmul(values, x, transpose=True)
+    torch.testing.assert_close(transposed, x @ dense)
+    left, right = x[:, 0].detach(), x[:, 1].detach()
+    outer = pattern.dense(pattern.outer(left, right))
+    on_pattern = pattern.dense(torch.ones_like(values)) != 0
+    expected = torch.where(on_pattern, left[:, :, None] * right[:, None, :], 0.0)
+    torch.testing.assert_close(outer, expected)
 
 
 def test_blocks_are_the_subdomains_submatrices():

@@ -200,13 +200,62 @@ def test_the_output_does_not_depend_on_the_dof_numbering():
     "make",
     [
         lambda r: HardConstraint(r),
+        lambda r: HardConstraint(_advected(r, r.forms.space)),
         lambda r: MoEConstraint(r, MetisPartition(experts=2), overlap=1, sweeps=2),
     ],
-    ids=["global", "moe"],
+    ids=["global", "global, not symmetric", "moe"],
 )
 def test_gradients_pass_gradcheck(make):
     space, residual, a, u = _darcy(5)
     assert _gradcheck(make(residual), space, u, "a", a, fast=False)
+
+
+def _advected(darcy, space):
+    """Darcy's residual plus ``c ⊙ (M u)`` (``M`` the mass matrix, ``c`` varying by row,
+    zero on the boundary): affine, on the FE pattern, and not symmetric."""
+    x, y = (torch.from_numpy(coordinate) for coordinate in space.dof_points.T)
+    weight = torch.where(darcy.dirichlet, 0.0, 50.0 * (1.0 + x - y))
+    mass = space.mass.to_dense()
+
+    class Advected(torch.nn.Module):
+        forms, dirichlet, affine = darcy.forms, darcy.dirichlet, True
+
+        def forward(self, u, *, a):
+            return darcy(u, a=a) + weight * (u @ mass)
+
+    return Advected()
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["darcy", "not symmetric"])
+def test_the_global_galerkin_gradient_is_autograds_through_a_dense_solve(symmetric):
+    # The global Galerkin solve of an affine residual has its backward pass written
+    # out (Cholesky or, for a system that is not symmetric, LU and its transpose);
+    # the reference is autograd through the same solve formed densely from the
+    # residual's own evaluations: J φ_j = R(φ_j) - R(0).
+    space, darcy, a, u = _darcy(9)
+    residual = darcy if symmetric else _advected(darcy, space)
+    layer = HardConstraint(residual)
+    assert layer.symmetric == symmetric
+    fields = _smooth_fields(space, 3, seed=3)
+    guess = (0.5 * u).requires_grad_(True)
+    basis = (fields + 0.1 * u)[None].requires_grad_(True)
+    field = a.clone().requires_grad_(True)
+    weights = torch.randn(u.shape, generator=torch.Generator().manual_seed(1), dtype=u.dtype)
+
+    def reference(g, phi, a):
+        phi = torch.where(darcy.dirichlet, 0.0, phi)[0]
+        zero = residual(torch.zeros_like(g), a=a)[0]
+        applied = residual(phi, a=a.expand(len(phi), -1)) - zero  # J φ_j, (N, n)
+        rhs = -phi @ residual(g, a=a)[0]
+        w = torch.linalg.solve(phi @ applied.T, rhs)
+        return (g[0] + w @ phi)[None]
+
+    outputs = (layer(guess[:, None], basis, a=field)[:, 0], reference(guess, basis, field))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=0)
+    grads = [torch.autograd.grad((out * weights).sum(), (guess, basis, field)) for out in outputs]
+    for got, expected in zip(*grads, strict=True):
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max())
 
 
 def _gradcheck(layer, space, u, name: str, field, *, fast: bool) -> bool:
