@@ -777,7 +777,7 @@ class MoEConstraint(_Constraint):
         conditions = conditions + expert_conditions
         return self._finish(u, ok, conditions, iterations, prediction.dtype, inputs, linear)
 
-    def _tracked_sweeps(self, u, r, phi, values):
+    def _tracked_sweeps(self, u, r, phi, values, *, written_out=None):
         """The sweeps colour by colour for an affine residual (or a linearisation) of
         Jacobian entries ``values`` ``(B, nnz)``, from ``u`` and ``r = R(u)`` ``(B, n)``,
         with the basis ``phi`` ``(B, N, n)``. No sweep evaluates the residual or
@@ -789,6 +789,10 @@ class MoEConstraint(_Constraint):
         on the field (the matrices, their factors and condition numbers) is formed
         once per colour, before the sweeps.
 
+        On one process (or ``written_out``) the sweeps' backward pass is written out
+        (:class:`_TrackedSweeps`); sharded, autograd goes through them and the sums
+        over the processes.
+
         Returns ``u`` ``(B, n)``, whether every solve succeeded ``(B,)``, the number of
         expert solves ``(B,)`` and their condition numbers (``(B, k)`` per solve)."""
         ok = torch.ones(len(u), dtype=torch.bool, device=u.device)
@@ -799,10 +803,18 @@ class MoEConstraint(_Constraint):
         places = self.places if len(self.places) else [None] * len(self.groups)
         # χ_k Φ on each colour's extended sets, (B, k, N, m)
         locals_ = _IndexSets.gather_all([extended for extended, _, _ in self.groups], phi)
-        for (extended, rows, blocks), place, local in zip(
-            self.groups, places, locals_, strict=True
+        # J (χ_k Φ) on the rows, (B, k, N, m_r)
+        applieds = [
+            blocks.matmul(values, local)
+            for (_, _, blocks), local in zip(self.groups, locals_, strict=True)
+        ]
+        if self.world == 1 if written_out is None else written_out:
+            u, ok, condition = _TrackedSweeps.apply(self, u, r, *locals_, *applieds)
+            solves = solves + self.sweeps * sum(len(colour) for colour in self.colours)
+            return u, ok, solves, [condition] * self.sweeps
+        for (extended, rows, _), place, local, applied in zip(
+            self.groups, places, locals_, applieds, strict=True
         ):
-            applied = blocks.matmul(values, local)  # J (χ_k Φ) on the rows, (B, k, N, m_r)
             if self.condition == "galerkin":
                 # the test fields χ_k Φ live on the extended sets (the rows' halo is
                 # only where R moves): J (χ_k Φ) there, taken from the rows (padding:
@@ -884,7 +896,9 @@ class _GalerkinSolve(torch.autograd.Function):
     the forward pass forms four ``(B, N, n)`` outer products and sums them, and
     multiplies ``Jᵀ`` by ``N`` fields. The scaling and ridge of the solve
     (:meth:`_Constraint._scaled`) are taken as constants: their part of the
-    gradient is of the ridge's size. Once differentiable."""
+    gradient is of the ridge's size. ``M̄ = λ wᵀ`` is not made symmetric, which
+    changes nothing along perturbations that keep a symmetric system symmetric.
+    Once differentiable."""
 
     @staticmethod
     def forward(ctx, g, phi, r0, values, layer):
@@ -916,6 +930,118 @@ class _GalerkinSolve(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_values = pattern.outer(z, out)
         return a, grad_phi, z, grad_values, None
+
+
+class _TrackedSweeps(torch.autograd.Function):
+    """The sweeps of :meth:`MoEConstraint._tracked_sweeps` on one process, from the
+    layer, ``u`` and ``r = R(u)`` ``(B, n)``, and per colour the experts' bases
+    ``χ_k Φ`` ``(B, k, N, m)`` and then their products ``J (χ_k Φ)`` on the rows
+    ``(B, k, N, m_r)``. Returns ``u`` after the sweeps ``(B, n)``, whether every
+    solve succeeded ``(B,)`` and the experts' condition numbers ``(B, K)``.
+
+    The backward pass is written out. Going back through the solves (colour ``c``
+    of sweep ``s``: ``w = -M⁻¹ T r_on``, then ``r += scatter(Aᵀ w)``), with ``r̄`` the
+    running gradient of ``r``: ``w̄ = χ_k Φ ū + A r̄_rows``, ``λ = -M⁻ᵀ w̄``,
+    ``r̄ += scatter(Tᵀ λ)``. The basis-sized gradients are sums over the sweeps of
+    outer products, ``Σ_s λ_s r_onᵀ`` and ``Σ_s w_s r̄_rowsᵀ``, formed as one product
+    per colour over the sweeps stacked, where autograd forms two per solve and adds
+    them up; ``M̄ = Σ_s λ_s w_sᵀ`` then goes to ``M``'s factors. As for
+    :class:`_GalerkinSolve`, the scaling and ridge are taken as constants, and
+    ``M̄`` is not made symmetric: the gradients are autograd's for every
+    perturbation that keeps a symmetric system symmetric (tested). Once
+    differentiable."""
+
+    @staticmethod
+    def forward(ctx, layer, u, r, *fields):
+        colours = len(layer.groups)
+        locals_, applieds = fields[:colours], fields[colours:]
+        galerkin = layer.condition == "galerkin"
+        places = layer.places if galerkin else [None] * colours
+        ok = torch.ones(len(u), dtype=torch.bool, device=u.device)
+        systems, conditions = [], []
+        for (extended, rows, _), place, local, applied in zip(
+            layer.groups, places, locals_, applieds, strict=True
+        ):
+            if galerkin:  # as in _tracked_sweeps: the test fields on the extended sets
+                index = place.value[:, None].expand(*local.shape[:-1], -1)
+                on_extended = applied.gather(-1, index)
+                test, on, matrix = local, extended, local @ on_extended.transpose(-1, -2)
+            else:
+                on_extended = None
+                test, on, matrix = applied, rows, applied @ applied.transpose(-1, -2)
+            systems.append((test, on, on_extended, layer._factorise(matrix)))
+            conditions.append(layer._condition(matrix))
+        totals = [0.0] * colours
+        steps = []  # per solve: its colour, R where it read it, its coefficients, whether R moved
+        for sweep in range(layer.sweeps):
+            for c, (test, on, _, factors) in enumerate(systems):
+                r_on = on.gather(r)
+                w, solved = layer._solve_factored(factors, -(test @ r_on[..., None])[..., 0])
+                totals[c] = totals[c] + w
+                moved = sweep < layer.sweeps - 1 or c < colours - 1  # R is read again
+                if moved:
+                    r = r + layer.groups[c][1].scatter((w[..., None, :] @ applieds[c])[..., 0, :])
+                ok = ok & solved.all(dim=1)
+                steps.append((c, r_on, w, moved))
+        change = sum(
+            extended.scatter((total[..., None, :] @ local)[..., 0, :])
+            for (extended, _, _), local, total in zip(layer.groups, locals_, totals, strict=True)
+        )
+        ctx.layer, ctx.systems, ctx.steps, ctx.totals = layer, systems, steps, totals
+        ctx.save_for_backward(*locals_, *applieds)
+        condition = torch.cat(conditions, dim=1)
+        ctx.mark_non_differentiable(ok, condition)
+        return u + change, ok, condition
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _ok, _condition):
+        layer, systems = ctx.layer, ctx.systems
+        colours = len(systems)
+        locals_, applieds = ctx.saved_tensors[:colours], ctx.saved_tensors[colours:]
+        extendeds = [extended for extended, _, _ in layer.groups]
+        grad_on = [e.gather(grad) for e in extendeds]  # ū on each extended set, (B, k, m)
+        # the gradient of each colour's coefficients summed over the sweeps
+        grad_totals = [
+            (loc @ g[..., None])[..., 0] for loc, g in zip(locals_, grad_on, strict=True)
+        ]
+        grad_r = torch.zeros_like(grad)
+        lams, r_ons = [[] for _ in systems], [[] for _ in systems]
+        moved_ws, grad_rows = [[] for _ in systems], [[] for _ in systems]
+        grad_matrix = [0.0] * colours
+        for c, r_on, w, moved in reversed(ctx.steps):
+            test, on, _, factors = systems[c]
+            grad_w = grad_totals[c]
+            if moved:
+                g_rows = layer.groups[c][1].gather(grad_r)
+                grad_w = grad_w + (applieds[c] @ g_rows[..., None])[..., 0]
+                moved_ws[c].append(w)
+                grad_rows[c].append(g_rows)
+            lam = -layer._solve_factored(factors, grad_w, adjoint=True)[0]
+            grad_r = grad_r + on.scatter((lam[..., None, :] @ test)[..., 0, :])
+            lams[c].append(lam)
+            r_ons[c].append(r_on)
+            grad_matrix[c] = grad_matrix[c] + lam[..., :, None] * w[..., None, :]
+        grad_locals, grad_applieds = [], []
+        for c, (test, _, on_extended, _) in enumerate(systems):
+            # Σ_s λ_s r_onᵀ (the test fields'), one product over the sweeps stacked
+            grad_test = torch.stack(lams[c], dim=-1) @ torch.stack(r_ons[c], dim=-2)
+            grad_local = ctx.totals[c][..., :, None] * grad_on[c][..., None, :]
+            grad_applied = torch.zeros_like(applieds[c])
+            if moved_ws[c]:
+                grad_applied = torch.stack(moved_ws[c], dim=-1) @ torch.stack(grad_rows[c], dim=-2)
+            m_bar = grad_matrix[c]
+            if on_extended is not None:  # Galerkin: M = (χ_k Φ) (J χ_k Φ on the extended set)ᵀ
+                grad_local = grad_local + grad_test + m_bar @ on_extended
+                index = layer.places[c].value[:, None].expand(*test.shape[:-1], -1)
+                grad_applied = grad_applied.scatter_add(
+                    -1, index, m_bar.transpose(-1, -2) @ locals_[c]
+                )
+            else:  # least squares: M = A Aᵀ, the test fields A
+                grad_applied = grad_applied + grad_test + (m_bar + m_bar.transpose(-1, -2)) @ test
+            grad_locals.append(grad_local)
+            grad_applieds.append(grad_applied)
+        return None, grad, grad_r, *grad_locals, *grad_applieds
 
 
 def _gathered_report(ok, iterations, conditions):

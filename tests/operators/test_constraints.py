@@ -258,6 +258,38 @@ def test_the_global_galerkin_gradient_is_autograds_through_a_dense_solve(symmetr
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * expected.abs().max())
 
 
+@pytest.mark.parametrize("condition", ["galerkin", "least_squares"])
+def test_the_sweeps_written_out_equal_autograd_through_them(condition):
+    # On one process the experts' sweeps have their backward pass written out; the
+    # sharded layer's way, autograd through every solve, is the reference. (Gradients
+    # in the coefficient a: a perturbation of J's entries alone that makes a
+    # symmetric system unsymmetric has a gradient that depends on which triangle
+    # Cholesky reads.)
+    space, residual, a, u = _darcy(9)
+    layer = MoEConstraint(residual, MetisPartition(experts=6), condition=condition, sweeps=2)
+    assert len(layer.colours) > 1
+    free = layer.free.double()
+    start = (0.8 * u).requires_grad_(True)
+    phi = (_smooth_fields(space, 3, seed=3) + 0.1 * u)[None].requires_grad_(True)
+    a = a.clone().requires_grad_(True)
+    weights = torch.randn(u.shape, generator=torch.Generator().manual_seed(2), dtype=u.dtype)
+    runs = []
+    for written_out in (True, False):
+        r0, values = layer._linear_part(start, {"a": a})
+        r = layer.pattern.matmul(values, start[:, None])[:, 0] + r0
+        out, ok, solves, conditions = layer._tracked_sweeps(
+            start, r, phi * free, values, written_out=written_out
+        )
+        assert bool(ok.all())
+        grads = torch.autograd.grad((out * weights).sum(), (start, phi, a))
+        runs.append((out.detach(), solves, torch.cat(conditions, dim=1).sort().values, *grads))
+    assert float((runs[0][0] - start.detach()).abs().max()) > 1e-5  # the sweeps move the field
+    for got, expected in zip(*runs, strict=True):
+        torch.testing.assert_close(
+            got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max())
+        )
+
+
 def _gradcheck(layer, space, u, name: str, field, *, fast: bool) -> bool:
     """torch's gradcheck of ``layer`` in its guess, its basis and its input ``name``."""
     fields = _smooth_fields(space, 2, seed=3)
