@@ -815,16 +815,7 @@ class MoEConstraint(_Constraint):
         for (extended, rows, _), place, local, applied in zip(
             self.groups, places, locals_, applieds, strict=True
         ):
-            if self.condition == "galerkin":
-                # the test fields χ_k Φ live on the extended sets (the rows' halo is
-                # only where R moves): J (χ_k Φ) there, taken from the rows (padding:
-                # garbage that meets the test fields' zeros)
-                index = place.value[:, None].expand(*local.shape[:-1], -1)
-                test, on = local, extended
-                matrix = local @ applied.gather(-1, index).transpose(-1, -2)
-            else:
-                test, on = applied, rows
-                matrix = applied @ applied.transpose(-1, -2)
+            test, on, matrix, _ = self._colour_system(local, applied, extended, rows, place)
             factors, condition = self._factorise(matrix), self._condition(matrix)
             colours.append((rows, (test, on), applied, factors, condition))
             real = extended.valid.any(dim=-1)  # not the padding of a process's share
@@ -844,6 +835,21 @@ class MoEConstraint(_Constraint):
             for (extended, _, _), local, total in zip(self.groups, locals_, totals, strict=True)
         )
         return u + sharding.from_shards(change), ok, solves, conditions
+
+    def _colour_system(self, local, applied, extended, rows, place):
+        """A colour's test fields, the index sets they are tested on and its matrix,
+        from the experts' bases ``local`` ``(B, k, N, m)`` and ``applied = J (χ_k Φ)``
+        on their rows ``(B, k, N, m_r)``; for Galerkin also where the extended sets
+        sit in the rows (``place``, expanded) and ``J (χ_k Φ)`` there, else ``None``."""
+        if self.condition == "galerkin":
+            # the test fields χ_k Φ live on the extended sets (the rows' halo is only
+            # where R moves): J (χ_k Φ) there, taken from the rows (padding: garbage
+            # that meets the test fields' zeros)
+            index = place.value[:, None].expand(*local.shape[:-1], -1)
+            on_extended = applied.gather(-1, index)
+            matrix = local @ on_extended.transpose(-1, -2)
+            return local, extended, matrix, (index, on_extended)
+        return applied, rows, applied @ applied.transpose(-1, -2), None
 
     def _solved_sweeps(self, u, phi, inputs, linear, data):
         """The sweeps that evaluate the residual: the experts' own Newton solves, or
@@ -904,7 +910,7 @@ class _GalerkinSolve(torch.autograd.Function):
     def forward(ctx, g, phi, r0, values, layer):
         pattern = layer.pattern
         applied = pattern.matmul(values, phi)  # J φ_j, (B, N, n)
-        r = pattern.matmul(values, g[:, None])[:, 0] + r0
+        r = layer._residual_from(g, (r0, values), {})
         matrix = phi @ applied.transpose(-1, -2)
         factors, condition = layer._factorise(matrix), layer._condition(matrix)
         w, ok = layer._solve_factored(factors, -(phi @ r[..., None])[..., 0])
@@ -925,7 +931,7 @@ class _GalerkinSolve(torch.autograd.Function):
         a = grad + pattern.matmul(values, z[:, None], transpose=True)[:, 0]
         grad_phi = grad_values = None
         if ctx.needs_input_grad[1]:
-            r_out = pattern.matmul(values, out[:, None])[:, 0] + r0
+            r_out = layer._residual_from(out, (r0, values), {})
             grad_phi = torch.stack([w, lam], dim=-1) @ torch.stack([a, r_out], dim=1)
         if ctx.needs_input_grad[3]:
             grad_values = pattern.outer(z, out)
@@ -955,21 +961,14 @@ class _TrackedSweeps(torch.autograd.Function):
     def forward(ctx, layer, u, r, *fields):
         colours = len(layer.groups)
         locals_, applieds = fields[:colours], fields[colours:]
-        galerkin = layer.condition == "galerkin"
-        places = layer.places if galerkin else [None] * colours
+        places = layer.places if layer.condition == "galerkin" else [None] * colours
         ok = torch.ones(len(u), dtype=torch.bool, device=u.device)
         systems, conditions = [], []
         for (extended, rows, _), place, local, applied in zip(
             layer.groups, places, locals_, applieds, strict=True
         ):
-            if galerkin:  # as in _tracked_sweeps: the test fields on the extended sets
-                index = place.value[:, None].expand(*local.shape[:-1], -1)
-                on_extended = applied.gather(-1, index)
-                test, on, matrix = local, extended, local @ on_extended.transpose(-1, -2)
-            else:
-                on_extended = None
-                test, on, matrix = applied, rows, applied @ applied.transpose(-1, -2)
-            systems.append((test, on, on_extended, layer._factorise(matrix)))
+            test, on, matrix, placed = layer._colour_system(local, applied, extended, rows, place)
+            systems.append((test, on, placed, layer._factorise(matrix)))
             conditions.append(layer._condition(matrix))
         totals = [0.0] * colours
         steps = []  # per solve: its colour, R where it read it, its coefficients, whether R moved
@@ -1023,17 +1022,18 @@ class _TrackedSweeps(torch.autograd.Function):
             r_ons[c].append(r_on)
             grad_matrix[c] = grad_matrix[c] + lam[..., :, None] * w[..., None, :]
         grad_locals, grad_applieds = [], []
-        for c, (test, _, on_extended, _) in enumerate(systems):
+        for c, (test, _, placed, _) in enumerate(systems):
             # Σ_s λ_s r_onᵀ (the test fields'), one product over the sweeps stacked
             grad_test = torch.stack(lams[c], dim=-1) @ torch.stack(r_ons[c], dim=-2)
             grad_local = ctx.totals[c][..., :, None] * grad_on[c][..., None, :]
-            grad_applied = torch.zeros_like(applieds[c])
             if moved_ws[c]:
                 grad_applied = torch.stack(moved_ws[c], dim=-1) @ torch.stack(grad_rows[c], dim=-2)
+            else:  # one sweep, the last colour: R did not move
+                grad_applied = torch.zeros_like(applieds[c])
             m_bar = grad_matrix[c]
-            if on_extended is not None:  # Galerkin: M = (χ_k Φ) (J χ_k Φ on the extended set)ᵀ
+            if placed is not None:  # Galerkin: M = (χ_k Φ) (J χ_k Φ on the extended set)ᵀ
+                index, on_extended = placed
                 grad_local = grad_local + grad_test + m_bar @ on_extended
-                index = layer.places[c].value[:, None].expand(*test.shape[:-1], -1)
                 grad_applied = grad_applied.scatter_add(
                     -1, index, m_bar.transpose(-1, -2) @ locals_[c]
                 )
