@@ -2,9 +2,10 @@
 
 ``accuracy``: the same FEOperator (FNO, 12 modes, 32 channels, on the mesh's
 grid) trained on one generated data set (R x R P1, 200 training and 50 test
-samples) in each way: unconstrained, soft (physics loss), global hard (Galerkin,
-least squares), and experts (MoE, METIS, overlap 2, 3 sweeps: K = 4, 16, 64 with the
-global coarse solve, K = 16 without it, K = 16 least squares), each for the same
+samples) in each way: unconstrained, soft (physics loss, weights 0.01, 0.1 and 1),
+global hard (Galerkin with N = --basis fields or 32, least squares), and experts
+(MoE, METIS, overlap 2, 3 sweeps: K = 4, 16, 64 with the global coarse solve, K = 16
+without it, K = 16 least squares), each for the same
 wall-clock budget: AdamW on the relative L2 loss, as `fenop train`, with a cosine
 schedule in the elapsed time, so that every variant's learning rate reaches zero
 when its budget runs out, whatever its step costs; training stops at the first step
@@ -18,7 +19,9 @@ FEOperator (FNO, 12 modes, 32 channels, on a 64 x 64 grid or, ``--grid mesh``, a
 R x R one) on R x R P1 meshes: unconstrained, soft (the physics loss, weight 0.1),
 with the global Galerkin constraint, and with experts (MoE, two-level Galerkin,
 METIS, overlap 2, 3 sweeps; K fixed, and K growing with the mesh at a fixed number
-of DOFs per expert), N = 16 basis fields. Each configuration runs in a process of
+of DOFs per expert), N = 16 basis fields; and "basis only", no constraint but what
+every one of them costs at least: the N extra fields emitted, decoded, combined
+with fixed weights and given their gradient. Each configuration runs in a process of
 its own, which reports the median step time over ``--steps`` steps after one
 warm-up step, and the peak resident memory those steps added (the process's peak
 minus its size before the first step). Beside them, scikit-fem's solve of one
@@ -62,6 +65,7 @@ _INPUT = {"darcy": "a", "nonlinear_diffusion": "f"}
 _VARIANTS = (
     "unconstrained",
     "soft",
+    "basis only",
     "global",
     "moe K=16",
     "moe K=64",
@@ -70,9 +74,25 @@ _VARIANTS = (
 )
 
 
+class _BasisOnly(torch.nn.Module):
+    """Not a constraint: the least that any constraint layer costs, for scale. The
+    processor emits the N basis fields, the decoder interpolates them, the output is
+    ``g + Φ w`` with fixed ``w`` (the fields' mean), and the backward pass sends a
+    gradient to every field; no residual, no solve, no float64."""
+
+    def __init__(self, residual):
+        super().__init__()
+        self.space = residual.forms.space
+
+    def forward(self, prediction, basis, **inputs):
+        return prediction + basis.mean(dim=1, keepdim=True)
+
+
 def _constraint(variant: str, residual):
     if variant in ("unconstrained", "soft"):
         return None
+    if variant == "basis only":
+        return _BasisOnly(residual)
     if variant == "global":
         return HardConstraint(residual)
     if variant.endswith("DOFs/expert"):
@@ -85,8 +105,11 @@ def _constraint(variant: str, residual):
 
 _ACCURACY = {
     "unconstrained": None,
+    "soft (physics weight 0.01)": None,
     "soft (physics weight 0.1)": None,
+    "soft (physics weight 1)": None,
     "global, Galerkin": lambda r: HardConstraint(r),
+    "global, Galerkin, N=32": lambda r: HardConstraint(r),
     "global, least squares": lambda r: HardConstraint(r, condition="least_squares"),
     "MoE K=4, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=4)),
     "MoE K=16, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=16)),
@@ -143,11 +166,13 @@ def _accuracy(args) -> dict:
         make = _ACCURACY[variant]
         torch.manual_seed(0)  # the same initial weights for every variant
         constraint = make(residual) if make is not None else None
-        out = 1 + (args.basis if constraint is not None else 0)
+        # N from the variant's name where it gives one ("..., N=32"), else --basis
+        n_basis = int(variant.split("N=")[1]) if "N=" in variant else args.basis
+        out = 1 + (n_basis if constraint is not None else 0)
         processor = FNO(4, out, n_modes=(12, 12), hidden_channels=32)
         extra = {"constraint": constraint, "constraint_inputs": (name,)} if constraint else {}
         model = FEOperator(space, space, processor, resolution=args.resolution, **stats, **extra)
-        weight = 0.1 if variant.startswith("soft") else 0.0
+        weight = float(variant.split("weight ")[1][:-1]) if variant.startswith("soft") else 0.0
         steps, seconds = _train_for(
             model,
             x_train,
@@ -167,7 +192,7 @@ def _accuracy(args) -> dict:
         report = getattr(constraint, "report", None)
         failed = int((~report["converged"]).sum()) if report else 0
         experts = getattr(getattr(constraint, "partition", None), "n_experts", 1)
-        ratio = f"{experts * args.basis / free:.2f}" if constraint is not None else "-"
+        ratio = f"{experts * n_basis / free:.2f}" if constraint is not None else "-"
         epochs = steps * args.batch / n_train
         results[variant] = {"test_l2": error, "seconds": seconds, "steps": steps}
         print(
@@ -271,12 +296,13 @@ def _step(args) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = getattr(constraint, "report", {}) if constraint is not None else {}
     experts = getattr(getattr(constraint, "partition", None), "n_experts", 1)
+    experts = experts if isinstance(constraint, (HardConstraint, MoEConstraint)) else 0
     return {
         "dofs": space.n_dofs,
         "step": statistics.median(times),
         "memory": max(peak - before, 0),
         "solve": solve_seconds,
-        "experts": experts if constraint is not None else 0,
+        "experts": experts,
         "converged": bool(report["converged"].all()) if report else True,
     }
 
@@ -385,7 +411,7 @@ def main(argv=None) -> dict | None:
     scaling.add_argument("--variants", nargs="+", default=list(_VARIANTS), choices=_VARIANTS)
     layer = commands.add_parser("layer", help="the constraint layer alone, forward and backward")
     layer.add_argument("--resolution", type=int, default=225, help="vertices a side")
-    layer.add_argument("--variants", nargs="+", default=list(_VARIANTS[2:]), choices=_VARIANTS[2:])
+    layer.add_argument("--variants", nargs="+", default=list(_VARIANTS[3:]), choices=_VARIANTS[3:])
     step = commands.add_parser("_step")  # one configuration; run by `scaling`
     step.add_argument("--resolution", type=int, required=True)
     step.add_argument("--variant", required=True, choices=_VARIANTS)

@@ -207,7 +207,12 @@ def test_distributed_runs(capsys):
 
 
 def test_hard_constraints_accuracy_trains_each_variant_for_the_budget(tmp_path, capsys):
-    variants = ["unconstrained", "MoE K=4, two-level Galerkin"]
+    variants = [
+        "unconstrained",
+        "soft (physics weight 1)",
+        "global, Galerkin, N=32",
+        "MoE K=4, two-level Galerkin",
+    ]
     small = ["--resolution", "9", "--samples", "8", "4", "--batch", "4", "--basis", "4"]
     results = load_script("benchmarks/hard_constraints.py").main(
         ["accuracy", *small, "--seconds", "1.5", "--data", str(tmp_path), "--variants", *variants]
@@ -217,17 +222,19 @@ def test_hard_constraints_accuracy_trains_each_variant_for_the_budget(tmp_path, 
         # Stopped by the clock: past the budget by at most about one step.
         assert 1.5 <= row["seconds"] < 1.5 + 2 * row["seconds"] / row["steps"] + 0.5
         assert 0 < row["test_l2"] < 10
-    # K N / n_free: 4 experts of 4 fields over the 7 x 7 free DOFs
-    assert "| MoE K=4, two-level Galerkin | 0.33 |" in capsys.readouterr().out
+    # K N / n_free: 4 experts of 4 fields over the 7 x 7 free DOFs; N from the name
+    out = capsys.readouterr().out
+    assert "| MoE K=4, two-level Galerkin | 0.33 |" in out
+    assert "| global, Galerkin, N=32 | 0.65 |" in out
 
 
 def test_hard_constraints_scaling_and_layer_run(capsys):
     script = load_script("benchmarks/hard_constraints.py")
     small = ["--pde", "darcy", "--batch", "2", "--basis", "4", "--steps", "1"]
-    script.main(
-        ["scaling", "--resolutions", "9", "--variants", "unconstrained", "moe K=16", *small]
-    )
+    variants = ["unconstrained", "basis only", "moe K=16"]
+    script.main(["scaling", "--resolutions", "9", "--variants", *variants, *small])
     script.main(["layer", "--resolution", "9", "--variants", "global", "moe K=16", *small])
     out = capsys.readouterr().out
     assert "| 9 | 81 | moe K=16 | 16 |" in out and "failed" not in out
+    assert "| 9 | 81 | basis only | 0 |" in out
     assert "| global |" in out
