@@ -46,7 +46,7 @@ A hard constraint on the output (the store's PDE residual; see
 
     [model.constraint]
     kind = "moe"               # moe | global
-    n_basis = 16
+    n_basis = 16               # the default for moe; 32 for global
     experts = 16               # or dofs_per_expert = 400
 
 Unknown keys and values of the wrong type are errors naming the key.

@@ -114,3 +114,14 @@ def test_experts_solve_the_linearisation_unless_a_description_predates_the_optio
     # a checkpoint's description written before the option: its experts' Newton solves
     older = {key: value for key, value in table.items() if key != "nonlinear"}
     assert build_constraint(older, space).nonlinear == "newton"
+
+
+def test_the_number_of_basis_fields_defaults_by_kind_and_is_written_down():
+    from fenop.train.physics import constraint_table
+
+    assert constraint_table({"experts": 2})["n_basis"] == 16
+    assert constraint_table({"kind": "global"})["n_basis"] == 32
+    assert constraint_table({"kind": "global", "n_basis": 8})["n_basis"] == 8
+    # the filled-in table is what a checkpoint records: reading it back keeps it
+    table = constraint_table({"kind": "global"})
+    assert constraint_table(table) == table
