@@ -61,7 +61,7 @@ _DEFAULTS = {
 }
 # Basis fields by kind. One global solve corrects only in the span of its fields:
 # at equal training time on nonlinear diffusion 32 fields reach 0.0187 against
-# 0.0304 with 16, at the same cost a step (on Darcy both 0.025; BENCHMARKS.md,
+# 0.0304 with 16, at about the same cost per step (on Darcy both 0.025; BENCHMARKS.md,
 # "Soft against hard"). The experts each have their own patch of 16.
 _BASIS = {"moe": 16, "global": 32}
 _TYPES = {
