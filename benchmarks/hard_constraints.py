@@ -103,6 +103,14 @@ def _constraint(variant: str, residual):
     return MoEConstraint(residual, MetisPartition(experts=int(experts)), **options)
 
 
+def _experts(constraint) -> int:
+    """The experts of a constraint layer: K for MoE, 1 for the global solve, 0 for
+    none (no constraint, or the basis alone)."""
+    if not isinstance(constraint, (HardConstraint, MoEConstraint)):
+        return 0
+    return getattr(getattr(constraint, "partition", None), "n_experts", 1)
+
+
 _ACCURACY = {
     "unconstrained": None,
     "soft (physics weight 0.01)": None,
@@ -191,8 +199,7 @@ def _accuracy(args) -> dict:
             residual_norm = physics(prediction.double(), x_test.double()).item()
         report = getattr(constraint, "report", None)
         failed = int((~report["converged"]).sum()) if report else 0
-        experts = getattr(getattr(constraint, "partition", None), "n_experts", 1)
-        ratio = f"{experts * n_basis / free:.2f}" if constraint is not None else "-"
+        ratio = f"{_experts(constraint) * n_basis / free:.2f}" if constraint is not None else "-"
         epochs = steps * args.batch / n_train
         results[variant] = {"test_l2": error, "seconds": seconds, "steps": steps}
         print(
@@ -295,14 +302,12 @@ def _step(args) -> dict:
     times = [step() for _ in range(args.steps)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = getattr(constraint, "report", {}) if constraint is not None else {}
-    experts = getattr(getattr(constraint, "partition", None), "n_experts", 1)
-    experts = experts if isinstance(constraint, (HardConstraint, MoEConstraint)) else 0
     return {
         "dofs": space.n_dofs,
         "step": statistics.median(times),
         "memory": max(peak - before, 0),
         "solve": solve_seconds,
-        "experts": experts,
+        "experts": _experts(constraint),
         "converged": bool(report["converged"].all()) if report else True,
     }
 
