@@ -36,9 +36,11 @@ def _quadratic_form(matrix: torch.Tensor | SparseMatrix, u: torch.Tensor) -> tor
 
 def _safe_sqrt(q: torch.Tensor) -> torch.Tensor:
     # sqrt has an infinite derivative at 0; a zero error must give a zero (sub)gradient,
-    # not NaN, and round-off can make a tiny quadratic form slightly negative.
+    # not NaN, and round-off can make a tiny quadratic form slightly negative. NaN stays
+    # NaN (q * 0 carries it, with a zero gradient), so a diverged model never scores 0.
     positive = q > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, q, torch.ones_like(q))), 0.0)
+    root = torch.sqrt(torch.where(positive, q, torch.ones_like(q)))
+    return torch.where(positive, root, q * 0)
 
 
 def l2_norm(u: FETensor, space: FunctionSpace) -> torch.Tensor:

@@ -132,6 +132,12 @@ def load_checkpoint(
         state = load_file(Path(directory) / "model.safetensors")
     except Exception as exc:  # safetensors raises its own error types for bad files
         raise CheckpointError(directory, f"model.safetensors is not readable: {exc}") from None
+    broken = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if broken:
+        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise CheckpointError(
+            directory, f"model.safetensors holds NaN or Inf in {len(broken)} tensors ({shown})"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

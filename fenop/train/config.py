@@ -55,6 +55,7 @@ Unknown keys and values of the wrong type are errors naming the key.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -155,8 +156,10 @@ def read_config(path: str | os.PathLike) -> dict:
             raise ConfigError(path, f"{section}.{key} must be positive, got {config[section][key]}")
     training = config["training"]
     for key in ("lr", "grad_clip"):
-        if training[key] is not None and not training[key] > 0:
-            raise ConfigError(path, f"training.{key} must be positive, got {training[key]}")
+        if training[key] is not None and not 0 < training[key] < math.inf:
+            raise ConfigError(
+                path, f"training.{key} must be positive and finite, got {training[key]}"
+            )
     if model["constraint"] is not None:
         try:
             model["constraint"] = constraint_table(model["constraint"])
@@ -164,10 +167,11 @@ def read_config(path: str | os.PathLike) -> dict:
             raise ConfigError(path, str(exc)) from None
         if len(config["data"]["outputs"]) != 1:
             raise ConfigError(path, "[model.constraint] constrains one output field")
-    if not training["physics_weight"] >= 0:
-        raise ConfigError(
-            path, f"training.physics_weight must be non-negative, got {training['physics_weight']}"
-        )
+    for key in ("physics_weight", "weight_decay"):
+        if not 0 <= training[key] < math.inf:
+            raise ConfigError(
+                path, f"training.{key} must be non-negative and finite, got {training[key]}"
+            )
     if training["parallel"] == "experts" and (model["constraint"] or {}).get("kind") != "moe":
         raise ConfigError(
             path, 'training.parallel = "experts" shards a [model.constraint] of kind "moe"'
@@ -177,10 +181,6 @@ def read_config(path: str | os.PathLike) -> dict:
             raise ConfigError(
                 path, f"training.{key} must be one of {list(choices)}, got {training[key]!r}"
             )
-    if not training["weight_decay"] >= 0:
-        raise ConfigError(
-            path, f"training.weight_decay must be non-negative, got {training['weight_decay']}"
-        )
     base = path.parent
     config["data"]["path"] = str((base / config["data"]["path"]).resolve())
     config["training"]["output"] = str((base / config["training"]["output"]).resolve())

@@ -215,6 +215,13 @@ def build_model(description: ModelDescription) -> FEOperator:
     if description.constraint is not None:
         from fenop.train.physics import build_constraint
 
+        if description.out_channels != 1:  # n_basis does not match the processor's channels
+            raise DescriptionError(
+                f"a constraint constrains one output field; with n_basis = "
+                f"{description.constraint.get('n_basis')} this model would have "
+                f"{description.out_channels}"
+            )
+
         constrained = {
             "constraint": build_constraint(description.constraint, description.space_out),
             "constraint_inputs": description.constraint["inputs"],

@@ -33,6 +33,7 @@ for each input field).
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from torch import nn
@@ -87,6 +88,19 @@ _CHOICES = {
 }
 
 
+# The options of the experts alone: a global constraint takes none of them.
+_EXPERTS_ONLY = (
+    "partition",
+    "experts",
+    "dofs_per_expert",
+    "overlap",
+    "sweeps",
+    "coarse",
+    "update",
+    "nonlinear",
+)
+
+
 class ConstraintError(InputError):
     """A constraint table that cannot be used; the message names the key."""
 
@@ -126,6 +140,16 @@ def constraint_table(given: dict) -> dict:
     for key in ("overlap", "sweeps"):
         if table[key] < 0:
             raise ConstraintError(f"model.constraint.{key} must be non-negative, got {table[key]}")
+    if not 0 <= table["ridge"] < math.inf:
+        raise ConstraintError(
+            f"model.constraint.ridge must be non-negative and finite, got {table['ridge']}"
+        )
+    if table["kind"] != "moe":  # the experts' options, set for a layer that has none
+        for key in _EXPERTS_ONLY:
+            if table[key] != _DEFAULTS[key]:
+                raise ConstraintError(
+                    f"model.constraint.{key} is for kind moe (the experts), not {table['kind']}"
+                )
     if table["kind"] == "moe" and (table["experts"] is None) == (table["dofs_per_expert"] is None):
         raise ConstraintError(
             "model.constraint needs exactly one of experts and dofs_per_expert (kind moe)"
@@ -159,6 +183,11 @@ def build_constraint(description: dict, space: FunctionSpace) -> nn.Module:
     for key in ("pde", "inputs"):
         if key not in description:
             raise ConstraintError(f"a constraint description needs {key!r}")
+    if description.get("kind") == "moe":
+        # a description written before the option existed: the experts then solved
+        # by Newton's method, and load back to the same outputs
+        description = {"nonlinear": "newton", **description}
+    description = constraint_table(description)  # a checkpoint's, too: checked alike
     residual = residual_for(description["pde"], description.get("parameters"), space)
     wanted = residual_inputs(residual)
     if sorted(wanted) != sorted(description["inputs"]):
@@ -166,27 +195,34 @@ def build_constraint(description: dict, space: FunctionSpace) -> nn.Module:
             f"the {description['pde']} residual takes the fields {wanted}, but the model's "
             f"inputs are {list(description['inputs'])}"
         )
+    n_free = int(free_dofs(residual).sum())
+    if description["n_basis"] > n_free:
+        raise ConstraintError(
+            f"model.constraint.n_basis = {description['n_basis']} basis fields for the "
+            f"{n_free} free DOFs of the mesh: at most {n_free} can be independent"
+        )
     options = {"condition": description["condition"], "ridge": float(description["ridge"])}
-    if description["kind"] == "global":
-        layer = HardConstraint(residual, **options)
-    else:
-        size = (
-            {"experts": description["experts"]}
-            if description["experts"] is not None
-            else {"dofs_per_expert": description["dofs_per_expert"]}
-        )
-        layer = MoEConstraint(
-            residual,
-            PARTITIONS[description["partition"]](**size),
-            overlap=description["overlap"],
-            sweeps=description["sweeps"],
-            coarse=description["coarse"],
-            update=description["update"],
-            # a description written before the option existed: the experts then
-            # solved by Newton's method, and load back to the same outputs
-            nonlinear=description.get("nonlinear", "newton"),
-            **options,
-        )
+    try:
+        if description["kind"] == "global":
+            layer = HardConstraint(residual, **options)
+        else:
+            size = (
+                {"experts": description["experts"]}
+                if description["experts"] is not None
+                else {"dofs_per_expert": description["dofs_per_expert"]}
+            )
+            layer = MoEConstraint(
+                residual,
+                PARTITIONS[description["partition"]](**size),
+                overlap=description["overlap"],
+                sweeps=description["sweeps"],
+                coarse=description["coarse"],
+                update=description["update"],
+                nonlinear=description["nonlinear"],
+                **options,
+            )
+    except ValueError as exc:  # the layer's own checks against this mesh (too many experts)
+        raise ConstraintError(f"model.constraint: {exc}") from None
     layer.description = dict(description)
     return layer
 

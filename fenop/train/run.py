@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ from fenop.fem import FunctionSpace, hierarchy, load_mesh
 from fenop.fem.mesh import DOMAINS
 from fenop.train.config import ConfigError, read_config
 from fenop.train.models import PROCESSORS, DescriptionError, ModelDescription, build_model
-from fenop.train.physics import ConstraintError, PhysicsLoss, residual_for
+from fenop.train.physics import ConstraintError, PhysicsLoss, residual_for, residual_inputs
 from fenop.train.trainer import Trainer, resolve_device
 
 
@@ -116,8 +117,16 @@ def train_from_config(
 ) -> list[dict]:
     """Train as ``config_path`` says; checkpoints go to ``output`` (default: its
     ``training.output``). With ``resume``, continue from ``output/last``. A folder
-    that holds a run already is refused unless ``resume`` or ``overwrite`` (which
-    removes that run's ``best``, ``last`` and ``metrics.jsonl`` first)."""
+    that holds a run already is refused unless ``resume`` or ``overwrite``.
+
+    With ``overwrite``, everything is checked first (the data, the model, its
+    constraint and physics loss); the old run is then moved aside and replaced only
+    once the new run has written its first epoch. A new run that fails or is
+    interrupted before that puts the old one back (and so does the next run, after
+    a kill).
+    """
+    if resume and overwrite:
+        raise ConfigError(config_path, "give either --resume or --overwrite, not both")
     config = read_config(config_path)
     if device is None:
         try:
@@ -129,21 +138,18 @@ def train_from_config(
     if output is not None:
         config["training"]["output"] = str(output)
     folder = Path(config["training"]["output"])
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(config_path, f"training.output {folder} is a file, not a folder")
+    _restore_replaced_run(folder)
     if resume and not (folder / "last").is_dir():
         raise ConfigError(config_path, f"nothing to resume: no {folder}/last")
-    run_files = [folder / name for name in ("best", "last", "metrics.jsonl")]
-    if not resume and any(p.exists() for p in run_files):
-        if not overwrite:
-            raise ConfigError(
-                config_path,
-                f"{folder} holds a run already; pass --resume to continue it, or "
-                "--overwrite to replace it",
-            )
-        for path in run_files:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+    replace = not resume and any((folder / name).exists() for name in RUN_FILES)
+    if replace and not overwrite:
+        raise ConfigError(
+            config_path,
+            f"{folder} holds a run already; pass --resume to continue it, or "
+            "--overwrite to replace it",
+        )
     # The seed fixes the initial weights too, so the same command gives the same model.
     torch.manual_seed(config["training"]["seed"])
     data = config["data"]
@@ -158,6 +164,13 @@ def train_from_config(
             residual = residual_for(pde["pde"], pde["parameters"], store.space)
         except ConstraintError as exc:
             raise ConfigError(config_path, f"training.physics_weight: {exc}") from None
+        wanted = residual_inputs(residual)
+        if sorted(wanted) != sorted(data["inputs"]):
+            raise ConfigError(
+                config_path,
+                f"training.physics_weight: the {pde['pde']} residual takes the fields "
+                f"{wanted}, but data.inputs are {data['inputs']}",
+            )
         physics = PhysicsLoss(residual, data["inputs"])
     trainer = Trainer(
         model,
@@ -194,4 +207,61 @@ def train_from_config(
             }
         },
     )
-    return trainer.fit()
+    if not replace or trainer.rank != 0:
+        return trainer.fit()
+    with _replacing_run(folder) as replaced:
+        return trainer.fit(after_save=replaced)
+
+
+# What a run writes in its folder; --overwrite replaces these and nothing else there.
+RUN_FILES = ("best", "last", "metrics.jsonl")
+# Where an old run waits while a new one starts, and where it goes once replaced.
+_ASIDE, _DISCARDED = ".replaced-run", ".discarded-run"
+
+
+@contextlib.contextmanager
+def _replacing_run(folder: Path):
+    """Move the run in ``folder`` aside and yield a callback for the new run's first
+    saved epoch, which discards the old run. If the block ends before that (an error,
+    a divergence, Ctrl-C), the new run's files go and the old run comes back."""
+    aside = folder / _ASIDE
+    aside.mkdir()
+    for name in RUN_FILES:
+        if (folder / name).exists():
+            os.replace(folder / name, aside / name)
+    replaced = False
+
+    def discard(epoch: int) -> None:
+        nonlocal replaced
+        if not replaced:
+            # one rename marks the old run as replaced; removing it may then be cut short
+            os.replace(aside, folder / _DISCARDED)
+            shutil.rmtree(folder / _DISCARDED)
+            replaced = True
+
+    try:
+        yield discard
+    except BaseException as exc:
+        if not replaced:
+            _restore_replaced_run(folder)
+            if isinstance(exc, FloatingPointError):
+                raise FloatingPointError(f"{exc}; the run {folder} held is kept") from None
+        raise
+
+
+def _restore_replaced_run(folder: Path) -> None:
+    """Put back a run that a new one (killed before its first epoch was saved) was to
+    replace, removing that new run's files; remove a replaced run's leftovers."""
+    shutil.rmtree(folder / _DISCARDED, ignore_errors=True)
+    aside = folder / _ASIDE
+    if not aside.is_dir():
+        return
+    for name in RUN_FILES:
+        new = folder / name
+        if new.is_dir():
+            shutil.rmtree(new)
+        else:
+            new.unlink(missing_ok=True)
+        if (aside / name).exists():
+            os.replace(aside / name, new)
+    shutil.rmtree(aside)

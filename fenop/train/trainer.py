@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from fenop._errors import InputError
+from fenop._files import replacing
 from fenop.data import FieldDataset
 from fenop.fem import RelativeH1Loss, RelativeL2Loss
 from fenop.operators import FEOperator, MoEConstraint
@@ -142,8 +144,13 @@ class Trainer:
             raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}")
         if parallel not in PARALLEL:
             raise ValueError(f"`parallel` must be one of {PARALLEL}, got {parallel!r}")
-        if grad_clip is not None and not grad_clip > 0:
-            raise ValueError(f"`grad_clip` must be positive or None, got {grad_clip}")
+        if grad_clip is not None and not 0 < grad_clip < math.inf:
+            raise ValueError(f"`grad_clip` must be positive and finite or None, got {grad_clip}")
+        if not 0 < lr < math.inf or not 0 <= weight_decay < math.inf:
+            raise ValueError(
+                f"`lr` must be positive and `weight_decay` non-negative, both finite, "
+                f"got {lr} and {weight_decay}"
+            )
         if epochs < 1 or batch_size < 1:
             raise ValueError(
                 f"`epochs` and `batch_size` must be positive, got {epochs} and {batch_size}"
@@ -198,10 +205,10 @@ class Trainer:
         }
         if grad_clip is not None:  # only when given: runs saved before it still resume
             self.settings["grad_clip"] = grad_clip
-        if not physics_weight >= 0 or (physics_weight > 0 and physics is None):
+        if not 0 <= physics_weight < math.inf or (physics_weight > 0 and physics is None):
             raise ValueError(
-                f"`physics_weight` must be non-negative, with a `physics` loss when positive, "
-                f"got {physics_weight}"
+                f"`physics_weight` must be non-negative and finite, with a `physics` loss "
+                f"when positive, got {physics_weight}"
             )
         self.physics = None if physics is None else physics.to(self.device)
         self.physics_weight = physics_weight
@@ -209,6 +216,8 @@ class Trainer:
             self.settings["physics_weight"] = physics_weight
         self.extra = extra or {}
         self.epoch, self.best = 0, math.inf
+        self.saved = False  # whether directory/last holds an epoch of this run
+        self.metrics: dict | None = None  # the latest epoch's, saved with last/
         if resume and self.directory is not None and (self.directory / "last").is_dir():
             self._restore(self.directory / "last")
         # Several processes (torchrun): gradients averaged over the ranks. Buffers are
@@ -243,6 +252,9 @@ class Trainer:
                 k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"
             },
             "settings": self.settings,
+            # the epoch's line of metrics.jsonl, which is written after last/: a run
+            # killed in between gets it back on resuming (_reconcile_metrics)
+            "metrics": self.metrics,
         }
         (folder / "training.json").write_text(json.dumps(training))
 
@@ -268,6 +280,32 @@ class Trainer:
         self.optimiser.load_state_dict({"state": state, "param_groups": training["param_groups"]})
         self.scheduler.load_state_dict(training["scheduler"])
         self.epoch, self.best = training["epoch"], training["best"]
+        self.metrics, self.saved = training.get("metrics"), True
+        if self.rank == 0:
+            self._reconcile_metrics()
+
+    def _reconcile_metrics(self) -> None:
+        """Make ``metrics.jsonl`` hold one line for each epoch up to the restored one:
+        a run killed between saving ``last/`` and appending the epoch's line lost
+        that line (it is in ``last/training.json``); lines of later epochs, from a
+        run killed after the line but before ``last/``, are dropped (those epochs
+        are trained again)."""
+        path = self.directory / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        kept: dict[int, str] = {}
+        for line in lines:
+            try:
+                epoch = json.loads(line)["epoch"]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                continue  # a line cut short by the kill
+            if isinstance(epoch, int) and epoch <= self.epoch:
+                kept.setdefault(epoch, line)
+        if self.metrics is not None and self.epoch not in kept:
+            kept[self.epoch] = json.dumps(self.metrics)
+        wanted = [kept[e] for e in sorted(kept)]
+        if wanted != lines:
+            with replacing(path) as staging:
+                staging.write_text("".join(line + "\n" for line in wanted))
 
     # -- loop ---------------------------------------------------------------------------
 
@@ -292,11 +330,16 @@ class Trainer:
         l2, h1 = totals.tolist()
         return {"test_l2": l2 / n, "test_h1": h1 / n}
 
-    def fit(self) -> list[dict]:
+    def fit(self, *, after_save: Callable[[int], None] | None = None) -> list[dict]:
         """Train from the current epoch to ``epochs``; returns this call's metrics per epoch.
 
+        Args:
+            after_save: called with the epoch once its checkpoints and metrics line
+                are written (on the process that writes).
+
         Raises:
-            FloatingPointError: the loss became NaN or Inf (the last good checkpoint stays).
+            FloatingPointError: the loss, a weight or a test error became NaN or Inf;
+                the message names the epoch and the last good checkpoint, which stays.
         """
         history = []
         if self.directory is not None and self.rank == 0:
@@ -338,13 +381,13 @@ class Trainer:
                     loss = self.loss_fn(prediction, y)
                     if self.physics_weight > 0:
                         loss = loss + self.physics_weight * self.physics(prediction, x)
-                    if not torch.isfinite(loss):
-                        where = (
-                            f"the loss is {loss.item()} at epoch {self.epoch + 1}, step {step + 1}"
-                        )
-                        if self.directory is not None:
-                            where += f"; the last good checkpoint is in {self.directory / 'last'}"
-                        raise FloatingPointError(where)
+                    finite = torch.isfinite(loss.detach()).to(torch.float64)
+                    if self.world > 1:  # every rank stops, not one alone (the rest would wait)
+                        finite = distributed.sum_over_ranks(finite) / self.world
+                    if finite.item() < 1:
+                        value = loss.item()
+                        value = value if not math.isfinite(value) else "NaN on another process"
+                        self._diverged(f"the loss is {value} at step {step + 1} of")
                     own = loss.item()  # this rank's mean, read once for the metrics and the bar
                     if self.world > 1:  # DDP averages: the ranks' weighted means sum
                         loss = loss * weight
@@ -357,6 +400,11 @@ class Trainer:
                     shown += own
                     bar.update(1)
                     bar.set_postfix(loss=f"{shown / (step + 1):.4f}")
+                if bad := _not_finite(self.model):
+                    self._diverged(f"the weights {bad} are not finite after")
+                errors = self._evaluate()
+                if not math.isfinite(errors["test_l2"] + errors["test_h1"]):
+                    self._diverged(f"the test error is {errors['test_l2']} after")
                 self.epoch += 1
                 metrics = {
                     "epoch": self.epoch,
@@ -364,13 +412,27 @@ class Trainer:
                         torch.tensor(running, dtype=torch.float64, device=self.device)
                     ).item()
                     / steps_per_epoch,
-                    **self._evaluate(),
+                    **errors,
                     "lr": self.scheduler.get_last_lr()[0],
                     "seconds": time.perf_counter() - start,
                 }
                 history.append(metrics)
                 self._write(metrics)
+                if after_save is not None and self.directory is not None and self.rank == 0:
+                    after_save(self.epoch)
         return history
+
+    def _diverged(self, what: str) -> None:
+        """Raise the FloatingPointError of a diverged run: ``what`` happened in the
+        current epoch; where the last good checkpoint is, if this run wrote one."""
+        message = f"training diverged: {what} epoch {self.epoch + 1}"
+        if self.directory is not None and self.saved:
+            message += (
+                f"; the last good checkpoint is {self.directory / 'last'} (epoch {self.epoch})"
+            )
+        elif self.directory is not None:
+            message += "; no checkpoint was written"
+        raise FloatingPointError(message + " (a lower learning rate may help)")
 
     def _write(self, metrics: dict) -> None:
         if self.directory is None or self.rank != 0:
@@ -384,11 +446,26 @@ class Trainer:
         if metrics["test_l2"] < self.best:
             self.best = metrics["test_l2"]
             save_checkpoint(self.directory / "best", self.model, extra=extra)
-        # Weights and optimiser state appear together; the metrics line follows, so a
-        # run killed in between redoes the epoch without a duplicate line.
+        # Weights, optimiser state and the epoch's metrics appear together; the line
+        # in metrics.jsonl follows, and a run killed in between gets it back on
+        # resuming (_reconcile_metrics).
+        self.metrics = metrics
         save_checkpoint(self.directory / "last", self.model, extra=extra, attach=self._save_state)
+        self.saved = True
+        self._append_metrics(metrics)
+
+    def _append_metrics(self, metrics: dict) -> None:
         with open(self.directory / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
+
+
+def _not_finite(model: torch.nn.Module) -> str:
+    """The names of ``model``'s parameters that hold NaN or Inf, or ``""``."""
+    with torch.no_grad():
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if len(bad) > 3:
+        bad = [*bad[:3], f"and {len(bad) - 3} more"]
+    return ", ".join(bad)
 
 
 def _batch(dataset, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

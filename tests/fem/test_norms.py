@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import skfem
@@ -131,3 +133,22 @@ def test_losses_reject_mismatched_input():
         loss(torch.zeros(16), torch.zeros(16))
     with pytest.raises(ValueError, match="reduction"):
         RelativeL2Loss(space, reduction="max")
+
+
+def test_nan_and_inf_are_never_scored_as_zero_error():
+    # A diverged model emits NaN (or Inf): every norm and loss must carry it through,
+    # never turn it into a perfect score.
+    space = FunctionSpace(unit_square(4), dirichlet="boundary")
+    target = torch.randn(2, 1, space.n_dofs, dtype=torch.float64)
+    for bad in (math.nan, math.inf):
+        pred = target.clone()
+        pred[0, 0, 3] = bad  # sample 0 broken, sample 1 exact
+        for loss in (
+            RelativeL2Loss(space, reduction="none"),
+            RelativeH1Loss(space, reduction="none"),
+        ):
+            errors = loss(pred, target)
+            assert not torch.isfinite(errors[0]) and errors[1] == 0
+        assert torch.isnan(l2_norm(pred[0, 0] * math.nan, space))
+        assert torch.isnan(h1_norm(pred[0, 0] * math.nan, space))
+    assert torch.isnan(RelativeL2Loss(space)(target * math.nan, target))

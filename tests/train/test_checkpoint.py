@@ -99,6 +99,11 @@ def test_bad_checkpoints_are_refused_with_a_reason(tmp_path):
     (target / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"missing model\.safetensors"):
         load_checkpoint(target)
+    with torch.no_grad():  # a diverged model's weights: refused, never scored
+        next(model.parameters())[0] = float("nan")
+    target = save_checkpoint(tmp_path / "nan", model)
+    with pytest.raises(CheckpointError, match=r"NaN or Inf in 1 tensors \(processor\."):
+        load_checkpoint(target)
 
 
 @pytest.mark.parametrize(

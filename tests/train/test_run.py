@@ -1,9 +1,15 @@
+import json
+import shutil
+
 import pytest
 
+import fenop.train.run as run_module
+from fenop._errors import InputError
 from fenop.data import generate
 from fenop.fem import unit_square
+from fenop.train import Trainer
 from fenop.train.config import ConfigError
-from fenop.train.run import build_from_config, read_config, train_from_config
+from fenop.train.run import RUN_FILES, build_from_config, read_config, train_from_config
 
 CONFIG = """
 [data]
@@ -72,3 +78,89 @@ def test_a_device_that_is_not_here_is_named_before_any_work(folder):
     with pytest.raises(ConfigError, match=r"training\.device: unknown device 'tpu'"):
         train_from_config(path, progress=False)
     assert not (folder / "run").exists()
+
+
+def _run_files(run) -> dict[str, bytes]:
+    """Every file of a run folder with its bytes (hidden ones too)."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def finished(folder, tmp_path):
+    """A folder with a finished run in run/, and the configuration that made it."""
+    shutil.copy(folder / "d.h5", tmp_path / "d.h5")
+    path = tmp_path / "c.toml"
+    path.write_text(CONFIG.format(processor="mgno", where=GRID, option="width", device="cpu"))
+    train_from_config(path, progress=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('path = "d.h5"', 'path = "typo.h5"'), "typo.h5: no such file"),
+        (("[training]", "[model.constraint]\nexperts = 100000\n[training]"), "model.constraint"),
+        (("[training]", "[model.constraint]\nridge = -1.0\n[training]"), "ridge"),
+        (("epochs = 1", "epochs = 1\nphysics_weight = 1"), "takes the fields"),
+        (("epochs = 1", "epochs = 1\nlr = 1e3"), "training diverged"),
+    ],
+)
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved_an_epoch(
+    finished, change, message
+):
+    run = finished.parent / "run"
+    before = _run_files(run)
+    text = finished.read_text().replace(*change)
+    if "physics_weight" in change[1]:  # a residual that takes `a`, given another field
+        text = text.replace("[data]", '[data]\ninputs = ["u"]\noutputs = ["a"]')
+    finished.write_text(text)
+    with pytest.raises((InputError, FloatingPointError), match=message) as info:
+        train_from_config(finished, progress=False, overwrite=True)
+    if isinstance(info.value, FloatingPointError):
+        assert f"the run {run} held is kept" in str(info.value)
+    assert _run_files(run) == before  # byte for byte, nothing aside or half-written
+
+
+def test_overwrite_replaces_the_run_once_the_new_one_has_saved_an_epoch(finished, monkeypatch):
+    run = finished.parent / "run"
+    before = _run_files(run)
+    finished.write_text(finished.read_text().replace("epochs = 1", "epochs = 2"))
+    seen = []
+    real = Trainer._write
+
+    def write(self, metrics):  # what the folder holds as the new run goes on
+        real(self, metrics)
+        seen.append(sorted(p.name for p in run.iterdir()))
+
+    monkeypatch.setattr(Trainer, "_write", write)
+    train_from_config(finished, progress=False, overwrite=True)
+    # after the new run's first epoch the old run is still aside; after its second, gone
+    assert seen == [[".replaced-run", "best", "last", "metrics.jsonl"], RUN_FILES_SORTED]
+    after = _run_files(run)
+    assert after.keys() == before.keys() and after != before
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+RUN_FILES_SORTED = sorted(RUN_FILES)
+
+
+def test_a_run_killed_while_replacing_another_is_put_back_by_the_next(finished, monkeypatch):
+    run = finished.parent / "run"
+    before = _run_files(run)
+
+    def killed(self, metrics):  # as SIGKILL in the new run's first save: no clean-up runs
+        (run / "best").mkdir()
+        (run / "best" / "config.json").write_text("{}")
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(Trainer, "_write", killed)
+    monkeypatch.setattr(run_module, "_restore_replaced_run", lambda folder: None)
+    with pytest.raises(SystemExit):
+        train_from_config(finished, progress=False, overwrite=True)
+    assert (run / ".replaced-run").is_dir() and not (run / "last").exists()
+    monkeypatch.undo()
+    # The next command of any kind puts the old run back before it looks at the folder.
+    with pytest.raises(ConfigError, match="holds a run already"):
+        train_from_config(finished, progress=False)
+    assert _run_files(run) == before

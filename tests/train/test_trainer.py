@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -98,10 +99,83 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(
 
     monkeypatch.setattr(trainer.loss_fn, "forward", poisoned)
     with pytest.raises(
-        FloatingPointError, match=r"nan at epoch 2, step 2; the last good checkpoint"
+        FloatingPointError,
+        match=r"loss is nan at step 2 of epoch 2; the last good checkpoint is .*last \(epoch 1\)",
     ):
         trainer.fit()
     assert read_config(tmp_path / "run" / "last")["epoch"] == 1
+
+
+def test_a_diverging_run_stops_at_its_first_nan_and_saves_no_nan(data, tmp_path):
+    # lr = 1e3: the weights become NaN within the first epochs. Before NaN was
+    # NaN in every norm, such a run trained on with a loss of 0.0 and saved its
+    # NaN weights as the best checkpoint, test error 0.0.
+    trainer = _trainer(data, tmp_path / "run", lr=1e3, epochs=6)
+    with pytest.raises(FloatingPointError, match=r"training diverged: .* epoch \d") as info:
+        trainer.fit()
+    assert "\n" not in str(info.value)
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
+    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
+    for line in lines:
+        metrics = json.loads(line)
+        assert all(math.isfinite(metrics[k]) for k in ("train_loss", "test_l2", "test_h1"))
+    for saved in ("best", "last"):
+        if (tmp_path / "run" / saved).is_dir():  # finite weights, or not saved at all
+            load_model(tmp_path / "run" / saved)
+
+
+def test_weights_that_become_nan_at_an_epochs_last_step_stop_the_run(data, tmp_path):
+    trainer = _trainer(data, tmp_path / "run")
+    steps = []
+
+    def poison(optimiser, args, kwargs):
+        steps.append(1)
+        if len(steps) == 6:  # the last step of epoch 2 (3 a epoch): no later loss sees it
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(math.nan)
+
+    trainer.optimiser.register_step_post_hook(poison)
+    with pytest.raises(
+        FloatingPointError, match=r"the weights .* are not finite after epoch 2; the last good"
+    ):
+        trainer.fit()
+    assert read_config(tmp_path / "run" / "last")["epoch"] == 1
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("killed", ["after last/", "after the metrics line"])
+def test_a_run_killed_between_its_checkpoint_and_its_metrics_line_resumes_whole(
+    data, tmp_path, monkeypatch, killed
+):
+    reference = _trainer(data, tmp_path / "reference")
+    expected = reference.fit()
+    real_append, real_save = Trainer._append_metrics, Trainer._save_state
+
+    def append_then_kill(self, metrics):
+        if metrics["epoch"] == 2 and killed == "after last/":
+            raise KeyboardInterrupt  # the line of epoch 2 never written
+        real_append(self, metrics)
+
+    def save_or_kill(self, folder):
+        if self.epoch == 3 and killed == "after the metrics line":
+            # metrics.jsonl would get epoch 3's line before last/ holds epoch 3: as a
+            # run that appended first and was killed before renaming last/ into place
+            real_append(self, {**self.metrics, "epoch": 3})
+            raise KeyboardInterrupt
+        real_save(self, folder)
+
+    monkeypatch.setattr(Trainer, "_append_metrics", append_then_kill)
+    monkeypatch.setattr(Trainer, "_save_state", save_or_kill)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(data, tmp_path / "run").fit()
+    monkeypatch.setattr(Trainer, "_append_metrics", real_append)
+    monkeypatch.setattr(Trainer, "_save_state", real_save)
+    _trainer(data, tmp_path / "run", resume=True).fit()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    written = [json.loads(line) for line in lines]
+    assert [m["epoch"] for m in written] == [1, 2, 3, 4]
+    for got, want in zip(written, expected, strict=True):
+        assert got["test_l2"] == want["test_l2"] and got["train_loss"] == want["train_loss"]
 
 
 @pytest.mark.parametrize("clip", [None, 0.01])
@@ -129,6 +203,11 @@ def test_bad_settings(data):
         _trainer(data, None, loss="l1")
     with pytest.raises(ValueError, match="grad_clip"):
         _trainer(data, None, grad_clip=0.0)
+    for options in ({"lr": math.inf}, {"lr": math.nan}, {"weight_decay": math.inf}):
+        with pytest.raises(ValueError, match="both finite"):
+            _trainer(data, None, **options)
+    with pytest.raises(ValueError, match="grad_clip"):
+        _trainer(data, None, grad_clip=math.inf)
     with pytest.raises(ValueError, match="unknown device 'tpu'; expected cpu, cuda or cuda:N"):
         _trainer(data, None, device="tpu")
 
