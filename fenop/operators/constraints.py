@@ -73,7 +73,7 @@ from torch.autograd import forward_ad
 
 from fenop.fem.jacobian import JacobianPattern
 from fenop.operators import sharding
-from fenop.operators.implicit import implicit_root
+from fenop.operators.implicit import implicit_root, scaled_system
 
 CONDITIONS = ("galerkin", "least_squares")
 UPDATES = ("colours", "owners")
@@ -223,16 +223,9 @@ class _Constraint(nn.Module):
         return self.pattern.matmul(values, u[:, None])[:, 0] + r0
 
     def _scaled(self, matrix: torch.Tensor):
-        """``matrix`` ``(..., N, N)`` scaled symmetrically to a unit diagonal and
-        ridged, and the scale ``(..., N)``. A basis field that vanishes where the
-        system lives (a zero diagonal) gets a unit row and column: a zero coefficient."""
-        diagonal = torch.diagonal(matrix, dim1=-2, dim2=-1).abs()
-        largest = diagonal.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(matrix.dtype).tiny)
-        live = diagonal > 1e-14 * largest
-        scale = torch.where(live, diagonal.clamp_min(1e-300).rsqrt(), torch.zeros_like(diagonal))
-        scaled = scale[..., :, None] * matrix * scale[..., None, :]
-        eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-        return scaled + self.ridge * eye + torch.diag_embed((~live).to(matrix.dtype)), scale
+        """``matrix`` ``(..., N, N)`` scaled to a unit diagonal and ridged, and the
+        scale ``(..., N)`` (:func:`~fenop.operators.implicit.scaled_system`)."""
+        return scaled_system(matrix, self.ridge)
 
     def _solve(self, matrix: torch.Tensor, rhs: torch.Tensor):
         """Solve ``matrix w = rhs`` for ``(..., N, N)`` and ``(..., N)``, scaled and
@@ -460,7 +453,7 @@ class _Constraint(nn.Module):
             return system(w, u, local, ins)[0]
 
         values = (inputs[name] for name in names)
-        w = implicit_root(condition_of, w, u, local, *values, jacobian=jacobian)
+        w = implicit_root(condition_of, w, u, local, *values, jacobian=jacobian, ridge=self.ridge)
         return w, ok, condition, iterations
 
     def _prepare(self, prediction, basis, inputs):

@@ -4,7 +4,8 @@ Given a solution ``w*`` of ``F(w*, θ) = 0`` computed by any solver (Newton, wit
 graph recorded), :func:`implicit_root` returns ``w*`` as a function of the
 parameters ``θ``: by the implicit function theorem ``dw*/dθ = -F_w⁻¹ F_θ``, so the
 backward pass solves the adjoint system ``F_wᵀ λ = w̄`` with the *exact* Jacobian
-``F_w`` at ``w*`` (autograd of ``F``) and returns ``-λᵀ F_θ``. Memory does not depend
+``F_w`` at ``w*`` (autograd of ``F``), scaled and ridged as the solver's own
+systems (:func:`scaled_system`), and returns ``-λᵀ F_θ``. Memory does not depend
 on the solver's iterations, and a Gauss-Newton approximation of ``F_w`` (biased
 where the residual is not zero) is never used. In the manner of JAXopt's
 ``custom_root``; written for fenop's batched block-diagonal problems.
@@ -39,15 +40,31 @@ def block_jacobian(f_value: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=-2)
 
 
+def scaled_system(matrix: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``matrix`` ``(..., N, N)`` scaled symmetrically to a unit diagonal and ridged,
+    ``S A S + ridge I``, and the scale ``S`` ``(..., N)``: the system every solve of
+    the hard constraints factorises, forward and adjoint alike. An unknown whose
+    diagonal vanishes (a basis field that is zero where its problem lives, every
+    unknown of a problem that is all padding) gets a unit row and column and a zero
+    scale: a zero coefficient, and a zero adjoint."""
+    diagonal = torch.diagonal(matrix, dim1=-2, dim2=-1).abs()
+    largest = diagonal.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(matrix.dtype).tiny)
+    live = diagonal > 1e-14 * largest
+    scale = torch.where(live, diagonal.clamp_min(1e-300).rsqrt(), torch.zeros_like(diagonal))
+    scaled = scale[..., :, None] * matrix * scale[..., None, :]
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    return scaled + ridge * eye + torch.diag_embed((~live).to(matrix.dtype)), scale
+
+
 class _ImplicitRoot(torch.autograd.Function):
     @staticmethod
-    def forward(fn, jacobian, solution, *params):
+    def forward(fn, jacobian, ridge, solution, *params):
         return solution.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        fn, jacobian, _, *params = inputs
-        ctx.fn, ctx.jacobian = fn, jacobian
+        fn, jacobian, ridge, _, *params = inputs
+        ctx.fn, ctx.jacobian, ctx.ridge = fn, jacobian, ridge
         ctx.save_for_backward(output, *params)
 
     @staticmethod
@@ -60,26 +77,35 @@ class _ImplicitRoot(torch.autograd.Function):
             params = [p.detach().requires_grad_(p.requires_grad) for p in params]
             f_value = ctx.fn(w, *params)
             jacobian = block_jacobian(f_value, w) if ctx.jacobian is None else ctx.jacobian
-            adjoint = _adjoint(jacobian, grad)
+            adjoint = _adjoint(jacobian, grad, ctx.ridge)
             wanted = [p for p in params if p.requires_grad]
             grads = iter(
                 torch.autograd.grad(f_value, wanted, grad_outputs=-adjoint, allow_unused=True)
                 if wanted
                 else ()
             )
-        return (None, None, None, *(next(grads) if p.requires_grad else None for p in params))
+        return (
+            None,
+            None,
+            None,
+            None,
+            *(next(grads) if p.requires_grad else None for p in params),
+        )
 
 
-def _adjoint(jacobian: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``λ`` ``(..., N)`` of ``Jᵀ λ = grad`` for ``J`` ``(..., N, N)``. An unknown whose
-    row and column of ``J`` vanish (a basis field that is zero where its problem lives,
-    which the forward solve holds at zero; every unknown of a problem that is all
-    padding) has no influence: its ``λ`` is zero, and the rest solve as usual."""
-    diagonal = torch.diagonal(jacobian, dim1=-2, dim2=-1).abs()
-    live = diagonal > 1e-14 * diagonal.amax(dim=-1, keepdim=True)
-    matrix = jacobian + torch.diag_embed((~live).to(jacobian.dtype))
-    adjoint = torch.linalg.solve(matrix.transpose(-1, -2), (grad * live)[..., None])[..., 0]
-    return adjoint * live
+def _adjoint(jacobian: torch.Tensor, grad: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``λ`` ``(..., N)`` of ``Jᵀ λ = grad`` for ``J`` ``(..., N, N)``, solved as the
+    forward solves were: scaled and ridged (:func:`scaled_system`). So a system that
+    is singular (basis fields dependent where the problem lives, which the forward
+    reports) still has a finite adjoint, that of the ridged system; an unknown whose
+    row and column vanish has a zero one. A solve that fails all the same (not
+    finite) gives a zero adjoint for that problem, not an error mid-training."""
+    scaled, scale = scaled_system(jacobian, ridge)
+    # Jᵀ λ = g with J = S⁻¹ Â S⁻¹ on the live unknowns: Âᵀ (S⁻¹ λ) = S g
+    y, info = torch.linalg.solve_ex(scaled.transpose(-1, -2), (scale * grad)[..., None])
+    adjoint = scale * y[..., 0]
+    good = (info == 0)[..., None] & torch.isfinite(adjoint).all(dim=-1, keepdim=True)
+    return torch.where(good, adjoint, 0.0)
 
 
 def implicit_root(
@@ -87,6 +113,7 @@ def implicit_root(
     solution: torch.Tensor,
     *params: torch.Tensor,
     jacobian: torch.Tensor | None = None,
+    ridge: float = 0.0,
 ) -> torch.Tensor:
     """``solution`` of ``fn(w, *params) = 0``, differentiable in ``params``.
 
@@ -97,10 +124,12 @@ def implicit_root(
         params: the tensors ``F`` depends on that gradients should reach.
         jacobian: ``(B, K, N, N)``, ``∂F/∂w`` at ``solution`` where the solver has it
             exactly (else autograd finds it, N backward passes through ``F``).
+        ridge: added to the unit diagonal of the scaled adjoint system, as the
+            solver added it to its own (:func:`scaled_system`).
 
     Returns:
         ``solution``, whose backward pass is the implicit function theorem's.
     """
     if jacobian is not None:
         jacobian = jacobian.detach()
-    return _ImplicitRoot.apply(fn, jacobian, solution.detach(), *params)
+    return _ImplicitRoot.apply(fn, jacobian, float(ridge), solution.detach(), *params)

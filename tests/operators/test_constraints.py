@@ -534,3 +534,35 @@ def test_linearised_experts_differ_from_newtons_by_the_square_of_the_correction(
         gaps.append(_relative(outs[1], outs[0]))
         assert _relative(outs[0], guess) > 1e3 * gaps[-1]  # the experts did correct it
     assert 3.5 < gaps[0] / gaps[1] < 4.5, gaps
+
+
+DEPENDENT = {
+    "global": lambda r: HardConstraint(r),
+    "moe": lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2),
+}
+
+
+@pytest.mark.parametrize("pde", ["darcy", "nonlinear_diffusion"])
+@pytest.mark.parametrize("kind", list(DEPENDENT))
+def test_dependent_basis_fields_have_the_ridged_solves_finite_gradient(pde, kind):
+    # A network can emit two equal basis fields at any step: the systems are then
+    # singular (reported), solved through the ridge, and the backward pass must solve
+    # as the forward did, not fail (it raised LinAlgError for a nonlinear residual).
+    # With the two fields tied, the output depends on their sum alone, a smooth
+    # function of the inputs, whose gradient gradcheck compares by finite differences.
+    space, residual, field, u = _darcy(5) if pde == "darcy" else _nonlinear(5)
+    name = "a" if pde == "darcy" else "f"
+    layer = DEPENDENT[kind](residual)
+    guess = (0.5 * u).clone().requires_grad_(True)
+    phi = (_smooth_fields(space, 1, seed=3)[0] + 0.1 * u[0]).clone().requires_grad_(True)
+    field = field.clone().requires_grad_(True)
+
+    def run(g, phi, value):  # the basis: one field twice, an exactly singular system
+        return layer(g[:, None], torch.stack([phi, phi])[None], **{name: value})
+
+    out = run(guess, phi, field)
+    assert layer.report["singular"].sum() > 0 and layer.report["converged"].all()
+    out.square().sum().backward()  # a training step's backward pass: finite
+    for tensor in (guess, phi, field):
+        assert torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+    assert torch.autograd.gradcheck(run, (guess, phi, field), atol=1e-6, rtol=1e-5)

@@ -138,7 +138,9 @@ def test_overwrite_replaces_the_run_once_the_new_one_has_saved_an_epoch(finished
     assert seen == [[".replaced-run", "best", "last", "metrics.jsonl"], RUN_FILES_SORTED]
     after = _run_files(run)
     assert after.keys() == before.keys() and after != before
-    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [
+        json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
     assert epochs == [1, 2]
 
 
