@@ -12,8 +12,10 @@
 parser imports neither torch nor scikit-fem, so ``--help`` is quick.
 
 Bad input ends with one line on stderr naming the file and the problem, and exit
-status 2; no output file is left half-written (an interrupted generation keeps its
-complete chunks on purpose, and the same command resumes it).
+status 2; a training run that diverges, one line and status 1. No output file is
+left half-written, whether a command fails, is interrupted (Ctrl-C, status 130) or
+terminated (SIGTERM, status 143); an interrupted generation keeps its complete
+chunks on purpose, and the same command resumes it.
 """
 
 from __future__ import annotations
@@ -21,17 +23,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a tool its reader left
 # The choices `generate` offers, named here so that building the parser imports
 # neither torch nor scikit-fem (tests check them against fenop.data.pdes.PDES and
 # fenop.fem.mesh.DOMAINS).
 PDE_NAMES = ("darcy", "heat", "nonlinear_diffusion", "poisson")
 DOMAIN_NAMES = ("square", "lshape")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or a supervisor's stop), raised like Ctrl-C where the
+    program is, so that what it was writing is cleaned up or kept resumable as after
+    Ctrl-C; the exit status is SIGTERM's."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,12 +131,20 @@ def _test_split(checkpoint: str) -> slice:
     return slice(data["n_train"], data["n_train"] + data["n_test"])
 
 
-def _writable(path: Path) -> Path:
-    """``path``, or an InputError naming it when the folder it would be written in is missing."""
+def _picture(path: Path) -> Path:
+    """``path``, or an InputError naming it when a picture cannot be saved there:
+    its folder is missing or not writable, it is a folder, or its suffix names no
+    format matplotlib writes. Checked before the work whose picture it is."""
     from fenop._checks import missing_folder
     from fenop._errors import InputError
+    from fenop.train.plots import plot_format_problem
 
-    if problem := missing_folder(path):
+    problem = missing_folder(path) or plot_format_problem(path)
+    if problem is None and path.is_dir():
+        problem = "is a folder; name a picture file"
+    if problem is None and not os.access(path.parent, os.W_OK):
+        problem = f"cannot be written, folder {path.parent} is not writable"
+    if problem:
         raise InputError(f"{path}: {problem}")
     return path
 
@@ -171,7 +198,7 @@ def _generate(args) -> int:
             scheduler=args.scheduler,
             **dict(args.option),
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if output.exists():
             done = read_header(output)["n_complete"]
             print(
@@ -179,7 +206,7 @@ def _generate(args) -> int:
                 "run the same command to resume",
                 file=sys.stderr,
             )
-        return EXIT_INTERRUPTED
+        return _interrupted(exc)
     except (WorkerDiedError, SampleError) as exc:
         print(f"fenop generate: error: {exc}", file=sys.stderr)
         return 1
@@ -208,7 +235,7 @@ def _train(args) -> int:
             progress=not args.quiet,
             overwrite=args.overwrite,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         last = Path(output or read_config(args.config)["training"]["output"]) / "last"
         if (last / "training.json").is_file():
             epoch = json.loads((last / "training.json").read_text())["epoch"]
@@ -219,7 +246,7 @@ def _train(args) -> int:
             )
         else:
             print("fenop train: interrupted before the first epoch ended", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(exc)
     if history and not args.quiet:
         last = history[-1]
         l2, h1 = last["test_l2"], last["test_h1"]
@@ -236,7 +263,7 @@ def _evaluate(args) -> int:
 
     data = Path(args.data)
     if args.plot:
-        _writable(Path(args.plot))
+        _picture(Path(args.plot))
     samples = args.samples
     if args.split == "test":
         samples = _test_split(args.checkpoint)
@@ -517,6 +544,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
     args = parser.parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main one
+        return _run(args)
+    # SIGTERM ends a command as Ctrl-C does: partial outputs removed, runs resumable.
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     try:
         # Imported here, inside the handler: Ctrl-C while torch loads is a clean exit.
         from fenop._errors import InputError
@@ -526,9 +564,9 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         return args.run(args)
-    except KeyboardInterrupt:  # commands that leave nothing to resume: nothing to add
+    except KeyboardInterrupt as exc:  # commands that leave nothing to resume: nothing to add
         print(f"fenop {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(exc)
     except BrokenPipeError:  # `fenop info ... | head`: the reader has gone, as with any tool
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return EXIT_BROKEN_PIPE

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -39,7 +40,15 @@ import numpy as np
 
 from fenop._errors import InputError
 from fenop._files import replacing
-from fenop.data.store import StoreError, create_store, read_batches, read_store, write_samples
+from fenop.data.store import (
+    StoreError,
+    create_store,
+    field_name_problem,
+    read_batches,
+    read_store,
+    sample_range,
+    write_samples,
+)
 from fenop.fem import FunctionSpace
 from fenop.fem.mesh import MeshError, mesh_from_arrays
 
@@ -95,9 +104,7 @@ def store_to_meshio(
             "(a file per sample)"
         )
     info = read_store(store, allow_partial=True)
-    chosen = range(info.n_complete)[samples or slice(None)]
-    if not len(chosen):
-        raise InputError(f"{store}: no samples in {_describe(samples)} of {info.n_complete}")
+    chosen = range(info.n_complete)[sample_range(samples, info.n_complete, store)]
     fields = _rows(info, chosen)
     if predictions is not None:
         other = read_store(predictions, allow_partial=True)
@@ -132,7 +139,19 @@ def store_to_meshio(
                 data = {name: values[k] for name, values in fields.items()}
                 mesh = meshio.Mesh(points, cells, point_data=data)
                 _quietly(meshio.write, str(path), mesh, file_format="vtu")
+    if overwrite and output.suffix == ".vtu":  # the replaced series' other members
+        for old in _series(output):
+            if old not in targets:
+                old.unlink(missing_ok=True)
     return targets
+
+
+def _series(output: Path) -> list[Path]:
+    """The files of a VTU series written to ``output``: ``output`` itself and
+    ``STEM_NNNN.vtu`` beside it."""
+    member = re.compile(rf"{re.escape(output.stem)}_\d{{4,}}\.vtu")
+    found = [p for p in output.parent.iterdir() if member.fullmatch(p.name)]
+    return sorted(found) + ([output] if output.exists() else [])
 
 
 def _write_xdmf(path: Path, points, cells, fields: dict, chosen: range) -> None:
@@ -186,19 +205,20 @@ def _same_space(a: FunctionSpace, b: FunctionSpace) -> bool:
     )
 
 
-def _describe(samples: slice | None) -> str:
-    if samples is None:
-        return "all"
-    return f"{'' if samples.start is None else samples.start}:" + (
-        "" if samples.stop is None else str(samples.stop)
-    )
+class _MeshioGaveUp(Exception):
+    """meshio ended with ``sys.exit``; the message is what it printed before."""
 
 
 def _quietly(function, *args, **kwargs):
-    """meshio prints as it reads and writes: not to the user's terminal."""
+    """meshio prints as it reads and writes: not to the user's terminal. Where it
+    gives up with ``sys.exit`` (a file it cannot read), what it printed says why."""
     chatter = io.StringIO()
-    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-        return function(*args, **kwargs)
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            return function(*args, **kwargs)
+    except SystemExit:
+        said = " ".join(chatter.getvalue().split()).removeprefix("Error: ")
+        raise _MeshioGaveUp(said or "meshio gave up on it") from None
 
 
 def meshio_to_store(
@@ -217,11 +237,12 @@ def meshio_to_store(
     path, output = Path(path), Path(output)
     if output.exists() and not overwrite:
         raise InputError(f"{output}: exists; pass --overwrite to replace it")
-    if output.resolve() == path.resolve():
-        raise InputError(f"{output}: is the input; write the store elsewhere")
     if not path.is_file():
         problem = "a directory, not a file" if path.is_dir() else "no such file"
         raise InputError(f"{path}: {problem}")
+    if output.resolve() == path.resolve() or output.resolve() in _data_files(path):
+        what = "the input" if output.resolve() == path.resolve() else f"where {path} keeps its data"
+        raise InputError(f"{output}: is {what}; write the store elsewhere")
     points, cells, steps = _read(path)
     kind, nodes = _highest_cells(path, cells)
     corners = nodes[:, : _CORNERS[kind]]
@@ -245,6 +266,12 @@ def meshio_to_store(
         raise InputError(f"{path}: its {kind} cells do not share their nodes consistently")
     names = _scalar_fields(path, steps)
     values = {name: np.stack([step[name].reshape(-1)[source] for step in steps]) for name in names}
+    for name, value in values.items():
+        if np.iscomplexobj(value):
+            raise InputError(f"{path}: point data {name!r} is complex; fields are real")
+        if not np.isfinite(value).all():
+            bad = int(np.count_nonzero(~np.isfinite(value)))
+            raise InputError(f"{path}: point data {name!r} holds NaN or Inf at {bad} values")
     with replacing(output) as staging:
         create_store(
             staging,
@@ -270,9 +297,22 @@ def _read(path: Path) -> tuple[np.ndarray, list, list[dict]]:
             pass
     try:
         mesh = _quietly(meshio.read, str(path))
-    except (Exception, SystemExit) as exc:
+    except Exception as exc:
         raise InputError(f"{path}: meshio cannot read it ({exc or type(exc).__name__})") from None
     return np.asarray(mesh.points), mesh.cells, [mesh.point_data]
+
+
+def _data_files(path: Path) -> set[Path]:
+    """The HDF5 files an XDMF file keeps its arrays in (``<DataItem Format="HDF">
+    file.h5:/dataset``), resolved; none for other files."""
+    if path.suffix != ".xdmf":
+        return set()
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return set()
+    found = re.findall(r">\s*([^<>]+?\.(?:h5|hdf5|hdf))\s*:", text)
+    return {(path.parent / name.strip()).resolve() for name in found}
 
 
 def _highest_cells(path: Path, cells) -> tuple[str, np.ndarray]:
@@ -300,6 +340,9 @@ def _scalar_fields(path: Path, steps: list[dict]) -> list[str]:
     ]
     if not names:
         raise InputError(f"{path}: no scalar point data to make fields of")
+    for name in names:
+        if problem := field_name_problem(name):
+            raise InputError(f"{path}: point data {name!r}: {problem}; rename it")
     for k, step in enumerate(steps):
         if any(name not in step for name in names):
             raise InputError(f"{path}: step {k} lacks some of the fields {names}")

@@ -61,6 +61,16 @@ _VALIDATION_ROWS = 256
 _NOT_FIELDS = {"mesh_points", "mesh_cells", "sample", "dof", "vertex", "cell", "corner", "axis"}
 
 
+def field_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a field of a store (a name the layout reserves, or one
+    HDF5 would read as a path), or ``None``."""
+    if name in _NOT_FIELDS:
+        return f"a name the store's layout reserves ({', '.join(sorted(_NOT_FIELDS))})"
+    if not name or "/" in name or name in (".", ".."):
+        return "not a dataset name (empty, '.', '..' or holding '/')"
+    return None
+
+
 class StoreError(InputError):
     """A store that cannot be used; the message names the file and the problem."""
 
@@ -133,8 +143,9 @@ def create_store(
         raise ValueError(f"`n_samples` must be at least 1, got {n_samples}")
     if not fields or len(set(fields)) != len(fields):
         raise ValueError(f"`fields` must be distinct names, got {list(fields)}")
-    if _NOT_FIELDS & set(fields):
-        raise ValueError(f"field names {sorted(_NOT_FIELDS & set(fields))} are reserved")
+    for name in fields:
+        if problem := field_name_problem(name):
+            raise ValueError(f"field name {name!r}: {problem}")
     with open_h5(path, "w") as f:
         f.attrs["fenop_format"] = FORMAT_VERSION
         f.attrs["element"] = space.element
@@ -213,27 +224,51 @@ def read_header(path: str | os.PathLike) -> dict:
         return _header(path, f)
 
 
+# Attributes of the layout and what each must hold; others are the writer's own.
+_COUNTS = ("n_samples", "n_complete", "chunk_size")  # non-negative integers
+_TEXT = ("pde", "element", "dirichlet")
+_JSON = ("fields", "parameters")  # JSON text where written as text
+
+
 def _header(path, f: h5py.File) -> dict:
     if "fenop_format" not in f.attrs:
         raise StoreError(path, "not a fenop store (no 'fenop_format' attribute)")
-    version = int(f.attrs["fenop_format"])
+    header = {}
+    for key, value in f.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        if isinstance(value, str) and value[:1] in "[{":
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                if key in _JSON:
+                    raise StoreError(path, f"attribute {key!r} is not valid JSON: {exc}") from None
+        elif isinstance(value, np.generic):
+            value = value.item()
+        header[key] = value
+    version = header["fenop_format"]
+    if not _is_int(version) or version < 1:
+        raise StoreError(path, f"attribute 'fenop_format' must be a format number, got {version!r}")
     if version > FORMAT_VERSION:
         raise StoreError(
             path,
             f"written in store format {version}, newer than this fenop reads "
             f"({FORMAT_VERSION}); upgrade fenop",
         )
-    header = {}
-    for key, value in f.attrs.items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        if isinstance(value, str) and value[:1] in "[{":
-            value = json.loads(value)
-        elif isinstance(value, np.generic):
-            value = value.item()
-        header[key] = value
     if "element" not in header:
         raise StoreError(path, "missing attribute 'element' (P1, P2, Q1 or Q2)")
+    for key in _TEXT:
+        if key in header and not isinstance(header[key], str):
+            raise StoreError(path, f"attribute {key!r} must be text, got {header[key]!r}")
+    for key in _COUNTS:
+        if key in header and not (_is_int(header[key]) and header[key] >= 0):
+            raise StoreError(
+                path, f"attribute {key!r} must be a non-negative integer, got {header[key]!r}"
+            )
+    if not isinstance(header.get("parameters", {}), dict):
+        raise StoreError(
+            path, f"attribute 'parameters' must be a JSON object, got {header['parameters']!r}"
+        )
     # A file written by hand, or by another program, may leave out what a generated
     # store records: its fields are then its datasets of one row per sample, and it
     # is complete.
@@ -246,7 +281,17 @@ def _header(path, f: h5py.File) -> dict:
             )
         header["n_samples"] = rows.pop() if rows else 0
     header.setdefault("n_complete", header["n_samples"])
+    if header["n_complete"] > header["n_samples"]:
+        raise StoreError(
+            path,
+            f"attribute 'n_complete' = {header['n_complete']} exceeds 'n_samples' = "
+            f"{header['n_samples']}",
+        )
     return header
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _field_names(path, f: h5py.File, given) -> list[str]:
@@ -268,6 +313,10 @@ def _field_names(path, f: h5py.File, given) -> list[str]:
         given = [v.decode() if isinstance(v, bytes) else str(v) for v in given.ravel()]
     elif isinstance(given, str):
         given = given.replace(",", " ").split()
+        if any(c in name for name in given for c in "[]{}\"'/"):
+            raise StoreError(
+                path, f"attribute 'fields' must list field names, got {' '.join(given)!r}"
+            )
     if not isinstance(given, list) or not all(isinstance(v, str) and v for v in given):
         raise StoreError(path, f"attribute 'fields' must list field names, got {given!r}")
     return given
@@ -277,8 +326,11 @@ def _mesh(path, f: h5py.File) -> skfem.Mesh:
     for name in ("mesh_points", "mesh_cells"):
         if name not in f:
             raise StoreError(path, f"missing dataset {name!r}")
+    cells = f["mesh_cells"]
+    if not np.issubdtype(cells.dtype, np.integer):
+        raise StoreError(path, f"mesh_cells must hold integers, got {cells.dtype}")
     try:
-        return mesh_from_arrays(f["mesh_points"][()], f["mesh_cells"][()])
+        return mesh_from_arrays(f["mesh_points"][()], cells[()])
     except ValueError as exc:
         raise StoreError(path, f"mesh_points and mesh_cells: {exc}") from None
 
@@ -348,6 +400,24 @@ def read_batches(
             yield start, np.stack([f[name][start:end] for name in fields], axis=1).astype(dtype)
 
 
+def sample_range(samples: slice | None, n: int, path: str | os.PathLike) -> slice:
+    """``samples`` ``START:STOP`` (either may be left out; default all) of the ``n``
+    samples of the store at ``path``; a StoreError where the range holds none or
+    reaches past the store (nothing is clipped silently)."""
+    if samples is None:
+        return slice(None)
+    start = 0 if samples.start is None else samples.start
+    stop = n if samples.stop is None else samples.stop
+    span = (
+        f"{'' if samples.start is None else samples.start}:{'' if samples.stop is None else stop}"
+    )
+    if start >= min(stop, n):
+        raise StoreError(path, f"no samples in {span} of its {n}")
+    if stop > n:
+        raise StoreError(path, f"samples {span} asked for, but it holds {n}")
+    return slice(start, stop, samples.step)
+
+
 def read_store(
     path: str | os.PathLike, *, fields: Iterable[str] | None = None, allow_partial: bool = False
 ) -> StoreInfo:
@@ -368,12 +438,18 @@ def read_store(
             if name not in f:
                 raise StoreError(path, f"missing field {name!r} (fields here: {sorted(listed)})")
             shape = f[name].shape
+            kind = f[name].dtype.kind
+            if kind not in "fiu":
+                what = "complex" if kind == "c" else f"of type {f[name].dtype}"
+                raise StoreError(path, f"field {name!r} is {what}; fields hold real numbers")
             if shape != (n_samples, space.n_dofs):
                 raise StoreError(
                     path,
                     f"field {name!r} has shape {shape}, expected ({n_samples}, {space.n_dofs}) "
                     f"for {n_samples} samples of {space.element} on this mesh",
                 )
+    if n_samples == 0:
+        raise StoreError(path, "holds no samples")
     if n_complete < n_samples and not allow_partial:
         raise StoreError(
             path,

@@ -156,16 +156,21 @@ class LSM(Processor):
             nn.Conv2d(width, 128, 1), nn.GELU(), nn.Conv2d(128, out_channels, 1)
         )
 
+    def check_grid(self, grid: tuple[int, ...]) -> None:
+        """Raise a ValueError if the hierarchy cannot pool a grid of shape ``grid``
+        ``(H, W)`` down its ``depth - 1`` levels."""
+        if min(grid) < 2 ** (self.depth - 1):
+            raise ValueError(
+                f"LSM of depth {self.depth} needs at least {2 ** (self.depth - 1)} grid points "
+                f"per axis, got a grid {grid}: use a finer grid or a smaller depth"
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"input must have shape (batch, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        if min(x.shape[2:]) < 2 ** (self.depth - 1):
-            raise ValueError(
-                f"LSM of depth {self.depth} needs at least {2 ** (self.depth - 1)} grid points "
-                f"per axis, got a grid {tuple(x.shape[2:])}: use a finer grid or a smaller depth"
-            )
+        self.check_grid(tuple(x.shape[2:]))
         features = []
         u = self.lift(x)
         for level, conv in enumerate(self.down):

@@ -34,7 +34,7 @@ from fenop._checks import missing_folder
 from fenop._errors import InputError
 from fenop._files import replacing
 from fenop.data import StoreError, StoreInfo, read_store
-from fenop.data.store import create_store, open_h5, read_batches, write_samples
+from fenop.data.store import create_store, open_h5, read_batches, sample_range, write_samples
 from fenop.fem import FunctionSpace, RelativeH1Loss, RelativeL2Loss
 from fenop.operators import FEOperator
 from fenop.train.checkpoint import checkpoint_path, load_checkpoint, read_config
@@ -96,6 +96,7 @@ def model_on_store(model: ModelLike, store: StoreInfo, *, device=None) -> FEOper
     if not isinstance(model, FEOperator):
         model = load_checkpoint(checkpoint_path(model), device=device)
     model = model.to(device).eval()
+    _check_same_pde(model, store)
     if store.space.same_dofs(model.space_in):
         return model
     constraint = None
@@ -109,6 +110,30 @@ def model_on_store(model: ModelLike, store: StoreInfo, *, device=None) -> FEOper
         return model.transfer(store.space, constraint=constraint)
     except ValueError as exc:
         raise StoreError(store.path, f"this mesh is not in the model's domain: {exc}") from None
+
+
+def _check_same_pde(model: FEOperator, store: StoreInfo) -> None:
+    """A hard-constrained model makes its output satisfy its own PDE: on a store that
+    records another PDE, or the same one with other parameters (another load, other
+    coefficients' range), its predictions would be of the wrong problem. A store
+    that records no PDE (a user's own) is taken as the model's."""
+    description = getattr(model.constraint, "description", None)
+    if description is None or "pde" not in store.header:
+        return
+    pde, theirs = description["pde"], store.header["pde"]
+    if theirs != pde:
+        raise StoreError(
+            store.path,
+            f"holds {theirs} data, but the model's hard constraint solves the {pde} problem",
+        )
+    ours, recorded = description.get("parameters") or {}, store.header.get("parameters")
+    if recorded is not None and recorded != ours:
+        differ = sorted(k for k in set(ours) | set(recorded) if ours.get(k) != recorded.get(k))
+        raise StoreError(
+            store.path,
+            f"its {pde} parameters differ from those the model's hard constraint solves "
+            f"with, in {', '.join(differ)}",
+        )
 
 
 def _numpy_dtype(model: FEOperator):
@@ -149,12 +174,7 @@ def evaluate_store(
         raise InputError(f"`batch_size` must be positive, got {batch_size}")
     device = resolve_device(device)
     store = read_store(path, fields=inputs + outputs)
-    rows = np.arange(store.n_samples)[samples if samples is not None else slice(None)]
-    if len(rows) == 0:
-        span = f"{'' if samples.start is None else samples.start}:" + (
-            "" if samples.stop is None else str(samples.stop)
-        )
-        raise StoreError(path, f"no samples in {span} of its {store.n_samples}")
+    rows = np.arange(store.n_samples)[sample_range(samples, store.n_samples, path)]
     store.check_values(inputs + outputs, rows)
     model = model_on_store(model, store, device=device)
     l2 = RelativeL2Loss(store.space, reduction="none").to(device)
@@ -261,6 +281,12 @@ def predict_store(
         with torch.no_grad(), tqdm(total=n, unit="sample", disable=not progress) as bar:
             for start, x in batches:
                 y = model(torch.from_numpy(x).to(device)).double().cpu().numpy()
+                if not np.isfinite(y).all():
+                    first = start + int(np.nonzero(~np.isfinite(y).all(axis=(1, 2)))[0][0])
+                    raise InputError(
+                        f"{name}: its prediction for sample {first} of {path} holds NaN or "
+                        f"Inf (an input outside what it was trained on?); {output} not written"
+                    )
                 failed += int((~_converged(model, len(x))).sum())
                 write_samples(staging, start, {f: y[:, k] for k, f in enumerate(outputs)})
                 bar.update(len(x))

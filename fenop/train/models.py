@@ -209,7 +209,13 @@ def build_model(description: ModelDescription) -> FEOperator:
                     tuple(resolution) if isinstance(resolution, tuple) else (resolution,) * dim,
                 )
             processor = cls(*channels, **options)
+            check = getattr(processor, "check_grid", None)  # a grid it cannot work on
+            if check is not None:
+                dim = description.space_in.dim
+                check(tuple(resolution) if isinstance(resolution, tuple) else (resolution,) * dim)
     except TypeError as exc:  # an option of the wrong kind, which the processor names
+        raise DescriptionError(str(exc)) from None
+    except ValueError as exc:  # a value the processor refuses, which it names
         raise DescriptionError(str(exc)) from None
     constrained = {}
     if description.constraint is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fenop._files import replacing
 from fenop.fem import FunctionSpace
 
 
@@ -81,6 +82,20 @@ def plot_predictions(
         ax.legend()
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=150)
-    plt.close(figure)
+    try:  # all of the picture or nothing, even if interrupted while writing
+        with replacing(path) as staging:
+            figure.savefig(staging, dpi=150, format=path.suffix[1:].lower())
+    finally:
+        plt.close(figure)
     return path
+
+
+def plot_format_problem(path: Path) -> str | None:
+    """Why matplotlib cannot save a picture at ``path`` (its suffix names no format
+    it writes), or ``None``."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        return f"not a picture format matplotlib writes; use one of .{', .'.join(sorted(formats))}"
+    return None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from fenop._files import recover
 from fenop.data import FieldDataset, StoreInfo, read_store
 from fenop.fem import FunctionSpace, hierarchy, load_mesh
 from fenop.fem.mesh import DOMAINS
@@ -251,8 +252,11 @@ def _replacing_run(folder: Path):
 
 def _restore_replaced_run(folder: Path) -> None:
     """Put back a run that a new one (killed before its first epoch was saved) was to
-    replace, removing that new run's files; remove a replaced run's leftovers."""
+    replace, removing that new run's files; remove a replaced run's leftovers, and
+    what a run killed while saving a checkpoint left (:func:`fenop._files.recover`)."""
     shutil.rmtree(folder / _DISCARDED, ignore_errors=True)
+    for name in ("best", "last"):
+        recover(folder / name)
     aside = folder / _ASIDE
     if not aside.is_dir():
         return

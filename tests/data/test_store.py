@@ -133,7 +133,7 @@ def test_writes_must_come_in_order(store):
     path, space, _ = store
     with pytest.raises(ValueError, match="in order"):
         write_samples(path, 2, {"a": np.zeros((1, space.n_dofs)), "u": np.zeros((1, space.n_dofs))})
-    with pytest.raises(ValueError, match=r"reserved"):
+    with pytest.raises(ValueError, match=r"the store.s layout reserves"):
         create_store(path.parent / "x.h5", space, fields=["mesh_points"], n_samples=1)
 
 
