@@ -571,14 +571,20 @@ def _run(args) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return EXIT_BROKEN_PIPE
     except FloatingPointError as exc:  # a diverged training run
-        print(f"fenop {args.command}: error: {exc}", file=sys.stderr)
+        _error(args, exc)
         return 1
     # fenop's own errors about the user's input (a store, configuration, checkpoint,
     # mesh, device or argument), the file system's, and a missing optional package;
     # anything else is a fault of fenop's and keeps its traceback.
     except (InputError, OSError, ImportError) as exc:
-        print(f"fenop {args.command}: error: {exc}", file=sys.stderr)
+        _error(args, exc)
         return EXIT_BAD_INPUT
+
+
+def _error(args, exc: Exception) -> None:
+    """The one line of an error, whatever a value quoted in it held (line breaks)."""
+    text = " ".join(str(exc).splitlines())
+    print(f"fenop {args.command}: error: {text}", file=sys.stderr)
 
 
 def _checkpoint_info(path: Path) -> int:

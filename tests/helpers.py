@@ -173,3 +173,57 @@ def sigint_by_default() -> None:
     """For ``subprocess.Popen(preexec_fn=...)``: the child takes Ctrl-C as from a
     terminal even where the tests run with SIGINT ignored (a shell's background job)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# -- fuzzing the boundary ----------------------------------------------------------------
+# Values of every kind a user may write where fenop expects one (hypothesis
+# strategies): numbers out of range, NaN and Inf, text that looks like JSON or not,
+# lists, tables, booleans. The fuzz tests take FUZZ_EXAMPLES of them in the default
+# run and FUZZ_EXAMPLES_SLOW under -m slow.
+FUZZ_EXAMPLES, FUZZ_EXAMPLES_SLOW = 40, 400
+
+
+def fuzz_settings(examples: int):
+    """hypothesis's settings for a fuzz test of ``examples`` examples: the default
+    run's examples are the same every run (derandomised: CI is never red by chance),
+    the long run's new ones each time; no example database is written."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=examples <= FUZZ_EXAMPLES,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
+def fuzz_values(*, tables: bool = True):
+    """A hypothesis strategy of JSON- and TOML-like values of every type."""
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
+    scalars = st.one_of(
+        st.booleans(),
+        st.integers(-(2**40), 2**40),
+        st.sampled_from([0, 1, -1, 2, 10**6]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        text,
+        st.sampled_from(["", "[", "{", "[a, u]", "{not json", "nan", "P1", "darcy", "a/b"]),
+    )
+    if not tables:
+        return st.one_of(
+            scalars, st.lists(st.integers(-5, 5), max_size=3), st.lists(text, max_size=3)
+        )
+    return st.recursive(
+        scalars,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)
+        ),
+        max_leaves=6,
+    )
+
+
+def one_line_naming(message: str, *paths) -> bool:
+    """Whether ``message`` is one line that names one of ``paths``."""
+    return "\n" not in message.strip() and any(str(p) in message for p in paths)

@@ -245,6 +245,10 @@ def _header(path, f: h5py.File) -> dict:
                     raise StoreError(path, f"attribute {key!r} is not valid JSON: {exc}") from None
         elif isinstance(value, np.generic):
             value = value.item()
+        elif isinstance(value, np.ndarray):  # an HDF5 array attribute: a list
+            value = [
+                v.decode(errors="replace") if isinstance(v, bytes) else v for v in value.tolist()
+            ]
         header[key] = value
     version = header["fenop_format"]
     if not _is_int(version) or version < 1:

@@ -1,5 +1,6 @@
 import contextlib
 import hashlib
+import io
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from fenop.data.store import (
     write_samples,
 )
 from fenop.fem import FunctionSpace, l_shape
+from tests.helpers import FUZZ_EXAMPLES, FUZZ_EXAMPLES_SLOW, one_line_naming
 
 
 @pytest.fixture
@@ -118,6 +120,115 @@ def test_bad_files_give_a_clear_error_naming_the_file(store, how, message):
         open_store(path)
     assert str(path) in str(info.value)
     assert _digest(path) == before  # reading never writes
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "message"),
+    [
+        ("parameters", "{not json", r"attribute 'parameters' is not valid JSON"),
+        ("parameters", "[1, 2]", r"attribute 'parameters' must be a JSON object"),
+        ("fields", "[a, u]", r"attribute 'fields' is not valid JSON"),
+        ("fenop_format", "one", r"attribute 'fenop_format' must be a format number, got 'one'"),
+        ("n_samples", "[3]", r"attribute 'n_samples' must be a non-negative integer, got \[3\]"),
+        ("n_samples", 2.5, r"attribute 'n_samples' must be a non-negative integer"),
+        ("n_complete", 99, r"'n_complete' = 99 exceeds 'n_samples' = 5"),
+        ("n_samples", 0, r"field 'a' has shape \(5, 65\), expected \(0, 65\)"),
+        ("element", 3, r"attribute 'element' must be text, got 3"),
+        ("pde", 7, r"attribute 'pde' must be text"),
+    ],
+)
+def test_attributes_of_the_wrong_type_are_named(store, attribute, value, message):
+    # Hand-written files: before, each of these ended in a traceback (a JSON or int()
+    # error, or a reshape in predict for n_complete past the rows).
+    path = store[0]
+    with h5py.File(path, "r+") as f:
+        f.attrs[attribute] = value
+        if attribute == "n_samples":
+            f.attrs["n_complete"] = 0
+    with pytest.raises(StoreError, match=message) as info:
+        read_store(path, allow_partial=True)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_store_of_no_samples_is_refused(store):
+    path = store[0]
+    with h5py.File(path, "r+") as f:  # as written by hand: no counts, fields of 0 rows
+        for key in ("n_samples", "n_complete"):
+            del f.attrs[key]
+        for name in ("a", "u"):
+            del f[name]
+            f[name] = np.zeros((0, store[1].n_dofs))
+    with pytest.raises(StoreError, match="holds no samples"):
+        read_store(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("float cells", r"mesh_cells must hold integers, got float64"),
+        ("complex field", r"field 'u' is complex; fields hold real numbers"),
+    ],
+)
+def test_datasets_of_the_wrong_type_are_named(store, change, message):
+    path = store[0]
+    with h5py.File(path, "r+") as f:
+        if change == "float cells":
+            cells = f["mesh_cells"][()].astype(float)
+            del f["mesh_cells"]
+            f["mesh_cells"] = cells
+        else:
+            u = f["u"][()].astype(complex)
+            del f["u"]
+            f["u"] = u
+    with pytest.raises(StoreError, match=message):
+        read_store(path, fields=["u"])
+
+
+ATTRIBUTES = ("fenop_format", "element", "fields", "n_samples", "n_complete", "chunk_size")
+ATTRIBUTES += ("pde", "parameters", "dirichlet", "seed")
+
+
+def _fuzz_attributes(store, examples: int) -> None:
+    """Any value of any type in any attribute: ``fenop info`` reads the store or refuses
+    it in one line naming it, with status 2; never a traceback, never a write."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from fenop.cli import main
+    from tests.helpers import fuzz_settings, fuzz_values
+
+    path = store[0]
+    pristine = path.read_bytes()
+
+    @fuzz_settings(examples)
+    @given(st.dictionaries(st.sampled_from(ATTRIBUTES), fuzz_values(tables=False), min_size=1))
+    def check(changes):
+        path.write_bytes(pristine)
+        with h5py.File(path, "r+") as f:
+            for key, value in changes.items():
+                if isinstance(value, list):  # an HDF5 array attribute
+                    text = any(isinstance(v, str) for v in value)
+                    value = np.array(value, dtype=h5py.string_dtype() if text else None)
+                f.attrs[key] = value
+        before = _digest(path)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            status = main(["info", str(path)])
+        assert status in (0, 2), status
+        if status == 2:
+            assert one_line_naming(err.getvalue(), path), err.getvalue()
+        assert _digest(path) == before
+
+    check()
+
+
+def test_fuzzed_attributes_are_read_or_refused_in_one_line(store):
+    _fuzz_attributes(store, FUZZ_EXAMPLES)
+
+
+@pytest.mark.slow
+def test_fuzzed_attributes_are_read_or_refused_in_one_line_at_length(store):
+    _fuzz_attributes(store, FUZZ_EXAMPLES_SLOW)
 
 
 def test_missing_file_and_partial_opening(store, tmp_path):
