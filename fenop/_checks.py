@@ -42,3 +42,19 @@ def missing_file(path: Path) -> str | None:
     if path.is_file():
         return None
     return "a directory, not a file" if path.is_dir() else "no such file"
+
+
+def check_counts(owner: str, **counts: tuple[object, int]) -> None:
+    """Raise a ValueError naming the first of ``counts`` (``name=(value, least)``)
+    that is not an integer of at least ``least``: a processor's widths, layers and
+    depths, which torch would otherwise take (zero-sized layers) or fail on later.
+
+    >>> check_counts("MgNO", width=(8, 1), n_layers=(0, 1))
+    Traceback (most recent call last):
+    ValueError: MgNO: `n_layers` must be an integer of at least 1, got 0
+    """
+    for name, (value, least) in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(
+                f"{owner}: `{name}` must be an integer of at least {least}, got {value!r}"
+            )

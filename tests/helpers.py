@@ -227,3 +227,23 @@ def fuzz_values(*, tables: bool = True):
 def one_line_naming(message: str, *paths) -> bool:
     """Whether ``message`` is one line that names one of ``paths``."""
     return "\n" not in message.strip() and any(str(p) in message for p in paths)
+
+
+def toml_value(value) -> str:
+    """``value`` (a fuzzed one) written as TOML: NaN and Inf as TOML spells them,
+    strings with JSON's escapes (which TOML shares), tables inline."""
+    import json
+    import math
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    items = (f"{json.dumps(k, ensure_ascii=False)} = {toml_value(v)}" for k, v in value.items())
+    return "{" + ", ".join(items) + "}"

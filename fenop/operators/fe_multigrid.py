@@ -23,6 +23,7 @@ import skfem
 import torch
 from torch import nn
 
+from fenop._checks import check_counts
 from fenop.fem import FunctionSpace
 from fenop.fem.hierarchy import is_nested
 from fenop.fem.sparse import SparseMatrix
@@ -122,6 +123,9 @@ class FEMultigrid(Processor):
         post: int = 1,
     ):
         super().__init__()
+        check_counts(
+            "FEMultigrid", width=(width, 1), n_layers=(n_layers, 1), pre=(pre, 1), post=(post, 0)
+        )
         spaces = list(spaces)
         if not spaces or not all(isinstance(s, FunctionSpace) for s in spaces):
             raise TypeError("`spaces` must be a non-empty sequence of FunctionSpace")

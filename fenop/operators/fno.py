@@ -29,6 +29,7 @@ import torch
 from neuralop.layers.spectral_convolution import SpectralConv
 from neuralop.models import FNO as _NeuralopFNO
 
+from fenop._checks import check_counts
 from fenop.operators.processor import Processor
 
 
@@ -120,6 +121,13 @@ class FNO(Processor):
                 f"FNO has no option {', '.join(map(repr, unknown))}; its options: "
                 f"{', '.join(accepted)}"
             )
+        modes = list(n_modes) if isinstance(n_modes, list | tuple) else [n_modes]
+        check_counts(
+            "FNO",
+            hidden_channels=(hidden_channels, 1),
+            n_layers=(n_layers, 1),
+            **{f"n_modes[{i}]": (m, 1) for i, m in enumerate(modes)},
+        )
         options.setdefault("conv_module", SpectralConv64)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.net = _NeuralopFNO(

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fenop._checks import check_counts
 from fenop.operators.processor import Processor
 
 
@@ -138,8 +139,15 @@ class LSM(Processor):
         heads: int = 8,
     ):
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"`depth` must be at least 1, got {depth}")
+        check_counts(
+            "LSM",
+            width=(width, 1),
+            depth=(depth, 1),
+            n_basis=(n_basis, 1),
+            n_tokens=(n_tokens, 1),
+            patch_size=(patch_size, 1),
+            heads=(heads, 1),
+        )
         self.in_channels, self.out_channels, self.depth = in_channels, out_channels, depth
         widths = [width * 2**level for level in range(depth)]
         self.lift = nn.Conv2d(in_channels, width, 1)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from fenop._checks import check_counts
 from fenop.operators.processor import Processor
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -161,6 +162,7 @@ class MgNO(Processor):
         activation: Callable[[torch.Tensor], torch.Tensor] = nn.functional.gelu,
     ):
         super().__init__()
+        check_counts("MgNO", width=(width, 1), n_layers=(n_layers, 1), pre=(pre, 1), post=(post, 0))
         grid = tuple(int(n) for n in grid)
         if len(grid) not in _CONV:
             raise ValueError(f"`grid` must have 1 to 3 axes, got {grid}")

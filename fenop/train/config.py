@@ -148,8 +148,27 @@ def read_config(path: str | os.PathLike) -> dict:
     else:
         if model["resolution"] is None:
             raise ConfigError(path, "missing key model.resolution")
+        sides = (
+            model["resolution"] if isinstance(model["resolution"], list) else [model["resolution"]]
+        )
+        if not sides or not all(_is_int(n) and n >= 2 for n in sides):
+            raise ConfigError(
+                path,
+                "model.resolution must be the grid's points a side (an integer of at least 2) "
+                f"or a list of them, one per axis; got {model['resolution']!r}",
+            )
         if model["hierarchy"] is not None:
             raise ConfigError(path, "[model.hierarchy] is for mesh-native processors only")
+    for key in ("inputs", "outputs"):
+        names = config["data"][key]
+        if (
+            not names
+            or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) < len(names)
+        ):
+            raise ConfigError(path, f"data.{key} must list distinct field names, got {names!r}")
+    if set(config["data"]["inputs"]) & set(config["data"]["outputs"]):
+        raise ConfigError(path, "data.inputs and data.outputs must not share a field")
     for key in ("n_train", "n_test", "epochs", "batch_size"):
         section = "data" if key.startswith("n_") else "training"
         if config[section][key] < 1:
@@ -187,6 +206,10 @@ def read_config(path: str | os.PathLike) -> dict:
     if model["hierarchy"] is not None and model["hierarchy"]["mesh"] is not None:
         model["hierarchy"]["mesh"] = str((base / model["hierarchy"]["mesh"]).resolve())
     return config
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _checked(path: Path, section: str, given: object, keys: _Keys) -> dict:

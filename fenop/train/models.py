@@ -232,15 +232,20 @@ def build_model(description: ModelDescription) -> FEOperator:
             "constraint": build_constraint(description.constraint, description.space_out),
             "constraint_inputs": description.constraint["inputs"],
         }
-    return FEOperator(
-        description.space_in,
-        description.space_out,
-        processor,
-        resolution=None if cls.mesh_native else description.resolution,
-        input_stats=description.input_stats,
-        output_stats=description.output_stats,
-        **constrained,
-    )
+    try:
+        return FEOperator(
+            description.space_in,
+            description.space_out,
+            processor,
+            resolution=None if cls.mesh_native else description.resolution,
+            input_stats=description.input_stats,
+            output_stats=description.output_stats,
+            **constrained,
+        )
+    except ValueError as exc:  # a grid, spaces or statistics that do not fit together
+        if cls.mesh_native:  # the data's mesh against the hierarchy's: the caller's to say
+            raise
+        raise DescriptionError(str(exc)) from None
 
 
 def describe_model(model: FEOperator) -> ModelDescription:

@@ -222,7 +222,7 @@ def build_constraint(description: dict, space: FunctionSpace) -> nn.Module:
                 **options,
             )
     except ValueError as exc:  # the layer's own checks against this mesh (too many experts)
-        raise ConstraintError(f"model.constraint: {exc}") from None
+        raise ConstraintError(str(exc)) from None
     layer.description = dict(description)
     return layer
 

@@ -73,7 +73,7 @@ def build_from_config(
     except ConstraintError as exc:
         raise ConfigError(path, f"model.constraint: {exc}") from None
     except DescriptionError as exc:
-        raise ConfigError(path, f"model.options: {exc}") from None
+        raise ConfigError(path, f"[model]: {exc}") from None
     except ValueError as exc:
         if not PROCESSORS[name].mesh_native:
             raise

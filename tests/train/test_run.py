@@ -10,6 +10,7 @@ from fenop.fem import unit_square
 from fenop.train import Trainer
 from fenop.train.config import ConfigError
 from fenop.train.run import RUN_FILES, build_from_config, read_config, train_from_config
+from tests.helpers import FUZZ_EXAMPLES, FUZZ_EXAMPLES_SLOW
 
 CONFIG = """
 [data]
@@ -48,7 +49,8 @@ def folder(tmp_path_factory):
 
 
 def _config(folder, processor, option, *, device="cpu"):
-    where = HIERARCHY if processor == "femultigrid" else GRID
+    # (LSM's default depth 5 pools a grid of 16 down to 1: no coarser grid will do)
+    where = {"femultigrid": HIERARCHY, "lsm": "resolution = 16"}.get(processor, GRID)
     path = folder / f"{processor}-{option}-{device}.toml"
     path.write_text(CONFIG.format(processor=processor, where=where, option=option, device=device))
     return path
@@ -166,3 +168,133 @@ def test_a_run_killed_while_replacing_another_is_put_back_by_the_next(finished, 
     with pytest.raises(ConfigError, match="holds a run already"):
         train_from_config(finished, progress=False)
     assert _run_files(run) == before
+
+
+# Keys a user sets in a configuration, by table; the fuzz test puts any value in them.
+FUZZED_KEYS = {
+    "data": ["inputs", "outputs", "n_train", "n_test", "path"],
+    "model": ["resolution", "processor"],
+    "model.options": ["width", "n_layers"],
+    "model.constraint": [
+        "kind",
+        "n_basis",
+        "condition",
+        "partition",
+        "experts",
+        "dofs_per_expert",
+        "overlap",
+        "sweeps",
+        "coarse",
+        "update",
+        "nonlinear",
+        "ridge",
+    ],
+    "training": [
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "grad_clip",
+        "schedule",
+        "loss",
+        "seed",
+        "device",
+        "amp",
+        "physics_weight",
+        "parallel",
+    ],
+}
+FUZZED = """
+[data]
+path = "d.h5"
+n_train = 6
+n_test = 2
+{data}
+[model]
+processor = "mgno"
+resolution = 8
+{model}
+[model.options]
+width = 4
+{options}
+[model.constraint]
+experts = 4
+n_basis = 4
+{constraint}
+[training]
+epochs = 1
+output = "run"
+device = "cpu"
+{training}
+"""
+
+
+def _fuzz_configurations(folder, tmp_path, monkeypatch, examples: int) -> None:
+    """Any value in any key: training starts (here, stops before its first step) or
+    is refused with one line naming the configuration or the data, nothing written."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from tests.helpers import fuzz_settings, fuzz_values, one_line_naming, toml_value
+
+    shutil.copy(folder / "d.h5", tmp_path / "d.h5")
+    path = tmp_path / "c.toml"
+    started = []
+    monkeypatch.setattr(Trainer, "fit", lambda self, **kwargs: started.append(1) or [])
+    keys = st.sampled_from([(table, key) for table, keys in FUZZED_KEYS.items() for key in keys])
+    # Values of the right type half the time, so that examples get past the type
+    # checks into the ranges, the choices and the building of model and constraint.
+    names = st.sampled_from(["a", "u", "f", "", "mesh_points"])
+    typed = st.one_of(
+        st.integers(-2, 300),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.booleans(),
+        st.sampled_from(["moe", "global", "least_squares", "owners", "newton", "metis", "cuda"]),
+        st.lists(names, max_size=3),
+        st.lists(st.integers(-1, 20), max_size=3),
+    )
+    values = st.dictionaries(keys, st.one_of(typed, fuzz_values()), min_size=1, max_size=3)
+
+    @fuzz_settings(examples)
+    @given(values)
+    def check(changes):
+        tables = {
+            "data": "",
+            "model": "",
+            "model.options": "",
+            "model.constraint": "",
+            "training": "",
+        }
+        for (table, key), value in changes.items():
+            tables[table] += f"{key} = {toml_value(value)}\n"
+        text = FUZZED.format(
+            data=tables["data"],
+            model=tables["model"],
+            options=tables["model.options"],
+            constraint=tables["model.constraint"],
+            training=tables["training"],
+        )
+        # TOML refuses a key given twice: the fuzzed value replaces the default
+        for _, key in changes:
+            lines = text.split("\n")
+            first = next(i for i, line in enumerate(lines) if line.startswith(f"{key} = "))
+            if sum(line.startswith(f"{key} = ") for line in lines) > 1:
+                del lines[first]
+            text = "\n".join(lines)
+        path.write_text(text)
+        try:
+            train_from_config(path, progress=False)
+        except InputError as exc:
+            assert one_line_naming(str(exc), path, tmp_path), str(exc)  # or the data named
+        assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+    check()
+
+
+def test_fuzzed_configurations_train_or_are_refused_in_one_line(folder, tmp_path, monkeypatch):
+    _fuzz_configurations(folder, tmp_path, monkeypatch, FUZZ_EXAMPLES)
+
+
+@pytest.mark.slow
+def test_fuzzed_configurations_at_length(folder, tmp_path, monkeypatch):
+    _fuzz_configurations(folder, tmp_path, monkeypatch, FUZZ_EXAMPLES_SLOW)
