@@ -124,7 +124,13 @@ class FEMultigrid(Processor):
     ):
         super().__init__()
         check_counts(
-            "FEMultigrid", width=(width, 1), n_layers=(n_layers, 1), pre=(pre, 1), post=(post, 0)
+            "FEMultigrid",
+            in_channels=(in_channels, 1),
+            out_channels=(out_channels, 1),
+            width=(width, 1),
+            n_layers=(n_layers, 1),
+            pre=(pre, 1),
+            post=(post, 0),
         )
         spaces = list(spaces)
         if not spaces or not all(isinstance(s, FunctionSpace) for s in spaces):

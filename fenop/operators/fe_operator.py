@@ -115,6 +115,14 @@ class FEOperator(KeepsComplexModule):
             self.out_channels = 1  # the constrained field; the rest are its basis
         self.input_stats = Normalizer.of(input_stats)
         self.output_stats = Normalizer.of(output_stats)
+        for name, stats, channels in (
+            ("input_stats", self.input_stats, self.in_channels),
+            ("output_stats", self.output_stats, self.out_channels),
+        ):
+            if stats is not None and stats.channels != channels:
+                raise ValueError(
+                    f"`{name}` has statistics of {stats.channels} channels for {channels}"
+                )
         # A real parameter tells the model's dtype (FNO's spectral weights are complex
         # whatever it is); found once here rather than searched in every forward.
         self._dtype_parameter = next(

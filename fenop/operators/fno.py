@@ -124,6 +124,8 @@ class FNO(Processor):
         modes = list(n_modes) if isinstance(n_modes, list | tuple) else [n_modes]
         check_counts(
             "FNO",
+            in_channels=(in_channels, 1),
+            out_channels=(out_channels, 1),
             hidden_channels=(hidden_channels, 1),
             n_layers=(n_layers, 1),
             **{f"n_modes[{i}]": (m, 1) for i, m in enumerate(modes)},

@@ -141,6 +141,8 @@ class LSM(Processor):
         super().__init__()
         check_counts(
             "LSM",
+            in_channels=(in_channels, 1),
+            out_channels=(out_channels, 1),
             width=(width, 1),
             depth=(depth, 1),
             n_basis=(n_basis, 1),

@@ -162,7 +162,15 @@ class MgNO(Processor):
         activation: Callable[[torch.Tensor], torch.Tensor] = nn.functional.gelu,
     ):
         super().__init__()
-        check_counts("MgNO", width=(width, 1), n_layers=(n_layers, 1), pre=(pre, 1), post=(post, 0))
+        check_counts(
+            "MgNO",
+            in_channels=(in_channels, 1),
+            out_channels=(out_channels, 1),
+            width=(width, 1),
+            n_layers=(n_layers, 1),
+            pre=(pre, 1),
+            post=(post, 0),
+        )
         grid = tuple(int(n) for n in grid)
         if len(grid) not in _CONV:
             raise ValueError(f"`grid` must have 1 to 3 axes, got {grid}")

@@ -7,6 +7,7 @@ import torch
 from fenop.fem import FunctionSpace, hierarchy, l_shape
 from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO
 from fenop.train import CheckpointError, load_checkpoint, load_model, read_config, save_checkpoint
+from tests.helpers import FUZZ_EXAMPLES, FUZZ_EXAMPLES_SLOW
 
 SPACE = FunctionSpace(l_shape(9), dirichlet="boundary")
 
@@ -142,3 +143,95 @@ def test_checkpoint_of_a_transferred_model_is_on_its_new_mesh(tmp_path, name):
     assert loaded.space_in.n_dofs == finer.n_dofs
     x = torch.randn(1, 1, finer.n_dofs)
     torch.testing.assert_close(loaded(x), moved(x))
+
+
+def _constrained_checkpoint(folder):
+    """A small checkpoint with every part a description has: options, grid, spaces,
+    normalisers and a hard constraint of experts."""
+    from fenop.fem import Normalizer, unit_square
+    from fenop.train.models import ModelDescription, build_model
+    from fenop.train.physics import constraint_table
+
+    space = FunctionSpace(unit_square(9), dirichlet="boundary")
+    table = constraint_table({"experts": 4, "n_basis": 4})
+    description = ModelDescription(
+        "mgno", space, space, in_channels=1, out_channels=1,
+        options={"width": 4, "n_layers": 1}, resolution=(8, 8),
+        input_stats=Normalizer([1.0], [2.0]), output_stats=Normalizer([0.0], [0.5]),
+        constraint={**table, "pde": "darcy", "parameters": {}, "inputs": ["a"]},
+    )  # fmt: skip
+    return save_checkpoint(folder, build_model(description), extra={"test_error": 0.1, "epoch": 1})
+
+
+def _leaves(config, prefix=()):
+    """The paths to the leaves of a JSON tree (long lists, the mesh, as one leaf)."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            yield (*prefix, key)
+            yield from _leaves(value, (*prefix, key))
+    elif isinstance(config, list) and len(config) <= 4:
+        for i, value in enumerate(config):
+            yield (*prefix, i)
+            yield from _leaves(value, (*prefix, i))
+
+
+_DELETE = object()
+
+
+def _fuzz_checkpoint(tmp_path, examples: int) -> None:
+    """Any value in any field of ``config.json`` (or the field removed): the checkpoint
+    loads and runs, or ``fenop info`` and loading refuse it in one line naming it."""
+    import contextlib
+    import io
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from fenop.cli import main
+    from tests.helpers import fuzz_settings, fuzz_values, one_line_naming
+
+    folder = _constrained_checkpoint(tmp_path / "ckpt")
+    pristine = json.loads((folder / "config.json").read_text())
+    paths = sorted(set(_leaves(pristine)), key=str)
+    values = st.one_of(
+        st.just(_DELETE), st.integers(-3, 300), st.sampled_from([None, "global", 1e-12]),
+        fuzz_values(),
+    )  # fmt: skip
+
+    @fuzz_settings(examples)
+    @given(st.dictionaries(st.sampled_from(paths), values, min_size=1, max_size=3))
+    def check(changes):
+        config = json.loads(json.dumps(pristine))
+        for path, value in sorted(changes.items(), key=lambda item: len(item[0])):
+            parent = config
+            try:
+                for key in path[:-1]:
+                    parent = parent[key]
+                if value is _DELETE:
+                    del parent[path[-1]]
+                else:
+                    parent[path[-1]] = value
+            except (KeyError, IndexError, TypeError):  # an earlier change replaced the parent
+                continue
+        (folder / "config.json").write_text(json.dumps(config))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            status = main(["info", str(folder)])
+        assert status in (0, 2), status
+        if status == 2:
+            assert one_line_naming(err.getvalue(), folder), err.getvalue()
+            return
+        model = load_checkpoint(folder)
+        with torch.no_grad():
+            model(torch.zeros(1, 1, model.space_in.n_dofs))
+
+    check()
+
+
+def test_fuzzed_checkpoints_load_or_are_refused_in_one_line(tmp_path):
+    _fuzz_checkpoint(tmp_path, FUZZ_EXAMPLES)
+
+
+@pytest.mark.slow
+def test_fuzzed_checkpoints_at_length(tmp_path):
+    _fuzz_checkpoint(tmp_path, FUZZ_EXAMPLES_SLOW)
