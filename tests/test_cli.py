@@ -104,6 +104,8 @@ def _status(args) -> int:
         ("predict darcy-fno {tmp}/none.h5 -o {tmp}/no/out.h5", "folder {tmp}/no does not"),
         ("predict darcy-fno {tmp}/none.h5 -o {out} --batch-size 0", "a positive integer"),
         ("evaluate darcy-fno {tmp}/none.h5 --plot {tmp}/no/x.png", "folder {tmp}/no does not"),
+        # the picture is checked before the store is scored (here, before it is read)
+        ("evaluate darcy-fno {tmp}/none.h5 --plot {tmp}/x.xyz", "not a picture format"),
         ("predict darcy-fno {tmp}/none.h5 -o {out} --device tpu", "unknown device 'tpu'"),
         ("evaluate darcy-fno {tmp}", "{tmp}: a directory, not a file"),
         ("generate darcy -n 2 --domain lshape --resolution 8 -o {out}", "odd"),

@@ -396,12 +396,23 @@ def read_batches(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Samples ``first .. stop - 1`` (default: every complete one) of ``fields``,
     ``batch_size`` at a time, in one opening of the file:
-    ``(start, values (b, len(fields), n_dofs))`` in ``dtype``."""
+    ``(start, values (b, len(fields), n_dofs))`` in ``dtype``. A StoreError names
+    the first sample whose (finite) values overflow ``dtype`` (1e300 in float32)."""
     stop = store.n_complete if stop is None else min(stop, store.n_complete)
     with _open(store.path) as f:
         for start in range(first, stop, batch_size):
             end = min(start + batch_size, stop)
-            yield start, np.stack([f[name][start:end] for name in fields], axis=1).astype(dtype)
+            values = np.stack([f[name][start:end] for name in fields], axis=1)
+            with np.errstate(over="ignore"):
+                cast = values.astype(dtype)
+            overflow = np.isfinite(values).all(axis=(1, 2)) & ~np.isfinite(cast).all(axis=(1, 2))
+            if overflow.any():
+                raise StoreError(
+                    store.path,
+                    f"sample {start + int(np.argmax(overflow))} holds values beyond the range "
+                    f"of {np.dtype(dtype).name}, the model's precision",
+                )
+            yield start, cast
 
 
 def sample_range(samples: slice | None, n: int, path: str | os.PathLike) -> slice:

@@ -38,7 +38,7 @@ from fenop.data.store import create_store, open_h5, read_batches, sample_range, 
 from fenop.fem import FunctionSpace, RelativeH1Loss, RelativeL2Loss
 from fenop.operators import FEOperator
 from fenop.train.checkpoint import checkpoint_path, load_checkpoint, read_config
-from fenop.train.physics import build_constraint
+from fenop.train.physics import ConstraintError, build_constraint, residual_for, residual_inputs
 from fenop.train.trainer import resolve_device
 
 ModelLike = FEOperator | str | os.PathLike
@@ -113,10 +113,11 @@ def model_on_store(model: ModelLike, store: StoreInfo, *, device=None) -> FEOper
 
 
 def _check_same_pde(model: FEOperator, store: StoreInfo) -> None:
-    """A hard-constrained model makes its output satisfy its own PDE: on a store that
-    records another PDE, or the same one with other parameters (another load, other
-    coefficients' range), its predictions would be of the wrong problem. A store
-    that records no PDE (a user's own) is taken as the model's."""
+    """A hard-constrained model makes its output satisfy its own discrete PDE: on a
+    store that records another PDE, or parameters that give another residual (another
+    load), its predictions would solve the wrong problem. Parameters that only shape
+    the data (the random inputs' law) are fine; a store that records no PDE (a
+    user's own) is taken as the model's."""
     description = getattr(model.constraint, "description", None)
     if description is None or "pde" not in store.header:
         return
@@ -127,13 +128,34 @@ def _check_same_pde(model: FEOperator, store: StoreInfo) -> None:
             f"holds {theirs} data, but the model's hard constraint solves the {pde} problem",
         )
     ours, recorded = description.get("parameters") or {}, store.header.get("parameters")
-    if recorded is not None and recorded != ours:
+    if recorded is None or recorded == ours:
+        return
+    try:
+        residuals = [residual_for(pde, p, store.space) for p in (ours, recorded)]
+    except ConstraintError as exc:
+        raise StoreError(store.path, f"its {pde} parameters: {exc}") from None
+    if not _same_residual(*residuals):
         differ = sorted(k for k in set(ours) | set(recorded) if ours.get(k) != recorded.get(k))
         raise StoreError(
             store.path,
-            f"its {pde} parameters differ from those the model's hard constraint solves "
-            f"with, in {', '.join(differ)}",
+            f"its {pde} parameters ({', '.join(differ)}) give another residual than the one "
+            "the model's hard constraint solves",
         )
+
+
+def _same_residual(first, second) -> bool:
+    """Whether two residual modules agree at a random field and random positive inputs
+    (one evaluation: residuals of the same family differ in their parameters only)."""
+    generator = torch.Generator().manual_seed(0)
+    n = first.forms.space.n_dofs
+    u = torch.randn(1, n, generator=generator, dtype=torch.float64)
+    inputs = {
+        name: 1 + torch.rand(1, n, generator=generator, dtype=torch.float64)
+        for name in residual_inputs(first)
+    }
+    with torch.no_grad():
+        a, b = first(u, **inputs), second(u, **inputs)
+    return bool((a - b).norm() <= 1e-12 * a.norm().clamp_min(1e-300))
 
 
 def _numpy_dtype(model: FEOperator):

@@ -128,3 +128,63 @@ def test_conversions_that_would_lose_or_replace_files_are_refused(tmp_path):
     with pytest.raises(InputError, match=r"no cells fenop reads .* it has \['line'\]"):
         meshio_to_store(lines, tmp_path / "l.h5")
     assert not (tmp_path / "l.h5").exists()
+
+
+def _triangle_file(path, **point_data):
+    """A mesh file of one unit square's triangles with ``point_data``."""
+    space = FunctionSpace(unit_square(3))
+    mesh = meshio.Mesh(space.mesh.p.T, [("triangle", space.mesh.t.T)], point_data=point_data)
+    meshio.write(path, mesh)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"mesh_points": np.arange(9.0)}, r"point data 'mesh_points': a name the store's layout"),
+        ({"a/b": np.arange(9.0)}, r"point data 'a/b': not a dataset name"),
+        ({"u": np.r_[np.nan, np.arange(8.0)]}, r"point data 'u' holds NaN or Inf at 1 values"),
+        ({"u": np.arange(9.0) * 1j}, r"point data 'u' is complex"),
+    ],
+)
+def test_point_data_a_store_cannot_hold_is_refused_by_name(tmp_path, data, message):
+    # (MOAB's .h5m is a format meshio writes complex data to; VTK's are not)
+    suffix = ".h5m" if np.iscomplexobj(next(iter(data.values()))) else ".vtu"
+    source = _triangle_file(tmp_path / f"m{suffix}", **data)
+    with pytest.raises(InputError, match=message):
+        meshio_to_store(source, tmp_path / "out.h5")
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_an_xdmf_files_own_data_file_is_never_the_store_it_becomes(tmp_path):
+    space = FunctionSpace(unit_square(5), dirichlet="boundary")
+    data, _ = _store(tmp_path / "d.h5", space, n=2)
+    xdmf, arrays = store_to_meshio(data, tmp_path / "v2.xdmf")
+    before = arrays.read_bytes()
+    with pytest.raises(InputError, match=r"v2\.h5: is where .*v2\.xdmf keeps its data"):
+        meshio_to_store(xdmf, arrays, overwrite=True)
+    assert arrays.read_bytes() == before
+    assert read_store(meshio_to_store(xdmf, tmp_path / "back.h5")).n_samples == 2
+
+
+def test_a_file_meshio_gives_up_on_is_refused_with_meshios_reason(tmp_path):
+    (tmp_path / "bad.vtu").write_text("hello")
+    with pytest.raises(InputError, match=r"bad\.vtu: meshio cannot read it \(Couldn't read file"):
+        meshio_to_store(tmp_path / "bad.vtu", tmp_path / "out.h5")
+
+
+def test_overwriting_a_vtu_series_removes_the_old_series_other_files(tmp_path):
+    space = FunctionSpace(unit_square(5), dirichlet="boundary")
+    data, _ = _store(tmp_path / "d.h5", space, n=4)
+    assert len(store_to_meshio(data, tmp_path / "v.vtu")) == 4
+    (tmp_path / "v_other.vtu").write_text("not part of the series")
+    written = store_to_meshio(data, tmp_path / "v.vtu", samples=slice(0, 2), overwrite=True)
+    series = sorted(p.name for p in tmp_path.glob("v*.vtu"))
+    assert series == ["v_0000.vtu", "v_0001.vtu", "v_other.vtu"] and len(written) == 2
+
+
+def test_samples_past_the_store_are_refused_not_clipped(tmp_path):
+    space = FunctionSpace(unit_square(5), dirichlet="boundary")
+    data, _ = _store(tmp_path / "d.h5", space, n=3)
+    with pytest.raises(StoreError, match=r"samples 1:9 asked for, but it holds 3"):
+        store_to_meshio(data, tmp_path / "v.xdmf", samples=slice(1, 9))

@@ -235,3 +235,23 @@ def test_fuzzed_checkpoints_load_or_are_refused_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_fuzzed_checkpoints_at_length(tmp_path):
     _fuzz_checkpoint(tmp_path, FUZZ_EXAMPLES_SLOW)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("kind", "local", r"model\.constraint\.kind must be one of \['moe', 'global'\]"),
+        ("n_basis", 7, r"a constraint constrains one output field; with n_basis = 7"),
+        ("experts", 100000, r"100000 experts for 81 DOFs"),
+        ("ridge", -1.0, r"ridge must be non-negative"),
+    ],
+)
+def test_a_hand_edited_constraint_is_refused_not_shown(tmp_path, field, value, message):
+    # Before, `kind = "local"` and `n_basis = 7` loaded, and `fenop info` showed them.
+    folder = _constrained_checkpoint(tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    config["model"]["constraint"][field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(folder)
+    assert str(folder) in str(info.value)

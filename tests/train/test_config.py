@@ -59,6 +59,13 @@ def test_defaults_and_paths(tmp_path):
         (('"mgno"', '"unet"'), r"model\.processor must be one of \['femultigrid', 'fno'"),
         (("epochs = 2", 'epochs = 2\nparallel = "model"'), r"training\.parallel must be one of"),
         (("epochs = 2", 'epochs = 2\nparallel = "experts"'), r"shards a \[model\.constraint\]"),
+        (
+            ("[training]", '[model.constraint]\nkind = "global"\nexperts = 4\n[training]'),
+            r"model\.constraint\.experts is for kind moe \(the experts\), not global",
+        ),
+        (("[data]", "[data]\ninputs = []"), r"data\.inputs must list distinct field names"),
+        (("[data]", '[data]\noutputs = ["a"]'), r"data\.inputs and data\.outputs must not"),
+        (("resolution = 16", "resolution = [16, 0]"), r"model\.resolution must be the grid"),
     ],
 )
 def test_errors_name_the_key(tmp_path, change, message):

@@ -1,3 +1,5 @@
+import shutil
+
 import h5py
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ from fenop._errors import InputError
 from fenop.data import StoreError, generate, read_store
 from fenop.fem import FunctionSpace, RelativeH1Loss, RelativeL2Loss, unit_square
 from fenop.operators import FEOperator, MgNO
-from fenop.train import evaluate_store, predict_store
+from fenop.train import evaluate_store, predict_store, save_checkpoint
 from fenop.train.config import read_config
 from fenop.train.run import build_from_config
 
@@ -109,3 +111,53 @@ def test_a_training_run_reads_its_store_once_and_checks_only_the_rows_it_uses(
     config_file.write_text(config_file.read_text().replace(str(path), str(other)))
     with pytest.raises(StoreError, match="field 'u' holds NaN or Inf in sample 5"):
         build_from_config(read_config(config_file), path=config_file)
+
+
+def _constrained_darcy(folder):
+    """A checkpoint of a small Darcy model with a global hard constraint."""
+    from fenop.train.models import ModelDescription, build_model
+    from fenop.train.physics import constraint_table
+
+    space = FunctionSpace(unit_square(9), dirichlet="boundary")
+    table = constraint_table({"kind": "global", "n_basis": 4})
+    parameters = read_store(folder / "d.h5").header["parameters"]
+    description = ModelDescription(
+        "mgno", space, space, in_channels=1, out_channels=1,
+        options={"width": 4, "n_layers": 1}, resolution=(8, 8),
+        constraint={**table, "pde": "darcy", "parameters": parameters, "inputs": ["a"]},
+    )  # fmt: skip
+    return save_checkpoint(folder / "ckpt", build_model(description))
+
+
+def test_a_constrained_model_refuses_data_of_another_problem(store, tmp_path):
+    shutil.copy(store, tmp_path / "d.h5")
+    model = _constrained_darcy(tmp_path)
+    mesh = unit_square(9)
+    # Poisson's input is named `a` here too: without the check, predictions of
+    # the Darcy problem labelled as Poisson's.
+    poisson = generate("poisson", 2, mesh, seed=0, path=tmp_path / "p.h5", progress=False)
+    with h5py.File(poisson, "r+") as f:
+        f["a"] = f["f"][()]
+    with pytest.raises(StoreError, match=r"holds poisson data, but the model's hard constraint"):
+        predict_store(model, poisson, tmp_path / "out.h5", inputs=["a"], progress=False)
+    loaded = generate("darcy", 2, mesh, seed=0, path=tmp_path / "s.h5", progress=False, source=2.0)
+    with pytest.raises(StoreError, match=r"darcy parameters \(source\) give another residual"):
+        evaluate_store(model, loaded)
+    assert not (tmp_path / "out.h5").exists()
+    # Another law of the coefficient is the same problem: predicted as usual.
+    other = generate("darcy", 2, mesh, seed=0, path=tmp_path / "o.h5", progress=False, a_high=20.0)
+    predict_store(model, other, tmp_path / "out.h5", progress=False)
+    assert read_store(tmp_path / "out.h5").header["pde"] == "darcy"
+
+
+def test_predictions_that_are_not_finite_are_not_written(store, tmp_path):
+    shutil.copy(store, tmp_path / "d.h5")
+    with h5py.File(tmp_path / "d.h5", "r+") as f:
+        f["a"][3] = 1e300  # a finite float64, but Inf in the model's float32
+    with pytest.raises(StoreError, match=r"sample 3 holds values beyond the range of float32"):
+        predict_store("darcy-fno", tmp_path / "d.h5", tmp_path / "out.h5", progress=False)
+    with h5py.File(tmp_path / "d.h5", "r+") as f:
+        f["a"][3] = 3e38  # just in float32, far outside what the model saw: NaN out
+    with pytest.raises(InputError, match=r"prediction for sample 3 of .*d\.h5 holds NaN or Inf"):
+        predict_store("darcy-fno", tmp_path / "d.h5", tmp_path / "out.h5", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.h5"]

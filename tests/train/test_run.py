@@ -103,6 +103,10 @@ def finished(folder, tmp_path):
         (('path = "d.h5"', 'path = "typo.h5"'), "typo.h5: no such file"),
         (("[training]", "[model.constraint]\nexperts = 100000\n[training]"), "model.constraint"),
         (("[training]", "[model.constraint]\nridge = -1.0\n[training]"), "ridge"),
+        (
+            ("[training]", '[model.constraint]\nkind = "global"\nn_basis = 5000\n[training]'),
+            "5000 basis fields for the 49 free DOFs",
+        ),
         (("epochs = 1", "epochs = 1\nphysics_weight = 1"), "takes the fields"),
         (("epochs = 1", "epochs = 1\nlr = 1e3"), "training diverged"),
     ],
