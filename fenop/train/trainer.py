@@ -39,7 +39,7 @@ from fenop.data import FieldDataset
 from fenop.fem import RelativeH1Loss, RelativeL2Loss
 from fenop.operators import FEOperator, MoEConstraint
 from fenop.train import distributed
-from fenop.train.checkpoint import CheckpointError, save_checkpoint
+from fenop.train.checkpoint import CheckpointError, read_config, save_checkpoint
 
 SCHEDULES = ("cosine", "step", "constant")
 LOSSES = ("l2", "h1")
@@ -283,6 +283,22 @@ class Trainer:
         self.metrics, self.saved = training.get("metrics"), True
         if self.rank == 0:
             self._reconcile_metrics()
+            self._reconcile_best()
+
+    def _reconcile_best(self) -> None:
+        """Save ``best/`` from the restored weights where a run was killed after
+        saving ``last/`` of an epoch that improved on all before it, but before
+        saving ``best/``: that epoch's weights are the best."""
+        if self.metrics is None or self.metrics["test_l2"] != self.best:
+            return  # the last epoch was not the best: best/ holds an earlier one
+        try:
+            saved = read_config(self.directory / "best").get("epoch")
+        except CheckpointError:
+            saved = None
+        if saved != self.epoch:
+            save_checkpoint(
+                self.directory / "best", self.model, extra=self._checkpoint_config(self.metrics)
+            )
 
     def _reconcile_metrics(self) -> None:
         """Make ``metrics.jsonl`` hold one line for each epoch up to the restored one:
@@ -434,24 +450,32 @@ class Trainer:
             message += "; no checkpoint was written"
         raise FloatingPointError(message + " (a lower learning rate may help)")
 
-    def _write(self, metrics: dict) -> None:
-        if self.directory is None or self.rank != 0:
-            return
-        extra = {
+    def _checkpoint_config(self, metrics: dict) -> dict:
+        """What a checkpoint of the current epoch records beside the model."""
+        return {
             **self.extra,
             "training": self.settings,
             "epoch": self.epoch,
             "test_error": metrics["test_l2"],
         }
-        if metrics["test_l2"] < self.best:
-            self.best = metrics["test_l2"]
-            save_checkpoint(self.directory / "best", self.model, extra=extra)
-        # Weights, optimiser state and the epoch's metrics appear together; the line
-        # in metrics.jsonl follows, and a run killed in between gets it back on
-        # resuming (_reconcile_metrics).
+
+    def _write(self, metrics: dict) -> None:
+        """Save the epoch: ``last/`` (weights, optimiser state and the epoch's metrics,
+        which appear together), then ``best/`` if the epoch improved, then the line
+        of ``metrics.jsonl``. A run killed between any two resumes whole: the line and
+        ``best/`` are made good from ``last/`` (:meth:`_reconcile_metrics`,
+        :meth:`_reconcile_best`)."""
+        if self.directory is None or self.rank != 0:
+            return
+        extra = self._checkpoint_config(metrics)
         self.metrics = metrics
+        improved = metrics["test_l2"] < self.best
+        if improved:
+            self.best = metrics["test_l2"]
         save_checkpoint(self.directory / "last", self.model, extra=extra, attach=self._save_state)
         self.saved = True
+        if improved:
+            save_checkpoint(self.directory / "best", self.model, extra=extra)
         self._append_metrics(metrics)
 
     def _append_metrics(self, metrics: dict) -> None:

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import fenop.train.trainer as trainer_module
 from fenop.data import FieldDataset, generate
 from fenop.fem import unit_square
 from fenop.operators import FEOperator, MgNO
@@ -143,39 +144,52 @@ def test_weights_that_become_nan_at_an_epochs_last_step_stop_the_run(data, tmp_p
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-@pytest.mark.parametrize("killed", ["after last/", "after the metrics line"])
-def test_a_run_killed_between_its_checkpoint_and_its_metrics_line_resumes_whole(
-    data, tmp_path, monkeypatch, killed
-):
+@pytest.mark.parametrize("killed", ["after last/", "between last/ and best/"])
+def test_a_run_killed_between_its_saves_resumes_whole(data, tmp_path, monkeypatch, killed):
+    # An epoch saves last/, then best/ (if it improved), then its metrics line; a
+    # kill between any two must not lose the line or the best checkpoint.
     reference = _trainer(data, tmp_path / "reference")
     expected = reference.fit()
-    real_append, real_save = Trainer._append_metrics, Trainer._save_state
+    real_append, real_save = Trainer._append_metrics, trainer_module.save_checkpoint
 
-    def append_then_kill(self, metrics):
+    def append_or_kill(self, metrics):
         if metrics["epoch"] == 2 and killed == "after last/":
-            raise KeyboardInterrupt  # the line of epoch 2 never written
+            raise KeyboardInterrupt
         real_append(self, metrics)
 
-    def save_or_kill(self, folder):
-        if self.epoch == 3 and killed == "after the metrics line":
-            # metrics.jsonl would get epoch 3's line before last/ holds epoch 3: as a
-            # run that appended first and was killed before renaming last/ into place
-            real_append(self, {**self.metrics, "epoch": 3})
+    def save_or_kill(folder, *args, **kwargs):
+        if folder.name == "best" and kwargs["extra"]["epoch"] == 2 and "best/" in killed:
             raise KeyboardInterrupt
-        real_save(self, folder)
+        return real_save(folder, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "_append_metrics", append_then_kill)
-    monkeypatch.setattr(Trainer, "_save_state", save_or_kill)
+    monkeypatch.setattr(Trainer, "_append_metrics", append_or_kill)
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_or_kill)
     with pytest.raises(KeyboardInterrupt):
         _trainer(data, tmp_path / "run").fit()
-    monkeypatch.setattr(Trainer, "_append_metrics", real_append)
-    monkeypatch.setattr(Trainer, "_save_state", real_save)
+    monkeypatch.undo()
+    assert expected[1]["test_l2"] < expected[0]["test_l2"]  # epoch 2 improved: saves best/
+    if "best/" in killed:
+        assert read_config(tmp_path / "run" / "best")["epoch"] == 1  # epoch 2's not saved
     _trainer(data, tmp_path / "run", resume=True).fit()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     written = [json.loads(line) for line in lines]
     assert [m["epoch"] for m in written] == [1, 2, 3, 4]
     for got, want in zip(written, expected, strict=True):
         assert got["test_l2"] == want["test_l2"] and got["train_loss"] == want["train_loss"]
+    best, reference_best = (
+        read_config(p / "best") for p in (tmp_path / "run", tmp_path / "reference")
+    )
+    assert (
+        best["epoch"] == reference_best["epoch"]
+        and best["test_error"] == reference_best["test_error"]
+    )
+    x, _ = data[1][0]
+    torch.testing.assert_close(
+        load_model(tmp_path / "run" / "best")(x[None]),
+        load_model(tmp_path / "reference" / "best")(x[None]),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize("clip", [None, 0.01])
