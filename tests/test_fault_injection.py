@@ -22,31 +22,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.helpers import sigint_by_default
+from tests.helpers import SMALL_CONFIG, sigint_by_default
 
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
 # What an interrupted command exits with: 128 + the signal (SIGKILL: killed, -9).
 STATUS = {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -9}
 
-CONFIG = """
-[data]
-path = "data.h5"
-n_train = 20
-n_test = 4
-
-[model]
-processor = "mgno"
-resolution = 8
-[model.options]
-width = 4
-n_layers = 1
-
-[training]
-epochs = 25
-batch_size = 4
-output = "run"
-device = "cpu"
-"""
+# The tests' small MgNO, trained long enough to be killed mid-run.
+CONFIG = SMALL_CONFIG.replace('"d.h5"', '"data.h5"').replace("n_train = 12", "n_train = 20")
+CONFIG = CONFIG.replace("epochs = 2", "epochs = 25")
 
 
 def _commands(folder: Path) -> dict[str, list[str]]:

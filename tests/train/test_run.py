@@ -3,6 +3,8 @@ import shutil
 
 import pytest
 
+import fenop.train.config as config_module
+import fenop.train.physics as physics_module
 import fenop.train.run as run_module
 from fenop._errors import InputError
 from fenop.data import generate
@@ -174,39 +176,14 @@ def test_a_run_killed_while_replacing_another_is_put_back_by_the_next(finished, 
     assert _run_files(run) == before
 
 
-# Keys a user sets in a configuration, by table; the fuzz test puts any value in them.
+# Keys a user sets in a configuration, by table (as fenop declares them); the fuzz
+# test puts any value in them.
 FUZZED_KEYS = {
-    "data": ["inputs", "outputs", "n_train", "n_test", "path"],
+    "data": sorted(config_module._SCHEMA["data"]),
     "model": ["resolution", "processor"],
     "model.options": ["width", "n_layers"],
-    "model.constraint": [
-        "kind",
-        "n_basis",
-        "condition",
-        "partition",
-        "experts",
-        "dofs_per_expert",
-        "overlap",
-        "sweeps",
-        "coarse",
-        "update",
-        "nonlinear",
-        "ridge",
-    ],
-    "training": [
-        "epochs",
-        "batch_size",
-        "lr",
-        "weight_decay",
-        "grad_clip",
-        "schedule",
-        "loss",
-        "seed",
-        "device",
-        "amp",
-        "physics_weight",
-        "parallel",
-    ],
+    "model.constraint": sorted(physics_module._DEFAULTS),
+    "training": sorted(set(config_module._SCHEMA["training"]) - {"output"}),
 }
 FUZZED = """
 [data]
