@@ -63,6 +63,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import typing
+from typing import Literal
 
 import numpy as np
 import scipy.sparse
@@ -75,10 +77,11 @@ from fenop.fem.jacobian import JacobianPattern
 from fenop.operators import sharding
 from fenop.operators.implicit import implicit_root, scaled_system
 
-CONDITIONS = ("galerkin", "least_squares")
-UPDATES = ("colours", "owners")
+Condition = Literal["galerkin", "least_squares"]
+Update = Literal["colours", "owners"]
 # How MoEConstraint's experts treat a residual that is not affine (see its docstring).
-NONLINEAR = ("linearised", "newton")
+Nonlinear = Literal["linearised", "newton"]
+CONDITIONS, UPDATES, NONLINEAR = (typing.get_args(c) for c in (Condition, Update, Nonlinear))
 # Solves whose scaled matrix is worse conditioned than this are reported as failed.
 _CONDITION_LIMIT = 1e10
 # Levenberg-Marquardt's first damping, relative to the Gauss-Newton matrix's diagonal.
@@ -107,7 +110,7 @@ class _Constraint(nn.Module):
         self,
         residual: nn.Module,
         *,
-        condition: str,
+        condition: Condition,
         ridge: float,
         max_iterations: int = 25,
         tolerance: float = 1e-10,
@@ -116,9 +119,9 @@ class _Constraint(nn.Module):
         super().__init__()
         if condition not in CONDITIONS:
             raise ValueError(f"`condition` must be one of {CONDITIONS}, got {condition!r}")
-        if not ridge >= 0:
-            raise ValueError(f"`ridge` must be non-negative, got {ridge}")
-        if max_iterations < 1 or not tolerance > 0:
+        if not 0 <= ridge < math.inf:
+            raise ValueError(f"`ridge` must be non-negative and finite, got {ridge}")
+        if max_iterations < 1 or not 0 < tolerance < math.inf:
             raise ValueError(
                 "`max_iterations` must be positive and `tolerance` positive, got "
                 f"{max_iterations} and {tolerance}"
@@ -545,7 +548,7 @@ class HardConstraint(_Constraint):
         self,
         residual: nn.Module,
         *,
-        condition: str = "galerkin",
+        condition: Condition = "galerkin",
         ridge: float = 1e-12,
         max_iterations: int = 25,
         tolerance: float = 1e-10,
@@ -620,12 +623,12 @@ class MoEConstraint(_Constraint):
         residual: nn.Module,
         partition,
         *,
-        condition: str = "galerkin",
+        condition: Condition = "galerkin",
         overlap: int = 2,
         sweeps: int = 3,
         coarse: bool = True,
-        update: str = "colours",
-        nonlinear: str = "linearised",
+        update: Update = "colours",
+        nonlinear: Nonlinear = "linearised",
         ridge: float = 1e-12,
         max_iterations: int = 25,
         tolerance: float = 1e-10,

@@ -6,19 +6,18 @@ module is where a description names one. A constraint's description is a JSON
 table, the ``constraint`` entry of a :class:`~fenop.train.models.ModelDescription`
 and the ``[model.constraint]`` table of a training configuration::
 
-    kind = "moe"            # moe | global
+    kind = "moe"            # moe (MoEConstraint) | global (HardConstraint)
     n_basis = 16            # basis fields the processor emits beside its prediction
                             # (default 16 for moe, 32 for global)
-    condition = "galerkin"  # galerkin | least_squares
     partition = "metis"     # metis | bisection (moe only)
-    experts = 16            # or dofs_per_expert = 400
-    overlap = 2
-    sweeps = 3
-    coarse = true           # a global solve first
-    update = "colours"      # colours | owners
-    nonlinear = "linearised"  # linearised | newton: the experts on a residual not affine
+    experts = 16            # or dofs_per_expert = 400 (moe only: the partition's)
 
-and, filled in by the training layer from the store, ``pde``, ``parameters`` (the
+and every keyword argument of the kind's layer, with its default: ``condition``,
+``ridge``, ``max_iterations``, ``tolerance`` and ``chord`` for both kinds, and
+``overlap``, ``sweeps``, ``coarse``, ``update`` and ``nonlinear`` for the experts
+(:class:`~fenop.operators.MoEConstraint`). Their types, defaults and choices are read
+from the layers' signatures (:mod:`fenop._options`), so there is one declaration of
+each. Filled in by the training layer from the store: ``pde``, ``parameters`` (the
 family's, to rebuild its residual on any mesh) and ``inputs`` (the residual's name
 for each input field).
 
@@ -33,72 +32,46 @@ for each input field).
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 from torch import nn
 
 from fenop._errors import InputError
+from fenop._options import Option, declared_options
 from fenop.data.pdes import get_pde
 from fenop.fem import BisectionPartition, FunctionSpace, MetisPartition
 from fenop.operators import HardConstraint, MoEConstraint
-from fenop.operators.constraints import CONDITIONS, NONLINEAR, UPDATES, free_dofs
+from fenop.operators.constraints import free_dofs
 
-KINDS = ("moe", "global")
+# A constraint's kinds, and the layer each builds; its options are that layer's
+# keyword arguments (fenop._options), and for experts their partition's too.
+KINDS = {"moe": MoEConstraint, "global": HardConstraint}
 PARTITIONS = {"metis": MetisPartition, "bisection": BisectionPartition}
-_DEFAULTS = {
-    "kind": "moe",
-    "n_basis": None,  # by kind: _BASIS
-    "condition": "galerkin",
-    "partition": "metis",
-    "experts": None,
-    "dofs_per_expert": None,
-    "overlap": 2,
-    "sweeps": 3,
-    "coarse": True,
-    "update": "colours",
-    "nonlinear": "linearised",
-    "ridge": 1e-12,
-}
 # Basis fields by kind. One global solve corrects only in the span of its fields:
 # at equal training time on nonlinear diffusion 32 fields reach 0.0187 against
 # 0.0304 with 16, at about the same cost per step (on Darcy both 0.025; BENCHMARKS.md,
 # "Soft against hard"). The experts each have their own patch of 16.
 _BASIS = {"moe": 16, "global": 32}
-_TYPES = {
-    "kind": str,
-    "n_basis": int,
-    "condition": str,
-    "partition": str,
-    "experts": int,
-    "dofs_per_expert": int,
-    "overlap": int,
-    "sweeps": int,
-    "coarse": bool,
-    "update": str,
-    "nonlinear": str,
-    "ridge": (int, float),
+# The table's own keys, beside the layer's options.
+_TABLE = {
+    "kind": Option("kind", (str,), "moe", tuple(KINDS)),
+    "n_basis": Option("n_basis", (int, type(None)), None),  # None: by kind, _BASIS
+    "partition": Option("partition", (str,), "metis", tuple(PARTITIONS)),
 }
-_CHOICES = {
-    "kind": KINDS,
-    "condition": CONDITIONS,
-    "partition": tuple(PARTITIONS),
-    "update": UPDATES,
-    "nonlinear": NONLINEAR,
-}
+# Filled in from the store by the training layer (see the module docstring).
+_DESCRIBED = ("pde", "parameters", "inputs")
 
 
-# The options of the experts alone: a global constraint takes none of them.
-_EXPERTS_ONLY = (
-    "partition",
-    "experts",
-    "dofs_per_expert",
-    "overlap",
-    "sweeps",
-    "coarse",
-    "update",
-    "nonlinear",
-)
+def constraint_options(kind: str) -> dict[str, Option]:
+    """The options of a ``[model.constraint]`` table of ``kind``: its own keys, the
+    layer's keyword arguments and, for experts, their partition's."""
+    options = dict(_TABLE)
+    if kind != "moe":
+        del options["partition"]
+    options.update(declared_options(KINDS[kind]))
+    if kind == "moe":
+        options.update(declared_options(MetisPartition))
+    return options
 
 
 class ConstraintError(InputError):
@@ -108,53 +81,47 @@ class ConstraintError(InputError):
 def constraint_table(given: dict) -> dict:
     """The constraint table ``given`` checked key by key, defaults filled in.
 
+    Options of another kind than ``given``'s are refused unless at their default
+    (descriptions written before the kinds had options of their own hold them all),
+    and left out of the table.
+
     Raises:
         ConstraintError: an unknown key, a value of the wrong type or outside its
             choices, or a partition sized both or neither way.
     """
     if not isinstance(given, dict):
         raise ConstraintError("[model.constraint] must be a table")
-    unknown = sorted(set(given) - set(_DEFAULTS) - {"pde", "parameters", "inputs"})
+    kind = _checked(_TABLE["kind"], given.get("kind", "moe"))
+    options = constraint_options(kind)
+    every = {name: o for k in KINDS for name, o in constraint_options(k).items()}
+    unknown = sorted(set(given) - set(every) - set(_DESCRIBED))
     if unknown:
-        raise ConstraintError(
-            f"unknown key model.constraint.{unknown[0]}; known: {sorted(_DEFAULTS)}"
-        )
-    table = {**_DEFAULTS, **given}
-    if table["n_basis"] is None and table["kind"] in _BASIS:
-        table["n_basis"] = _BASIS[table["kind"]]
-    for key, kind in _TYPES.items():
-        value = table[key]
-        if value is None:
-            continue
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            names = kind.__name__ if isinstance(kind, type) else "float"
-            raise ConstraintError(f"model.constraint.{key} must be {names}, got {value!r}")
-    for key, choices in _CHOICES.items():
-        if table[key] not in choices:
+        raise ConstraintError(f"unknown key model.constraint.{unknown[0]}; known: {sorted(every)}")
+    table = {name: option.default for name, option in options.items()}
+    for key, value in given.items():
+        if key in _DESCRIBED or key in options:
+            table[key] = value if key in _DESCRIBED else _checked(options[key], value)
+        elif value != every[key].default:  # another kind's option, set
             raise ConstraintError(
-                f"model.constraint.{key} must be one of {list(choices)}, got {table[key]!r}"
+                f"model.constraint.{key} is for kind moe (the experts), not {kind}"
             )
+    if table["n_basis"] is None:
+        table["n_basis"] = _BASIS[kind]
     for key in ("n_basis", "experts", "dofs_per_expert"):
-        if table[key] is not None and table[key] < 1:
+        if table.get(key) is not None and table[key] < 1:
             raise ConstraintError(f"model.constraint.{key} must be positive, got {table[key]}")
-    for key in ("overlap", "sweeps"):
-        if table[key] < 0:
-            raise ConstraintError(f"model.constraint.{key} must be non-negative, got {table[key]}")
-    if not 0 <= table["ridge"] < math.inf:
-        raise ConstraintError(
-            f"model.constraint.ridge must be non-negative and finite, got {table['ridge']}"
-        )
-    if table["kind"] != "moe":  # the experts' options, set for a layer that has none
-        for key in _EXPERTS_ONLY:
-            if table[key] != _DEFAULTS[key]:
-                raise ConstraintError(
-                    f"model.constraint.{key} is for kind moe (the experts), not {table['kind']}"
-                )
-    if table["kind"] == "moe" and (table["experts"] is None) == (table["dofs_per_expert"] is None):
+    if kind == "moe" and (table["experts"] is None) == (table["dofs_per_expert"] is None):
         raise ConstraintError(
             "model.constraint needs exactly one of experts and dofs_per_expert (kind moe)"
         )
     return table
+
+
+def _checked(option: Option, value):
+    try:
+        return option.check(value, f"model.constraint.{option.name}")
+    except ValueError as exc:
+        raise ConstraintError(str(exc)) from None
 
 
 def residual_for(pde: str, parameters: dict, space: FunctionSpace) -> nn.Module:
@@ -201,26 +168,15 @@ def build_constraint(description: dict, space: FunctionSpace) -> nn.Module:
             f"model.constraint.n_basis = {description['n_basis']} basis fields for the "
             f"{n_free} free DOFs of the mesh: at most {n_free} can be independent"
         )
-    options = {"condition": description["condition"], "ridge": float(description["ridge"])}
+    layer_options = {key: description[key] for key in declared_options(KINDS[description["kind"]])}
     try:
         if description["kind"] == "global":
-            layer = HardConstraint(residual, **options)
+            layer = HardConstraint(residual, **layer_options)
         else:
-            size = (
-                {"experts": description["experts"]}
-                if description["experts"] is not None
-                else {"dofs_per_expert": description["dofs_per_expert"]}
-            )
-            layer = MoEConstraint(
-                residual,
-                PARTITIONS[description["partition"]](**size),
-                overlap=description["overlap"],
-                sweeps=description["sweeps"],
-                coarse=description["coarse"],
-                update=description["update"],
-                nonlinear=description["nonlinear"],
-                **options,
-            )
+            size = {key: description[key] for key in declared_options(MetisPartition)}
+            size = {key: value for key, value in size.items() if value is not None}
+            partition = PARTITIONS[description["partition"]](**size)
+            layer = MoEConstraint(residual, partition, **layer_options)
     except ValueError as exc:  # the layer's own checks against this mesh (too many experts)
         raise ConstraintError(str(exc)) from None
     layer.description = dict(description)

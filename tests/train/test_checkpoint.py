@@ -243,7 +243,7 @@ def test_fuzzed_checkpoints_at_length(tmp_path):
         ("kind", "local", r"model\.constraint\.kind must be one of \['moe', 'global'\]"),
         ("n_basis", 7, r"a constraint constrains one output field; with n_basis = 7"),
         ("experts", 100000, r"100000 experts for 81 DOFs"),
-        ("ridge", -1.0, r"ridge must be non-negative"),
+        ("ridge", -1.0, r"`ridge` must be non-negative"),
     ],
 )
 def test_a_hand_edited_constraint_is_refused_not_shown(tmp_path, field, value, message):

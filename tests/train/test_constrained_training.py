@@ -125,3 +125,32 @@ def test_the_number_of_basis_fields_defaults_by_kind_and_is_written_down():
     # the filled-in table is what a checkpoint records: reading it back keeps it
     table = constraint_table({"kind": "global"})
     assert constraint_table(table) == table
+
+
+def test_a_constraints_options_are_its_layers_keyword_arguments():
+    import inspect
+
+    from fenop.fem import FunctionSpace
+    from fenop.operators import HardConstraint, MoEConstraint
+    from fenop.train.physics import build_constraint, constraint_options, constraint_table
+
+    def keywords(cls):
+        parameters = inspect.signature(cls).parameters.values()
+        return {p.name for p in parameters if p.kind is p.KEYWORD_ONLY}
+
+    own = {"kind", "n_basis"}
+    assert set(constraint_options("global")) == own | keywords(HardConstraint)
+    experts = own | {"partition", "experts", "dofs_per_expert"}
+    assert set(constraint_options("moe")) == experts | keywords(MoEConstraint)
+    # Newton's settings, once not settable from a configuration, reach the layer.
+    table = constraint_table(
+        {"kind": "global", "max_iterations": 7, "tolerance": 1e-6, "chord": False}
+    )
+    store = {"pde": "nonlinear_diffusion", "parameters": {}, "inputs": ["f"]}
+    space = FunctionSpace(unit_square(9), dirichlet="boundary")
+    layer = build_constraint({**table, **store}, space)
+    assert (layer.max_iterations, layer.tolerance, layer.chord) == (7, 1e-6, False)
+    with pytest.raises(ValueError, match=r"model\.constraint\.chord must be bool, got 1"):
+        constraint_table({"kind": "global", "chord": 1})
+    with pytest.raises(ValueError, match=r"max_iterations must be int, got 2\.5"):
+        constraint_table({"kind": "global", "max_iterations": 2.5})

@@ -104,7 +104,7 @@ def finished(folder, tmp_path):
     [
         (('path = "d.h5"', 'path = "typo.h5"'), "typo.h5: no such file"),
         (("[training]", "[model.constraint]\nexperts = 100000\n[training]"), "model.constraint"),
-        (("[training]", "[model.constraint]\nridge = -1.0\n[training]"), "ridge"),
+        (("[training]", "[model.constraint]\nexperts = 4\nridge = -1.0\n[training]"), "`ridge`"),
         (
             ("[training]", '[model.constraint]\nkind = "global"\nn_basis = 5000\n[training]'),
             "5000 basis fields for the 49 free DOFs",
@@ -182,7 +182,9 @@ FUZZED_KEYS = {
     "data": sorted(config_module._SCHEMA["data"]),
     "model": ["resolution", "processor"],
     "model.options": ["width", "n_layers"],
-    "model.constraint": sorted(physics_module._DEFAULTS),
+    "model.constraint": sorted(
+        {key for kind in physics_module.KINDS for key in physics_module.constraint_options(kind)}
+    ),
     "training": sorted(set(config_module._SCHEMA["training"]) - {"output"}),
 }
 FUZZED = """
