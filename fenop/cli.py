@@ -222,6 +222,7 @@ def _generate(args) -> int:
 
 
 def _train(args) -> int:
+    from fenop.train import saved_epoch
     from fenop.train.config import read_config
     from fenop.train.run import train_from_config
 
@@ -236,11 +237,11 @@ def _train(args) -> int:
             overwrite=args.overwrite,
         )
     except KeyboardInterrupt as exc:
-        last = Path(output or read_config(args.config)["training"]["output"]) / "last"
-        if (last / "training.json").is_file():
-            epoch = json.loads((last / "training.json").read_text())["epoch"]
+        folder = Path(output or read_config(args.config)["training"]["output"])
+        epoch = saved_epoch(folder)
+        if epoch is not None:
             print(
-                f"fenop train: interrupted: {last} holds epoch {epoch}; "
+                f"fenop train: interrupted: {folder / 'last'} holds epoch {epoch}; "
                 f"`fenop train {args.config} --resume` continues from there",
                 file=sys.stderr,
             )
@@ -253,7 +254,7 @@ def _train(args) -> int:
         print(f"epoch {last['epoch']}: test relative L2 {l2:.4f}, H1 {h1:.4f}")
     elif not history:  # resumed a run that had finished
         folder = Path(output or read_config(args.config)["training"]["output"])
-        epoch = json.loads((folder / "last" / "training.json").read_text())["epoch"]
+        epoch = saved_epoch(folder)
         print(f"{folder} finished at epoch {epoch} already; nothing to resume", file=sys.stderr)
     return 0
 

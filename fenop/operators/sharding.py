@@ -19,8 +19,20 @@ Without an initialised process group both are the identity.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.distributed as dist
+
+
+@runtime_checkable
+class Shardable(Protocol):
+    """A module whose work a process group can share: after ``shard(rank, world)``
+    process ``rank`` of ``world`` does its share, and every process gets the
+    outputs and gradients one process would (:class:`~fenop.operators.MoEConstraint`
+    shards its experts). What a trainer looks for to split such work."""
+
+    def shard(self, rank: int, world: int) -> None: ...
 
 
 def active() -> bool:

@@ -18,7 +18,7 @@ from fenop.train.models import (
     build_model,
     describe_model,
 )
-from fenop.train.trainer import DeviceError, Trainer, resolve_device
+from fenop.train.trainer import DeviceError, Trainer, resolve_device, saved_epoch
 
 __all__ = [
     "PRETRAINED",
@@ -40,4 +40,5 @@ __all__ = [
     "read_config",
     "resolve_device",
     "save_checkpoint",
+    "saved_epoch",
 ]

@@ -55,19 +55,22 @@ Unknown keys and values of the wrong type are errors naming the key.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import tomllib
 from pathlib import Path
 
 from fenop._checks import missing_file
 from fenop._errors import InputError
+from fenop._options import REQUIRED, declared_options
 from fenop.fem.mesh import DOMAINS
 from fenop.train.models import PROCESSORS
 from fenop.train.physics import ConstraintError, constraint_table
-from fenop.train.trainer import LOSSES, PARALLEL, SCHEDULES
+from fenop.train.trainer import Trainer, check_settings
 
 _REQUIRED = object()
+# The Trainer's arguments that a configuration does not set: the output folder and
+# device it names otherwise, what the command decides, and what the data give.
+_NOT_TRAINING = ("directory", "device", "resume", "progress", "physics", "extra")
 _Keys = dict[str, tuple[type | tuple[type, ...], object]]
 _SCHEMA: dict[str, _Keys] = {
     "data": {
@@ -84,20 +87,18 @@ _SCHEMA: dict[str, _Keys] = {
         "hierarchy": (dict, None),  # required for mesh-native processors (femultigrid)
         "constraint": (dict, None),  # a hard constraint, see fenop.train.physics
     },
+    # The Trainer's own keyword options (types and defaults from its signature),
+    # with the output folder and device as a file names them.
     "training": {
-        "epochs": (int, _REQUIRED),
-        "batch_size": (int, 20),
-        "lr": ((float, int), 1e-3),
-        "weight_decay": ((float, int), 1e-4),
-        "grad_clip": ((float, int), None),
-        "schedule": (str, "cosine"),
-        "loss": (str, "l2"),
-        "seed": (int, 0),
+        **{
+            name: (
+                tuple(t for t in option.types if t is not type(None)),
+                _REQUIRED if option.default is REQUIRED else option.default,
+            )
+            for name, option in declared_options(Trainer, skip=_NOT_TRAINING).items()
+        },
         "output": (str, _REQUIRED),
         "device": (str, "auto"),
-        "amp": (bool, False),
-        "physics_weight": ((float, int), 0.0),
-        "parallel": (str, "data"),
     },
 }
 _HIERARCHY: _Keys = {
@@ -169,16 +170,15 @@ def read_config(path: str | os.PathLike) -> dict:
             raise ConfigError(path, f"data.{key} must list distinct field names, got {names!r}")
     if set(config["data"]["inputs"]) & set(config["data"]["outputs"]):
         raise ConfigError(path, "data.inputs and data.outputs must not share a field")
-    for key in ("n_train", "n_test", "epochs", "batch_size"):
-        section = "data" if key.startswith("n_") else "training"
-        if config[section][key] < 1:
-            raise ConfigError(path, f"{section}.{key} must be positive, got {config[section][key]}")
+    for key in ("n_train", "n_test"):
+        if config["data"][key] < 1:
+            raise ConfigError(path, f"data.{key} must be positive, got {config['data'][key]}")
     training = config["training"]
-    for key in ("lr", "grad_clip"):
-        if training[key] is not None and not 0 < training[key] < math.inf:
-            raise ConfigError(
-                path, f"training.{key} must be positive and finite, got {training[key]}"
-            )
+    settings = {k: v for k, v in training.items() if k not in ("output", "device")}
+    try:
+        check_settings(settings, key=lambda name: f"training.{name}")
+    except ValueError as exc:
+        raise ConfigError(path, str(exc)) from None
     if model["constraint"] is not None:
         try:
             model["constraint"] = constraint_table(model["constraint"])
@@ -186,20 +186,10 @@ def read_config(path: str | os.PathLike) -> dict:
             raise ConfigError(path, str(exc)) from None
         if len(config["data"]["outputs"]) != 1:
             raise ConfigError(path, "[model.constraint] constrains one output field")
-    for key in ("physics_weight", "weight_decay"):
-        if not 0 <= training[key] < math.inf:
-            raise ConfigError(
-                path, f"training.{key} must be non-negative and finite, got {training[key]}"
-            )
     if training["parallel"] == "experts" and (model["constraint"] or {}).get("kind") != "moe":
         raise ConfigError(
             path, 'training.parallel = "experts" shards a [model.constraint] of kind "moe"'
         )
-    for key, choices in (("schedule", SCHEDULES), ("loss", LOSSES), ("parallel", PARALLEL)):
-        if training[key] not in choices:
-            raise ConfigError(
-                path, f"training.{key} must be one of {list(choices)}, got {training[key]!r}"
-            )
     base = path.parent
     config["data"]["path"] = str((base / config["data"]["path"]).resolve())
     config["training"]["output"] = str((base / config["training"]["output"]).resolve())

@@ -26,8 +26,10 @@ import json
 import math
 import os
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,15 +37,44 @@ from tqdm.auto import tqdm
 
 from fenop._errors import InputError
 from fenop._files import replacing
+from fenop._options import declared_options
 from fenop.data import FieldDataset
 from fenop.fem import RelativeH1Loss, RelativeL2Loss
-from fenop.operators import FEOperator, MoEConstraint
+from fenop.operators import FEOperator
+from fenop.operators.sharding import Shardable
 from fenop.train import distributed
 from fenop.train.checkpoint import CheckpointError, read_config, save_checkpoint
 
-SCHEDULES = ("cosine", "step", "constant")
-LOSSES = ("l2", "h1")
-PARALLEL = ("data", "experts")
+Schedule = Literal["cosine", "step", "constant"]
+Loss = Literal["l2", "h1"]
+Parallel = Literal["data", "experts"]
+SCHEDULES, LOSSES, PARALLEL = (typing.get_args(c) for c in (Schedule, Loss, Parallel))
+
+
+def check_settings(settings: dict, *, key: Callable[[str], str] = lambda name: f"`{name}`"):
+    """Raise a ValueError naming the first of the Trainer's ``settings`` (its keyword
+    arguments, or some of them) whose value is of the wrong type, not one of its
+    choices or out of range; ``key`` writes an option's name in the message (a
+    configuration's ``training.lr``). The one check of them, for :class:`Trainer`
+    and for ``[training]`` tables alike."""
+    options = declared_options(Trainer)
+    for name, value in settings.items():
+        options[name].check(value, key(name))
+    ranges = {  # (least, whether the least is allowed)
+        "epochs": (1, True),
+        "batch_size": (1, True),
+        "lr": (0, False),
+        "weight_decay": (0, True),
+        "grad_clip": (0, False),
+        "physics_weight": (0, True),
+    }
+    for name, (least, allowed) in ranges.items():
+        value = settings.get(name)
+        if value is None:
+            continue
+        if not (value >= least if allowed else value > least) or not value < math.inf:
+            what = "non-negative" if least == 0 and allowed else "positive"
+            raise ValueError(f"{key(name)} must be {what} and finite, got {value}")
 
 
 class DeviceError(InputError):
@@ -125,8 +156,8 @@ class Trainer:
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         grad_clip: float | None = None,
-        schedule: str = "cosine",
-        loss: str = "l2",
+        schedule: Schedule = "cosine",
+        loss: Loss = "l2",
         directory: str | os.PathLike | None = None,
         resume: bool = False,
         device: str | torch.device | None = None,
@@ -136,25 +167,23 @@ class Trainer:
         physics: torch.nn.Module | None = None,
         physics_weight: float = 0.0,
         extra: dict | None = None,
-        parallel: str = "data",
+        parallel: Parallel = "data",
     ):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}")
-        if parallel not in PARALLEL:
-            raise ValueError(f"`parallel` must be one of {PARALLEL}, got {parallel!r}")
-        if grad_clip is not None and not 0 < grad_clip < math.inf:
-            raise ValueError(f"`grad_clip` must be positive and finite or None, got {grad_clip}")
-        if not 0 < lr < math.inf or not 0 <= weight_decay < math.inf:
-            raise ValueError(
-                f"`lr` must be positive and `weight_decay` non-negative, both finite, "
-                f"got {lr} and {weight_decay}"
-            )
-        if epochs < 1 or batch_size < 1:
-            raise ValueError(
-                f"`epochs` and `batch_size` must be positive, got {epochs} and {batch_size}"
-            )
+        check_settings(
+            {
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "grad_clip": grad_clip,
+                "schedule": schedule,
+                "loss": loss,
+                "amp": amp,
+                "seed": seed,
+                "physics_weight": physics_weight,
+                "parallel": parallel,
+            }
+        )
         self.rank, self.world, self.device = distributed.setup(resolve_device(device))
         self.model = model.to(self.device)
         if self.world > 1 and parallel == "data" and batch_size % self.world:
@@ -164,7 +193,7 @@ class Trainer:
             )
         self.sharded = self.world > 1 and parallel == "experts"
         if self.sharded:
-            experts = [m for m in self.model.modules() if isinstance(m, MoEConstraint)]
+            experts = [m for m in self.model.modules() if isinstance(m, Shardable)]
             if not experts:
                 raise ValueError(
                     "`parallel='experts'` needs a model with an MoEConstraint to shard"
@@ -205,11 +234,8 @@ class Trainer:
         }
         if grad_clip is not None:  # only when given: runs saved before it still resume
             self.settings["grad_clip"] = grad_clip
-        if not 0 <= physics_weight < math.inf or (physics_weight > 0 and physics is None):
-            raise ValueError(
-                f"`physics_weight` must be non-negative and finite, with a `physics` loss "
-                f"when positive, got {physics_weight}"
-            )
+        if physics_weight > 0 and physics is None:
+            raise ValueError(f"`physics_weight` {physics_weight} needs a `physics` loss")
         self.physics = None if physics is None else physics.to(self.device)
         self.physics_weight = physics_weight
         if physics_weight > 0:
@@ -481,6 +507,16 @@ class Trainer:
     def _append_metrics(self, metrics: dict) -> None:
         with open(self.directory / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
+
+
+def saved_epoch(directory: str | os.PathLike) -> int | None:
+    """The epoch a training run's folder has saved to resume from (its ``last/``),
+    or ``None`` where it has none (or none that reads)."""
+    try:
+        epoch = json.loads((Path(directory) / "last" / "training.json").read_text())["epoch"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return epoch if isinstance(epoch, int) else None
 
 
 def _not_finite(model: torch.nn.Module) -> str:

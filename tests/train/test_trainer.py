@@ -218,8 +218,10 @@ def test_bad_settings(data):
     with pytest.raises(ValueError, match="grad_clip"):
         _trainer(data, None, grad_clip=0.0)
     for options in ({"lr": math.inf}, {"lr": math.nan}, {"weight_decay": math.inf}):
-        with pytest.raises(ValueError, match="both finite"):
+        with pytest.raises(ValueError, match=rf"`{next(iter(options))}` must be .* and finite"):
             _trainer(data, None, **options)
+    with pytest.raises(ValueError, match=r"`epochs` must be int, got 2\.5"):
+        _trainer(data, None, epochs=2.5)
     with pytest.raises(ValueError, match="grad_clip"):
         _trainer(data, None, grad_clip=math.inf)
     with pytest.raises(ValueError, match="unknown device 'tpu'; expected cpu, cuda or cuda:N"):
