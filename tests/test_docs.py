@@ -1,4 +1,4 @@
-"""docs/formats.md: its snippet writes a store that the command reads as written."""
+"""The pages of docs/: their code runs as written, and does what they say."""
 
 import re
 
@@ -19,5 +19,22 @@ def test_the_hand_written_store_of_the_formats_page_is_predicted_on(tmp_path, mo
         assert f["u"].shape == (5, 17 * 17)
 
 
-def test_the_readme_links_the_formats_page():
-    assert "docs/formats.md" in (ROOT / "README.md").read_text()
+def test_the_readme_links_the_guide_pages():
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/formats.md" in readme and "docs/own_pde.md" in readme
+
+
+def test_the_own_pde_page_constrains_a_model_by_its_residual():
+    import torch
+
+    text = (ROOT / "docs" / "own_pde.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) == 2
+    scope = {}
+    torch.manual_seed(0)
+    exec(compile("\n".join(blocks), "docs/own_pde.md", "exec"), scope)
+    u, model = scope["u"], scope["model"]
+    assert u.shape == (2, 1, scope["space"].n_dofs)
+    assert model.constraint.report["converged"].all()
+    # the page's claim: R = u at the Dirichlet DOFs, so the boundary values stay zero
+    assert u[:, 0, scope["space"].boundary_dofs].abs().max() == 0

@@ -4,7 +4,7 @@
 ['darcy', 'heat', 'nonlinear_diffusion', 'poisson']
 """
 
-from fenop.data.pdes.base import PDEFamily
+from fenop.data.pdes.base import DirichletResidual, PDEFamily
 from fenop.data.pdes.darcy import Darcy
 from fenop.data.pdes.heat import Heat
 from fenop.data.pdes.nonlinear_diffusion import NonlinearDiffusion
@@ -22,4 +22,13 @@ def get_pde(name: str) -> type[PDEFamily]:
     return PDES[name]
 
 
-__all__ = ["PDES", "Darcy", "Heat", "NonlinearDiffusion", "PDEFamily", "Poisson", "get_pde"]
+__all__ = [
+    "PDES",
+    "Darcy",
+    "DirichletResidual",
+    "Heat",
+    "NonlinearDiffusion",
+    "PDEFamily",
+    "Poisson",
+    "get_pde",
+]
