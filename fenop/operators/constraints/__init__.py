@@ -1,0 +1,84 @@
+"""Hard constraints: outputs that satisfy the discrete PDE in a Galerkin (or least-squares) sense.
+
+A network emits a prediction ``g`` and ``N`` basis fields ``Φ`` (zero on the
+Dirichlet DOFs); the constrained output is ``u = g + Φ w`` with coefficients ``w``
+that make the FE residual ``R(u; inputs)`` vanish against the basis:
+
+- ``condition="galerkin"`` (default): ``Φᵀ R(g + Φ w) = 0``, the residual orthogonal
+  to the basis. For an elliptic problem this is the energy-norm best fit in the
+  span (Céa's lemma); measured 10x more accurate than least squares at the same
+  cost (DESIGN, "Hard constraints").
+- ``condition="least_squares"``: ``min_w |R(g + Φ w)|²``, the objective of
+  Chalapathi et al. (ICLR 2024), which weights the error towards high frequencies.
+
+:class:`HardConstraint` solves once over the whole domain. :class:`MoEConstraint`
+splits the DOFs into subdomains (:mod:`fenop.fem.partition`) and lets each
+"expert" solve for its own ``N`` coefficients on its extended set with the field
+outside held at the current values, a few sweeps after an optional global solve
+(the coarse level); each DOF then takes its owner's value. Gradients flow through
+the solves: for a residual affine in ``u`` (Darcy, Poisson, a heat step) the solve
+is exact, and autograd through it is the implicit gradient.
+
+For a residual that is not affine in ``u`` (nonlinear diffusion) the global solve is
+Newton's method on the ``N`` unknowns (Levenberg-Marquardt for least squares), with a
+fixed iteration cap, per-problem convergence masks and no host synchronisation in
+the loop; its backward pass is the implicit function theorem's with the exact
+Jacobian (:mod:`fenop.operators.implicit`), in memory that does not grow with the
+iterations. The experts' sweeps then solve the residual's linearisation at the
+coarse solution (one Newton step of the two-level iteration, as cheap as an affine
+residual's sweeps), or, ``nonlinear="newton"``, each expert its own nonlinear
+problem the same way as the global solve.
+
+The residual is a black box ``R(u, **inputs)``: its Jacobian is recovered on the
+FE pattern from one linearisation per colour of the pattern's columns
+(:class:`~fenop.fem.jacobian.JacobianPattern`, about 9 for P1 triangles), once per
+call for an affine residual and once per Newton iteration otherwise, unless the
+residual assembles it itself (``jacobian_entries`` for an affine residual,
+``linearised`` for another: one pass instead of one per colour); every product
+after that is sparse, each expert's with its own block of ``J``, so the layer's
+cost and memory grow linearly with the mesh (BENCHMARKS.md).
+
+Every solve is a small dense float64 system, symmetrically scaled to a unit
+diagonal, with a small ridge; Cholesky where it is symmetric, LU otherwise. Its
+condition number is monitored: ``report`` says, per sample, whether every solve
+succeeded, how many systems were numerically singular (basis fields dependent on
+an expert's patch: the ridge then picks the coefficients), how many sweeps ran,
+and the residual norm of the output.
+
+>>> import torch
+>>> from fenop.data.pdes import get_pde
+>>> from fenop.fem import FunctionSpace, MetisPartition, unit_square
+>>> space = FunctionSpace(unit_square(17), dirichlet="boundary")
+>>> darcy = get_pde("darcy")(space)
+>>> sample = darcy.sample(0, 0)
+>>> a, u = (torch.from_numpy(sample[k])[None] for k in ("a", "u"))
+>>> basis = torch.stack([u[0], space.interpolate(lambda x: x[0] * (1 - x[0]) * x[1])])[None]
+>>> moe = MoEConstraint(darcy.residual(), MetisPartition(experts=4), overlap=2, sweeps=2)
+>>> out = moe(torch.zeros_like(u)[:, None], basis, a=a)
+>>> bool(((out[:, 0] - u).norm() / u.norm()) < 1e-8), moe.report["converged"].tolist()
+(True, [True])
+"""
+
+from fenop.operators.constraints.common import (
+    CONDITIONS,
+    NONLINEAR,
+    UPDATES,
+    Condition,
+    Nonlinear,
+    Update,
+    free_dofs,
+)
+from fenop.operators.constraints.experts import MoEConstraint
+from fenop.operators.constraints.hard import HardConstraint
+
+__all__ = [
+    "CONDITIONS",
+    "NONLINEAR",
+    "UPDATES",
+    "Condition",
+    "HardConstraint",
+    "MoEConstraint",
+    "Nonlinear",
+    "Update",
+    "free_dofs",
+]

@@ -1,0 +1,35 @@
+"""What the constraint layers share: the conditions and update rules they offer,
+their limits, and which DOFs a residual solves for."""
+
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+import torch
+from torch import nn
+
+Condition = Literal["galerkin", "least_squares"]
+Update = Literal["colours", "owners"]
+# How MoEConstraint's experts treat a residual that is not affine (see its docstring).
+Nonlinear = Literal["linearised", "newton"]
+CONDITIONS, UPDATES, NONLINEAR = (typing.get_args(c) for c in (Condition, Update, Nonlinear))
+# Solves whose scaled matrix is worse conditioned than this are reported as failed.
+_CONDITION_LIMIT = 1e10
+# Levenberg-Marquardt's first damping, relative to the Gauss-Newton matrix's diagonal.
+_DAMPING = 1e-3
+
+
+def _needs_gradient(*tensors) -> bool:
+    """Whether autograd will want a gradient through any of ``tensors`` (or a dict's values)."""
+    flat = [t for x in tensors for t in (x.values() if isinstance(x, dict) else [x])]
+    return torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+
+
+def free_dofs(residual: nn.Module) -> torch.Tensor:
+    """``(n_dofs,)`` bool: the DOFs a residual solves for, all but its Dirichlet DOFs
+    (``residual.dirichlet``, where it has them), on the CPU."""
+    mask = getattr(residual, "dirichlet", None)
+    if mask is None:
+        return torch.ones(residual.forms.space.n_dofs, dtype=torch.bool)
+    return ~mask.detach().cpu()

@@ -1,0 +1,62 @@
+"""HardConstraint: one solve over the whole domain."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fenop.operators.constraints.common import Condition
+from fenop.operators.constraints.layer import _Constraint
+
+
+class HardConstraint(_Constraint):
+    """The output ``g + Φ w`` whose residual vanishes against the basis on the whole domain.
+
+    Args:
+        residual: a module ``R(u, **inputs)`` on ``(..., n_dofs)`` tensors that knows
+            its space (``residual.forms.space``), such as ``PDEFamily.residual()``;
+            ``affine = True`` on it makes one linear solve exact, else Newton's
+            method solves.
+        condition: ``"galerkin"`` or ``"least_squares"`` (for a residual that is not
+            affine, Levenberg-Marquardt iterations: a step that raises ``|R|²`` is
+            refused and the damping raised tenfold, an accepted one lowers it tenfold).
+        ridge: added to the unit diagonal of each scaled system.
+        max_iterations, tolerance: Newton's, for residuals that are not affine: a
+            solve has converged when its condition has fallen below ``tolerance``
+            times its scale (the test fields' norm times that of the residual of
+            the zero field), or its step below ``tolerance (1 + |w|)``.
+        chord: for a residual that is not affine, with the Galerkin condition, keep
+            the first iterate's matrix (chord iterations: a residual evaluation per
+            iteration instead of a linearisation; the same root, and the exact
+            matrix at it for the gradient). BENCHMARKS.md measures both.
+
+    Shapes:
+        ``prediction (B, 1, n)``, ``basis (B, N, n)``, each input ``(B, n)`` ->
+        ``(B, 1, n)`` in the prediction's dtype.
+    """
+
+    def __init__(
+        self,
+        residual: nn.Module,
+        *,
+        condition: Condition = "galerkin",
+        ridge: float = 1e-12,
+        max_iterations: int = 25,
+        tolerance: float = 1e-10,
+        chord: bool = True,
+    ):
+        super().__init__(
+            residual,
+            condition=condition,
+            ridge=ridge,
+            max_iterations=max_iterations,
+            tolerance=tolerance,
+            chord=chord,
+        )
+
+    def forward(self, prediction, basis, **inputs):
+        g, phi, inputs = self._prepare(prediction, basis, inputs)
+        linear = self._linear_part(g, inputs)
+        u, ok, condition, iterations = self._global(g, phi, inputs, linear)
+        return self._finish(
+            u, ok, [condition], iterations.sum(dim=1), prediction.dtype, inputs, linear
+        )
