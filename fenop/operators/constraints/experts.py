@@ -266,7 +266,8 @@ class MoEConstraint(_Constraint):
             self.groups, places, locals_, applieds, strict=True
         ):
             test, on, matrix, _ = self._colour_system(local, applied, extended, rows, place)
-            factors, condition = self._factorise(matrix), self._condition(matrix)
+            factors = self._factorise(matrix)
+            condition = factors.condition()
             colours.append((rows, (test, on), applied, factors, condition))
             real = extended.valid.any(dim=-1)  # not the padding of a process's share
             solves = solves + self.sweeps * real.sum()
@@ -274,7 +275,7 @@ class MoEConstraint(_Constraint):
         for sweep in range(self.sweeps):
             for c, (rows, (test, on), applied, factors, condition) in enumerate(colours):
                 f_value = _tested(test, on.gather(sharding.to_shards(r)))
-                w, solved = self._solve_factored(factors, -f_value)
+                w, solved = factors.solve(-f_value)
                 totals[c] = totals[c] + w
                 if sweep < self.sweeps - 1 or c < len(colours) - 1:  # R is read again
                     r = r + sharding.from_shards(rows.scatter(_combined(w, applied)))

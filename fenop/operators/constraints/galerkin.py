@@ -18,9 +18,10 @@ class _GalerkinSolve(torch.autograd.Function):
     product and two sparse products with one field each, where autograd through
     the forward pass forms four ``(B, N, n)`` outer products and sums them, and
     multiplies ``Jᵀ`` by ``N`` fields. The scaling and ridge of the solve
-    (:meth:`_Constraint._scaled`) are taken as constants: their part of the
-    gradient is of the ridge's size. ``M̄ = λ wᵀ`` is not made symmetric, which
-    changes nothing along perturbations that keep a symmetric system symmetric.
+    (:class:`~fenop.operators.constraints.factorisation.Factorisation`) are taken
+    as constants: their part of the gradient is of the ridge's size. ``M̄ = λ wᵀ``
+    is not made symmetric, which changes nothing along perturbations that keep a
+    symmetric system symmetric.
     Once differentiable."""
 
     @staticmethod
@@ -29,8 +30,9 @@ class _GalerkinSolve(torch.autograd.Function):
         applied = pattern.matmul(values, phi)  # J φ_j, (B, N, n)
         r = layer._residual_from(g, (r0, values), {})
         matrix = phi @ applied.transpose(-1, -2)
-        factors, condition = layer._factorise(matrix), layer._condition(matrix)
-        w, ok = layer._solve_factored(factors, -(phi @ r[..., None])[..., 0])
+        factors = layer._factorise(matrix)
+        condition = factors.condition()
+        w, ok = factors.solve(-(phi @ r[..., None])[..., 0])
         out = g + (w[:, None] @ phi)[:, 0]
         ctx.layer, ctx.factors = layer, factors
         ctx.save_for_backward(phi, r0, values, w, out)
@@ -43,7 +45,7 @@ class _GalerkinSolve(torch.autograd.Function):
     def backward(ctx, grad, _ok, _condition):
         phi, r0, values, w, out = ctx.saved_tensors
         layer, pattern = ctx.layer, ctx.layer.pattern
-        lam = -layer._solve_factored(ctx.factors, (phi @ grad[..., None])[..., 0], adjoint=True)[0]
+        lam = -ctx.factors.solve((phi @ grad[..., None])[..., 0], adjoint=True)[0]
         z = (lam[:, None] @ phi)[:, 0]
         a = grad + pattern.matmul(values, z[:, None], transpose=True)[:, 0]
         grad_phi = grad_values = None

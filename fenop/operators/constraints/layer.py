@@ -19,6 +19,7 @@ from fenop.operators.constraints.common import (
     _needs_gradient,
     free_dofs,
 )
+from fenop.operators.constraints.factorisation import Factorisation, condition_number
 from fenop.operators.constraints.fields import _combined, _IndexSets, _jvp, _tested
 from fenop.operators.constraints.galerkin import _GalerkinSolve
 from fenop.operators.implicit import implicit_root, scaled_system
@@ -146,69 +147,16 @@ class _Constraint(nn.Module):
         r0, values = linear
         return self.pattern.matmul(values, u[:, None])[:, 0] + r0
 
-    def _scaled(self, matrix: torch.Tensor):
-        """``matrix`` ``(..., N, N)`` scaled to a unit diagonal and ridged, and the
-        scale ``(..., N)`` (:func:`~fenop.operators.implicit.scaled_system`)."""
-        return scaled_system(matrix, self.ridge)
-
-    def _solve(self, matrix: torch.Tensor, rhs: torch.Tensor):
-        """Solve ``matrix w = rhs`` for ``(..., N, N)`` and ``(..., N)``, scaled and
-        ridged (:meth:`_scaled`). Returns ``w`` and whether each solve succeeded
-        (factorised, finite)."""
-        return self._solve_factored(self._factorise(matrix), rhs)
-
-    def _factorise(self, matrix: torch.Tensor) -> tuple:
-        """The factors of ``matrix`` ``(..., N, N)`` scaled and ridged, for
-        :meth:`_solve_factored`: Cholesky's (an identity where it failed, so that
-        its solves give no NaN) or LU's, the scale ``(..., N)``, and whether each
-        factorised ``(...)``."""
-        scaled, scale = self._scaled(matrix)
-        pivots = None
-        if self.symmetric:
-            factor, info = torch.linalg.cholesky_ex(scaled)
-            ok = info == 0
-            eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-            factor = torch.where(ok[..., None, None], factor, eye)
-        else:
-            factor, pivots, info = torch.linalg.lu_factor_ex(scaled)
-            ok = info == 0
-        with torch.no_grad():
-            ok = ok & torch.isfinite(scaled).all(dim=(-1, -2))
-        return factor, pivots, scale, ok
-
-    def _solve_factored(self, factors: tuple, rhs: torch.Tensor, *, adjoint: bool = False):
-        """``w`` ``(..., N)`` solving the system of ``factors`` (:meth:`_factorise`)
-        for ``rhs`` ``(..., N)`` (``adjoint``: its transpose), and whether each
-        solve succeeded."""
-        factor, pivots, scale, ok = factors
-        b = (scale * rhs)[..., None]
-        if pivots is None:  # symmetric
-            y = torch.cholesky_solve(b, factor)
-        else:
-            y = torch.linalg.lu_solve(factor, pivots, b, adjoint=adjoint)
-        w = scale * y[..., 0]
-        with torch.no_grad():
-            ok = ok & torch.isfinite(w).all(dim=-1)
-        return w, ok
+    def _factorise(self, matrix: torch.Tensor) -> Factorisation:
+        """``matrix`` ``(..., N, N)`` scaled, ridged and factorised as this layer's
+        systems are (its ridge; Cholesky where they are symmetric)."""
+        return Factorisation(matrix, ridge=self.ridge, symmetric=self.symmetric)
 
     def _condition(self, matrix: torch.Tensor) -> torch.Tensor:
-        """``(...)``: the 2-norm condition numbers of the scaled systems that
-        :meth:`_solve` factorises for ``matrix`` ``(..., N, N)`` (infinite where not
-        finite). Above ``1e10`` a system is numerically singular (basis fields
-        dependent where it lives), and the ridge picks its coefficients. Asked once
-        per matrix, not per solve: an SVD costs more than the solve (measured: a
-        tenth of a nonlinear expert sweep's forward pass)."""
-        with torch.no_grad():
-            scaled = self._scaled(matrix.detach())[0]
-            finite = torch.isfinite(scaled).all(dim=(-1, -2))
-            condition = torch.full_like(scaled[..., 0, 0], math.inf)
-            good = scaled[finite]
-            if self.symmetric:  # |λ|max / |λ|min, the SVD's ratio, from eigvalsh
-                magnitudes = torch.linalg.eigvalsh(good).abs()
-                condition[finite] = magnitudes.amax(dim=-1) / magnitudes.amin(dim=-1)
-            else:
-                condition[finite] = torch.linalg.cond(good)
-        return condition
+        """``(...)``: the condition numbers of the scaled systems of ``matrix``
+        ``(..., N, N)``, without factorising them."""
+        scaled = scaled_system(matrix.detach(), self.ridge)[0]
+        return condition_number(scaled, symmetric=self.symmetric)
 
     def _system(self, r, values, local, sets):
         """The experts' condition and its (Gauss-Newton, for least squares) matrix:
@@ -248,10 +196,11 @@ class _Constraint(nn.Module):
                 factors, condition = cache["factors"], cache["condition"]
             else:
                 f_value, matrix, test, _ = self._system(r, linear[1], local, sets)
-                factors, condition = self._factorise(matrix), self._condition(matrix)
+                factors = self._factorise(matrix)
+                condition = factors.condition()
                 if cache is not None:
                     cache.update(test=test, factors=factors, condition=condition)
-            w, ok = self._solve_factored(factors, -f_value)
+            w, ok = factors.solve(-f_value)
             return w, ok, condition, torch.ones_like(ok, dtype=torch.int64)
         return self._newton(u, local, sets, inputs, cells, data)
 
@@ -322,7 +271,7 @@ class _Constraint(nn.Module):
                 if damped:
                     diagonal = torch.diagonal(matrix, dim1=-2, dim2=-1)
                     system_matrix = matrix + torch.diag_embed(damping[..., None] * diagonal)
-                step, solved = self._solve(system_matrix, -f_value)
+                step, solved = self._factorise(system_matrix).solve(-f_value)
                 ok = ok & (solved | done)
                 trial = torch.where(done[..., None], w, w + step)
                 if chord:  # the matrix kept: the condition alone at the trial

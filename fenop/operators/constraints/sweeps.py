@@ -37,14 +37,15 @@ class _TrackedSweeps(torch.autograd.Function):
             layer.groups, places, locals_, applieds, strict=True
         ):
             test, on, matrix, placed = layer._colour_system(local, applied, extended, rows, place)
-            systems.append((test, on, placed, layer._factorise(matrix)))
-            conditions.append(layer._condition(matrix))
+            factors = layer._factorise(matrix)
+            systems.append((test, on, placed, factors))
+            conditions.append(factors.condition())
         totals = [0.0] * colours
         steps = []  # per solve: its colour, R where it read it, its coefficients, whether R moved
         for sweep in range(layer.sweeps):
             for c, (test, on, _, factors) in enumerate(systems):
                 r_on = on.gather(r)
-                w, solved = layer._solve_factored(factors, -(test @ r_on[..., None])[..., 0])
+                w, solved = factors.solve(-(test @ r_on[..., None])[..., 0])
                 totals[c] = totals[c] + w
                 moved = sweep < layer.sweeps - 1 or c < colours - 1  # R is read again
                 if moved:
@@ -85,7 +86,7 @@ class _TrackedSweeps(torch.autograd.Function):
                 grad_w = grad_w + (applieds[c] @ g_rows[..., None])[..., 0]
                 moved_ws[c].append(w)
                 grad_rows[c].append(g_rows)
-            lam = -layer._solve_factored(factors, grad_w, adjoint=True)[0]
+            lam = -factors.solve(grad_w, adjoint=True)[0]
             grad_r = grad_r + on.scatter((lam[..., None, :] @ test)[..., 0, :])
             lams[c].append(lam)
             r_ons[c].append(r_on)
