@@ -68,22 +68,22 @@ def _variants():
             overlap=0,
             coarse=False,
             sweeps=1,
-            update="owners",
+            update="restricted_additive",
         ),
         "two-level Galerkin, 3 sweeps, owners' values (K=64)": lambda r: MoEConstraint(
-            r, metis(experts=64), sweeps=3, update="owners"
+            r, metis(experts=64), sweeps=3, update="restricted_additive"
         ),
         "two-level Galerkin, 3 sweeps, colour by colour (K=64)": lambda r: MoEConstraint(
             r, metis(experts=64), sweeps=3
         ),
         "two-level Galerkin, 10 sweeps, owners' values (K=64)": lambda r: MoEConstraint(
-            r, metis(experts=64), sweeps=10, update="owners"
+            r, metis(experts=64), sweeps=10, update="restricted_additive"
         ),
         "two-level Galerkin, 10 sweeps, colour by colour (K=64)": lambda r: MoEConstraint(
             r, metis(experts=64), sweeps=10
         ),
         "two-level Galerkin, 30 sweeps, owners' values (K=64)": lambda r: MoEConstraint(
-            r, metis(experts=64), sweeps=30, update="owners"
+            r, metis(experts=64), sweeps=30, update="restricted_additive"
         ),
         "two-level Galerkin, 30 sweeps, colour by colour (K=64)": lambda r: MoEConstraint(
             r, metis(experts=64), sweeps=30

@@ -125,6 +125,15 @@ def child_processes(pid: int) -> list[int]:
     return children
 
 
+def command_line(pid: int) -> str:
+    """Process ``pid``'s command line (Linux /proc), or ``""`` if it has ended (a
+    child listed a moment ago may have)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
 def process_running(pid: int) -> bool:
     """Whether process ``pid`` exists and has not ended (a zombie has ended)."""
     try:
@@ -136,11 +145,7 @@ def process_running(pid: int) -> bool:
 
 def generation_workers(pid: int) -> tuple[int, list[int]]:
     """The forkserver started by process ``pid`` for data generation, and its workers."""
-    (server,) = [
-        child
-        for child in child_processes(pid)
-        if "forkserver" in Path(f"/proc/{child}/cmdline").read_text()
-    ]
+    (server,) = [child for child in child_processes(pid) if "forkserver" in command_line(child)]
     return server, child_processes(server)
 
 

@@ -19,6 +19,7 @@ from fenop.train import load_model, read_config, save_checkpoint
 from tests.helpers import SMALL_CONFIG as CONFIG
 from tests.helpers import (
     child_processes,
+    command_line,
     generation_workers,
     sigint_by_default,
     wait_for_samples,
@@ -277,6 +278,7 @@ def test_generate_with_a_killed_worker_fails_clearly_and_resumes(tmp_path):
         # warns in whichever later test collects it).
         process.kill()
         process.wait()
+        process.stderr.close()
     assert process.returncode == 1
     assert f"fenop generate: error: {path}: a worker process died (killed by SIGKILL)" in stderr
     done = read_header(path)["n_complete"]
@@ -299,8 +301,7 @@ def test_ctrl_c_early_in_a_parallel_generate_is_one_clean_line(tmp_path):
         # moment at which a Ctrl-C used to print its traceback.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(
-            "forkserver" in Path(f"/proc/{child}/cmdline").read_text()
-            for child in child_processes(process.pid)
+            "forkserver" in command_line(child) for child in child_processes(process.pid)
         ):
             time.sleep(0.01)
         time.sleep(0.1)
@@ -309,6 +310,7 @@ def test_ctrl_c_early_in_a_parallel_generate_is_one_clean_line(tmp_path):
     finally:
         process.kill()
         process.wait()
+        process.stderr.close()  # also where the test failed before reading it
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.strip().splitlines() == [stderr.strip().splitlines()[-1]]  # one line
@@ -418,6 +420,7 @@ def test_ctrl_c_during_training_says_how_to_resume(trained):
     finally:
         process.kill()
         process.wait()
+        process.stderr.close()  # also where the test failed before reading it
     assert process.returncode == 130
     last = trained / "long" / "last"
     epoch = json.loads((last / "training.json").read_text())["epoch"]

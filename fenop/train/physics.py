@@ -41,7 +41,7 @@ from fenop._options import Option, declared_options
 from fenop.data.pdes import get_pde
 from fenop.fem import BisectionPartition, FunctionSpace, MetisPartition
 from fenop.operators import HardConstraint, MoEConstraint
-from fenop.operators.constraints import free_dofs
+from fenop.operators.constraints import UPDATE_ALIASES, free_dofs
 
 # A constraint's kinds, and the layer each builds; its options are that layer's
 # keyword arguments (fenop._options), and for experts their partition's too.
@@ -98,6 +98,8 @@ def constraint_table(given: dict) -> dict:
     if unknown:
         raise ConstraintError(f"unknown key model.constraint.{unknown[0]}; known: {sorted(every)}")
     table = {name: option.default for name, option in options.items()}
+    if given.get("update") in UPDATE_ALIASES:  # a description written before the rename
+        given = {**given, "update": UPDATE_ALIASES[given["update"]]}
     for key, value in given.items():
         if key in _DESCRIBED or key in options:
             table[key] = value if key in _DESCRIBED else _checked(options[key], value)

@@ -36,7 +36,7 @@ def main() -> None:
         family.residual(),
         MetisPartition(experts=7),
         condition="least_squares" if "--least-squares" in options else "galerkin",
-        update="owners" if "--owners" in options else "colours",
+        update="restricted_additive" if "--owners" in options else "multiplicative",
         nonlinear="newton" if "--newton" in options else "linearised",
         sweeps=2,
     )

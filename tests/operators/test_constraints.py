@@ -46,7 +46,7 @@ LAYERS = {
         r, MetisPartition(experts=8), coarse=False, sweeps=30
     ),
     "moe galerkin, owners' values": lambda r: MoEConstraint(
-        r, MetisPartition(experts=8), update="owners"
+        r, MetisPartition(experts=8), update="restricted_additive"
     ),
 }
 
@@ -217,8 +217,8 @@ def _advected(darcy, space):
     weight = torch.where(darcy.dirichlet, 0.0, 50.0 * (1.0 + x - y))
     mass = space.mass.to_dense()
 
-    class Advected(torch.nn.Module):
-        forms, dirichlet, affine = darcy.forms, darcy.dirichlet, True
+    class Advected(torch.nn.Module):  # the Residual protocol's members, no more
+        forms, dirichlet, affine, symmetric = darcy.forms, darcy.dirichlet, True, False
 
         def forward(self, u, *, a):
             return darcy(u, a=a) + weight * (u @ mass)
@@ -360,6 +360,15 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="`update` must be one of"):
         MoEConstraint(residual, MetisPartition(experts=2), update="jacobi")
 
+    class Bare(torch.nn.Module):  # a residual without what the protocol names
+        forms, affine = residual.forms, True
+
+        def forward(self, u, *, a):
+            return residual(u, a=a)
+
+    with pytest.raises(TypeError, match=r"`residual` lacks dirichlet, symmetric: .*Residual"):
+        HardConstraint(Bare())
+
 
 @pytest.mark.parametrize("affine", [True, False])
 def test_a_residual_coupling_dofs_that_share_no_cell_is_refused(affine):
@@ -368,7 +377,7 @@ def test_a_residual_coupling_dofs_that_share_no_cell_is_refused(affine):
     space, darcy, a, _ = _darcy(9)
 
     class Coupled(torch.nn.Module):
-        forms, dirichlet = darcy.forms, darcy.dirichlet
+        forms, dirichlet, symmetric = darcy.forms, darcy.dirichlet, True
 
         def forward(self, u, *, a):
             mean = u.mean(dim=-1, keepdim=True)

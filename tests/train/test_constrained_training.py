@@ -154,3 +154,21 @@ def test_a_constraints_options_are_its_layers_keyword_arguments():
         constraint_table({"kind": "global", "chord": 1})
     with pytest.raises(ValueError, match=r"max_iterations must be int, got 2\.5"):
         constraint_table({"kind": "global", "max_iterations": 2.5})
+
+
+def test_the_sweeps_are_named_as_schwarz_methods_and_old_names_still_load():
+    from fenop.fem import FunctionSpace, MetisPartition
+    from fenop.operators import MoEConstraint
+    from fenop.train.physics import build_constraint, constraint_table
+
+    space = FunctionSpace(unit_square(9), dirichlet="boundary")
+    residual_of = {"pde": "darcy", "parameters": {}, "inputs": ["a"]}
+    for old, new in (("colours", "multiplicative"), ("owners", "restricted_additive")):
+        assert constraint_table({"experts": 2, "update": old})["update"] == new
+        layer = build_constraint(
+            {**constraint_table({"experts": 2}), **residual_of, "update": old}, space
+        )
+        assert layer.update == new and layer.description["update"] == new
+        residual = layer.residual
+        assert MoEConstraint(residual, MetisPartition(experts=2), update=old).update == new
+    assert constraint_table({"experts": 2})["update"] == "multiplicative"

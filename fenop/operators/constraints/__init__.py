@@ -62,6 +62,7 @@ and the residual norm of the output.
 from fenop.operators.constraints.common import (
     CONDITIONS,
     NONLINEAR,
+    UPDATE_ALIASES,
     UPDATES,
     Condition,
     Nonlinear,
@@ -70,15 +71,19 @@ from fenop.operators.constraints.common import (
 )
 from fenop.operators.constraints.experts import MoEConstraint
 from fenop.operators.constraints.hard import HardConstraint
+from fenop.operators.constraints.residual import AssembledJacobian, Residual
 
 __all__ = [
     "CONDITIONS",
     "NONLINEAR",
     "UPDATES",
+    "UPDATE_ALIASES",
+    "AssembledJacobian",
     "Condition",
     "HardConstraint",
     "MoEConstraint",
     "Nonlinear",
+    "Residual",
     "Update",
     "free_dofs",
 ]

@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 Condition = Literal["galerkin", "least_squares"]
-Update = Literal["colours", "owners"]
+# The experts' sweeps: multiplicative Schwarz (colour after colour, each from the
+# field the colours before made) or restricted additive Schwarz (every expert from
+# the sweep's starting field, each DOF taking its owner's correction).
+Update = Literal["multiplicative", "restricted_additive"]
+# The names these had before, which descriptions written then hold.
+UPDATE_ALIASES = {"colours": "multiplicative", "owners": "restricted_additive"}
 # How MoEConstraint's experts treat a residual that is not affine (see its docstring).
 Nonlinear = Literal["linearised", "newton"]
 CONDITIONS, UPDATES, NONLINEAR = (typing.get_args(c) for c in (Condition, Update, Nonlinear))
@@ -28,8 +33,5 @@ def _needs_gradient(*tensors) -> bool:
 
 def free_dofs(residual: nn.Module) -> torch.Tensor:
     """``(n_dofs,)`` bool: the DOFs a residual solves for, all but its Dirichlet DOFs
-    (``residual.dirichlet``, where it has them), on the CPU."""
-    mask = getattr(residual, "dirichlet", None)
-    if mask is None:
-        return torch.ones(residual.forms.space.n_dofs, dtype=torch.bool)
-    return ~mask.detach().cpu()
+    (``residual.dirichlet``), on the CPU."""
+    return ~residual.dirichlet.detach().cpu()

@@ -8,27 +8,37 @@ from torch import nn
 
 from fenop.operators import sharding
 from fenop.operators.constraints.colouring import _colours
-from fenop.operators.constraints.common import NONLINEAR, UPDATES, Condition, Nonlinear, Update
+from fenop.operators.constraints.common import (
+    NONLINEAR,
+    UPDATE_ALIASES,
+    UPDATES,
+    Condition,
+    Nonlinear,
+    Update,
+)
 from fenop.operators.constraints.fields import _combined, _Constant, _IndexSets, _tested
 from fenop.operators.constraints.layer import _Constraint
 from fenop.operators.constraints.sweeps import _gathered_report, _TrackedSweeps
 
 
 class MoEConstraint(_Constraint):
-    """Experts on overlapping subdomains, each solving for its own basis coefficients.
+    """Experts on overlapping subdomains, each solving for its own basis coefficients:
+    a two-level overlapping Schwarz method in the span of the basis.
 
     Each sweep, expert ``k`` solves the condition for ``N`` coefficients of its basis
     ``χ_k Φ`` (the basis restricted to its extended set), the field outside held at
-    its current values. With ``update="colours"`` (default) the experts go colour by
-    colour: no expert of a colour reads the residual where another's correction
-    moves it (Galerkin: no extended set meets another's extended set or halo; least
-    squares: nor halo another halo), so solving them at once is solving them one
-    after the other; each corrects its whole extended set, and the next colour sees
-    the new field; for a symmetric positive definite problem each step minimises
-    the energy over an expert's span, so the error cannot grow (BENCHMARKS.md
-    measures it). With ``update="owners"`` every expert solves from the same field
-    and each DOF takes its owner's correction. With ``coarse`` a global solve comes
-    first. ``K = 1`` without ``coarse`` is :class:`HardConstraint`.
+    its current values. With ``update="multiplicative"`` (default; multiplicative
+    Schwarz) the experts go colour by colour: no expert of a colour reads the
+    residual where another's correction moves it (Galerkin: no extended set meets
+    another's extended set or halo; least squares: nor halo another halo), so
+    solving them at once is solving them one after the other; each corrects its
+    whole extended set, and the next colour sees the new field; for a symmetric
+    positive definite problem each step minimises the energy over an expert's
+    span, so the error cannot grow (BENCHMARKS.md measures it). With
+    ``update="restricted_additive"`` (restricted additive Schwarz) every expert
+    solves from the same field and each DOF takes its owner's correction. With
+    ``coarse`` a global solve comes first (the coarse level).
+    ``K = 1`` without ``coarse`` is :class:`HardConstraint`.
 
     The experts' matrices need ``J (χ_k Φ)``, which differs from ``χ_k (J Φ)`` at the
     edge of the extended set: each expert multiplies by its own block
@@ -44,7 +54,8 @@ class MoEConstraint(_Constraint):
         overlap: graph layers around each expert's owned DOFs.
         sweeps: expert sweeps.
         coarse: a global solve first (the two-level method).
-        update: ``"colours"`` or ``"owners"``.
+        update: ``"multiplicative"`` or ``"restricted_additive"`` (also by their
+            former names, ``"colours"`` and ``"owners"``).
         nonlinear: for a residual that is not affine, ``"linearised"`` (default): the
             experts' sweeps solve its linearisation at the field they start from (the
             coarse solution), one Newton step of the two-level iteration, with the
@@ -69,7 +80,7 @@ class MoEConstraint(_Constraint):
         overlap: int = 2,
         sweeps: int = 3,
         coarse: bool = True,
-        update: Update = "colours",
+        update: Update = "multiplicative",
         nonlinear: Nonlinear = "linearised",
         ridge: float = 1e-12,
         max_iterations: int = 25,
@@ -84,6 +95,7 @@ class MoEConstraint(_Constraint):
             tolerance=tolerance,
             chord=chord,
         )
+        update = UPDATE_ALIASES.get(update, update)
         if update not in UPDATES:
             raise ValueError(f"`update` must be one of {UPDATES}, got {update!r}")
         if nonlinear not in NONLINEAR:
@@ -96,7 +108,7 @@ class MoEConstraint(_Constraint):
         self.update = update
         # Colour by colour, the sweeps of an affine residual keep R(u) up to date from
         # the experts' own products (_tracked_sweeps) rather than evaluating it.
-        self.tracked = self.linear_sweeps and update == "colours"
+        self.tracked = self.linear_sweeps and update == "multiplicative"
         self.strategy, self.overlap, self.sweeps, self.coarse = partition, overlap, sweeps, coarse
         self.partition = p = partition.partition(self.space, overlap=overlap)
         # An expert's rows: least squares' residual rows, or where R moves when the
@@ -304,9 +316,10 @@ class MoEConstraint(_Constraint):
 
     def _solved_sweeps(self, u, phi, inputs, linear, data):
         """The sweeps that evaluate the residual: the experts' own Newton solves, or
-        (``update="owners"``) every expert solving from the sweep's starting field
-        ``u`` ``(B, n)``, each DOF taking its owner's correction. Returns as
-        :meth:`_tracked_sweeps`, the solves counted by their Newton iterations."""
+        (``update="restricted_additive"``) every expert solving from the sweep's
+        starting field ``u`` ``(B, n)``, each DOF taking its owner's correction.
+        Returns as :meth:`_tracked_sweeps`, the solves counted by their Newton
+        iterations."""
         ok = torch.ones(len(u), dtype=torch.bool, device=u.device)
         iterations = torch.zeros(len(u), dtype=torch.int64, device=u.device)
         conditions = []
@@ -321,7 +334,7 @@ class MoEConstraint(_Constraint):
             ):
                 # colours: from the field the previous colours made; owners: all from
                 # the sweep's starting field
-                base = sharding.to_shards(u if self.update == "colours" else start)
+                base = sharding.to_shards(u if self.update == "multiplicative" else start)
                 w, solved, condition, steps = self._experts(
                     base, local, tuple(sets), inputs, linear, cache, subset, data=data
                 )
@@ -330,10 +343,10 @@ class MoEConstraint(_Constraint):
                 real = sets[0].valid.any(dim=-1)  # not the padding of a process's share
                 iterations = iterations + (steps * real).sum(dim=1)
                 change = _combined(w, local)  # (B, k, m)
-                if self.update == "colours":
+                if self.update == "multiplicative":
                     u = u + sharding.from_shards(sets[0].scatter(change))
                 else:  # each DOF takes its owner's correction, at the end of the sweep
                     corrections.append(sharding.from_shards(sets[0].scatter(change * owned.value)))
-            if self.update == "owners":
+            if self.update == "restricted_additive":
                 u = start + sum(corrections)
         return u, ok, iterations, conditions

@@ -12,10 +12,11 @@ class HardConstraint(_Constraint):
     """The output ``g + Φ w`` whose residual vanishes against the basis on the whole domain.
 
     Args:
-        residual: a module ``R(u, **inputs)`` on ``(..., n_dofs)`` tensors that knows
-            its space (``residual.forms.space``), such as ``PDEFamily.residual()``;
-            ``affine = True`` on it makes one linear solve exact, else Newton's
-            method solves.
+        residual: a module ``R(u, **inputs)`` on ``(..., n_dofs)`` tensors with the
+            members of :class:`~fenop.operators.constraints.Residual` (its forms and
+            space, Dirichlet DOFs, whether it is affine and symmetric), such as
+            ``PDEFamily.residual()``; ``affine = True`` on it makes one linear solve
+            exact, else Newton's method solves.
         condition: ``"galerkin"`` or ``"least_squares"`` (for a residual that is not
             affine, Levenberg-Marquardt iterations: a step that raises ``|R|²`` is
             refused and the damping raised tenfold, an accepted one lowers it tenfold).

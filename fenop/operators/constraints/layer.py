@@ -22,6 +22,7 @@ from fenop.operators.constraints.common import (
 from fenop.operators.constraints.factorisation import Factorisation, condition_number
 from fenop.operators.constraints.fields import _combined, _IndexSets, _jvp, _tested
 from fenop.operators.constraints.galerkin import _GalerkinSolve
+from fenop.operators.constraints.residual import AssembledJacobian, missing_members
 from fenop.operators.implicit import implicit_root, scaled_system
 
 
@@ -48,17 +49,21 @@ class _Constraint(nn.Module):
                 "`max_iterations` must be positive and `tolerance` positive, got "
                 f"{max_iterations} and {tolerance}"
             )
-        forms = getattr(residual, "forms", None)
-        if forms is None or not hasattr(forms, "space"):
-            raise TypeError("`residual` must know its space (residual.forms.space)")
+        if missing := missing_members(residual):
+            raise TypeError(
+                f"`residual` lacks {', '.join(missing)}: a constraint's residual has the "
+                "members of fenop.operators.constraints.Residual (DirichletResidual has them)"
+            )
         self.residual, self.condition, self.ridge = residual, condition, float(ridge)
-        self.affine = bool(getattr(residual, "affine", False))
+        self.affine = bool(residual.affine)
+        # a residual that assembles its own Jacobian, in one pass
+        self.assembled = isinstance(residual, AssembledJacobian)
         self.max_iterations, self.tolerance = int(max_iterations), float(tolerance)
         self.chord = bool(chord)
-        self.space = forms.space
+        self.space = residual.forms.space
         # Galerkin matrices Φᵀ J Φ are symmetric when J is on the free DOFs; the
         # (Gauss-Newton) normal equations of least squares always are.
-        self.symmetric = condition == "least_squares" or bool(getattr(residual, "symmetric", False))
+        self.symmetric = condition == "least_squares" or bool(residual.symmetric)
         self.register_buffer("free", free_dofs(residual), persistent=False)
         self.pattern = JacobianPattern(self.space)
         self.everywhere = _IndexSets(None, self.space.n_dofs)
@@ -98,8 +103,8 @@ class _Constraint(nn.Module):
         return contextlib.nullcontext() if cells is None else self.residual.forms.on(cells)
 
     def _linearise_here(self, u: torch.Tensor, inputs: dict):
-        assembled = None if self.affine else getattr(self.residual, "linearised", None)
-        out = None if assembled is None else assembled(self.pattern, u, **inputs)
+        assembled = self.assembled and not self.affine
+        out = self.residual.linearised(self.pattern, u, **inputs) if assembled else None
         if out is not None:
             r, values = out
             if not self._pattern_checked:
@@ -355,12 +360,10 @@ class _Constraint(nn.Module):
         if not self.affine:
             return None
         zero = torch.zeros_like(u)
-        assembled = getattr(self.residual, "jacobian_entries", None)
-        entries = None if assembled is None else assembled(self.pattern, **inputs)
+        entries = self.residual.jacobian_entries(self.pattern, **inputs) if self.assembled else None
         if entries is None:  # recovered from one linearisation per colour
             return self._linearise(zero, inputs)
-        offset = getattr(self.residual, "offset", None)
-        r0 = None if offset is None else offset(**inputs)
+        r0 = self.residual.offset(**inputs)
         if r0 is None:
             r0 = self._residual_of(zero, inputs)
         r0 = r0.to(u.dtype)
