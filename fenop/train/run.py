@@ -141,7 +141,8 @@ def train_from_config(
     folder = Path(config["training"]["output"])
     if folder.exists() and not folder.is_dir():
         raise ConfigError(config_path, f"training.output {folder} is a file, not a folder")
-    _restore_replaced_run(folder)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, the writing process
+        _restore_replaced_run(folder)
     if resume and not (folder / "last").is_dir():
         raise ConfigError(config_path, f"nothing to resume: no {folder}/last")
     replace = not resume and any((folder / name).exists() for name in RUN_FILES)
