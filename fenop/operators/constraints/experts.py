@@ -63,7 +63,7 @@ class MoEConstraint(_Constraint):
             ``"newton"``: each expert solves its own nonlinear problem by Newton's
             method (chord iterations) with the implicit function theorem's gradient.
             The coarse solve is Newton's either way. Measured on one sample
-            (BENCHMARKS.md, "Nonlinear experts"): the outputs agree to 1e-4 relative,
+            (benchmarks/history.md, "Nonlinear experts"): the outputs agree to 1e-4 relative,
             below the errors both leave, and the linearised sweeps cost 3-9x less.
         ridge, max_iterations, tolerance, chord: as for :class:`HardConstraint`.
 
@@ -233,8 +233,8 @@ class MoEConstraint(_Constraint):
         with the basis ``phi`` ``(B, N, n)``. No sweep evaluates the residual or
         multiplies by the whole ``J``: an expert's correction ``Σ_j w_j χ_k Φ_j``
         changes ``R`` by ``Σ_j w_j J (χ_k Φ_j)`` on its rows (its extended set and
-        halo), the products its matrix is made of (BENCHMARKS.md, "Affine
-        residuals"); and as only ``R`` steers the solves, ``u`` takes each expert's
+        halo), the products its matrix is made of (benchmarks/history.md,
+        "Affine residuals"); and as only ``R`` steers the solves, ``u`` takes each expert's
         corrections, summed over the sweeps, once at the end. What does not depend
         on the field (the matrices, their factors and condition numbers) is formed
         once per colour, before the sweeps.
