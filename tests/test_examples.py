@@ -29,6 +29,23 @@ def test_quick_start_configuration_is_valid():
     assert config["model"]["processor"] == "fno"
 
 
+def test_the_plate_configuration_trains_on_the_plate_mesh(tmp_path):
+    # examples/darcy_plate.toml, whose run makes the README's picture, on a few samples
+    from fenop.data import generate
+    from fenop.fem import load_mesh
+    from fenop.train.config import read_config
+    from fenop.train.run import build_from_config
+
+    config = read_config(ROOT / "examples" / "darcy_plate.toml")
+    assert config["data"]["path"] == str(ROOT / "plate.h5")
+    config["data"].update(path=str(tmp_path / "plate.h5"), n_train=3, n_test=1)
+    mesh = load_mesh(ROOT / "tests" / "fixtures" / "plate.msh")
+    generate("darcy", 4, mesh, seed=0, path=config["data"]["path"], progress=False)
+    model, train, _ = build_from_config(config)
+    x, _ = train[0]
+    assert model(x[None]).shape == (1, 1, train.space.n_dofs)
+
+
 def test_femultigrid_configuration_builds_on_the_quick_start_data(tmp_path):
     from fenop.data import generate
     from fenop.fem import unit_square

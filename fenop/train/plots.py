@@ -68,8 +68,9 @@ def plot_predictions(
             skfem_plot(space.basis, values, ax=ax, shading="gouraud", colorbar=True, **colours)
             ax.set_aspect("equal")
             if col == 3 and errors is not None:
-                title = f"error (relative L2 {errors[row]:.4f})"
-            ax.set_title(f"sample {samples[row]}: {title}")
+                title = f"error, relative L2 {errors[row]:.4f}"
+            # two lines: one line of this length runs into the colour bars beside it
+            ax.set_title(f"sample {samples[row]}\n{title}", fontsize=10)
             ax.set_xticks([])
             ax.set_yticks([])
     if curves:  # the whole last row

@@ -53,8 +53,8 @@ def test_titles_name_the_fields_samples_and_errors_and_no_panel_is_empty(tmp_pat
     )
     (figure,) = figures
     titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
-    assert "sample 250: a" in titles and "sample 251: u (prediction)" in titles
-    assert "sample 251: error (relative L2 0.0123)" in titles and "training" in titles
+    assert "sample 250\na" in titles and "sample 251\nu (prediction)" in titles
+    assert "sample 251\nerror, relative L2 0.0123" in titles and "training" in titles
     drawn = [ax for ax in figure.axes if ax.get_title()]  # colour bars aside
     assert len(drawn) == 2 * 4 + 1  # no empty panel: the curves take the whole last row
     assert all(ax.collections or ax.lines for ax in drawn)
