@@ -44,6 +44,15 @@ def missing_file(path: Path) -> str | None:
     return "a directory, not a file" if path.is_dir() else "no such file"
 
 
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer and not a flag (``bool`` is an ``int`` in Python).
+
+    >>> is_int(3), is_int(True), is_int(3.0)
+    (True, False, False)
+    """
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_counts(owner: str, **counts: tuple[object, int]) -> None:
     """Raise a ValueError naming the first of ``counts`` (``name=(value, least)``)
     that is not an integer of at least ``least``: a processor's widths, layers and
@@ -54,7 +63,7 @@ def check_counts(owner: str, **counts: tuple[object, int]) -> None:
     ValueError: MgNO: `n_layers` must be an integer of at least 1, got 0
     """
     for name, (value, least) in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_int(value) or value < least:
             raise ValueError(
                 f"{owner}: `{name}` must be an integer of at least {least}, got {value!r}"
             )

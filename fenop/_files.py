@@ -113,8 +113,8 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True  # someone else's process: leave its files alone
+    except OSError:  # PermissionError: someone else's process; leave its files alone
+        return True
     return True
 
 

@@ -47,7 +47,7 @@ import h5py
 import numpy as np
 import skfem
 
-from fenop._checks import missing_file
+from fenop._checks import is_int, missing_file
 from fenop._errors import InputError
 from fenop.fem import FunctionSpace
 from fenop.fem.mesh import mesh_from_arrays
@@ -251,7 +251,7 @@ def _header(path, f: h5py.File) -> dict:
             ]
         header[key] = value
     version = header["fenop_format"]
-    if not _is_int(version) or version < 1:
+    if not is_int(version) or version < 1:
         raise StoreError(path, f"attribute 'fenop_format' must be a format number, got {version!r}")
     if version > FORMAT_VERSION:
         raise StoreError(
@@ -265,7 +265,7 @@ def _header(path, f: h5py.File) -> dict:
         if key in header and not isinstance(header[key], str):
             raise StoreError(path, f"attribute {key!r} must be text, got {header[key]!r}")
     for key in _COUNTS:
-        if key in header and not (_is_int(header[key]) and header[key] >= 0):
+        if key in header and not (is_int(header[key]) and header[key] >= 0):
             raise StoreError(
                 path, f"attribute {key!r} must be a non-negative integer, got {header[key]!r}"
             )
@@ -294,10 +294,6 @@ def _header(path, f: h5py.File) -> dict:
     return header
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _field_names(path, f: h5py.File, given) -> list[str]:
     """The store's field names: the ``fields`` attribute (a JSON list, an HDF5 array
     of strings, or names separated by commas or spaces), else every two-dimensional
@@ -313,9 +309,7 @@ def _field_names(path, f: h5py.File, given) -> list[str]:
                 path, "no fields: no 'fields' attribute, and no (sample, dof) dataset at the root"
             )
         return names
-    if isinstance(given, np.ndarray):
-        given = [v.decode() if isinstance(v, bytes) else str(v) for v in given.ravel()]
-    elif isinstance(given, str):
+    if isinstance(given, str):
         given = given.replace(",", " ").split()
         if any(c in name for name in given for c in "[]{}\"'/"):
             raise StoreError(
@@ -405,13 +399,17 @@ def read_batches(
             values = np.stack([f[name][start:end] for name in fields], axis=1)
             with np.errstate(over="ignore"):
                 cast = values.astype(dtype)
-            overflow = np.isfinite(values).all(axis=(1, 2)) & ~np.isfinite(cast).all(axis=(1, 2))
-            if overflow.any():
-                raise StoreError(
-                    store.path,
-                    f"sample {start + int(np.argmax(overflow))} holds values beyond the range "
-                    f"of {np.dtype(dtype).name}, the model's precision",
+            # only a cast to a narrower float can overflow (float64 to float32)
+            if values.dtype.kind == "f" and values.dtype.itemsize > cast.dtype.itemsize:
+                overflow = np.isfinite(values).all(axis=(1, 2)) & ~np.isfinite(cast).all(
+                    axis=(1, 2)
                 )
+                if overflow.any():
+                    raise StoreError(
+                        store.path,
+                        f"sample {start + int(np.argmax(overflow))} holds values beyond the "
+                        f"range of {cast.dtype.name}, the model's precision",
+                    )
             yield start, cast
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -132,17 +132,25 @@ def load_checkpoint(
         state = load_file(Path(directory) / "model.safetensors")
     except Exception as exc:  # safetensors raises its own error types for bad files
         raise CheckpointError(directory, f"model.safetensors is not readable: {exc}") from None
-    broken = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
-    if broken:
-        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+    count, names = non_finite(state.items())
+    if count:
         raise CheckpointError(
-            directory, f"model.safetensors holds NaN or Inf in {len(broken)} tensors ({shown})"
+            directory, f"model.safetensors holds NaN or Inf in {count} tensors ({names})"
         )
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(directory, f"weights do not fit the described model: {exc}") from None
     return model.to(device).eval()
+
+
+def non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, str]:
+    """How many of the ``(name, tensor)`` pairs hold NaN or Inf, and their names (the
+    first three, and how many more): what a diverged model's weights are told by."""
+    with torch.no_grad():
+        bad = [name for name, tensor in named if not torch.isfinite(tensor).all()]
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return len(bad), shown
 
 
 def pretrained_names() -> list[str]:

@@ -59,7 +59,7 @@ import os
 import tomllib
 from pathlib import Path
 
-from fenop._checks import missing_file
+from fenop._checks import is_int, missing_file
 from fenop._errors import InputError
 from fenop._options import REQUIRED, declared_options
 from fenop.fem.mesh import DOMAINS
@@ -152,7 +152,7 @@ def read_config(path: str | os.PathLike) -> dict:
         sides = (
             model["resolution"] if isinstance(model["resolution"], list) else [model["resolution"]]
         )
-        if not sides or not all(_is_int(n) and n >= 2 for n in sides):
+        if not sides or not all(is_int(n) and n >= 2 for n in sides):
             raise ConfigError(
                 path,
                 "model.resolution must be the grid's points a side (an integer of at least 2) "
@@ -196,10 +196,6 @@ def read_config(path: str | os.PathLike) -> dict:
     if model["hierarchy"] is not None and model["hierarchy"]["mesh"] is not None:
         model["hierarchy"]["mesh"] = str((base / model["hierarchy"]["mesh"]).resolve())
     return config
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _checked(path: Path, section: str, given: object, keys: _Keys) -> dict:
@@ -254,7 +250,7 @@ def _hierarchy(path: Path, given: dict) -> dict:
         if table["mesh"] is not None:
             raise ConfigError(path, "model.hierarchy.coarser is for a domain, not a mesh file")
         sides = [*coarser, table["resolution"]]
-        if not all(isinstance(n, int) and not isinstance(n, bool) for n in coarser) or not all(
+        if not all(is_int(n) for n in coarser) or not all(
             2 <= a < b for a, b in itertools.pairwise(sides)
         ):
             raise ConfigError(

@@ -201,18 +201,15 @@ def build_model(description: ModelDescription) -> FEOperator:
             resolution = description.resolution
             if resolution is None:
                 raise DescriptionError(f"{cls.__name__} needs a grid resolution")
+            dim = description.space_in.dim
+            grid = tuple(resolution) if isinstance(resolution, tuple) else (resolution,) * dim
             if "grid" in inspect.signature(cls).parameters:
                 # A processor built for a grid size (MgNO: its levels) gets the model's.
-                dim = description.space_in.dim
-                options.setdefault(
-                    "grid",
-                    tuple(resolution) if isinstance(resolution, tuple) else (resolution,) * dim,
-                )
+                options.setdefault("grid", grid)
             processor = cls(*channels, **options)
             check = getattr(processor, "check_grid", None)  # a grid it cannot work on
             if check is not None:
-                dim = description.space_in.dim
-                check(tuple(resolution) if isinstance(resolution, tuple) else (resolution,) * dim)
+                check(grid)
     except TypeError as exc:  # an option of the wrong kind, which the processor names
         raise DescriptionError(str(exc)) from None
     except ValueError as exc:  # a value the processor refuses, which it names

@@ -126,13 +126,28 @@ def _checked(option: Option, value):
         raise ConstraintError(str(exc)) from None
 
 
-def residual_for(pde: str, parameters: dict, space: FunctionSpace) -> nn.Module:
+def residual_for(
+    pde: str,
+    parameters: dict,
+    space: FunctionSpace,
+    *,
+    inputs: list[str] | None = None,
+    named: str = "the inputs",
+) -> nn.Module:
     """The residual module of the family ``pde`` with ``parameters`` (a store's
-    ``pde`` and ``parameters`` attributes) on ``space``."""
+    ``pde`` and ``parameters`` attributes) on ``space``; with ``inputs``, a
+    ConstraintError unless it takes exactly those fields (``named``: what the
+    message calls them)."""
     try:
-        return get_pde(pde)(space, **(parameters or {})).residual()
+        residual = get_pde(pde)(space, **(parameters or {})).residual()
     except (TypeError, ValueError) as exc:
         raise ConstraintError(f"cannot build the {pde!r} residual: {exc}") from None
+    wanted = residual_inputs(residual)
+    if inputs is not None and sorted(wanted) != sorted(inputs):
+        raise ConstraintError(
+            f"the {pde} residual takes the fields {wanted}, but {named} are {list(inputs)}"
+        )
+    return residual
 
 
 def residual_inputs(residual: nn.Module) -> list[str]:
@@ -157,13 +172,13 @@ def build_constraint(description: dict, space: FunctionSpace) -> nn.Module:
         # by Newton's method, and load back to the same outputs
         description = {"nonlinear": "newton", **description}
     description = constraint_table(description)  # a checkpoint's, too: checked alike
-    residual = residual_for(description["pde"], description.get("parameters"), space)
-    wanted = residual_inputs(residual)
-    if sorted(wanted) != sorted(description["inputs"]):
-        raise ConstraintError(
-            f"the {description['pde']} residual takes the fields {wanted}, but the model's "
-            f"inputs are {list(description['inputs'])}"
-        )
+    residual = residual_for(
+        description["pde"],
+        description.get("parameters"),
+        space,
+        inputs=description["inputs"],
+        named="the model's inputs",
+    )
     n_free = int(free_dofs(residual).sum())
     if description["n_basis"] > n_free:
         raise ConstraintError(

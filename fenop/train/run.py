@@ -15,7 +15,7 @@ from fenop.fem import FunctionSpace, hierarchy, load_mesh
 from fenop.fem.mesh import DOMAINS
 from fenop.train.config import ConfigError, read_config
 from fenop.train.models import PROCESSORS, DescriptionError, ModelDescription, build_model
-from fenop.train.physics import ConstraintError, PhysicsLoss, residual_for, residual_inputs
+from fenop.train.physics import ConstraintError, PhysicsLoss, residual_for
 from fenop.train.trainer import Trainer, resolve_device
 
 
@@ -163,16 +163,15 @@ def train_from_config(
     if training["physics_weight"] > 0:
         pde = _pde_of(store, data, config_path)
         try:
-            residual = residual_for(pde["pde"], pde["parameters"], store.space)
+            residual = residual_for(
+                pde["pde"],
+                pde["parameters"],
+                store.space,
+                inputs=data["inputs"],
+                named="data.inputs",
+            )
         except ConstraintError as exc:
             raise ConfigError(config_path, f"training.physics_weight: {exc}") from None
-        wanted = residual_inputs(residual)
-        if sorted(wanted) != sorted(data["inputs"]):
-            raise ConfigError(
-                config_path,
-                f"training.physics_weight: the {pde['pde']} residual takes the fields "
-                f"{wanted}, but data.inputs are {data['inputs']}",
-            )
         physics = PhysicsLoss(residual, data["inputs"])
     trainer = Trainer(
         model,

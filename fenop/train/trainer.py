@@ -43,7 +43,7 @@ from fenop.fem import RelativeH1Loss, RelativeL2Loss
 from fenop.operators import FEOperator
 from fenop.operators.sharding import Shardable
 from fenop.train import distributed
-from fenop.train.checkpoint import CheckpointError, read_config, save_checkpoint
+from fenop.train.checkpoint import CheckpointError, non_finite, read_config, save_checkpoint
 
 Schedule = Literal["cosine", "step", "constant"]
 Loss = Literal["l2", "h1"]
@@ -423,14 +423,14 @@ class Trainer:
                     loss = self.loss_fn(prediction, y)
                     if self.physics_weight > 0:
                         loss = loss + self.physics_weight * self.physics(prediction, x)
-                    finite = torch.isfinite(loss.detach()).to(torch.float64)
+                    own = loss.item()  # this rank's mean, read once for the check, metrics, bar
+                    finite = math.isfinite(own)
                     if self.world > 1:  # every rank stops, not one alone (the rest would wait)
-                        finite = distributed.sum_over_ranks(finite) / self.world
-                    if finite.item() < 1:
-                        value = loss.item()
-                        value = value if not math.isfinite(value) else "NaN on another process"
+                        flag = torch.tensor(float(finite), dtype=torch.float64, device=self.device)
+                        finite = distributed.sum_over_ranks(flag).item() == self.world
+                    if not finite:
+                        value = own if not math.isfinite(own) else "NaN on another process"
                         self._diverged(f"the loss is {value} at step {step + 1} of")
-                    own = loss.item()  # this rank's mean, read once for the metrics and the bar
                     if self.world > 1:  # DDP averages: the ranks' weighted means sum
                         loss = loss * weight
                     loss.backward()
@@ -442,8 +442,9 @@ class Trainer:
                     shown += own
                     bar.update(1)
                     bar.set_postfix(loss=f"{shown / (step + 1):.4f}")
-                if bad := _not_finite(self.model):
-                    self._diverged(f"the weights {bad} are not finite after")
+                count, names = non_finite(self.model.named_parameters())
+                if count:
+                    self._diverged(f"the weights {names} are not finite after")
                 errors = self._evaluate()
                 if not math.isfinite(errors["test_l2"] + errors["test_h1"]):
                     self._diverged(f"the test error is {errors['test_l2']} after")
@@ -517,15 +518,6 @@ def saved_epoch(directory: str | os.PathLike) -> int | None:
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return None
     return epoch if isinstance(epoch, int) else None
-
-
-def _not_finite(model: torch.nn.Module) -> str:
-    """The names of ``model``'s parameters that hold NaN or Inf, or ``""``."""
-    with torch.no_grad():
-        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if len(bad) > 3:
-        bad = [*bad[:3], f"and {len(bad) - 3} more"]
-    return ", ".join(bad)
 
 
 def _batch(dataset, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
