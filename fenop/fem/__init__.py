@@ -5,6 +5,7 @@ Set-up happens on the CPU with scikit-fem; what comes out are torch modules and
 sparse tensors that move with ``.to(device)``.
 """
 
+from fenop.fem.colouring import colour_graph
 from fenop.fem.decoders import FEDecoder
 from fenop.fem.encoders import GridEncoder
 from fenop.fem.forms import FEForms
@@ -35,6 +36,7 @@ __all__ = [
     "RelativeL2Loss",
     "SpaceInterpolator",
     "SparseMatrix",
+    "colour_graph",
     "h1_norm",
     "hierarchy",
     "is_nested",

@@ -4,8 +4,8 @@ An FE residual couples only DOFs that share a cell, so its Jacobian ``J`` has th
 sparsity of the DOF graph. Columns that share no row (no DOF neighbours both) can
 be probed together: ``J s_c``, with ``s_c`` the indicator of a group ``c`` of such
 columns, holds each of their entries in its own row. A greedy colouring of the
-columns (distance-2 in the DOF graph; Curtis, Powell & Reid 1974, the scheme
-behind PETSc's ``MatFDColoring``) gives ``c`` groups (9 on the P1 triangle
+columns (distance-2 in the DOF graph, :mod:`fenop.fem.colouring`; Curtis, Powell
+& Reid 1974, the scheme behind PETSc's ``MatFDColoring``) gives ``c`` groups (9 on the P1 triangle
 meshes of the unit square and the L-shape, 25 for P2), so ``c`` linearisations of
 the residual recover all of ``J``, exactly, where a dense product with ``N`` fields
 would take ``N`` of them. Products with the recovered matrix are sparse: their cost
@@ -34,6 +34,7 @@ import scipy.sparse
 import torch
 from torch import nn
 
+from fenop.fem.colouring import colour_graph
 from fenop.fem.partition import _canonical_order, dof_graph
 from fenop.fem.space import FunctionSpace
 from fenop.fem.sparse import _quiet_csr
@@ -140,7 +141,9 @@ class JacobianPattern(nn.Module):
         super().__init__()
         graph = dof_graph(space)
         graph.sort_indices()
-        colour = _distance2_colouring(graph, _canonical_order(space))
+        # columns that share no row: a colouring of the graph's square
+        square = scipy.sparse.csr_array(graph @ graph)
+        colour = colour_graph(square, order=_canonical_order(space))
         n, c = space.n_dofs, int(colour.max()) + 1
         self.space, self.n_colours, self.nnz = space, c, graph.nnz
         self.pattern = _CSRPattern(graph)
@@ -267,17 +270,3 @@ class JacobianBlocks(nn.Module):
         columns = x.permute(0, 1, 3, 2).reshape(batch, k * self.width, fields)
         out = self.pattern.rows(values[:, self.take], columns)
         return out.reshape(batch, k, self.height, fields).transpose(-1, -2)
-
-
-def _distance2_colouring(graph: scipy.sparse.csr_array, order: np.ndarray) -> np.ndarray:
-    """``(n,)`` colours such that two DOFs of one colour have no neighbour in common
-    (greedy, in ``order``: the coordinate order, so independent of the numbering)."""
-    square = scipy.sparse.csr_array(graph @ graph)
-    indptr, indices = square.indptr, square.indices
-    colour = np.full(graph.shape[0], -1, dtype=np.int64)
-    for dof in order:
-        taken = colour[indices[indptr[dof] : indptr[dof + 1]]]
-        free = np.ones(len(taken) + 1, dtype=bool)
-        free[taken[(taken >= 0) & (taken < len(free))]] = False
-        colour[dof] = int(np.argmax(free))
-    return colour

@@ -45,6 +45,14 @@ succeeded, how many systems were numerically singular (basis fields dependent on
 an expert's patch: the ridge then picks the coefficients), how many sweeps ran,
 and the residual norm of the output.
 
+The modules, in the order a reader meets them: :mod:`.residual` (what a layer
+needs of a residual), :mod:`.conditions` (Galerkin, least squares),
+:mod:`.factorisation` (the dense solves), :mod:`.roots` (Newton, chord,
+Levenberg-Marquardt), :mod:`.fields` (the experts' index sets and contractions),
+:mod:`.layer` (what both layers share), :mod:`.galerkin` (the global affine solve),
+:mod:`.sweeps` (the experts' sweeps), :mod:`.hard` and :mod:`.experts` (the two
+layers).
+
 >>> import torch
 >>> from fenop.data.pdes import get_pde
 >>> from fenop.fem import FunctionSpace, MetisPartition, unit_square

@@ -21,8 +21,6 @@ Nonlinear = Literal["linearised", "newton"]
 CONDITIONS, UPDATES, NONLINEAR = (typing.get_args(c) for c in (Condition, Update, Nonlinear))
 # Solves whose scaled matrix is worse conditioned than this are reported as failed.
 _CONDITION_LIMIT = 1e10
-# Levenberg-Marquardt's first damping, relative to the Gauss-Newton matrix's diagonal.
-_DAMPING = 1e-3
 
 
 def _needs_gradient(*tensors) -> bool:

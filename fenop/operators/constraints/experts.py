@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse
 import torch
 from torch import nn
 
+from fenop.fem.colouring import colour_graph
 from fenop.operators import sharding
-from fenop.operators.constraints.colouring import _colours
 from fenop.operators.constraints.common import (
     NONLINEAR,
     UPDATE_ALIASES,
@@ -16,9 +17,15 @@ from fenop.operators.constraints.common import (
     Nonlinear,
     Update,
 )
-from fenop.operators.constraints.fields import _combined, _Constant, _IndexSets, _tested
+from fenop.operators.constraints.fields import _combined, _Constant, _IndexSets
 from fenop.operators.constraints.layer import _Constraint
-from fenop.operators.constraints.sweeps import _gathered_report, _TrackedSweeps
+from fenop.operators.constraints.sweeps import (
+    _gathered_report,
+    _TrackedSweeps,
+    colour_systems,
+    run_sweeps,
+    swept_change,
+)
 
 
 class MoEConstraint(_Constraint):
@@ -113,11 +120,11 @@ class MoEConstraint(_Constraint):
         self.partition = p = partition.partition(self.space, overlap=overlap)
         # An expert's rows: least squares' residual rows, or where R moves when the
         # sweeps track it, are its extended set and halo (J reaches one layer out).
-        self.halo_rows = condition == "least_squares" or self.tracked
+        self.halo_rows = self.rule.reads_halo or self.tracked
         self.rows = p.extended | p.halo if self.halo_rows else p.extended
         # where an expert's condition reads R, and where its correction moves it
-        reads = p.extended | p.halo if condition == "least_squares" else p.extended
-        self.colours = _colours(reads, p.extended | p.halo)
+        reads = p.extended | p.halo if self.rule.reads_halo else p.extended
+        self.colours = _solving_groups(reads, p.extended | p.halo)
         self._build(rank=0, world=1)
 
     def shard(self, rank: int, world: int) -> None:
@@ -141,7 +148,7 @@ class MoEConstraint(_Constraint):
         # per colour: the experts' extended sets, their rows, and J's blocks on them
         self.groups = nn.ModuleList()
         self.owned = nn.ModuleList()  # per colour: which of an expert's DOFs it owns
-        self.places = nn.ModuleList()  # per colour (tracked Galerkin): extended sets in rows
+        self.places = nn.ModuleList()  # per colour (tracked sweeps): extended sets in rows
         # Experts solving a residual that is not affine linearise it at every Newton
         # iteration: each colour's experts then evaluate it on the cells that touch
         # their rows alone, where their rows and their blocks of J are exact.
@@ -161,7 +168,7 @@ class MoEConstraint(_Constraint):
             self.groups.append(nn.ModuleList([extended, row_sets, blocks]))
             labels = p.labels[extended.index.numpy()] == experts[:, None]
             self.owned.append(_Constant(torch.from_numpy(labels) & extended.valid))
-            if self.tracked and self.condition == "galerkin":
+            if self.tracked:
                 # where each DOF of an expert's extended set is among its rows
                 place = [np.searchsorted(r, c) for r, c in zip(rows_of, cols, strict=True)]
                 self.places.append(_Constant(_IndexSets(place, n).index))
@@ -230,18 +237,12 @@ class MoEConstraint(_Constraint):
     def _tracked_sweeps(self, u, r, phi, values):
         """The sweeps colour by colour for an affine residual (or a linearisation) of
         Jacobian entries ``values`` ``(B, nnz)``, from ``u`` and ``r = R(u)`` ``(B, n)``,
-        with the basis ``phi`` ``(B, N, n)``. No sweep evaluates the residual or
-        multiplies by the whole ``J``: an expert's correction ``Σ_j w_j χ_k Φ_j``
-        changes ``R`` by ``Σ_j w_j J (χ_k Φ_j)`` on its rows (its extended set and
-        halo), the products its matrix is made of (benchmarks/history.md,
-        "Affine residuals"); and as only ``R`` steers the solves, ``u`` takes each expert's
-        corrections, summed over the sweeps, once at the end. What does not depend
-        on the field (the matrices, their factors and condition numbers) is formed
-        once per colour, before the sweeps.
-
-        On one process the sweeps' backward pass is written out
-        (:class:`_TrackedSweeps`); sharded, autograd goes through them and the sums
-        over the processes (:meth:`_sweeps_through_autograd`).
+        with the basis ``phi`` ``(B, N, n)`` (:func:`~fenop.operators.constraints.
+        sweeps.run_sweeps`). What does not depend on the field (the matrices, their
+        factors and condition numbers) is formed once per colour, before the sweeps.
+        On one process their backward pass is written out (:class:`_TrackedSweeps`);
+        sharded, autograd goes through them and the sums over the processes
+        (:meth:`_sweeps_through_autograd`).
 
         Returns ``u`` ``(B, n)``, whether every solve succeeded ``(B,)``, the number of
         expert solves ``(B,)`` and their condition numbers (``(B, k)`` per solve)."""
@@ -251,9 +252,10 @@ class MoEConstraint(_Constraint):
         locals_, applieds = self._experts_fields(phi, values)
         if self.world > 1:
             return self._sweeps_through_autograd(u, r, locals_, applieds)
-        u, ok, condition = _TrackedSweeps.apply(self, u, r, *locals_, *applieds)
-        solves = torch.full((len(u),), self.sweeps * sum(map(len, self.colours)), device=u.device)
-        return u, ok, solves, [condition] * self.sweeps
+        with torch.no_grad():
+            colours = self._colour_systems(locals_, applieds)
+        u, ok = _TrackedSweeps.apply(colours, self.rule, self.sweeps, u, r, *locals_, *applieds)
+        return u, ok, *self._sweeps_report(colours, len(u))
 
     def _experts_fields(self, phi, values):
         """Per colour, the experts' bases ``χ_k Φ`` on their extended sets
@@ -266,53 +268,26 @@ class MoEConstraint(_Constraint):
         ]
         return locals_, applieds
 
-    def _sweeps_through_autograd(self, u, r, locals_, applieds):
-        """:meth:`_tracked_sweeps` with autograd through every solve (and through the
-        sums over processes, when sharded), from the experts' fields
-        (:meth:`_experts_fields`); returns as it does."""
-        ok = torch.ones(len(u), dtype=torch.bool, device=u.device)
-        solves = torch.zeros(len(u), dtype=torch.int64, device=u.device)
-        conditions, colours = [], []
-        places = self.places if len(self.places) else [None] * len(self.groups)
-        for (extended, rows, _), place, local, applied in zip(
-            self.groups, places, locals_, applieds, strict=True
-        ):
-            test, on, matrix, _ = self._colour_system(local, applied, extended, rows, place)
-            factors = self._factorise(matrix)
-            condition = factors.condition()
-            colours.append((rows, (test, on), applied, factors, condition))
-            real = extended.valid.any(dim=-1)  # not the padding of a process's share
-            solves = solves + self.sweeps * real.sum()
-        totals = [0.0] * len(colours)  # each colour's coefficients, summed over the sweeps
-        for sweep in range(self.sweeps):
-            for c, (rows, (test, on), applied, factors, condition) in enumerate(colours):
-                f_value = _tested(test, on.gather(sharding.to_shards(r)))
-                w, solved = factors.solve(-f_value)
-                totals[c] = totals[c] + w
-                if sweep < self.sweeps - 1 or c < len(colours) - 1:  # R is read again
-                    r = r + sharding.from_shards(rows.scatter(_combined(w, applied)))
-                ok = ok & solved.all(dim=1)
-                conditions.append(condition)
-        change = sum(
-            extended.scatter(_combined(total, local))
-            for (extended, _, _), local, total in zip(self.groups, locals_, totals, strict=True)
-        )
-        return u + sharding.from_shards(change), ok, solves, conditions
+    def _colour_systems(self, locals_, applieds):
+        places = [place.value for place in self.places]
+        return colour_systems(self.rule, self.systems, self.groups, places, locals_, applieds)
 
-    def _colour_system(self, local, applied, extended, rows, place):
-        """A colour's test fields, the index sets they are tested on and its matrix,
-        from the experts' bases ``local`` ``(B, k, N, m)`` and ``applied = J (χ_k Φ)``
-        on their rows ``(B, k, N, m_r)``; for Galerkin also where the extended sets
-        sit in the rows (``place``, expanded) and ``J (χ_k Φ)`` there, else ``None``."""
-        if self.condition == "galerkin":
-            # the test fields χ_k Φ live on the extended sets (the rows' halo is only
-            # where R moves): J (χ_k Φ) there, taken from the rows (padding: garbage
-            # that meets the test fields' zeros)
-            index = place.value[:, None].expand(*local.shape[:-1], -1)
-            on_extended = applied.gather(-1, index)
-            matrix = local @ on_extended.transpose(-1, -2)
-            return local, extended, matrix, (index, on_extended)
-        return applied, rows, applied @ applied.transpose(-1, -2), None
+    def _sweeps_through_autograd(self, u, r, locals_, applieds):
+        """:meth:`_tracked_sweeps` with autograd through every solve and through the
+        sums over processes, from the experts' fields (:meth:`_experts_fields`);
+        returns as it does."""
+        colours = self._colour_systems(locals_, applieds)
+        totals, ok = run_sweeps(
+            colours, r, applieds, self.sweeps, read=sharding.to_shards, write=sharding.from_shards
+        )
+        u = u + sharding.from_shards(swept_change(colours, locals_, totals))
+        return u, ok, *self._sweeps_report(colours, len(u))
+
+    def _sweeps_report(self, colours, batch: int):
+        """The number of this process's expert solves ``(batch,)`` (not the padding
+        of its share) and their condition numbers, one ``(B, k)`` per solve."""
+        real = sum(colour.extended.valid.any(dim=-1).sum() for colour in colours)
+        return (self.sweeps * real).expand(batch), [c.condition for c in colours] * self.sweeps
 
     def _solved_sweeps(self, u, phi, inputs, linear, data):
         """The sweeps that evaluate the residual: the experts' own Newton solves, or
@@ -350,3 +325,16 @@ class MoEConstraint(_Constraint):
             if self.update == "restricted_additive":
                 u = start + sum(corrections)
         return u, ok, iterations, conditions
+
+
+def _solving_groups(reads: np.ndarray, writes: np.ndarray) -> list[np.ndarray]:
+    """Experts in groups that can solve at once: no expert of a group reads (the rows
+    of its condition, ``reads`` ``(K, n)`` bool) where another writes (where its
+    correction moves the residual, ``writes`` ``(K, n)``), so that solving a group's
+    experts together is solving them one after the other. The colours of the
+    graph of such conflicts (DSATUR, :func:`~fenop.fem.colour_graph`); returns the
+    expert indices of each colour."""
+    read = scipy.sparse.csr_array(reads.astype(np.float64))
+    write = scipy.sparse.csr_array(writes.astype(np.float64))
+    colour = colour_graph(scipy.sparse.csr_array(read @ write.T))
+    return [np.flatnonzero(colour == c) for c in range(colour.max() + 1)]

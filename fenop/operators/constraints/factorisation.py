@@ -5,7 +5,8 @@ of ``N x N`` float64 systems, scaled to a unit diagonal and ridged
 (:func:`~fenop.operators.implicit.scaled_system`), then factorised: Cholesky where
 the system is symmetric, LU otherwise. A :class:`Factorisation` holds the factors
 of one batch, solves with them (and with their transpose, for an adjoint), and
-says how well conditioned each system is.
+says how well conditioned each system is; :class:`DenseSystems` is what a layer
+decides once for all its systems (the ridge, whether they are symmetric).
 
 >>> import torch
 >>> matrix = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)[None]
@@ -18,6 +19,7 @@ says how well conditioned each system is.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -67,6 +69,24 @@ class Factorisation:
     def condition(self) -> torch.Tensor:
         """``(...)``: each scaled system's 2-norm condition number (:func:`condition_number`)."""
         return condition_number(self.scaled, symmetric=self.symmetric)
+
+
+@dataclass(frozen=True)
+class DenseSystems:
+    """How a layer's systems are solved: their ridge, and whether they are symmetric."""
+
+    ridge: float
+    symmetric: bool
+
+    def factorise(self, matrix: torch.Tensor) -> Factorisation:
+        """``matrix`` ``(..., N, N)`` scaled, ridged and factorised."""
+        return Factorisation(matrix, ridge=self.ridge, symmetric=self.symmetric)
+
+    def condition(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``(...)``: the condition numbers of the scaled systems of ``matrix``
+        ``(..., N, N)``, without factorising them."""
+        scaled = scaled_system(matrix.detach(), self.ridge)[0]
+        return condition_number(scaled, symmetric=self.symmetric)
 
 
 def condition_number(scaled: torch.Tensor, *, symmetric: bool) -> torch.Tensor:

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import torch
 
+from fenop.fem.jacobian import JacobianPattern
+from fenop.operators.constraints.factorisation import DenseSystems, Factorisation
+
+
+def _galerkin_solve(g, phi, r0, values, pattern: JacobianPattern, systems: DenseSystems):
+    """:class:`_GalerkinSolve`: its matrix ``Φ J Φᵀ`` factorised outside the graph (its
+    backward pass is written out), then solved."""
+    with torch.no_grad():
+        factors = systems.factorise(phi @ pattern.matmul(values, phi).transpose(-1, -2))
+    return _GalerkinSolve.apply(g, phi, r0, values, pattern, factors)
+
 
 class _GalerkinSolve(torch.autograd.Function):
     """The global Galerkin solve of an affine residual ``R(u) = J u + R(0)``:
     ``out = g + Φᵀ w`` with ``(Φ J Φᵀ) w = -Φ R(g)``, from ``g`` ``(B, n)``, ``Φ``
-    ``(B, N, n)``, ``R(0)`` ``(B, n)``, ``J``'s entries ``(B, nnz)`` and the layer
-    (its pattern and solves); also whether each solve succeeded ``(B,)`` and the
-    condition numbers ``(B, 1)``.
+    ``(B, N, n)``, ``R(0)`` ``(B, n)``, ``J``'s entries ``(B, nnz)`` on ``pattern``
+    and the factors of ``M = Φ J Φᵀ``; also whether each solve succeeded ``(B,)``
+    and the condition numbers ``(B, 1)``.
 
     The backward pass is written out. With ``λ = -M⁻ᵀ Φ ḡ`` (``M = Φ J Φᵀ``),
     ``z = Φᵀ λ`` and ``a = ḡ + Jᵀ z``, the gradients are ``ḡ_g = a``, ``ḡ_R(0) = z``,
@@ -25,16 +36,12 @@ class _GalerkinSolve(torch.autograd.Function):
     Once differentiable."""
 
     @staticmethod
-    def forward(ctx, g, phi, r0, values, layer):
-        pattern = layer.pattern
-        applied = pattern.matmul(values, phi)  # J φ_j, (B, N, n)
-        r = layer._residual_from(g, (r0, values), {})
-        matrix = phi @ applied.transpose(-1, -2)
-        factors = layer._factorise(matrix)
+    def forward(ctx, g, phi, r0, values, pattern: JacobianPattern, factors: Factorisation):
+        r = pattern.matmul(values, g[:, None])[:, 0] + r0
         condition = factors.condition()
         w, ok = factors.solve(-(phi @ r[..., None])[..., 0])
         out = g + (w[:, None] @ phi)[:, 0]
-        ctx.layer, ctx.factors = layer, factors
+        ctx.pattern, ctx.factors = pattern, factors
         ctx.save_for_backward(phi, r0, values, w, out)
         condition = condition[:, None]
         ctx.mark_non_differentiable(ok, condition)
@@ -44,14 +51,14 @@ class _GalerkinSolve(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _ok, _condition):
         phi, r0, values, w, out = ctx.saved_tensors
-        layer, pattern = ctx.layer, ctx.layer.pattern
+        pattern = ctx.pattern
         lam = -ctx.factors.solve((phi @ grad[..., None])[..., 0], adjoint=True)[0]
         z = (lam[:, None] @ phi)[:, 0]
         a = grad + pattern.matmul(values, z[:, None], transpose=True)[:, 0]
         grad_phi = grad_values = None
         if ctx.needs_input_grad[1]:
-            r_out = layer._residual_from(out, (r0, values), {})
+            r_out = pattern.matmul(values, out[:, None])[:, 0] + r0
             grad_phi = torch.stack([w, lam], dim=-1) @ torch.stack([a, r_out], dim=1)
         if ctx.needs_input_grad[3]:
             grad_values = pattern.outer(z, out)
-        return a, grad_phi, z, grad_values, None
+        return a, grad_phi, z, grad_values, None, None

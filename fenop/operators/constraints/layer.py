@@ -1,6 +1,7 @@
 """The machinery both constraint layers share: the residual, its linearisation on
-the FE pattern, the scaled and ridged dense solves, Newton's method with the
-implicit function theorem's gradient, and the global solve."""
+the FE pattern, the experts' systems for the layer's condition
+(:mod:`~fenop.operators.constraints.conditions`), their solves (a linear one, or a
+root finder's with the implicit function theorem's gradient) and the global solve."""
 
 from __future__ import annotations
 
@@ -13,17 +14,23 @@ from torch import nn
 from fenop.fem.jacobian import JacobianPattern
 from fenop.operators.constraints.common import (
     _CONDITION_LIMIT,
-    _DAMPING,
     CONDITIONS,
     Condition,
     _needs_gradient,
     free_dofs,
 )
-from fenop.operators.constraints.factorisation import Factorisation, condition_number
+from fenop.operators.constraints.conditions import RULES
+from fenop.operators.constraints.factorisation import DenseSystems
 from fenop.operators.constraints.fields import _combined, _IndexSets, _jvp, _tested
-from fenop.operators.constraints.galerkin import _GalerkinSolve
+from fenop.operators.constraints.galerkin import _galerkin_solve
 from fenop.operators.constraints.residual import AssembledJacobian, missing_members
-from fenop.operators.implicit import implicit_root, scaled_system
+from fenop.operators.constraints.roots import (
+    LevenbergMarquardt,
+    Linearisation,
+    Newton,
+    Stopping,
+)
+from fenop.operators.implicit import implicit_root
 
 
 class _Constraint(nn.Module):
@@ -55,15 +62,20 @@ class _Constraint(nn.Module):
                 "members of fenop.operators.constraints.Residual (DirichletResidual has them)"
             )
         self.residual, self.condition, self.ridge = residual, condition, float(ridge)
+        self.rule = RULES[condition]
         self.affine = bool(residual.affine)
         # a residual that assembles its own Jacobian, in one pass
         self.assembled = isinstance(residual, AssembledJacobian)
         self.max_iterations, self.tolerance = int(max_iterations), float(tolerance)
         self.chord = bool(chord)
         self.space = residual.forms.space
-        # Galerkin matrices Φᵀ J Φ are symmetric when J is on the free DOFs; the
-        # (Gauss-Newton) normal equations of least squares always are.
-        self.symmetric = condition == "least_squares" or bool(residual.symmetric)
+        self.symmetric = self.rule.symmetric(residual)
+        self.systems = DenseSystems(ridge=self.ridge, symmetric=self.symmetric)
+        stopping = Stopping(max_iterations=self.max_iterations, tolerance=self.tolerance)
+        if self.rule.needs_jacobian:
+            self.root_finder = LevenbergMarquardt(systems=self.systems, stopping=stopping)
+        else:  # chord iterations: the condition alone at each trial point
+            self.root_finder = Newton(systems=self.systems, stopping=stopping, chord=self.chord)
         self.register_buffer("free", free_dofs(residual), persistent=False)
         self.pattern = JacobianPattern(self.space)
         self.everywhere = _IndexSets(None, self.space.n_dofs)
@@ -152,34 +164,21 @@ class _Constraint(nn.Module):
         r0, values = linear
         return self.pattern.matmul(values, u[:, None])[:, 0] + r0
 
-    def _factorise(self, matrix: torch.Tensor) -> Factorisation:
-        """``matrix`` ``(..., N, N)`` scaled, ridged and factorised as this layer's
-        systems are (its ridge; Cholesky where they are symmetric)."""
-        return Factorisation(matrix, ridge=self.ridge, symmetric=self.symmetric)
-
-    def _condition(self, matrix: torch.Tensor) -> torch.Tensor:
-        """``(...)``: the condition numbers of the scaled systems of ``matrix``
-        ``(..., N, N)``, without factorising them."""
-        scaled = scaled_system(matrix.detach(), self.ridge)[0]
-        return condition_number(scaled, symmetric=self.symmetric)
-
     def _system(self, r, values, local, sets):
         """The experts' condition and its (Gauss-Newton, for least squares) matrix:
         ``F (B, k, N)``, ``M (B, k, N, N)``, for experts of bases ``local``
         ``(B, k, N, m)`` on their extended sets. ``r`` ``(B, n)`` and ``values`` are
         ``R`` and ``J`` at the current field; ``sets`` the experts' (extended, rows)
         index sets and their blocks of ``J`` (``None``: one expert, the whole domain).
-        Also the test fields, ``χ_k Φ`` (Galerkin) or ``J (χ_k Φ)`` on the rows, and
-        ``J (χ_k Φ)`` on the rows ``(B, k, N, m_r)``."""
+        Also the test fields (:meth:`Galerkin.test_fields
+        <fenop.operators.constraints.conditions.Galerkin.test_fields>`)."""
         _, rows, blocks = sets
         if blocks is None:
             applied = self.pattern.matmul(values, local[:, 0])[:, None]
         else:
             applied = blocks.matmul(values, local)  # J (χ_k Φ) on expert k's rows
-        test = local if self.condition == "galerkin" else applied
-        f_value = _tested(test, rows.gather(r))
-        matrix = test @ applied.transpose(-1, -2)
-        return f_value, matrix, test, applied
+        test = self.rule.test_fields(local, applied)
+        return _tested(test, rows.gather(r)), test @ applied.transpose(-1, -2), test
 
     def _experts(
         self, u, local, sets, inputs, linear=None, cache=None, cells=None, r=None, data=None
@@ -188,26 +187,25 @@ class _Constraint(nn.Module):
         from ``u`` ``(B, n)``: for an affine residual, whose linearisation ``linear`` is
         the forward call's, one solve (the matrix, which does not depend on ``u``, kept
         in ``cache`` with its factors and the test fields), from ``r = R(u)`` where
-        the caller has it; Newton's method otherwise, with the implicit function
-        theorem's gradient, whose convergence test is relative to ``data`` ``(B,)``
-        (:meth:`_data_norm`, found here if not given). A residual that is not affine
-        but given with its linearisation (``linear``) is solved as that affine one.
-        Also whether each succeeded, the condition numbers, the iterations."""
-        if linear is not None:
-            if r is None:
-                r = self._residual_from(u, linear, inputs)
-            if cache is not None and "factors" in cache:
-                f_value = _tested(cache["test"], sets[1].gather(r))
-                factors, condition = cache["factors"], cache["condition"]
-            else:
-                f_value, matrix, test, _ = self._system(r, linear[1], local, sets)
-                factors = self._factorise(matrix)
-                condition = factors.condition()
-                if cache is not None:
-                    cache.update(test=test, factors=factors, condition=condition)
-            w, ok = factors.solve(-f_value)
-            return w, ok, condition, torch.ones_like(ok, dtype=torch.int64)
-        return self._newton(u, local, sets, inputs, cells, data)
+        the caller has it; Newton's method otherwise (:meth:`_nonlinear`). A residual
+        that is not affine but given with its linearisation (``linear``) is solved as
+        that affine one. Also whether each succeeded, the condition numbers, the
+        iterations."""
+        if linear is None:
+            return self._nonlinear(u, local, sets, inputs, cells, data)
+        if r is None:
+            r = self._residual_from(u, linear, inputs)
+        if cache is not None and "factors" in cache:
+            f_value = _tested(cache["test"], sets[1].gather(r))
+            factors, condition = cache["factors"], cache["condition"]
+        else:
+            f_value, matrix, test = self._system(r, linear[1], local, sets)
+            factors = self.systems.factorise(matrix)
+            condition = factors.condition()
+            if cache is not None:
+                cache.update(test=test, factors=factors, condition=condition)
+        w, ok = factors.solve(-f_value)
+        return w, ok, condition, torch.ones_like(ok, dtype=torch.int64)
 
     def _data_norm(self, u: torch.Tensor, inputs: dict) -> torch.Tensor:
         """``(B,)``: the norm of the residual of the zero field (shaped like ``u``
@@ -217,122 +215,31 @@ class _Constraint(nn.Module):
             zero = self._residual_of(torch.zeros_like(u), inputs)
             return torch.where(self.free, zero, 0.0).norm(dim=-1)
 
-    def _newton(self, u, local, sets, inputs, cells=None, data=None):
-        batch, k, n_basis, _ = local.shape
-        extended, rows, _ = sets
+    def _nonlinear(self, u, local, sets, inputs, cells=None, data=None):
+        """:meth:`_experts` for a residual that is not affine: the root finder's root,
+        whose convergence test is relative to ``data`` ``(B,)`` (:meth:`_data_norm`,
+        found here if not given), with the implicit function theorem's gradient."""
+        if data is None:
+            data = self._data_norm(u, inputs)
+        problem = _ExpertProblem(self, u, local, sets, inputs, cells)
+        result = self.root_finder.solve(problem, local.new_zeros(local.shape[:3]), data)
+        w = result.solution
+        jacobian = None  # autograd's, from the condition (least squares' Gauss-Newton
+        if self.rule.exact_matrix:  # matrix is not its exact Jacobian)
+            jacobian = result.matrix
+            # a chord iteration's matrix is the first iterate's: the one at the root
+            if self.root_finder.chord and _needs_gradient(u, local, inputs):
+                with torch.no_grad():
+                    jacobian = problem.linearised(w).matrix
         names = list(inputs)
-
-        def field(w, u, local):
-            return u + extended.scatter(_combined(w, local))
-
-        def system(w, u, local, inputs):
-            """The condition, its matrix, the test fields and least squares' objective
-            |R|² on each expert's rows ``(B, k)``, at ``w``."""
-            r, values = self._linearise(field(w, u, local), inputs, cells)
-            f_value, matrix, test, _ = self._system(r, values, local, sets)
-            return f_value, matrix, test, rows.gather(r).square().sum(-1)
-
-        def condition_only(w, u, local, inputs):
-            """Galerkin's condition at ``w`` without linearising: one residual evaluation."""
-            with self._on(cells):
-                r = self._residual_of(field(w, u, local), inputs)
-            return _tested(local, rows.gather(r))
-
-        # Chord iterations (Galerkin): the matrix of the first iterate is kept, so an
-        # iteration costs one residual evaluation, not a linearisation (one per
-        # colour of the pattern); the root is the same. Least squares' condition
-        # holds J itself, so it linearises every iteration.
-        chord = self.chord and self.condition == "galerkin"
-
-        damped = self.condition == "least_squares"
-        with torch.no_grad():
-            if data is None:
-                data = self._data_norm(u, inputs)
-            w = local.new_zeros(batch, k, n_basis)
-            ok = torch.ones(batch, k, dtype=torch.bool, device=local.device)
-            done = torch.zeros_like(ok)
-            iterations = torch.zeros(batch, k, dtype=torch.int64, device=local.device)
-            f_value, matrix, test, current = system(w, u, local, inputs)
-            # Levenberg-Marquardt (least squares): λ per problem, Marquardt's scaling
-            damping = local.new_full((batch, k), _DAMPING)
-            # Problems that have converged are left as they are. On a GPU the loop runs
-            # its full count, with no host synchronisation inside; on the CPU, where
-            # asking costs nothing, it stops once every problem has converged.
-            for iteration in range(self.max_iterations + 1):
-                # Converged: the condition below `tolerance` times its scale, the test
-                # fields' norm times the data's (the residual of the zero field), or a
-                # step below `tolerance (1 + |w|)`. Not relative to the first value: after
-                # a coarse solve that is small already, and where basis fields are
-                # dependent on a patch the steps do not shrink (they move along the
-                # dependent directions, which the ridge leaves free) while the
-                # condition sits at rounding.
-                scale = test.norm(dim=(-1, -2)) * data[:, None]
-                done = done | (f_value.norm(dim=-1) <= self.tolerance * scale)
-                if iteration == self.max_iterations or (
-                    local.device.type == "cpu" and bool(done.all())
-                ):
-                    break
-                system_matrix = matrix
-                if damped:
-                    diagonal = torch.diagonal(matrix, dim1=-2, dim2=-1)
-                    system_matrix = matrix + torch.diag_embed(damping[..., None] * diagonal)
-                step, solved = self._factorise(system_matrix).solve(-f_value)
-                ok = ok & (solved | done)
-                trial = torch.where(done[..., None], w, w + step)
-                if chord:  # the matrix kept: the condition alone at the trial
-                    f_new, matrix_new, test_new, value = (
-                        condition_only(trial, u, local, inputs),
-                        matrix,
-                        test,
-                        current,
-                    )
-                    # A chord step that has not halved the condition gets the matrix
-                    # at its point next (Newton's step): the chord's linear rate is
-                    # slow where the matrix moves. On a GPU, where asking whether
-                    # any problem is slow would synchronise, it is computed always.
-                    slow = ~done & (f_new.norm(dim=-1) > 0.5 * f_value.norm(dim=-1))
-                    if local.device.type != "cpu" or bool(slow.any()):
-                        fresh = system(trial, u, local, inputs)[1]
-                        matrix_new = torch.where(slow[..., None, None], fresh, matrix)
-                else:
-                    f_new, matrix_new, test_new, value = system(trial, u, local, inputs)
-                accept = ~done
-                if damped:
-                    # A step that raises |R|² (beyond rounding) is refused and λ raised
-                    # tenfold; an accepted one lowers λ tenfold, so that near the
-                    # solution the steps are Gauss-Newton's and converge as fast.
-                    accept = accept & (value <= current * (1 + 1e-13))
-                    damping = torch.where(accept, damping / 10, damping * 10).clamp(0, 1e12)
-                    current = torch.where(accept, value, current)
-                iterations = iterations + (~done).to(torch.int64)
-                w = torch.where(accept[..., None], trial, w)
-                f_value = torch.where(accept[..., None], f_new, f_value)
-                matrix = torch.where(accept[..., None, None], matrix_new, matrix)
-                test = torch.where(accept[..., None, None], test_new, test)
-                done = done | (step.norm(dim=-1) <= self.tolerance * (1 + w.norm(dim=-1)))
-            ok = ok & done  # not converged within max_iterations: reported
-            # the (undamped) matrix of the last iterate: once, not every iteration
-            condition = self._condition(matrix)
-
-        # Galerkin's matrix (χΦ)ᵀ J (χΦ), at the solution, is the condition's exact
-        # Jacobian: the adjoint needs no second derivatives, and the condition no
-        # linearisation. (Least squares' Gauss-Newton matrix is not: autograd's.)
-        if chord and _needs_gradient(u, local, inputs):
-            with torch.no_grad():
-                matrix = system(w, u, local, inputs)[1]
-        jacobian = matrix if self.condition == "galerkin" else None
 
         def condition_of(w, u, local, *values):
             ins = dict(zip(names, values, strict=True))
-            if self.condition == "galerkin":
-                with self._on(cells):
-                    r = self._residual_of(field(w, u, local), ins)
-                return _tested(local, rows.gather(r))
-            return system(w, u, local, ins)[0]
+            return _ExpertProblem(self, u, local, sets, ins, cells).value(w)
 
         values = (inputs[name] for name in names)
         w = implicit_root(condition_of, w, u, local, *values, jacobian=jacobian, ridge=self.ridge)
-        return w, ok, condition, iterations
+        return w, result.converged, result.condition, result.iterations
 
     def _prepare(self, prediction, basis, inputs):
         self._check(prediction, basis)
@@ -344,8 +251,8 @@ class _Constraint(nn.Module):
 
     def _global(self, u, phi, inputs, linear=None, data=None):
         """One solve over the whole domain: ``u + Φ w`` with the condition."""
-        if linear is not None and self.condition == "galerkin":
-            out, ok, condition = _GalerkinSolve.apply(u, phi, *linear, self)
+        if linear is not None and self.rule is RULES["galerkin"]:
+            out, ok, condition = _galerkin_solve(u, phi, *linear, self.pattern, self.systems)
             return out, ok, condition, torch.ones_like(condition, dtype=torch.int64)
         sets = (self.everywhere, self.everywhere, None)
         w, ok, condition, iterations = self._experts(
@@ -389,3 +296,32 @@ class _Constraint(nn.Module):
                 "residual_norm": r.norm(dim=-1).cpu(),
             }
         return u.to(dtype)[:, None]
+
+
+class _ExpertProblem:
+    """Experts' nonlinear conditions as a root problem (:mod:`...roots
+    <fenop.operators.constraints.roots>`): the coefficients ``w`` ``(B, k, N)`` of
+    the field ``u + Σ_j w_j χ_k Φ_j``, for the layer's condition, with ``u``
+    ``(B, n)``, the experts' bases ``local`` ``(B, k, N, m)`` and their index sets
+    ``sets``; ``cells``, where given, the cells the residual is evaluated on."""
+
+    def __init__(self, layer: _Constraint, u, local, sets, inputs: dict, cells):
+        self.layer, self.u, self.local, self.sets = layer, u, local, sets
+        self.inputs, self.cells = inputs, cells
+
+    def field(self, w: torch.Tensor) -> torch.Tensor:
+        return self.u + self.sets[0].scatter(_combined(w, self.local))
+
+    def linearised(self, w: torch.Tensor) -> Linearisation:
+        layer = self.layer
+        r, values = layer._linearise(self.field(w), self.inputs, self.cells)
+        f_value, matrix, test = layer._system(r, values, self.local, self.sets)
+        return Linearisation(f_value, matrix, test, self.sets[1].gather(r).square().sum(-1))
+
+    def value(self, w: torch.Tensor) -> torch.Tensor:
+        """The condition at ``w``; without linearising where it holds no ``J``."""
+        if self.layer.rule.needs_jacobian:
+            return self.linearised(w).value
+        with self.layer._on(self.cells):
+            r = self.layer._residual_of(self.field(w), self.inputs)
+        return _tested(self.local, self.sets[1].gather(r))
