@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fenop.cli import DOMAIN_NAMES, PDE_NAMES, main
+from fenop._cli_parser import DOMAIN_NAMES, PDE_NAMES
+from fenop.cli import main
 from fenop.data import generate, read_header
 from fenop.fem import FunctionSpace, unit_square
 from fenop.operators import FEMultigrid, FEOperator

@@ -4,16 +4,9 @@ from fenop.data.dataset import FieldDataset, Normalizer
 from fenop.data.generation import SampleError, WorkerDiedError, generate
 from fenop.data.grf import GaussianRandomField
 from fenop.data.grid_files import convert_neuralop_darcy, read_neuralop_darcy
+from fenop.data.header import StoreError, read_header
 from fenop.data.pdes import PDES, get_pde
-from fenop.data.store import (
-    StoreError,
-    StoreInfo,
-    open_store,
-    read_header,
-    read_store,
-    store_space,
-    validate_store,
-)
+from fenop.data.store import StoreInfo, open_store, read_store, store_space, validate_store
 
 __all__ = [
     "PDES",

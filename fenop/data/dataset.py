@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fenop.data.store import StoreInfo, open_h5, read_store, store_space
+from fenop.data.header import open_h5
+from fenop.data.store import StoreInfo, read_store, store_space
 from fenop.fem import FunctionSpace
 from fenop.fem.normalizer import Normalizer
 

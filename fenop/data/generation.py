@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 
 from fenop._checks import missing_folder, unknown_options
 from fenop._errors import InputError
-from fenop._files import Locked, exclusive
+from fenop._files import Locked, exclusive, replacing
 from fenop.data import _workers
+from fenop.data.header import StoreError, read_header
 from fenop.data.pdes import PDEFamily, get_pde
-from fenop.data.store import StoreError, create_store, read_header, store_space, write_samples
+from fenop.data.store import create_store, store_space, write_samples
 from fenop.fem import FunctionSpace
 
 __all__ = ["SampleError", "WorkerDiedError", "generate"]
@@ -190,18 +191,21 @@ def generate(
             start, chunk_size = _resume_from(path, family, expected)
         else:
             created = True
-            create_store(
-                path,
-                space,
-                fields=family.fields,
-                n_samples=n_samples,
-                chunk_size=chunk_size,
-                attrs={
-                    key: value
-                    for key, value in expected.items()
-                    if key not in ("element", "fields", "n_samples")
-                },
-            )
+            # made beside the path and renamed: a kill while HDF5 writes the layout
+            # leaves no truncated file where the next run would resume
+            with replacing(path) as staging:
+                create_store(
+                    staging,
+                    space,
+                    fields=family.fields,
+                    n_samples=n_samples,
+                    chunk_size=chunk_size,
+                    attrs={
+                        key: value
+                        for key, value in expected.items()
+                        if key not in ("element", "fields", "n_samples")
+                    },
+                )
         if start >= n_samples:
             return path
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from fenop._checks import missing_file
-from fenop.data.store import StoreError, create_store, write_samples
+from fenop.data.header import StoreError
+from fenop.data.store import create_store, write_samples
 from fenop.fem import FunctionSpace, unit_square
 
 

@@ -40,15 +40,8 @@ import numpy as np
 
 from fenop._errors import InputError
 from fenop._files import replacing
-from fenop.data.store import (
-    StoreError,
-    create_store,
-    field_name_problem,
-    read_batches,
-    read_store,
-    sample_range,
-    write_samples,
-)
+from fenop.data.header import StoreError, field_name_problem
+from fenop.data.store import create_store, read_batches, read_store, sample_range, write_samples
 from fenop.fem import FunctionSpace
 from fenop.fem.mesh import MeshError, mesh_from_arrays
 

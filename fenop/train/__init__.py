@@ -10,6 +10,7 @@ from fenop.train.checkpoint import (
     read_config,
     save_checkpoint,
 )
+from fenop.train.device import DeviceError, resolve_device
 from fenop.train.inference import Evaluation, evaluate_store, predict_store
 from fenop.train.models import (
     PROCESSORS,
@@ -18,7 +19,7 @@ from fenop.train.models import (
     build_model,
     describe_model,
 )
-from fenop.train.trainer import DeviceError, Trainer, resolve_device, saved_epoch
+from fenop.train.trainer import Trainer, saved_epoch
 
 __all__ = [
     "PRETRAINED",

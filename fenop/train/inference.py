@@ -34,12 +34,13 @@ from fenop._checks import missing_folder
 from fenop._errors import InputError
 from fenop._files import replacing
 from fenop.data import StoreError, StoreInfo, read_store
-from fenop.data.store import create_store, open_h5, read_batches, sample_range, write_samples
+from fenop.data.header import open_h5
+from fenop.data.store import create_store, read_batches, sample_range, write_samples
 from fenop.fem import FunctionSpace, RelativeH1Loss, RelativeL2Loss
 from fenop.operators import FEOperator
 from fenop.train.checkpoint import checkpoint_path, load_checkpoint, read_config
+from fenop.train.device import resolve_device
 from fenop.train.physics import ConstraintError, build_constraint, residual_for, residual_inputs
-from fenop.train.trainer import resolve_device
 
 ModelLike = FEOperator | str | os.PathLike
 

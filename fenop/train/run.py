@@ -14,9 +14,10 @@ from fenop.data import FieldDataset, StoreInfo, read_store
 from fenop.fem import FunctionSpace, hierarchy, load_mesh
 from fenop.fem.mesh import DOMAINS
 from fenop.train.config import ConfigError, read_config
+from fenop.train.device import resolve_device
 from fenop.train.models import PROCESSORS, DescriptionError, ModelDescription, build_model
 from fenop.train.physics import ConstraintError, PhysicsLoss, residual_for
-from fenop.train.trainer import Trainer, resolve_device
+from fenop.train.trainer import Trainer
 
 
 def build_from_config(

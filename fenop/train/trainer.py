@@ -35,7 +35,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from fenop._errors import InputError
 from fenop._files import replacing
 from fenop._options import declared_options
 from fenop.data import FieldDataset
@@ -44,6 +43,7 @@ from fenop.operators import FEOperator
 from fenop.operators.sharding import Shardable
 from fenop.train import distributed
 from fenop.train.checkpoint import CheckpointError, non_finite, read_config, save_checkpoint
+from fenop.train.device import resolve_device
 
 Schedule = Literal["cosine", "step", "constant"]
 Loss = Literal["l2", "h1"]
@@ -75,33 +75,6 @@ def check_settings(settings: dict, *, key: Callable[[str], str] = lambda name: f
         if not (value >= least if allowed else value > least) or not value < math.inf:
             what = "non-negative" if least == 0 and allowed else "positive"
             raise ValueError(f"{key(name)} must be {what} and finite, got {value}")
-
-
-class DeviceError(InputError):
-    """A device that cannot be used here (unknown, or absent on this machine)."""
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as a ``torch.device``; ``None`` or ``"auto"``: CUDA when present,
-    else the CPU. A ValueError says why a device cannot be used here.
-
-    >>> resolve_device("cpu")
-    device(type='cpu')
-    """
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU build)"
-            raise DeviceError(f"device {device!r}: no CUDA device here{build}")
-        if resolved.index is not None and resolved.index >= count:
-            raise DeviceError(f"device {device!r}: only {count} CUDA device(s) here")
-    return resolved
 
 
 class Trainer:

@@ -364,3 +364,22 @@ def test_workers_do_not_import_the_operators():
         "fenop.operators; assert 'neuralop' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_store_interrupted_while_it_is_created_leaves_no_file(tmp_path, monkeypatch):
+    # HDF5 writes the layout in several steps; a kill among them must not leave a
+    # truncated file where the next run would try to resume
+    path = tmp_path / "d.h5"
+    create = generation.create_store
+
+    def half_created(staging, *args, **kwargs):
+        Path(staging).write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(88))  # a truncated file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generation, "create_store", half_created)
+    with pytest.raises(KeyboardInterrupt):
+        generate("darcy", 2, unit_square(5), seed=0, path=path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(generation, "create_store", create)
+    generate("darcy", 2, unit_square(5), seed=0, path=path, progress=False)
+    assert read_header(path)["n_complete"] == 2

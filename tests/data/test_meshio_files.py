@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from fenop._errors import InputError
+from fenop.data.header import StoreError
 from fenop.data.meshio_files import meshio_to_store, store_to_meshio
-from fenop.data.store import StoreError, create_store, read_store, write_samples
+from fenop.data.store import create_store, read_store, write_samples
 from fenop.fem import FunctionSpace, l_shape, unit_square
 
 

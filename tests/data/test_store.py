@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from fenop.data.header import StoreError, open_h5
 from fenop.data.store import (
-    StoreError,
     create_store,
-    open_h5,
     open_store,
     read_store,
     store_space,
