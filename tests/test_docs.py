@@ -3,6 +3,7 @@
 import re
 
 import h5py
+import pytest
 
 from fenop.cli import main
 from tests.helpers import ROOT
@@ -19,9 +20,24 @@ def test_the_hand_written_store_of_the_formats_page_is_predicted_on(tmp_path, mo
         assert f["u"].shape == (5, 17 * 17)
 
 
-def test_the_readme_links_the_guide_pages():
+def test_the_readme_links_every_guide_page_and_the_index_lists_them():
     readme = (ROOT / "README.md").read_text()
-    assert "docs/formats.md" in readme and "docs/own_pde.md" in readme
+    index = (ROOT / "docs" / "index.md").read_text()
+    pages = sorted(p.stem for p in (ROOT / "docs").glob("*.md") if p.stem != "index")
+    assert pages
+    for page in pages:
+        assert f"docs/{page}.md" in readme, page
+        assert f"\n{page}\n" in index, page
+
+
+@pytest.mark.parametrize("page", ["concepts", "own_data", "hard_constraints"])
+def test_the_python_blocks_of_a_guide_page_run(page, tmp_path, monkeypatch):
+    text = (ROOT / "docs" / f"{page}.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, f"docs/{page}.md", "exec"), {})
 
 
 def test_the_own_pde_page_constrains_a_model_by_its_residual():

@@ -106,10 +106,11 @@ class FEForms(nn.Module):
     Args:
         space: the FE space; its scikit-fem basis fixes the quadrature rule.
 
-    Shapes (``...`` are any leading batch/channel dims; E cells, Q quadrature points
-    per cell, d the dimension):
+    Shapes:
         coefficients ``(..., n_dofs)``; values at quadrature points ``(..., E, Q)``;
-        gradients and fluxes ``(..., d, E, Q)``.
+        gradients and fluxes ``(..., d, E, Q)``: ``...`` any leading batch and
+        channel dimensions, ``E`` cells, ``Q`` quadrature points per cell, ``d`` the
+        dimension.
     """
 
     def __init__(self, space: FunctionSpace):
