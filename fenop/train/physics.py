@@ -48,9 +48,9 @@ from fenop.operators.constraints import UPDATE_ALIASES, free_dofs
 KINDS = {"moe": MoEConstraint, "global": HardConstraint}
 PARTITIONS = {"metis": MetisPartition, "bisection": BisectionPartition}
 # Basis fields by kind. One global solve corrects only in the span of its fields:
-# at equal training time on nonlinear diffusion 32 fields reach 0.0187 against
-# 0.0304 with 16, at about the same cost per step (on Darcy both 0.025; BENCHMARKS.md,
-# "Soft against hard"). The experts each have their own patch of 16.
+# at equal training time on nonlinear diffusion 32 fields do much better than 16,
+# at about the same cost per step, and on Darcy as well (BENCHMARKS.md, "Soft
+# against hard"). The experts each have their own patch of 16.
 _BASIS = {"moe": 16, "global": 32}
 # The table's own keys, beside the layer's options.
 _TABLE = {

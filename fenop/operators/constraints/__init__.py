@@ -6,8 +6,8 @@ that make the FE residual ``R(u; inputs)`` vanish against the basis:
 
 - ``condition="galerkin"`` (default): ``Φᵀ R(g + Φ w) = 0``, the residual orthogonal
   to the basis. For an elliptic problem this is the energy-norm best fit in the
-  span (Céa's lemma); measured 10x more accurate than least squares at the same
-  cost (DESIGN, "Hard constraints").
+  span (Céa's lemma), and it is the more accurate of the two at the same cost
+  (BENCHMARKS.md, "Hard constraints: the formulations on one sample").
 - ``condition="least_squares"``: ``min_w |R(g + Φ w)|²``, the objective of
   Chalapathi et al. (ICLR 2024), which weights the error towards high frequencies.
 
