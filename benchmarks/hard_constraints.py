@@ -1,18 +1,21 @@
 """The hard-constraint layer in training: what it costs as the mesh grows.
 
 ``accuracy``: the same FEOperator (FNO, 12 modes, 32 channels, on the mesh's
-grid) trained on one generated data set (R x R P1, 200 training and 50 test
-samples) in each way: unconstrained, soft (physics loss, weights 0.01, 0.1 and 1),
+grid, or ``--grid 64`` a fixed 64 x 64 one) trained on one generated data set (R x R
+P1, 200 training and 50 test samples) in each way: unconstrained, soft (physics
+loss, weights 0.01, 0.1 and 1),
 global hard (Galerkin with N = --basis fields or 32, least squares), and experts
 (MoE, METIS, overlap 2, 3 sweeps: K = 4, 16, 64 with the global coarse solve, K = 16
 without it, K = 16 least squares), each for the same
 wall-clock budget: AdamW on the relative L2 loss, as `fenop train`, with a cosine
 schedule in the elapsed time, so that every variant's learning rate reaches zero
 when its budget runs out, whatever its step costs; training stops at the first step
-that ends past the budget. It reports the test relative L2 against the FE
-solutions, the residual norm of the outputs (relative to the zero field's), the
-epochs and training time, the inference time per sample and the number of expert
-unknowns over free DOFs (K N / n_free).
+that ends past the budget. It reports the test relative L2 and H1 errors
+against the FE solutions, the residual norm of the outputs (relative to the zero
+field's), the epochs and the time per training step, the inference time per sample
+and the number of expert unknowns over free DOFs (K N / n_free). ``--loss h1``
+trains on the relative H1 loss instead of L2; the variants ``..., smoothing S``
+add S damped Jacobi sweeps before and after the solves.
 
 ``scaling``: one training step (forward, backward, optimiser) of the same
 FEOperator (FNO, 12 modes, 32 channels, on a 64 x 64 grid or, ``--grid mesh``, an
@@ -32,6 +35,8 @@ random basis fields): its forward pass without gradients (what inference costs),
 with them, and the backward pass.
 
     python benchmarks/hard_constraints.py accuracy --pde darcy --seconds 60
+    python benchmarks/hard_constraints.py accuracy --resolution 129 --grid 64 \
+        --samples 250 40 --seconds 150 --variants unconstrained "global, Galerkin, N=32"
     python benchmarks/hard_constraints.py accuracy --pde nonlinear_diffusion --seconds 60
     python benchmarks/hard_constraints.py accuracy --seconds 180 --variants unconstrained \
         "global, Galerkin" "MoE K=64, two-level Galerkin"
@@ -47,6 +52,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -57,7 +63,7 @@ from pathlib import Path
 import torch
 
 from fenop.data.pdes import get_pde
-from fenop.fem import FunctionSpace, MetisPartition, RelativeL2Loss, unit_square
+from fenop.fem import FunctionSpace, MetisPartition, RelativeH1Loss, RelativeL2Loss, unit_square
 from fenop.operators import FNO, FEOperator, HardConstraint, MoEConstraint
 from fenop.train.physics import PhysicsLoss
 
@@ -131,6 +137,17 @@ _ACCURACY = {
     "MoE K=16, two-level least squares": lambda r: MoEConstraint(
         r, MetisPartition(experts=16), condition="least_squares"
     ),
+    # Damped Jacobi sweeps of the FE system before and after the solves
+    # (benchmarks/constraint_at_scale.py measures why)
+    "global, Galerkin, N=32, smoothing 2": lambda r: HardConstraint(r, smoothing=2),
+    "global, Galerkin, N=32, smoothing 4": lambda r: HardConstraint(r, smoothing=4),
+    "global, Galerkin, N=32, smoothing 8": lambda r: HardConstraint(r, smoothing=8),
+    "MoE K=16, two-level Galerkin, smoothing 4": lambda r: MoEConstraint(
+        r, MetisPartition(experts=16), smoothing=4
+    ),
+    "MoE 4000 DOFs/expert, two-level Galerkin, smoothing 4": lambda r: MoEConstraint(
+        r, MetisPartition(dofs_per_expert=4000), smoothing=4
+    ),
 }
 
 
@@ -139,6 +156,7 @@ def _accuracy(args) -> dict:
 
     name = _INPUT[args.pde]
     n_train, n_test = args.samples
+    grid = args.resolution if args.grid == "mesh" else int(args.grid)
     path = generate(
         args.pde,
         n_train + n_test,
@@ -162,24 +180,26 @@ def _accuracy(args) -> dict:
         f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"{args.pde} {args.resolution} x {args.resolution} P1, {space.n_dofs} DOFs, "
         f"{n_train} / {n_test} samples, N = {args.basis}, batch {args.batch}, "
-        f"{args.seconds:g} s of training each"
+        f"FNO on a {grid} x {grid} grid, {args.loss.upper()} loss, {args.seconds:g} s of "
+        "training each"
     )
     print(
-        "| variant | K N / n_free | epochs | training (s) | test rel. L2 | residual | "
-        "inference (ms / sample) | failed solves |"
+        "| variant | K N / n_free | epochs | ms / step | test rel. L2 | test rel. H1 | residual "
+        "| inference (ms / sample) | failed solves |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     results = {}
     for variant in args.variants:
         make = _ACCURACY[variant]
         torch.manual_seed(0)  # the same initial weights for every variant
         constraint = make(residual) if make is not None else None
         # N from the variant's name where it gives one ("..., N=32"), else --basis
-        n_basis = int(variant.split("N=")[1]) if "N=" in variant else args.basis
+        given = re.search(r"N=(\d+)", variant)
+        n_basis = int(given.group(1)) if given else args.basis
         out = 1 + (n_basis if constraint is not None else 0)
         processor = FNO(4, out, n_modes=(12, 12), hidden_channels=32)
         extra = {"constraint": constraint, "constraint_inputs": (name,)} if constraint else {}
-        model = FEOperator(space, space, processor, resolution=args.resolution, **stats, **extra)
+        model = FEOperator(space, space, processor, resolution=grid, **stats, **extra)
         weight = float(variant.split("weight ")[1][:-1]) if variant.startswith("soft") else 0.0
         steps, seconds = _train_for(
             model,
@@ -189,6 +209,7 @@ def _accuracy(args) -> dict:
             batch=args.batch,
             physics=physics if weight else None,
             weight=weight,
+            loss=args.loss,
         )
         model.eval()
         with torch.no_grad():
@@ -196,24 +217,33 @@ def _accuracy(args) -> dict:
             prediction = model(x_test)
             inference = (time.perf_counter() - begin) / n_test
             error = RelativeL2Loss(space)(prediction, y_test).item()
+            error_h1 = RelativeH1Loss(space)(prediction, y_test).item()
             residual_norm = physics(prediction.double(), x_test.double()).item()
         report = getattr(constraint, "report", None)
         failed = int((~report["converged"]).sum()) if report else 0
-        ratio = f"{_experts(constraint) * n_basis / free:.2f}" if constraint is not None else "-"
+        ratio = f"{_experts(constraint) * n_basis / free:.2g}" if constraint is not None else "-"
         epochs = steps * args.batch / n_train
-        results[variant] = {"test_l2": error, "seconds": seconds, "steps": steps}
+        results[variant] = {
+            "test_l2": error,
+            "test_h1": error_h1,
+            "seconds": seconds,
+            "steps": steps,
+        }
         print(
-            f"| {variant} | {ratio} | {epochs:.1f} | {seconds:.0f} | {error:.4f} | "
-            f"{residual_norm:.1e} | {1000 * inference:.1f} | {failed} / {n_test} |",
+            f"| {variant} | {ratio} | {epochs:.1f} | {1000 * seconds / steps:.0f} | "
+            f"{error:.4f} | {error_h1:.4f} | {residual_norm:.1e} | {1000 * inference:.1f} | "
+            f"{failed} / {n_test} |",
             flush=True,
         )
     return results
 
 
-def _train_for(model, x, y, *, seconds, batch, physics, weight, lr=1e-3) -> tuple[int, float]:
+def _train_for(
+    model, x, y, *, seconds, batch, physics, weight, lr=1e-3, loss="l2"
+) -> tuple[int, float]:
     """Train ``model`` on ``(x, y)``, ``(n, C, n_dofs)``, for ``seconds`` of wall clock.
 
-    AdamW (weight decay 1e-4) on the relative L2 loss (plus ``weight`` times
+    AdamW (weight decay 1e-4) on the relative L2 (or ``loss="h1"``: H1) loss (plus ``weight`` times
     ``physics``), batches drawn in a shuffled order each epoch (seeded); the learning
     rate at elapsed time t is ``lr (1 + cos(pi t / seconds)) / 2``, a cosine schedule
     in time rather than in steps, so that a variant whose steps cost more takes fewer
@@ -221,7 +251,7 @@ def _train_for(model, x, y, *, seconds, batch, physics, weight, lr=1e-3) -> tupl
     short of it. Stops at the first step that ends past the budget. Returns the steps
     taken and the seconds they took.
     """
-    loss_fn = RelativeL2Loss(model.space_out)
+    loss_fn = (RelativeH1Loss if loss == "h1" else RelativeL2Loss)(model.space_out)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)
     steps, start, elapsed = 0, time.perf_counter(), 0.0
@@ -408,6 +438,10 @@ def main(argv=None) -> dict | None:
     accuracy.add_argument("--batch", type=int, default=8)
     accuracy.add_argument("--basis", type=int, default=16, help="N, the basis fields")
     accuracy.add_argument("--data", type=Path, default=Path("runs/hard_constraints"))
+    accuracy.add_argument("--loss", default="l2", choices=["l2", "h1"], help="training loss")
+    accuracy.add_argument(
+        "--grid", default="mesh", help="the FNO's grid: R x R (mesh, default) or N x N (N)"
+    )
     accuracy.add_argument(
         "--variants", nargs="+", default=list(_ACCURACY), choices=list(_ACCURACY), metavar="NAME"
     )

@@ -221,7 +221,7 @@ def test_hard_constraints_accuracy_trains_each_variant_for_the_budget(tmp_path, 
     for row in results.values():
         # Stopped by the clock: past the budget by at most about one step.
         assert 1.5 <= row["seconds"] < 1.5 + 2 * row["seconds"] / row["steps"] + 0.5
-        assert 0 < row["test_l2"] < 10
+        assert 0 < row["test_l2"] < 10 and 0 < row["test_h1"] < 10
     # K N / n_free: 4 experts of 4 fields over the 7 x 7 free DOFs; N from the name
     out = capsys.readouterr().out
     assert "| MoE K=4, two-level Galerkin | 0.33 |" in out
@@ -238,3 +238,23 @@ def test_hard_constraints_scaling_and_layer_run(capsys):
     assert "| 9 | 81 | moe K=16 | 16 |" in out and "failed" not in out
     assert "| 9 | 81 | basis only | 0 |" in out
     assert "| global |" in out
+
+
+def test_constraint_at_scale_takes_a_trained_models_error_apart(tmp_path, capsys):
+    script = load_script("benchmarks/constraint_at_scale.py")
+    small = ["--resolution", "17", "--seconds", "1", "--samples", "8", "4", "--measured", "2"]
+
+    def errors() -> dict[str, tuple[str, str]]:
+        """Each row's relative L2 and H1 errors, as printed."""
+        script.main([*small, "--data", str(tmp_path)])
+        rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()]
+        return {row[0].strip(): (row[1], row[2]) for row in rows[2:] if len(row) == 4}
+
+    first = errors()
+    assert {"unconstrained", "Jacobi, 8 sweeps", "4 sweeps, Galerkin N=16, 4 sweeps"} <= set(first)
+    l2, h1 = (float(v) for v in first["unconstrained"])
+    assert 0 < l2 < h1 < 10
+    # smoothing lowers the H1 error of the trained model's output
+    assert float(first["Jacobi, 8 sweeps"][1]) < h1
+    # the weights are kept beside the data: a second run takes the same model apart
+    assert errors() == first

@@ -577,3 +577,86 @@ def test_dependent_basis_fields_have_the_ridged_solves_finite_gradient(pde, kind
     for tensor in (guess, phi, field):
         assert torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
     assert torch.autograd.gradcheck(run, (guess, phi, field), atol=1e-6, rtol=1e-5)
+
+
+def _jacobi(jacobian, offset, free, u, sweeps):
+    """Damped Jacobi (weight 2/3) on a dense system ``J u + r0 = 0``, free DOFs only."""
+    for _ in range(sweeps):
+        u = u - np.where(free, 2 / 3 * (jacobian @ u + offset) / np.diag(jacobian), 0.0)
+    return u
+
+
+def test_smoothing_is_damped_jacobi_around_the_galerkin_solve():
+    # a two-grid cycle whose coarse space is the basis, against one written in
+    # NumPy on scikit-fem's own assembly
+    space, residual, a, u = _darcy(17)
+    guess, basis = _guess_and_basis(space, u)
+    guess = guess + 0.01 * torch.randn(guess.shape, generator=torch.Generator().manual_seed(3))
+    guess[..., space.boundary_dofs] = 0.0
+    jacobian, offset = _dense_darcy(space, a)
+    free = np.ones(space.n_dofs, dtype=bool)
+    free[space.boundary_dofs] = False
+    phi = np.where(free, basis[0].numpy(), 0.0)
+    start = _jacobi(jacobian, offset, free, guess[0, 0].numpy(), 3)
+    w = np.linalg.solve(phi @ jacobian @ phi.T, -phi @ (jacobian @ start + offset))
+    expected = _jacobi(jacobian, offset, free, start + w @ phi, 3)
+    out = HardConstraint(residual, smoothing=3)(guess, basis, a=a)
+    np.testing.assert_allclose(
+        out[0, 0].numpy(), expected, rtol=0, atol=1e-10 * abs(expected).max()
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: HardConstraint(r, smoothing=4),
+        lambda r: MoEConstraint(r, MetisPartition(experts=8), smoothing=4),
+    ],
+    ids=["global", "moe"],
+)
+def test_smoothing_removes_the_error_at_the_mesh_scale(make):
+    # a guess whose error is rough at the mesh's scale, which no smooth basis carries
+    space, residual, a, u = _darcy(33)
+    guess, basis = _guess_and_basis(space, u)
+    noise = torch.randn(guess.shape, generator=torch.Generator().manual_seed(4), dtype=u.dtype)
+    noise[..., space.boundary_dofs] = 0.0
+    guess = guess + 0.02 * u.abs().max() * noise
+    plain = {
+        "global": HardConstraint(residual),
+        "moe": MoEConstraint(residual, MetisPartition(experts=8)),
+    }
+    layer = make(residual)
+    kind = "global" if isinstance(layer, HardConstraint) else "moe"
+    stiffness = space.stiffness_matrix
+
+    def energy_error(out):
+        e = (out[0, 0] - u[0]).numpy()
+        return float(np.sqrt(e @ stiffness @ e))
+
+    smoothed, unsmoothed = layer(guess, basis, a=a), plain[kind](guess, basis, a=a)
+    assert energy_error(smoothed) < 0.5 * energy_error(unsmoothed)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: HardConstraint(r, smoothing=2),
+        lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, smoothing=2),
+    ],
+    ids=["global", "moe"],
+)
+def test_smoothing_keeps_a_nonlinear_solution_and_passes_gradcheck(make):
+    # R(u*) = 0: neither the sweeps nor the solves move the FE solution
+    space, residual, f, u = _nonlinear(17)
+    basis = _smooth_fields(space, 3, seed=1)[None]
+    out = make(residual)(u[:, None], basis, f=f)
+    assert _relative(out[:, 0], u) < 1e-8
+    small, residual, f, u = _nonlinear(5)
+    assert _gradcheck(make(residual), small, u, "f", f, fast=True)
+
+
+def test_smoothing_gradients_pass_gradcheck():
+    space, residual, a, u = _darcy(5)
+    layer = MoEConstraint(residual, MetisPartition(experts=2), overlap=1, sweeps=2, smoothing=2)
+    assert _gradcheck(layer, space, u, "a", a, fast=False)
+    assert _gradcheck(HardConstraint(residual, smoothing=2), space, u, "a", a, fast=False)

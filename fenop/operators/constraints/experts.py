@@ -72,7 +72,9 @@ class MoEConstraint(_Constraint):
             The coarse solve is Newton's either way. Measured on one sample
             (benchmarks/history.md, "Nonlinear experts"): the outputs agree to 1e-4 relative,
             below the errors both leave, and the linearised sweeps cost 3-9x less.
-        ridge, max_iterations, tolerance, chord: as for :class:`HardConstraint`.
+        ridge, max_iterations, tolerance, chord, smoothing: as for
+            :class:`HardConstraint` (the smoothing sweeps come before the coarse
+            solve and after the experts').
 
     Shapes:
         as for :class:`HardConstraint`.
@@ -93,6 +95,7 @@ class MoEConstraint(_Constraint):
         max_iterations: int = 25,
         tolerance: float = 1e-10,
         chord: bool = True,
+        smoothing: int = 0,
     ):
         super().__init__(
             residual,
@@ -101,6 +104,7 @@ class MoEConstraint(_Constraint):
             max_iterations=max_iterations,
             tolerance=tolerance,
             chord=chord,
+            smoothing=smoothing,
         )
         update = UPDATE_ALIASES.get(update, update)
         if update not in UPDATES:
@@ -190,7 +194,7 @@ class MoEConstraint(_Constraint):
         # not affine, in the coarse solve or the experts' own)
         newton = not self.affine and (self.coarse or not self.linear_sweeps)
         data = self._data_norm(g, inputs) if newton else None
-        u, conditions = g, []
+        u, conditions = self._smoothed(g, inputs, linear), []
         if self.coarse:
             u, ok, condition, steps = self._global(u, phi, inputs, linear, data)
             conditions.append(condition)
@@ -232,6 +236,7 @@ class MoEConstraint(_Constraint):
         ok = ok & expert_ok
         iterations = iterations + expert_iterations
         conditions = conditions + expert_conditions
+        u = self._smoothed(u, inputs, linear)
         return self._finish(u, ok, conditions, iterations, prediction.dtype, inputs, linear)
 
     def _tracked_sweeps(self, u, r, phi, values):

@@ -29,6 +29,11 @@ class HardConstraint(_Constraint):
             the first iterate's matrix (chord iterations: a residual evaluation per
             iteration instead of a linearisation; the same root, and the exact
             matrix at it for the gradient). BENCHMARKS.md measures both.
+        smoothing: sweeps of damped Jacobi on the FE system before the solve and
+            after it (a two-grid cycle whose coarse space is the basis): they
+            remove the error at the mesh's scale, which the basis cannot carry,
+            at the cost of one product with ``J`` each. With smoothing the
+            output's residual is no longer exactly orthogonal to the basis.
 
     Shapes:
         ``prediction (B, 1, n)``, ``basis (B, N, n)``, each input ``(B, n)`` ->
@@ -44,6 +49,7 @@ class HardConstraint(_Constraint):
         max_iterations: int = 25,
         tolerance: float = 1e-10,
         chord: bool = True,
+        smoothing: int = 0,
     ):
         super().__init__(
             residual,
@@ -52,12 +58,15 @@ class HardConstraint(_Constraint):
             max_iterations=max_iterations,
             tolerance=tolerance,
             chord=chord,
+            smoothing=smoothing,
         )
 
     def forward(self, prediction, basis, **inputs):
         g, phi, inputs = self._prepare(prediction, basis, inputs)
         linear = self._linear_part(g, inputs)
+        g = self._smoothed(g, inputs, linear)
         u, ok, condition, iterations = self._global(g, phi, inputs, linear)
+        u = self._smoothed(u, inputs, linear)
         return self._finish(
             u, ok, [condition], iterations.sum(dim=1), prediction.dtype, inputs, linear
         )
