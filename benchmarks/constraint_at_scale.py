@@ -27,6 +27,7 @@ beside scikit-fem's assembly and direct solve of one sample.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -36,6 +37,7 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.linalg
 import torch
+from safetensors.torch import load_file, save_file
 
 from fenop.data import FieldDataset, generate
 from fenop.data.pdes import get_pde
@@ -130,16 +132,19 @@ def main(argv=None) -> None:
         space, space, FNO(4, 1, n_modes=(12, 12), hidden_channels=32), resolution=64, **stats
     )
     # the trained weights are kept beside the data: a second run takes them apart again
-    weights = args.data / f"fno_{args.resolution}_{args.seconds:g}s.pt"
+    weights = args.data / f"fno_{args.resolution}_{args.seconds:g}s.safetensors"
     if weights.exists():
-        saved = torch.load(weights)
-        model.load_state_dict(saved["model"])
-        steps, seconds = saved["steps"], saved["seconds"]
+        model.load_state_dict(load_file(weights))
+        run = json.loads(weights.with_suffix(".json").read_text())
+        steps, seconds = run["steps"], run["seconds"]
     else:
         steps, seconds = _train_for(
             model, x_train, y_train, seconds=args.seconds, batch=8, physics=None, weight=0.0
         )
-        torch.save({"model": model.state_dict(), "steps": steps, "seconds": seconds}, weights)
+        # tensors only: neuraloperator adds its constructor arguments as "_metadata"
+        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        save_file(state, weights)
+        weights.with_suffix(".json").write_text(json.dumps({"steps": steps, "seconds": seconds}))
     model.eval()
 
     family = get_pde("darcy")(space)
