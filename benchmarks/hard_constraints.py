@@ -139,6 +139,7 @@ _ACCURACY = {
     ),
     # Damped Jacobi sweeps of the FE system before and after the solves
     # (benchmarks/constraint_at_scale.py measures why)
+    "global, Galerkin, smoothing 4": lambda r: HardConstraint(r, smoothing=4),
     "global, Galerkin, N=32, smoothing 2": lambda r: HardConstraint(r, smoothing=2),
     "global, Galerkin, N=32, smoothing 4": lambda r: HardConstraint(r, smoothing=4),
     "global, Galerkin, N=32, smoothing 8": lambda r: HardConstraint(r, smoothing=8),
