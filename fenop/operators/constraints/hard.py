@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
-from fenop.operators.constraints.common import Condition
 from fenop.operators.constraints.layer import _Constraint
 
 
@@ -39,27 +36,6 @@ class HardConstraint(_Constraint):
         ``prediction (B, 1, n)``, ``basis (B, N, n)``, each input ``(B, n)`` ->
         ``(B, 1, n)`` in the prediction's dtype.
     """
-
-    def __init__(
-        self,
-        residual: nn.Module,
-        *,
-        condition: Condition = "galerkin",
-        ridge: float = 1e-12,
-        max_iterations: int = 25,
-        tolerance: float = 1e-10,
-        chord: bool = True,
-        smoothing: int = 0,
-    ):
-        super().__init__(
-            residual,
-            condition=condition,
-            ridge=ridge,
-            max_iterations=max_iterations,
-            tolerance=tolerance,
-            chord=chord,
-            smoothing=smoothing,
-        )
 
     def forward(self, prediction, basis, **inputs):
         g, phi, inputs = self._prepare(prediction, basis, inputs)

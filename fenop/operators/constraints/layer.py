@@ -39,14 +39,15 @@ _JACOBI_WEIGHT = 2 / 3
 
 
 class _Constraint(nn.Module):
-    """What both constraints share: the residual, its checks, the experts' solves."""
+    """What both constraints share: the residual, its checks, the experts' solves,
+    and the options of :class:`~fenop.operators.HardConstraint`, which adds none."""
 
     def __init__(
         self,
         residual: nn.Module,
         *,
-        condition: Condition,
-        ridge: float,
+        condition: Condition = "galerkin",
+        ridge: float = 1e-12,
         max_iterations: int = 25,
         tolerance: float = 1e-10,
         chord: bool = True,
