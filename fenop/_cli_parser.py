@@ -69,6 +69,20 @@ def _at_least(low: int):
 _positive_int = _at_least(1)
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite positive number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+_positive_float.__name__ = "number"
+
+
 def _samples(text: str) -> slice:
     """``START:STOP`` (either may be left out) as a slice of sample indices."""
     start, sep, stop = text.partition(":")
@@ -137,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="an option of the PDE family, e.g. a_high=10 (repeatable)",
+    )
+    gen.add_argument(
+        "--steps",
+        type=_positive_int,
+        help="time-dependent families: save the initial state and this many time steps",
+    )
+    gen.add_argument(
+        "--dt", type=_positive_float, help="with --steps: the time step (default: the family's)"
     )
     gen.add_argument("--overwrite", action="store_true", help="replace a file of another recipe")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -103,10 +103,34 @@ def _already_written(output: Path, overwrite: bool) -> int:
         return 0
 
 
+def _time_steps(args) -> dict:
+    """The family options that ``--steps`` and ``--dt`` stand for: a trajectory of
+    ``steps`` steps of size ``dt`` (``t_final = steps * dt``)."""
+    import inspect
+
+    from fenop._errors import InputError
+    from fenop.data.pdes import get_pde
+
+    if args.steps is None:
+        if args.dt is not None:
+            raise InputError("--dt is the step of a trajectory: give --steps with it")
+        return {}
+    if "trajectory" not in inspect.signature(get_pde(args.pde)).parameters:
+        raise InputError(f"{args.pde} has no time axis: --steps is for time-dependent families")
+    clash = sorted({"n_steps", "t_final", "trajectory"} & {k for k, _ in args.option})
+    if clash:
+        raise InputError(f"--steps sets {', '.join(clash)}: leave the --option out")
+    options = {"n_steps": args.steps, "trajectory": True}
+    if args.dt is not None:
+        options["t_final"] = args.steps * args.dt
+    return options
+
+
 def _generate(args) -> int:
     from fenop.data import SampleError, WorkerDiedError, generate, read_header
 
     output = Path(args.output)  # generate() checks that it can be written
+    options = {**dict(args.option), **_time_steps(args)}
     mesh = _mesh(args)
     before = _already_written(output, args.overwrite)
     if 0 < before < args.n_samples and not args.quiet:
@@ -124,7 +148,7 @@ def _generate(args) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             scheduler=args.scheduler,
-            **dict(args.option),
+            **options,
         )
     except KeyboardInterrupt as exc:
         if output.exists():
@@ -321,6 +345,12 @@ def _info(args) -> int:
     print(f"  pde         {header.get('pde', 'not recorded')}")
     print(f"  samples     {header['n_complete']} of {header['n_samples']} complete")
     print(f"  fields      {', '.join(header['fields'])}")
+    if store.trajectories:
+        times = store.times
+        print(
+            f"  time        {len(times)} states from t = {times[0]:g} to {times[-1]:g} "
+            f"(trajectories: {', '.join(store.trajectories)})"
+        )
     lower, upper = mesh.p.min(axis=1).tolist(), mesh.p.max(axis=1).tolist()
     cells = f"{mesh.p.shape[1]} vertices, {mesh.t.shape[1]} cells"
     print(f"  mesh        {type(mesh).__name__}, {cells}, box {lower} to {upper}")

@@ -40,6 +40,17 @@ def test_generate_then_info(tmp_path, capsys):
     assert "5 of 5 complete" in out and "P1, 81 DOFs" in out and "poisson" in out
 
 
+def test_generate_a_trajectory_then_info(tmp_path, capsys):
+    path = tmp_path / "heat.h5"
+    args = ["generate", "heat", "-n", "2", "--resolution", "9", "--steps", "4", "--dt", "0.02"]
+    assert main([*args, "-o", str(path), "-q"]) == 0
+    with h5py.File(path) as f:
+        assert f["u"].shape == (2, 5, 81)
+        np.testing.assert_allclose(f["time"][()], [0.0, 0.02, 0.04, 0.06, 0.08], rtol=1e-15)
+    assert main(["info", str(path)]) == 0
+    assert "5 states from t = 0 to 0.08 (trajectories: u)" in capsys.readouterr().out
+
+
 def test_generate_on_a_dask_cluster(tmp_path):
     # `fenop generate --scheduler ADDRESS`, the README's cluster path, against a
     # LocalCluster of two worker processes: the file one machine writes
@@ -115,6 +126,10 @@ def _status(args) -> int:
         ("generate darcy -n 2 --option a_high -o {out}", "KEY=VALUE"),
         ("info {tmp}/none.h5", "none.h5: no such file"),
         ("predict darcy-fno {tmp}/none.h5 -o {tmp} --overwrite", "{tmp}: is a folder; name a file"),
+        ("generate darcy -n 2 --steps 4 -o {out}", "darcy has no time axis: --steps is for"),
+        ("generate heat -n 2 --dt 0.1 -o {out}", "--dt is the step of a trajectory: give --steps"),
+        ("generate heat -n 2 --steps 4 --dt 0 -o {out}", "--dt: expected a positive number"),
+        ("generate heat -n 2 --steps 2 --option t_final=1 -o {out}", "--steps sets t_final"),
     ],
 )
 def test_bad_input_is_one_line_with_status_2_and_no_output(tmp_path, capsys, command, message):

@@ -3,21 +3,45 @@
 import re
 
 import h5py
+import numpy as np
 import pytest
 
 from fenop.cli import main
 from tests.helpers import ROOT
 
+FENCED = r"```python\n(.*?)```"
+
 
 def test_the_hand_written_store_of_the_formats_page_is_predicted_on(tmp_path, monkeypatch):
     text = (ROOT / "docs" / "formats.md").read_text()
-    (snippet,) = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    (snippet,) = [b for b in re.findall(FENCED, text, flags=re.DOTALL) if "my_fields.h5" in b]
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, "docs/formats.md", "exec"), {})
     assert main(["info", "my_fields.h5"]) == 0
     assert main(["predict", "darcy-fno", "my_fields.h5", "-o", "predicted.h5", "-q"]) == 0
     with h5py.File("predicted.h5") as f:
         assert f["u"].shape == (5, 17 * 17)
+
+
+def test_the_hand_written_trajectory_of_the_formats_page_opens_with_named_dims(
+    tmp_path, monkeypatch, capsys
+):
+    from fenop.data import open_store
+
+    text = (ROOT / "docs" / "formats.md").read_text()
+    (snippet,) = [b for b in re.findall(FENCED, text, flags=re.DOTALL) if "my_traj" in b]
+    assert len(snippet.strip().splitlines()) <= 14
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "docs/formats.md", "exec"), {})
+    assert main(["info", "my_trajectories.h5"]) == 0
+    assert "11 states from t = 0 to 0.1" in capsys.readouterr().out
+    with open_store("my_trajectories.h5") as ds:
+        assert ds["u"].dims == ("sample", "time", "dof") and ds["a"].dims == ("sample", "dof")
+        assert ds["u"].shape == (3, 11, 17 * 17)
+        # the page's field is a decaying mode: the last state is the first times e^-2π²t
+        np.testing.assert_allclose(
+            ds["u"].isel(time=-1), ds["u"].isel(time=0) * np.exp(-0.2 * np.pi**2), atol=1e-15
+        )
 
 
 def test_the_readme_links_every_guide_page_and_the_index_lists_them():

@@ -71,6 +71,7 @@ class FieldDataset(Dataset):
         elif not set(fields) <= set(store.fields) or store.n_complete < store.n_samples:
             # read for other fields, or allowing partial stores: check it for these
             store = read_store(store.path, fields=fields)
+        store.require_static(fields, reader="FieldDataset")
         self.path, self.header = store.path, store.header
         self._space: FunctionSpace | None = store.space
         n_samples = store.n_samples

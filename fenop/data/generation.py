@@ -200,6 +200,8 @@ def generate(
                     fields=family.fields,
                     n_samples=n_samples,
                     chunk_size=chunk_size,
+                    times=family.times,
+                    trajectories=family.trajectories,
                     attrs={
                         key: value
                         for key, value in expected.items()

@@ -21,7 +21,17 @@ FORMAT_VERSION = 1
 
 
 # Datasets of the layout that are not fields: the mesh, and HDF5 dimension scales.
-_NOT_FIELDS = {"mesh_points", "mesh_cells", "sample", "dof", "vertex", "cell", "corner", "axis"}
+_NOT_FIELDS = {
+    "mesh_points",
+    "mesh_cells",
+    "time",
+    "sample",
+    "dof",
+    "vertex",
+    "cell",
+    "corner",
+    "axis",
+}
 
 
 def field_name_problem(name: str) -> str | None:
@@ -171,16 +181,19 @@ def _header(path, f: h5py.File) -> dict:
 def _field_names(path, f: h5py.File, given) -> list[str]:
     """The store's field names: the ``fields`` attribute (a JSON list, an HDF5 array
     of strings, or names separated by commas or spaces), else every two-dimensional
-    dataset at the root that is not part of the layout."""
+    dataset (sample, dof) or three-dimensional one (sample, time, dof) at the root that
+    is not part of the layout."""
     if given is None:
         names = [
             name
             for name, item in f.items()
-            if name not in _NOT_FIELDS and isinstance(item, h5py.Dataset) and item.ndim == 2
+            if name not in _NOT_FIELDS and isinstance(item, h5py.Dataset) and item.ndim in (2, 3)
         ]
         if not names:
             raise StoreError(
-                path, "no fields: no 'fields' attribute, and no (sample, dof) dataset at the root"
+                path,
+                "no fields: no 'fields' attribute, and no (sample, dof) or (sample, time, dof) "
+                "dataset at the root",
             )
         return names
     if isinstance(given, str):

@@ -9,11 +9,18 @@ without fenop, thanks to HDF5 dimension scales::
     /mesh_points (vertex, axis)  float64   mesh vertices
     /mesh_cells  (cell, corner)  int64     connectivity into mesh_points
     /<field>     (sample, dof)   float64   one dataset per field
+    /time        (time,)         float64   trajectory stores: the times of the states
+    /<field>     (sample, time, dof)       a trajectory: one state per time
+
+A field is either static, one row per sample, or a trajectory, one state per entry
+of ``/time`` (increasing); a store may hold both (a coefficient and the states it
+drives).
 
 A file written by hand needs only ``fenop_format``, ``element``, the mesh and its
-fields (float32 or float64; cells int32 or int64): without ``fields`` the fields
-are its other (sample, dof) datasets, without ``n_samples`` their length, and
-without ``n_complete`` it is complete (docs/formats.md).
+fields (float32 or float64; cells int32 or int64), and ``/time`` where it holds
+trajectories: without ``fields`` the fields are its other (sample, dof) and
+(sample, time, dof) datasets, without ``n_samples`` their length, and without
+``n_complete`` it is complete (docs/formats.md).
 
 Writing is crash-tolerant: the field datasets are allocated in full when the file
 is created (so later writes change no HDF5 structure, only raw data), samples are
@@ -81,6 +88,8 @@ def create_store(
     n_samples: int,
     attrs: Mapping[str, object] | None = None,
     chunk_size: int = 32,
+    times: Sequence[float] | None = None,
+    trajectories: Sequence[str] = (),
 ) -> None:
     """Create an empty store for ``n_samples`` samples of ``fields`` on ``space``.
 
@@ -91,6 +100,10 @@ def create_store(
         n_samples: samples the store will hold.
         attrs: further root attributes; dicts and lists are stored as JSON.
         chunk_size: samples per written chunk (recorded; resumption uses it).
+        times: the times of a trajectory's states ``(n_times,)``, increasing; needed
+            with ``trajectories``.
+        trajectories: the fields (of ``fields``) that hold a state per time,
+            ``(n_samples, n_times, n_dofs)``; the others are ``(n_samples, n_dofs)``.
     """
     if n_samples < 1:
         raise ValueError(f"`n_samples` must be at least 1, got {n_samples}")
@@ -99,6 +112,15 @@ def create_store(
     for name in fields:
         if problem := field_name_problem(name):
             raise ValueError(f"field name {name!r}: {problem}")
+    if not set(trajectories) <= set(fields):
+        raise ValueError(
+            f"`trajectories` must be among `fields` {list(fields)}, got {list(trajectories)}"
+        )
+    if trajectories:
+        if times is None:
+            raise ValueError("`times` must be given with `trajectories`")
+        if problem := times_problem(np.asarray(times)):
+            raise ValueError(f"`times`: {problem}")
     with open_h5(path, "w") as f:
         f.attrs["fenop_format"] = FORMAT_VERSION
         f.attrs["element"] = space.element
@@ -116,11 +138,19 @@ def create_store(
         # file's structure, so an interruption cannot leave the metadata inconsistent.
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        if trajectories:
+            f.create_dataset("time", data=np.asarray(times, dtype=np.float64)).make_scale("time")
         for name in fields:
+            moving = name in trajectories
+            shape = (n_samples, len(times)) if moving else (n_samples,)
             data = f.create_dataset(
-                name, shape=(n_samples, space.n_dofs), dtype=np.float64, fillvalue=np.nan, dcpl=dcpl
+                name,
+                shape=(*shape, space.n_dofs),
+                dtype=np.float64,
+                fillvalue=np.nan,
+                dcpl=dcpl,
             )
-            _attach(f, data, ("sample", "dof"))
+            _attach(f, data, ("sample", "time", "dof") if moving else ("sample", "dof"))
 
 
 def write_samples(path: str | os.PathLike, start: int, values: Mapping[str, np.ndarray]) -> None:
@@ -129,7 +159,8 @@ def write_samples(path: str | os.PathLike, start: int, values: Mapping[str, np.n
     Args:
         path: a store made by :func:`create_store`.
         start: index of the first sample; must equal the store's ``n_complete``.
-        values: per field, an array ``(k, n_dofs)``.
+        values: per field, an array ``(k, n_dofs)``, or ``(k, n_times, n_dofs)`` for
+            a trajectory.
     """
     with open_h5(path, "r+") as f:
         if start != int(f.attrs["n_complete"]):
@@ -173,12 +204,29 @@ class StoreInfo:
         header: root attributes, JSON values decoded (:func:`read_header`).
         space: the FE space of its fields (mesh, element, Dirichlet DOFs).
         fields: the fields whose presence and shape were checked.
+        times: the times of the trajectories' states ``(n_times,)``; ``None`` in a
+            store without trajectories.
+        trajectories: those of ``fields`` that hold a state per time,
+            ``(n_samples, n_times, n_dofs)``.
     """
 
     path: str
     header: dict
     space: FunctionSpace
     fields: tuple[str, ...]  # those whose presence and shape were checked
+    times: np.ndarray | None = None
+    trajectories: tuple[str, ...] = ()
+
+    def require_static(self, fields: Iterable[str], *, reader: str) -> None:
+        """Raise a :class:`StoreError` if one of ``fields`` is a trajectory, which
+        ``reader`` (what reads one row per sample) cannot take."""
+        moving = [name for name in fields if name in self.trajectories]
+        if moving:
+            raise StoreError(
+                self.path,
+                f"field {moving[0]!r} is a trajectory (sample, time, dof) of {len(self.times)} "
+                f"states; {reader} reads fields of one row per sample (sample, dof)",
+            )
 
     @property
     def n_samples(self) -> int:
@@ -201,7 +249,7 @@ class StoreInfo:
                         block = f[name][block_rows[0] : block_rows[-1] + 1]
                     else:
                         block = f[name][block_rows]
-                    bad = ~np.isfinite(block)
+                    bad = ~np.isfinite(block).reshape(len(block), -1)
                     if bad.any():
                         row = int(block_rows[np.nonzero(bad.any(axis=1))[0][0]])
                         raise StoreError(
@@ -221,7 +269,9 @@ def read_batches(
     """Samples ``first .. stop - 1`` (default: every complete one) of ``fields``,
     ``batch_size`` at a time, in one opening of the file:
     ``(start, values (b, len(fields), n_dofs))`` in ``dtype``. A StoreError names
-    the first sample whose (finite) values overflow ``dtype`` (1e300 in float32)."""
+    the first sample whose (finite) values overflow ``dtype`` (1e300 in float32), or
+    a field that is a trajectory."""
+    store.require_static(fields, reader="this reader")
     stop = store.n_complete if stop is None else min(stop, store.n_complete)
     with _open(store.path) as f:
         for start in range(first, stop, batch_size):
@@ -268,7 +318,8 @@ def read_store(
 
     Checked: the file opens, is a fenop store of a format this version reads, its
     mesh and element are valid, every listed field (and every one in ``fields``) is
-    present with shape ``(n_samples, n_dofs)``, and the store is complete (unless
+    present with shape ``(n_samples, n_dofs)``, or ``(n_samples, n_times, n_dofs)``
+    with increasing times in ``/time``, and the store is complete (unless
     ``allow_partial``). Values are checked by :meth:`StoreInfo.check_values`.
     """
     with _open(path) as f:
@@ -277,6 +328,7 @@ def read_store(
         listed = header["fields"]
         wanted = list(listed) + [name for name in (fields or ()) if name not in listed]
         n_samples, n_complete = int(header["n_samples"]), int(header["n_complete"])
+        times, trajectories = None, []
         for name in wanted:
             if name not in f:
                 raise StoreError(path, f"missing field {name!r} (fields here: {sorted(listed)})")
@@ -285,7 +337,19 @@ def read_store(
             if kind not in "fiu":
                 what = "complex" if kind == "c" else f"of type {f[name].dtype}"
                 raise StoreError(path, f"field {name!r} is {what}; fields hold real numbers")
-            if shape != (n_samples, space.n_dofs):
+            if len(shape) == 3:
+                if times is None:
+                    times = _times(path, f, name)
+                trajectories.append(name)
+                expected = (n_samples, len(times), space.n_dofs)
+                if shape != expected:
+                    raise StoreError(
+                        path,
+                        f"field {name!r} has shape {shape}, expected {expected} for "
+                        f"{n_samples} samples of {len(times)} states (the times in 'time') of "
+                        f"{space.element} on this mesh",
+                    )
+            elif shape != (n_samples, space.n_dofs):
                 raise StoreError(
                     path,
                     f"field {name!r} has shape {shape}, expected ({n_samples}, {space.n_dofs}) "
@@ -299,7 +363,34 @@ def read_store(
             f"incomplete: {n_complete} of {n_samples} samples written (an interrupted "
             "generation; run the same generate command again to complete it)",
         )
-    return StoreInfo(os.fspath(path), header, space, tuple(wanted))
+    return StoreInfo(os.fspath(path), header, space, tuple(wanted), times, tuple(trajectories))
+
+
+def times_problem(times: np.ndarray) -> str | None:
+    """Why ``times`` cannot be the times of a trajectory's states, or ``None``."""
+    if times.ndim != 1 or len(times) < 2:
+        return f"must list at least two times, got shape {times.shape}"
+    if times.dtype.kind not in "fiu":
+        return f"must hold real numbers, got {times.dtype}"
+    if not np.isfinite(times).all():
+        return "holds NaN or Inf"
+    if not (np.diff(times) > 0).all():
+        return "must increase from state to state"
+    return None
+
+
+def _times(path, f: h5py.File, field: str) -> np.ndarray:
+    """The ``/time`` dataset of a store with the trajectory ``field``, checked."""
+    if "time" not in f or not isinstance(f["time"], h5py.Dataset):
+        raise StoreError(
+            path,
+            f"field {field!r} is a trajectory (sample, time, dof), but the store has no "
+            "'time' dataset with the times of its states",
+        )
+    times = f["time"][()]
+    if problem := times_problem(times):
+        raise StoreError(path, f"dataset 'time' {problem}")
+    return times.astype(np.float64)
 
 
 def _space(path, header: dict, mesh: skfem.Mesh) -> FunctionSpace:
@@ -342,7 +433,8 @@ def validate_store(
 
 
 def open_store(path: str | os.PathLike, *, allow_partial: bool = False):
-    """Validate a store and open it as an ``xarray.Dataset`` (dims ``sample``, ``dof``).
+    """Validate a store and open it as an ``xarray.Dataset`` (dims ``sample``, ``dof``,
+    and ``time``, with the states' times as its coordinate, for trajectories).
 
     The DOF coordinates are attached as ``x``, ``y`` (``z``) coordinates along
     ``dof``. With ``allow_partial``, an incomplete store opens with just its
@@ -358,13 +450,15 @@ def open_store(path: str | os.PathLike, *, allow_partial: bool = False):
     close = ds.close
     fields = header["fields"]
     if "sample" not in ds.dims:  # written without dimension scales (by hand): the
-        # fields' two unnamed axes are (sample, dof); the mesh is left out
-        ds = xr.Dataset(
-            {
-                name: ds[name].rename(dict(zip(ds[name].dims, ("sample", "dof"), strict=True)))
-                for name in fields
-            }
-        )
+        # fields' unnamed axes are (sample, dof) or (sample, time, dof); the mesh is
+        # left out
+        def named(name):
+            dims = ("sample", "time", "dof") if name in store.trajectories else ("sample", "dof")
+            return ds[name].rename(dict(zip(ds[name].dims, dims, strict=True)))
+
+        ds = xr.Dataset({name: named(name) for name in fields})
+        if store.trajectories:
+            ds = ds.assign_coords(time=("time", store.times))
     names = ("x", "y", "z")[: space.dim]
     view = ds.isel(sample=slice(0, int(header["n_complete"]))).assign_coords(
         {n: ("dof", space.dof_points[:, i]) for i, n in enumerate(names)}

@@ -67,6 +67,27 @@ def test_one_and_two_workers_write_the_same_file(tmp_path):
     assert read_header(two)["n_complete"] == 10
 
 
+def test_trajectories_from_one_and_two_workers_are_the_same_file(tmp_path):
+    def run(name, workers):
+        return generate(
+            "heat",
+            5,
+            l_shape(9),
+            seed=1,
+            path=tmp_path / name,
+            chunk_size=2,
+            workers=workers,
+            progress=False,
+            n_steps=3,
+            trajectory=True,
+        )
+
+    one, two = run("one.h5", 1), run("two.h5", 2)
+    assert one.read_bytes() == two.read_bytes()
+    with h5py.File(one) as f:
+        assert f["u"].shape == (5, 4, 65) and f["time"].shape == (4,)
+
+
 def test_dask_cluster_writes_the_same_file(tmp_path):
     distributed = pytest.importorskip("distributed", reason="the cluster extra is not installed")
     local = generate(

@@ -85,6 +85,65 @@ def test_heat_trajectory_matches_an_independent_time_stepping():
     assert np.abs(sample["u"]).max() < np.abs(sample["u0"]).max()  # heat flow decays
 
 
+def test_a_heat_trajectory_holds_every_step_of_the_final_time_map():
+    space = FunctionSpace(l_shape(9), dirichlet="boundary")
+    final = Heat(space, t_final=0.05, n_steps=5).sample(seed=3, index=2)
+    heat = Heat(space, t_final=0.05, n_steps=5, trajectory=True)
+    states = heat.sample(seed=3, index=2)
+    assert heat.fields == heat.trajectories == ("u",) and states["u"].shape == (6, space.n_dofs)
+    np.testing.assert_allclose(heat.times, np.linspace(0, 0.05, 6), rtol=0, atol=1e-16)
+    np.testing.assert_array_equal(states["u"][0], final["u0"])
+    np.testing.assert_array_equal(states["u"][-2], final["u_prev"])
+    np.testing.assert_array_equal(states["u"][-1], final["u"])
+    # every step, not just the last, solves the implicit Euler step assembled here
+    module, free = heat.residual(), heat.interior
+    for n in range(5):
+        step = {"u": states["u"][n + 1], "u_prev": states["u"][n]}
+        expected = _weak_residual("heat", space.basis, step, heat)
+        at_zero = {**step, "u": 0 * step["u"]}
+        size = np.linalg.norm(_weak_residual("heat", space.basis, at_zero, heat))
+        assert np.linalg.norm(expected[free]) <= 1e-10 * size
+        u, u_prev = (torch.from_numpy(step[k]) for k in ("u", "u_prev"))
+        assert module(u, u_prev=u_prev)[free].norm() <= 1e-10 * size
+
+
+def test_heat_steps_converge_in_time_at_first_order():
+    """Implicit Euler against the exact solution of the same space-discrete system,
+    u(t) = exp(-t k M^-1 K) u0 on the free DOFs: the error is first order in Δt."""
+    import scipy.linalg
+
+    space = FunctionSpace(unit_square(9), dirichlet="boundary")
+    u0 = space.interpolate(lambda x: np.sin(np.pi * x[0]) * np.sin(2 * np.pi * x[1])).numpy()
+    free = np.setdiff1d(np.arange(space.n_dofs), space.boundary_dofs)
+    mass = space.mass_matrix.toarray()[np.ix_(free, free)]
+    stiffness = space.stiffness_matrix.toarray()[np.ix_(free, free)]
+    exact = scipy.linalg.expm(-0.1 * 0.5 * np.linalg.solve(mass, stiffness)) @ u0[free]
+    steps, errors = [8, 16, 32, 64], []
+    for n in steps:
+        heat = Heat(space, diffusivity=0.5, t_final=0.1, n_steps=n, trajectory=True)
+        errors.append(np.abs(heat.states(u0)[-1, free] - exact).max())
+    assert abs(loglog_slope([0.1 / n for n in steps], errors) - 1.0) <= 0.1
+
+
+def test_heat_trajectories_converge_to_the_exact_solution_at_second_order():
+    """u = exp(-2 π² k t) sin(πx) sin(πy), with Δt ∝ h²: the L2 error at the final
+    time falls as h² (P1 in space, first order in time)."""
+    k, t_final, h, errors = 0.1, 0.2, [], []
+    for n in (9, 17, 33):
+        space = FunctionSpace(unit_square(n), dirichlet="boundary")
+        heat = Heat(space, diffusivity=k, t_final=t_final, n_steps=(n - 1) ** 2 // 8)
+        u0 = space.interpolate(lambda x: np.sin(np.pi * x[0]) * np.sin(np.pi * x[1])).numpy()
+        u = heat.solve(u0=u0)["u"]
+        basis = skfem.Basis(space.mesh, space.basis.elem, intorder=6)
+        exact = np.exp(-2 * np.pi**2 * k * t_final)  # times sin(πx) sin(πy)
+        error = skfem.Functional(
+            lambda w, c=exact: (w["u"] - c * np.sin(np.pi * w.x[0]) * np.sin(np.pi * w.x[1])) ** 2
+        ).assemble(basis, u=basis.interpolate(u))
+        h.append(1 / (n - 1))
+        errors.append(np.sqrt(error))
+    assert abs(loglog_slope(h, errors) - 2.0) <= 0.1
+
+
 def test_darcy_inputs_follow_the_recipe():
     space = FunctionSpace(unit_square(33), dirichlet="boundary")
     a = np.stack([Darcy(space).sample(seed=0, index=i)["a"] for i in range(20)])
@@ -133,3 +192,5 @@ def test_families_reject_bad_arguments():
         Darcy(FunctionSpace(unit_square(2), dirichlet="boundary"))
     with pytest.raises(ValueError, match="positive"):
         Darcy(FunctionSpace(unit_square(5), dirichlet="boundary"), a_low=0.0)
+    with pytest.raises(ValueError, match="`trajectory` must be true or false, got 'yes'"):
+        Heat(FunctionSpace(unit_square(5), dirichlet="boundary"), trajectory="yes")

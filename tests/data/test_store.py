@@ -338,3 +338,91 @@ def test_a_store_without_any_field_is_refused(tmp_path):
         f["mesh_points"], f["mesh_cells"] = np.eye(3)[:, :2], np.array([[0, 1, 2]])
     with pytest.raises(StoreError, match="no fields: no 'fields' attribute"):
         read_store(path)
+
+
+@pytest.fixture
+def trajectories(tmp_path):
+    """A store of 3 samples of a static field ``a`` and a trajectory ``u`` of 4 states."""
+    space = FunctionSpace(l_shape(5), dirichlet="boundary")
+    path = tmp_path / "moving.h5"
+    times = np.array([0.0, 0.1, 0.2, 0.4])
+    create_store(
+        path, space, fields=["a", "u"], n_samples=3, times=times, trajectories=["u"], chunk_size=2
+    )
+    values = {
+        "a": np.arange(3 * space.n_dofs, dtype=float).reshape(3, -1),
+        "u": np.arange(3 * 4 * space.n_dofs, dtype=float).reshape(3, 4, -1),
+    }
+    write_samples(path, 0, {k: v[:2] for k, v in values.items()})
+    write_samples(path, 2, {k: v[2:] for k, v in values.items()})
+    return path, space, times, values
+
+
+def test_a_trajectory_store_opens_in_xarray_with_its_time_axis(trajectories):
+    path, _, times, values = trajectories
+    plain = xr.open_dataset(path, engine="h5netcdf")  # without fenop
+    assert plain["u"].dims == ("sample", "time", "dof")
+    assert plain["a"].dims == ("sample", "dof")
+    np.testing.assert_array_equal(plain["time"].values, times)
+    np.testing.assert_array_equal(plain["u"].sel(time=0.2).values, values["u"][:, 2])
+    plain.close()
+    store = read_store(path)
+    assert store.trajectories == ("u",) and store.n_samples == 3
+    np.testing.assert_array_equal(store.times, times)
+    with open_store(path) as ds:
+        np.testing.assert_array_equal(ds["u"].values, values["u"])
+        np.testing.assert_array_equal(ds["time"].values, times)
+
+
+def test_a_trajectory_written_by_hand_is_read_with_its_times(tmp_path):
+    path = _by_hand(tmp_path / "mine.h5", extra={"time": [0.0, 0.5], "v": np.ones((3, 2, 25))})
+    store = read_store(path)
+    assert store.header["fields"] == ["a", "u", "v"] and store.trajectories == ("v",)
+    with open_store(path) as ds:
+        assert ds["v"].dims == ("sample", "time", "dof")
+        np.testing.assert_array_equal(ds["time"].values, [0.0, 0.5])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"v": np.ones((3, 2, 25))}, r"field 'v' is a trajectory .* no 'time' dataset"),
+        (
+            {"time": [0.0, 0.5, 1.0], "v": np.ones((3, 2, 25))},
+            r"field 'v' has shape \(3, 2, 25\), expected \(3, 3, 25\) for 3 samples of 3 states",
+        ),
+        ({"time": [0.0, 0.5, 0.5], "v": np.ones((3, 3, 25))}, r"'time' must increase"),
+        ({"time": [0.0], "v": np.ones((3, 1, 25))}, r"'time' must list at least two times"),
+        ({"time": [0.0, np.nan], "v": np.ones((3, 2, 25))}, r"'time' holds NaN"),
+    ],
+    ids=["no times", "time axis does not match", "times repeat", "one time", "nan time"],
+)
+def test_a_trajectory_whose_time_axis_does_not_match_is_refused(tmp_path, extra, message):
+    path = _by_hand(tmp_path / "mine.h5", extra=extra)
+    with pytest.raises(StoreError, match=message) as info:
+        read_store(path)
+    assert one_line_naming(str(info.value), path)
+
+
+def test_nan_in_a_trajectory_names_its_sample(trajectories):
+    path = trajectories[0]
+    with h5py.File(path, "r+") as f:
+        f["u"][2, 3, 7] = np.nan
+    with pytest.raises(StoreError, match=r"field 'u' holds NaN or Inf in sample 2"):
+        open_store(path)
+
+
+def test_a_reader_of_static_fields_names_a_trajectory(trajectories):
+    from fenop.data.store import read_batches
+
+    store = read_store(trajectories[0])
+    assert next(read_batches(store, ["a"], 2))[1].shape == (2, 1, store.space.n_dofs)
+    with pytest.raises(StoreError, match=r"field 'u' is a trajectory \(sample, time, dof\) of 4"):
+        next(read_batches(store, ["a", "u"], 2))
+
+
+def test_a_static_dataset_of_a_trajectory_names_the_field(trajectories):
+    from fenop.data import FieldDataset
+
+    with pytest.raises(StoreError, match=r"field 'u' is a trajectory .* FieldDataset reads"):
+        FieldDataset(trajectories[0], inputs=["a"], outputs=["u"])

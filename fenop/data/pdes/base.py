@@ -38,11 +38,16 @@ class PDEFamily:
     """
 
     name: ClassVar[str]
-    inputs: ClassVar[tuple[str, ...]]
-    outputs: ClassVar[tuple[str, ...]] = ("u",)
+    # Field names; class attributes, which a family's mode may change per instance.
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...] = ("u",)
     # Further stored fields that are neither model input nor output (e.g. the state
     # before the last time step, which a residual check needs).
-    auxiliary: ClassVar[tuple[str, ...]] = ()
+    auxiliary: tuple[str, ...] = ()
+    # Time-dependent families that keep whole trajectories: the fields that hold a
+    # state per time (n_times, n_dofs), and those times (n_times,).
+    trajectories: tuple[str, ...] = ()
+    times: np.ndarray | None = None
 
     def __init__(self, space: FunctionSpace, *, grf: dict | None = None):
         if not isinstance(space, FunctionSpace):
@@ -86,9 +91,10 @@ class PDEFamily:
         raise NotImplementedError
 
     def sample(self, seed: int, index: int) -> dict[str, np.ndarray]:
-        """Inputs and solution of sample ``index`` of the data set seeded ``seed``."""
+        """The fields of sample ``index`` of the data set seeded ``seed``: its inputs
+        and the FE solution (of a trajectory family, the states drawn and solved)."""
         inputs = self.sample_inputs(sample_rng(seed, index))
-        return {**inputs, **self.solve(**inputs)}
+        return {k: v for k, v in {**inputs, **self.solve(**inputs)}.items() if k in self.fields}
 
     def solve_linear(self, matrix: scipy.sparse.sparray, load: np.ndarray) -> np.ndarray:
         """Solve ``matrix u = load`` with u = 0 on the Dirichlet DOFs (direct solver)."""
