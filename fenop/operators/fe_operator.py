@@ -56,7 +56,8 @@ class FEOperator(KeepsComplexModule):
         boundary_values: Dirichlet data (see :class:`~fenop.fem.FEDecoder`).
         constraint: a hard constraint on ``space_out`` (its residual's space).
         constraint_inputs: the residual's name for each input channel (e.g.
-            ``("a",)`` for Darcy's permeability).
+            ``("a",)`` for Darcy's permeability), ``None`` for a channel the residual
+            does not take (the older states of a stepper's history).
     """
 
     def __init__(
@@ -208,7 +209,11 @@ class FEOperator(KeepsComplexModule):
                     y = impose_dirichlet(y, self.boundary_dofs, g)
             if self.constraint is None:
                 return y
-            inputs = {name: fields[:, i] for i, name in enumerate(self.constraint_inputs)}
+            inputs = {
+                name: fields[:, i]
+                for i, name in enumerate(self.constraint_inputs)
+                if name is not None
+            }
             return self.constraint(y[:, :1], y[:, 1:], **inputs)
 
     def transfer(

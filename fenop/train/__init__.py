@@ -19,6 +19,7 @@ from fenop.train.models import (
     build_model,
     describe_model,
 )
+from fenop.train.rollout import rollout
 from fenop.train.trainer import Trainer, saved_epoch
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "pretrained_names",
     "read_config",
     "resolve_device",
+    "rollout",
     "save_checkpoint",
     "saved_epoch",
 ]
