@@ -53,6 +53,8 @@ class StepDataset(Dataset):
         statics: static fields of each sample, appended to the input channels.
         history: states the model sees (``m``).
         bundle: states it predicts at once (``k``, temporal bundling).
+        unroll: model calls whose targets each window holds (``y`` has
+            ``unroll * bundle`` states).
         indices: the samples (trajectories) of this dataset; default all.
         horizon: use only the first ``horizon + 1`` states of each trajectory (a
             model trained on a short horizon, rolled out on a longer one); default all.
@@ -68,12 +70,13 @@ class StepDataset(Dataset):
         statics: Sequence[str] = (),
         history: int = 1,
         bundle: int = 1,
+        unroll: int = 1,
         indices: Sequence[int] | None = None,
         horizon: int | None = None,
         dtype: torch.dtype = torch.float32,
         check_values: bool = True,
     ):
-        for name, value in (("history", history), ("bundle", bundle)):
+        for name, value in (("history", history), ("bundle", bundle), ("unroll", unroll)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
         self.state, self.statics = state, list(statics)
@@ -97,15 +100,16 @@ class StepDataset(Dataset):
             raise ValueError(
                 f"`horizon` must lie in [1, {len(store.times) - 1}] for {store.path}, got {horizon}"
             )
-        if n_times < history + bundle:
+        ahead = unroll * bundle
+        if n_times < history + ahead:
             raise StoreError(
                 store.path,
                 f"its trajectories of {n_times} states are too short for a history of "
-                f"{history} and {bundle} predicted state(s) ({history + bundle} needed)",
+                f"{history} and {ahead} predicted state(s) ({history + ahead} needed)",
             )
         self.path, self.header, self.space = store.path, store.header, store.space
         self.times = store.times[:n_times]
-        self.history, self.bundle = history, bundle
+        self.history, self.bundle, self.unroll = history, bundle, unroll
         self.indices = (
             np.arange(store.n_samples) if indices is None else np.asarray(indices, dtype=np.int64)
         )
@@ -115,7 +119,7 @@ class StepDataset(Dataset):
             raise ValueError(f"`indices` must lie in [0, {store.n_samples}) for {self.path}")
         if check_values:
             store.check_values(fields, self.indices)
-        self.windows = n_times - history - bundle + 1  # per trajectory
+        self.windows = n_times - history - ahead + 1  # per trajectory
         self.dtype = dtype
         self._file: h5py.File | None = None
         self._pid: int | None = None
@@ -148,7 +152,7 @@ class StepDataset(Dataset):
         sample, start = divmod(item % len(self), self.windows)
         row = int(self.indices[sample])
         f = self._fields()
-        states = f[self.state][row, start : start + self.history + self.bundle]
+        states = f[self.state][row, start : start + self.history + self.unroll * self.bundle]
         x = [states[: self.history]] + [f[name][row][None] for name in self.statics]
         return (
             torch.as_tensor(np.concatenate(x), dtype=self.dtype),
@@ -202,5 +206,5 @@ class StepDataset(Dataset):
         std = np.sqrt(np.maximum(squares / counts - mean**2, 0.0))
         std = np.where(std > 0, std, 1.0)
         x = [0] * self.history + list(range(1, len(names)))
-        y = [0] * self.bundle
+        y = [0] * self.bundle  # a stepper's outputs: one call's
         return Normalizer(mean[x], std[x]), Normalizer(mean[y], std[y])

@@ -14,6 +14,24 @@
     n_modes = [16, 16]
     hidden_channels = 32
 
+A stepper (a model that advances the state of a trajectory store; see
+:mod:`fenop.train.stepping`) names the state instead of inputs and outputs:
+
+    [data]
+    path = "heat.h5"           # made by `fenop generate heat --steps 50`
+    state = "u"                # the trajectory field advanced
+    statics = []               # static fields of each sample, taken as inputs too
+    history = 1                # states the model sees
+    bundle = 1                 # states it predicts per call
+    horizon = 20               # optional: train on the first 20 steps only
+    n_train = 80               # trajectories
+    n_test = 20
+
+with, in ``[training]``, ``mode = "one_step"`` (teacher forcing), ``"pushforward"``
+or ``"unrolled"``, ``unroll = 2`` (the calls those two chain) and ``noise = 0.0``.
+A ``[model.constraint]`` of a stepper is the family's residual of one time step,
+given the last state of the history.
+
 FEMultigrid has no grid; instead of ``resolution`` it takes its mesh hierarchy, a
 coarse mesh of the data's domain refined ``levels - 1`` times (the data's mesh may
 be any mesh of that domain: fields are interpolated to and from the finest level):
@@ -79,6 +97,12 @@ _SCHEMA: dict[str, _Keys] = {
         "outputs": (list, ["u"]),
         "n_train": (int, _REQUIRED),
         "n_test": (int, _REQUIRED),
+        # steppers (see the module's docstring)
+        "state": (str, None),
+        "statics": (list, []),
+        "history": (int, 1),
+        "bundle": (int, 1),
+        "horizon": (int, None),
     },
     "model": {
         "processor": (str, _REQUIRED),
@@ -160,6 +184,11 @@ def read_config(path: str | os.PathLike) -> dict:
             )
         if model["hierarchy"] is not None:
             raise ConfigError(path, "[model.hierarchy] is for mesh-native processors only")
+    data = config["data"]
+    if data["state"] is not None:
+        _stepper_data(path, config, raw.get("data", {}))
+    elif stepping := sorted({"statics", "history", "bundle", "horizon"} & set(raw.get("data", {}))):
+        raise ConfigError(path, f"data.{stepping[0]} is for a stepper: give data.state too")
     for key in ("inputs", "outputs"):
         names = config["data"][key]
         if (
@@ -168,7 +197,7 @@ def read_config(path: str | os.PathLike) -> dict:
             or len(set(names)) < len(names)
         ):
             raise ConfigError(path, f"data.{key} must list distinct field names, got {names!r}")
-    if set(config["data"]["inputs"]) & set(config["data"]["outputs"]):
+    if data["state"] is None and set(data["inputs"]) & set(data["outputs"]):
         raise ConfigError(path, "data.inputs and data.outputs must not share a field")
     for key in ("n_train", "n_test"):
         if config["data"][key] < 1:
@@ -190,12 +219,47 @@ def read_config(path: str | os.PathLike) -> dict:
         raise ConfigError(
             path, 'training.parallel = "experts" shards a [model.constraint] of kind "moe"'
         )
+    if data["state"] is None and (training["mode"] != "one_step" or training["noise"] > 0):
+        key = "mode" if training["mode"] != "one_step" else "noise"
+        raise ConfigError(path, f"training.{key} trains a stepper: give data.state")
+    if data["state"] is not None:
+        if model["constraint"] is not None and data["bundle"] != 1:
+            raise ConfigError(path, "[model.constraint] constrains one step: data.bundle = 1")
+        if training["physics_weight"] > 0:
+            raise ConfigError(path, "training.physics_weight is for maps between fields")
     base = path.parent
     config["data"]["path"] = str((base / config["data"]["path"]).resolve())
     config["training"]["output"] = str((base / config["training"]["output"]).resolve())
     if model["hierarchy"] is not None and model["hierarchy"]["mesh"] is not None:
         model["hierarchy"]["mesh"] = str((base / model["hierarchy"]["mesh"]).resolve())
     return config
+
+
+def _stepper_data(path: Path, config: dict, given: dict) -> None:
+    """Check a stepper's ``[data]`` and set its ``inputs`` and ``outputs`` to the
+    fields it reads, as the rest of a configuration speaks of fields."""
+    data = config["data"]
+    static = sorted({"inputs", "outputs"} & set(given))
+    if static:
+        raise ConfigError(
+            path,
+            f"data.{static[0]} is for a map between fields; a stepper reads data.state "
+            "and data.statics",
+        )
+    for key in ("history", "bundle", "horizon"):
+        if data[key] is not None and data[key] < 1:
+            raise ConfigError(path, f"data.{key} must be positive, got {data[key]}")
+    statics = data["statics"]
+    if (
+        not all(isinstance(n, str) and n for n in statics)
+        or len(set(statics)) < len(statics)
+        or data["state"] in statics
+    ):
+        raise ConfigError(
+            path,
+            f"data.statics must list distinct field names other than the state, got {statics!r}",
+        )
+    data["inputs"], data["outputs"] = [data["state"], *data["statics"]], [data["state"]]
 
 
 def _checked(path: Path, section: str, given: object, keys: _Keys) -> dict:

@@ -143,6 +143,8 @@ def residual_for(
     except (TypeError, ValueError) as exc:
         raise ConstraintError(f"cannot build the {pde!r} residual: {exc}") from None
     wanted = residual_inputs(residual)
+    if inputs is not None:  # None: a channel the residual does not take
+        inputs = [name for name in inputs if name is not None]
     if inputs is not None and sorted(wanted) != sorted(inputs):
         raise ConstraintError(
             f"the {pde} residual takes the fields {wanted}, but {named} are {list(inputs)}"

@@ -10,13 +10,15 @@ from pathlib import Path
 import torch
 
 from fenop._files import recover
-from fenop.data import FieldDataset, StoreInfo, read_store
+from fenop.data import FieldDataset, StepDataset, StoreError, StoreInfo, read_store
+from fenop.data.pdes import get_pde
 from fenop.fem import FunctionSpace, hierarchy, load_mesh
 from fenop.fem.mesh import DOMAINS
 from fenop.train.config import ConfigError, read_config
 from fenop.train.device import resolve_device
 from fenop.train.models import PROCESSORS, DescriptionError, ModelDescription, build_model
 from fenop.train.physics import ConstraintError, PhysicsLoss, residual_for
+from fenop.train.stepping import calls
 from fenop.train.trainer import Trainer
 
 
@@ -32,7 +34,6 @@ def build_from_config(
         ``(model, train_set, test_set)``.
     """
     data, table = config["data"], config["model"]
-    fields = {"inputs": data["inputs"], "outputs": data["outputs"]}
     if store is None:
         store = read_store(data["path"], fields=data["inputs"] + data["outputs"])
     n_train, n_test = data["n_train"], data["n_test"]
@@ -43,10 +44,17 @@ def build_from_config(
             f"{store.n_samples} samples of {data['path']}",
         )
     store.check_values(data["inputs"] + data["outputs"], range(n_train + n_test))
-    train = FieldDataset(store, **fields, indices=range(n_train), check_values=False)
-    test = FieldDataset(
-        store, **fields, indices=range(n_train, n_train + n_test), check_values=False
-    )
+    if data["state"] is None:
+        fields = {"inputs": data["inputs"], "outputs": data["outputs"]}
+        train = FieldDataset(store, **fields, indices=range(n_train), check_values=False)
+        test = FieldDataset(
+            store, **fields, indices=range(n_train, n_train + n_test), check_values=False
+        )
+        in_channels, out_channels = len(data["inputs"]), len(data["outputs"])
+        residual_inputs = data["inputs"]
+    else:
+        train, test, residual_inputs = _steps(config, store, path)
+        in_channels, out_channels = data["history"] + len(data["statics"]), data["bundle"]
     name = table["processor"]  # a registered one (read_config checks)
     space = store.space
     input_stats, output_stats = train.normalizers()
@@ -54,15 +62,19 @@ def build_from_config(
         name,
         space,
         space,
-        in_channels=len(data["inputs"]),
-        out_channels=len(data["outputs"]),
+        in_channels=in_channels,
+        out_channels=out_channels,
         options=dict(table["options"]),
         input_stats=input_stats,
         output_stats=output_stats,
     )
     if table["constraint"] is not None:
         # The residual is the store's PDE, rebuilt from its recorded parameters.
-        description.constraint = {**table["constraint"], **_pde_of(store, data, path)}
+        description.constraint = {
+            **table["constraint"],
+            **_pde_of(store, data, path),
+            "inputs": residual_inputs,
+        }
     if PROCESSORS[name].mesh_native:
         description.levels = _hierarchy_spaces(table["hierarchy"], path, degree=space.degree)
     else:
@@ -83,6 +95,44 @@ def build_from_config(
             path, f"the data's mesh is not in the domain of [model.hierarchy]: {exc}"
         ) from None
     return model, train, test
+
+
+def _steps(config: dict, store: StoreInfo, path) -> tuple[StepDataset, StepDataset, list]:
+    """A stepper's training and test windows, and the residual's name for each of its
+    input channels: the older states none, the last the family's previous state
+    (its residual is that of one time step), the static fields their own."""
+    data, training = config["data"], config["training"]
+    options = {
+        "state": data["state"],
+        "statics": data["statics"],
+        "history": data["history"],
+        "bundle": data["bundle"],
+        "horizon": data["horizon"],
+        "check_values": False,
+    }
+    n_train, n_test = data["n_train"], data["n_test"]
+    unroll = calls(training["mode"], training["unroll"])
+    try:
+        train = StepDataset(store, **options, unroll=unroll, indices=range(n_train))
+        test = StepDataset(store, **options, indices=range(n_train, n_train + n_test))
+    except ValueError as exc:
+        if isinstance(exc, StoreError):
+            raise
+        raise ConfigError(path, f"[data]: {exc}") from None
+    previous = None
+    if config["model"]["constraint"] is not None:
+        try:
+            family = get_pde(_pde_of(store, data, path)["pde"])
+        except ValueError as exc:
+            raise ConfigError(path, f"[model.constraint]: {store.path}: {exc}") from None
+        previous = family.previous_state
+        if previous is None:
+            raise ConfigError(
+                path,
+                f"[model.constraint]: the {family.name} residual is not that of one time "
+                "step, which a stepper's constraint needs",
+            )
+    return train, test, [None] * (data["history"] - 1) + [previous, *data["statics"]]
 
 
 def _pde_of(store: StoreInfo, data: dict, path) -> dict:
@@ -194,6 +244,9 @@ def train_from_config(
         physics=physics,
         physics_weight=float(training["physics_weight"]),
         parallel=training["parallel"],
+        mode=training["mode"],
+        unroll=training["unroll"],
+        noise=float(training["noise"]),
         extra={
             "data": {
                 # the file's name, not the machine's path: checkpoints get shared
@@ -206,6 +259,7 @@ def train_from_config(
                 "outputs": config["data"]["outputs"],
                 "n_train": config["data"]["n_train"],
                 "n_test": config["data"]["n_test"],
+                **_stepper_description(config["data"], train),
             }
         },
     )
@@ -213,6 +267,27 @@ def train_from_config(
         return trainer.fit()
     with _replacing_run(folder) as replaced:
         return trainer.fit(after_save=replaced)
+
+
+def _stepper_description(data: dict, train) -> dict:
+    """What a stepper's checkpoint records of its data beside the fields: how to roll
+    it out (its history, bundle and time step); nothing for a map between fields."""
+    if data["state"] is None:
+        return {}
+    try:
+        dt = train.dt
+    except ValueError:  # states saved at uneven times
+        dt = None
+    return {
+        "stepper": {
+            "state": data["state"],
+            "statics": data["statics"],
+            "history": data["history"],
+            "bundle": data["bundle"],
+            "horizon": len(train.times) - 1,
+            "dt": dt,
+        }
+    }
 
 
 # What a run writes in its folder; --overwrite replaces these and nothing else there.

@@ -1,4 +1,5 @@
-"""Trainer: fit an FEOperator on FieldDatasets, with checkpoints and resumption.
+"""Trainer: fit an FEOperator on FieldDatasets (or a stepper on the windows of
+trajectories, StepDatasets), with checkpoints and resumption.
 
 Every epoch ends with an evaluation on the test set; metrics are appended as JSON
 lines to ``metrics.jsonl``; ``last/`` is rewritten each epoch and ``best/`` when the
@@ -44,6 +45,7 @@ from fenop.operators.sharding import Shardable
 from fenop.train import distributed
 from fenop.train.checkpoint import CheckpointError, non_finite, read_config, save_checkpoint
 from fenop.train.device import resolve_device
+from fenop.train.stepping import Mode, calls, step_prediction
 
 Schedule = Literal["cosine", "step", "constant"]
 Loss = Literal["l2", "h1"]
@@ -67,6 +69,8 @@ def check_settings(settings: dict, *, key: Callable[[str], str] = lambda name: f
         "weight_decay": (0, True),
         "grad_clip": (0, False),
         "physics_weight": (0, True),
+        "unroll": (1, True),
+        "noise": (0, True),
     }
     for name, (least, allowed) in ranges.items():
         value = settings.get(name)
@@ -116,6 +120,13 @@ class Trainer:
         extra: further JSON written into each checkpoint's config (e.g. data description).
         parallel: on several processes, ``"data"`` (each takes a share of every
             batch) or ``"experts"`` (each solves a share of the experts); ignored on one.
+        mode, unroll, noise: for a stepper trained on a
+            :class:`~fenop.data.StepDataset` (whose windows hold the targets of
+            ``unroll`` calls where ``mode`` unrolls): teacher forcing
+            (``"one_step"``), the pushforward trick or unrolled training through
+            ``unroll`` calls, and Gaussian noise on the input states of ``noise``
+            times their standard deviation (:mod:`fenop.train.stepping`). The test
+            error of a stepper is that of one call from true states.
     """
 
     def __init__(
@@ -141,6 +152,9 @@ class Trainer:
         physics_weight: float = 0.0,
         extra: dict | None = None,
         parallel: Parallel = "data",
+        mode: Mode = "one_step",
+        unroll: int = 1,
+        noise: float = 0.0,
     ):
         check_settings(
             {
@@ -155,8 +169,26 @@ class Trainer:
                 "seed": seed,
                 "physics_weight": physics_weight,
                 "parallel": parallel,
+                "mode": mode,
+                "unroll": unroll,
+                "noise": noise,
             }
         )
+        # A stepper's data are windows of trajectories, which know their history.
+        self.history: int | None = getattr(train_set, "history", None)
+        if self.history is None and (mode != "one_step" or noise > 0):
+            raise ValueError(
+                "`mode` and `noise` train a stepper: `train_set` must hold the windows of "
+                "trajectories (a StepDataset)"
+            )
+        if self.history is not None and train_set.unroll != calls(mode, unroll):
+            raise ValueError(
+                f"`mode` {mode!r} with `unroll` {unroll} needs windows with the targets of "
+                f"{calls(mode, unroll)} call(s); `train_set` has {train_set.unroll}"
+            )
+        if physics_weight > 0 and mode != "one_step":
+            raise ValueError("a `physics` loss is added to one-step training only")
+        self.mode, self.unroll, self.noise = mode, unroll, noise
         self.rank, self.world, self.device = distributed.setup(resolve_device(device))
         self.model = model.to(self.device)
         if self.world > 1 and parallel == "data" and batch_size % self.world:
@@ -207,6 +239,8 @@ class Trainer:
         }
         if grad_clip is not None:  # only when given: runs saved before it still resume
             self.settings["grad_clip"] = grad_clip
+        if self.history is not None:
+            self.settings.update(mode=mode, unroll=unroll, noise=noise)
         if physics_weight > 0 and physics is None:
             raise ValueError(f"`physics_weight` {physics_weight} needs a `physics` loss")
         self.physics = None if physics is None else physics.to(self.device)
@@ -392,8 +426,19 @@ class Trainer:
                     # bfloat16 needs no loss scaling; FEOperator keeps its FE maps and
                     # output in float32, so only the processor runs in low precision.
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                        prediction = self.network(x)
-                    loss = self.loss_fn(prediction, y)
+                        if self.history is None:
+                            prediction, target = self.network(x), y
+                        else:  # a stepper, as its training mode calls it
+                            prediction, target = step_prediction(
+                                self.network,
+                                x,
+                                y,
+                                history=self.history,
+                                mode=self.mode,
+                                unroll=self.unroll,
+                                noise=self._noise(batch, mine, x),
+                            )
+                    loss = self.loss_fn(prediction, target)
                     if self.physics_weight > 0:
                         loss = loss + self.physics_weight * self.physics(prediction, x)
                     own = loss.item()  # this rank's mean, read once for the check, metrics, bar
@@ -437,6 +482,22 @@ class Trainer:
                 if after_save is not None and self.directory is not None and self.rank == 0:
                     after_save(self.epoch)
         return history
+
+    def _noise(self, batch: list[int], mine: list[int], x: torch.Tensor) -> torch.Tensor | None:
+        """Noise on the input states of this rank's share ``mine`` of ``batch``
+        ``(len(mine), m, n_dofs)``, or ``None``: drawn for the whole batch from the
+        (seed, epoch, first item), so that it does not depend on the processes."""
+        if self.noise == 0:
+            return None
+        generator = torch.Generator().manual_seed(
+            (self.seed * 100_003 + self.epoch) * 1_000_003 + batch[0]
+        )
+        draw = torch.randn((len(batch), self.history, x.shape[-1]), generator=generator)
+        position = {item: i for i, item in enumerate(batch)}
+        draw = draw[[position[item] for item in mine]].to(x)
+        stats = getattr(self.model, "input_stats", None)
+        scale = 1.0 if stats is None else stats.std[: self.history, None].to(x)
+        return self.noise * scale * draw
 
     def _diverged(self, what: str) -> None:
         """Raise the FloatingPointError of a diverged run: ``what`` happened in the

@@ -48,6 +48,9 @@ class PDEFamily:
     # state per time (n_times, n_dofs), and those times (n_times,).
     trajectories: tuple[str, ...] = ()
     times: np.ndarray | None = None
+    # Families whose residual is that of one time step: its name for the state one
+    # step earlier, which a stepper's constraint takes from its history.
+    previous_state: ClassVar[str | None] = None
 
     def __init__(self, space: FunctionSpace, *, grf: dict | None = None):
         if not isinstance(space, FunctionSpace):

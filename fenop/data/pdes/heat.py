@@ -49,6 +49,7 @@ class Heat(PDEFamily):
     name = "heat"
     inputs = ("u0",)
     auxiliary = ("u_prev",)
+    previous_state = "u_prev"
 
     def __init__(
         self,
