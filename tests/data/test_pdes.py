@@ -26,10 +26,14 @@ def _weak_residual(name: str, basis: skfem.CellBasis, sample: dict, family) -> n
             lambda v, w: w["a"] * dot(grad(w["u"]), grad(v)) - family.source * v
         )
         return form.assemble(basis, u=u, a=a)
-    if name == "heat":  # the last implicit Euler step
+    if name == "heat":  # the last step: implicit Euler (θ = 1) or Crank-Nicolson (1/2)
         dt_k = family.dt * family.diffusivity
+        theta = {"implicit_euler": 1.0, "crank_nicolson": 0.5}[family.scheme]
         form = skfem.LinearForm(
-            lambda v, w: (w["u"] - w["p"]) * v + dt_k * dot(grad(w["u"]), grad(v))
+            lambda v, w: (
+                (w["u"] - w["p"]) * v
+                + dt_k * dot(theta * grad(w["u"]) + (1 - theta) * grad(w["p"]), grad(v))
+            )
         )
         return form.assemble(basis, u=u, p=basis.interpolate(sample["u_prev"]))
     f = basis.interpolate(sample["f"])
@@ -85,10 +89,11 @@ def test_heat_trajectory_matches_an_independent_time_stepping():
     assert np.abs(sample["u"]).max() < np.abs(sample["u0"]).max()  # heat flow decays
 
 
-def test_a_heat_trajectory_holds_every_step_of_the_final_time_map():
+@pytest.mark.parametrize("scheme", ["implicit_euler", "crank_nicolson"])
+def test_a_heat_trajectory_holds_every_step_of_the_final_time_map(scheme):
     space = FunctionSpace(l_shape(9), dirichlet="boundary")
-    final = Heat(space, t_final=0.05, n_steps=5).sample(seed=3, index=2)
-    heat = Heat(space, t_final=0.05, n_steps=5, trajectory=True)
+    final = Heat(space, t_final=0.05, n_steps=5, scheme=scheme).sample(seed=3, index=2)
+    heat = Heat(space, t_final=0.05, n_steps=5, trajectory=True, scheme=scheme)
     states = heat.sample(seed=3, index=2)
     assert heat.fields == heat.trajectories == ("u",) and states["u"].shape == (6, space.n_dofs)
     np.testing.assert_allclose(heat.times, np.linspace(0, 0.05, 6), rtol=0, atol=1e-16)
@@ -107,9 +112,11 @@ def test_a_heat_trajectory_holds_every_step_of_the_final_time_map():
         assert module(u, u_prev=u_prev)[free].norm() <= 1e-10 * size
 
 
-def test_heat_steps_converge_in_time_at_first_order():
-    """Implicit Euler against the exact solution of the same space-discrete system,
-    u(t) = exp(-t k M^-1 K) u0 on the free DOFs: the error is first order in Δt."""
+@pytest.mark.parametrize(("scheme", "order"), [("implicit_euler", 1.0), ("crank_nicolson", 2.0)])
+def test_heat_steps_converge_in_time_at_their_order(scheme, order):
+    """Each scheme against the exact solution of the same space-discrete system,
+    u(t) = exp(-t k M^-1 K) u0 on the free DOFs: the error is of the scheme's order
+    in Δt."""
     import scipy.linalg
 
     space = FunctionSpace(unit_square(9), dirichlet="boundary")
@@ -120,9 +127,9 @@ def test_heat_steps_converge_in_time_at_first_order():
     exact = scipy.linalg.expm(-0.1 * 0.5 * np.linalg.solve(mass, stiffness)) @ u0[free]
     steps, errors = [8, 16, 32, 64], []
     for n in steps:
-        heat = Heat(space, diffusivity=0.5, t_final=0.1, n_steps=n, trajectory=True)
+        heat = Heat(space, diffusivity=0.5, t_final=0.1, n_steps=n, scheme=scheme)
         errors.append(np.abs(heat.states(u0)[-1, free] - exact).max())
-    assert abs(loglog_slope([0.1 / n for n in steps], errors) - 1.0) <= 0.1
+    assert abs(loglog_slope([0.1 / n for n in steps], errors) - order) <= 0.1
 
 
 def test_heat_trajectories_converge_to_the_exact_solution_at_second_order():
@@ -194,3 +201,5 @@ def test_families_reject_bad_arguments():
         Darcy(FunctionSpace(unit_square(5), dirichlet="boundary"), a_low=0.0)
     with pytest.raises(ValueError, match="`trajectory` must be true or false, got 'yes'"):
         Heat(FunctionSpace(unit_square(5), dirichlet="boundary"), trajectory="yes")
+    with pytest.raises(ValueError, match="`scheme` must be one of"):
+        Heat(FunctionSpace(unit_square(5), dirichlet="boundary"), scheme="euler")

@@ -1,8 +1,13 @@
 """Heat equation: u_t = div(k ∇u), u = 0 on the boundary, u(0) = u0 a random field.
 
 Implicit Euler in time, ``(M + Δt k K) u_{n+1} = M u_n`` with ``Δt = t_final /
-n_steps`` (M, K the P1/P2 mass and stiffness matrices; first order in time,
-unconditionally stable, and the scheme the per-step residual is written for).
+n_steps`` (M, K the P1/P2 mass and stiffness matrices; first order in time, and
+L-stable: the fine scales of a rough initial state are damped at once). With
+``scheme="crank_nicolson"``, ``(M + Δt/2 k K) u_{n+1} = (M - Δt/2 k K) u_n``:
+second order, but it damps the finest scales only slowly (A- and not L-stable).
+The residual of one step (:class:`HeatResidual`, which a stepper's hard
+constraint uses) is written for the same scheme: a constraint per step is exact
+only for the scheme of its data (BENCHMARKS.md, "The constraint per time step").
 
 Two kinds of data. By default the map from the initial state to the state at
 ``t_final``: fields ``u0`` and ``u``, and the state one step earlier (``u_prev``),
@@ -43,6 +48,7 @@ class Heat(PDEFamily):
         n_steps: implicit Euler steps.
         trajectory: keep every state (one ``(n_steps + 1, n_dofs)`` field ``u``)
             rather than the initial and final ones.
+        scheme: ``"implicit_euler"`` or ``"crank_nicolson"``.
         grf: options of the Gaussian random field of the initial state.
     """
 
@@ -59,11 +65,15 @@ class Heat(PDEFamily):
         t_final: float = 0.1,
         n_steps: int = 10,
         trajectory: bool = False,
+        scheme: str = "implicit_euler",
         grf: dict | None = None,
     ):
         super().__init__(space, grf=grf)
         if not isinstance(trajectory, bool):
             raise ValueError(f"`trajectory` must be true or false, got {trajectory!r}")
+        if scheme not in THETA:
+            raise ValueError(f"`scheme` must be one of {sorted(THETA)}, got {scheme!r}")
+        self.scheme = scheme
         if diffusivity <= 0 or t_final <= 0 or n_steps < 1:
             raise ValueError(
                 "`diffusivity` and `t_final` must be positive and `n_steps` at least 1, "
@@ -79,20 +89,22 @@ class Heat(PDEFamily):
         if trajectory:
             self.inputs, self.auxiliary, self.trajectories = (), (), ("u",)
             self.times = self.dt * np.arange(self.n_steps + 1)
-        free = self.interior
-        step = self.dt * self.diffusivity * space.stiffness_matrix + space.mass_matrix
-        step = scipy.sparse.csc_array(step)
+        free, theta = self.interior, THETA[scheme]
+        stiffness = self.dt * self.diffusivity * space.stiffness_matrix
+        step = scipy.sparse.csc_array(space.mass_matrix + theta * stiffness)
         # One factorisation serves every step of every sample.
         self._step = scipy.sparse.linalg.splu(step[free][:, free], permc_spec="MMD_AT_PLUS_A")
+        self._load = scipy.sparse.csr_array(space.mass_matrix - (1 - theta) * stiffness)
 
     def parameters(self) -> dict:
         return {
             "diffusivity": self.diffusivity,
             "t_final": self.t_final,
             "n_steps": self.n_steps,
-            # only where set, so that stores of the final-time map made before the
-            # option existed still resume
+            # only where set, so that stores made before the options existed still
+            # resume
             **({"trajectory": True} if self.trajectory else {}),
+            **({"scheme": self.scheme} if self.scheme != "implicit_euler" else {}),
             **super().parameters(),
         }
 
@@ -113,15 +125,22 @@ class Heat(PDEFamily):
         states = np.zeros((self.n_steps + 1, len(u0)))
         states[0] = u0
         for n in range(self.n_steps):
-            states[n + 1, free] = self._step.solve((self.space.mass_matrix @ states[n])[free])
+            states[n + 1, free] = self._step.solve((self._load @ states[n])[free])
         return states
 
     def residual(self) -> HeatResidual:
-        return HeatResidual(self.space, diffusivity=self.diffusivity, dt=self.dt)
+        return HeatResidual(
+            self.space, diffusivity=self.diffusivity, dt=self.dt, scheme=self.scheme
+        )
+
+
+# The weight of the new state in the diffusion term of each scheme (the θ-method).
+THETA = {"implicit_euler": 1.0, "crank_nicolson": 0.5}
 
 
 class HeatResidual(DirichletResidual):
-    """One implicit Euler step: ``R(u; u_prev) = ∫ (u - u_prev) v + Δt ∫ k ∇u·∇v``.
+    """One step of the θ-method, ``R(u; u_prev) = ∫ (u - u_prev) v + Δt ∫ k ∇(θ u +
+    (1 - θ) u_prev)·∇v``: θ = 1 for implicit Euler, 1/2 for Crank-Nicolson.
 
     Shapes: ``u``, ``u_prev``: ``(..., n_dofs)`` -> ``(..., n_dofs)``.
     """
@@ -129,17 +148,29 @@ class HeatResidual(DirichletResidual):
     affine = True
     symmetric = True
 
-    def __init__(self, space: FunctionSpace, *, diffusivity: float, dt: float):
+    def __init__(
+        self,
+        space: FunctionSpace,
+        *,
+        diffusivity: float,
+        dt: float,
+        scheme: str = "implicit_euler",
+    ):
         super().__init__(space)
-        self.diffusivity, self.dt = diffusivity, dt
+        self.diffusivity, self.dt, self.theta = diffusivity, dt, THETA[scheme]
 
     def weak_jacobian(self, pattern, *, u_prev: torch.Tensor) -> torch.Tensor:
-        """``M + Δt k K`` on the pattern, the same for every sample."""
+        """``M + θ Δt k K`` on the pattern, the same for every sample."""
         space = self.forms.space
-        matrix = space.mass_matrix + self.dt * self.diffusivity * space.stiffness_matrix
+        matrix = (
+            space.mass_matrix + self.theta * self.dt * self.diffusivity * space.stiffness_matrix
+        )
         return pattern.entries(matrix).to(u_prev).expand(u_prev.shape[0], -1)
 
     def weak_form(self, u: torch.Tensor, *, u_prev: torch.Tensor) -> torch.Tensor:
         forms = self.forms
         change = forms.assemble_values(forms.values(u - u_prev))
-        return change + self.dt * self.diffusivity * forms.assemble_gradient(forms.gradients(u))
+        middle = u if self.theta == 1 else self.theta * u + (1 - self.theta) * u_prev
+        return change + self.dt * self.diffusivity * forms.assemble_gradient(
+            forms.gradients(middle)
+        )
