@@ -201,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         "input", help="store with the model's input fields (any mesh of its domain)"
     )
     predict.add_argument("-o", "--output", required=True, help="HDF5 store of the predictions")
+    predict.add_argument(
+        "--steps",
+        type=_positive_int,
+        help="a stepper: the states to predict (default: its training horizon)",
+    )
     predict.add_argument("--overwrite", action="store_true", help="replace an existing output")
     predict.add_argument("--batch-size", type=_positive_int, default=32, help="samples per batch")
     predict.add_argument("--device", help="cpu or cuda (default: cuda if present)")

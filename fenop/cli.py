@@ -213,6 +213,7 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     from fenop.train import evaluate_store
+    from fenop.train.trajectories import stepper_of
 
     data = Path(args.data)
     if args.plot:
@@ -220,6 +221,8 @@ def _evaluate(args) -> int:
     samples = args.samples
     if args.split == "test":
         samples = _test_split(args.checkpoint)
+    if stepper_of(args.checkpoint) is not None:
+        return _evaluate_rollouts(args, data, samples)
     evaluation = evaluate_store(
         args.checkpoint,
         data,
@@ -255,9 +258,60 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _evaluate_rollouts(args, data: Path, samples) -> int:
+    """``fenop evaluate`` of a stepper: its errors at horizons of the trajectories."""
+    from fenop.train.plots import plot_rollout_errors
+    from fenop.train.trajectories import evaluate_rollouts
+
+    evaluation = evaluate_rollouts(
+        args.checkpoint,
+        data,
+        samples=samples,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=True,
+    )
+    for line in evaluation.summary():
+        print(line)
+    if args.per_sample:
+        print("sample, then the free-running relative L2 error at each step")
+        for i, errors in zip(evaluation.samples, evaluation.free_l2, strict=True):
+            print(f"{i} " + " ".join(f"{e:.6f}" for e in errors))
+    if args.plot:
+        plot_rollout_errors(evaluation, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def _predict(args) -> int:
     from fenop.train import predict_store
     from fenop.train.inference import fields_of
+    from fenop.train.trajectories import predict_rollouts, stepper_of
+
+    if stepper_of(args.model) is not None:
+        output = predict_rollouts(
+            args.model,
+            args.input,
+            args.output,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            device=args.device,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+        if not args.quiet:
+            from fenop.data import read_store
+
+            store = read_store(output)
+            print(
+                f"wrote {store.n_samples} rollouts of {len(store.times) - 1} steps "
+                f"(t = {store.times[0]:g} to {store.times[-1]:g}) to {output}"
+            )
+        return 0
+    if args.steps is not None:
+        from fenop._errors import InputError
+
+        raise InputError(f"--steps is for a stepper; {args.model} maps fields to fields")
 
     output = predict_store(
         args.model,

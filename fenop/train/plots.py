@@ -91,6 +91,42 @@ def plot_predictions(
     return path
 
 
+def plot_rollout_errors(evaluation, path: str | os.PathLike) -> Path:
+    """Save a figure of a stepper's relative L2 error against time: the mean over the
+    trajectories, free-running and teacher-forced, with the free-running spread
+    (the 10th to 90th percentile) shaded and the 10 % line drawn.
+
+    Args:
+        evaluation: a :class:`~fenop.train.trajectories.RolloutEvaluation`.
+        path: the image file (PNG, PDF, ... by suffix).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    times = evaluation.times
+    figure, ax = plt.subplots(figsize=(7, 4))
+    low, high = np.percentile(evaluation.free_l2, [10, 90], axis=0)
+    ax.fill_between(times, low, high, alpha=0.25, label="free-running, 10-90 %")
+    ax.plot(times, evaluation.free_l2.mean(axis=0), label="free-running, mean")
+    ax.plot(times, evaluation.forced_l2.mean(axis=0), "--", label="teacher-forced, mean")
+    ax.axhline(0.1, color="grey", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("time")
+    ax.set_ylabel("relative L2 error")
+    ax.set_title(f"{len(evaluation.samples)} trajectories of {Path(evaluation.path).name}")
+    ax.legend()
+    figure.tight_layout()
+    path = Path(path)
+    try:
+        with replacing(path) as staging:
+            figure.savefig(staging, dpi=150, format=path.suffix[1:].lower())
+    finally:
+        plt.close(figure)
+    return path
+
+
 def plot_format_problem(path: Path) -> str | None:
     """Why matplotlib cannot save a picture at ``path`` (its suffix names no format
     it writes), or ``None``."""
