@@ -115,7 +115,7 @@ def _time_steps(args) -> dict:
         if args.dt is not None:
             raise InputError("--dt is the step of a trajectory: give --steps with it")
         return {}
-    if "trajectory" not in inspect.signature(get_pde(args.pde)).parameters:
+    if "n_steps" not in inspect.signature(get_pde(args.pde)).parameters:
         raise InputError(f"{args.pde} has no time axis: --steps is for time-dependent families")
     clash = sorted({"n_steps", "t_final", "trajectory"} & {k for k, _ in args.option})
     if clash:

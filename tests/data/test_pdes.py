@@ -6,7 +6,7 @@ import skfem
 import torch
 from skfem.helpers import dot, grad
 
-from fenop.data.pdes import PDES, Darcy, Heat, NonlinearDiffusion, Poisson, get_pde
+from fenop.data.pdes import PDES, AllenCahn, Darcy, Heat, NonlinearDiffusion, Poisson, get_pde
 from fenop.fem import FunctionSpace, l_shape, unit_square
 from tests.helpers import loglog_slope
 
@@ -36,6 +36,16 @@ def _weak_residual(name: str, basis: skfem.CellBasis, sample: dict, family) -> n
             )
         )
         return form.assemble(basis, u=u, p=basis.interpolate(sample["u_prev"]))
+    if name == "allen_cahn":  # the last implicit Euler step
+        dt, eps2 = family.dt, family.epsilon**2
+        form = skfem.LinearForm(
+            lambda v, w: (
+                (w["u"] - w["p"]) * v
+                + dt * eps2 * dot(grad(w["u"]), grad(v))
+                + dt * (w["u"] ** 3 - w["u"]) * v
+            )
+        )
+        return form.assemble(basis, u=u, p=basis.interpolate(sample["u_prev"]))
     f = basis.interpolate(sample["f"])
     if name == "poisson":
         form = skfem.LinearForm(lambda v, w: dot(grad(w["u"]), grad(v)) - w["f"] * v)
@@ -53,6 +63,10 @@ def test_samples_satisfy_their_assembled_systems(name, space_id):
     family = get_pde(name)(space)
     sample = family.sample(seed=5, index=3)
     assert sorted(sample) == sorted(family.fields)
+    if family.trajectories:  # its last step
+        states = sample["u"]
+        assert states.shape == (len(family.times), space.n_dofs)
+        sample = {"u": states[-1], "u_prev": states[-2]}
     free = np.setdiff1d(np.arange(space.n_dofs), space.boundary_dofs)
     residual = _weak_residual(name, space.basis, sample, family)
     # Relative to the residual of u = 0, i.e. the size of the right-hand side.
@@ -62,9 +76,10 @@ def test_samples_satisfy_their_assembled_systems(name, space_id):
 
     # The torch residual module agrees, at the solution and at a random state.
     module = family.residual()
-    tensors = {k: torch.from_numpy(sample[k]) for k in family.inputs + family.auxiliary}
-    if name == "heat":  # its residual is that of the last step
-        tensors.pop("u0")
+    names = family.inputs + family.auxiliary
+    if family.previous_state is not None:  # its residual is that of the last step
+        names = (family.previous_state,)
+    tensors = {k: torch.from_numpy(sample[k]) for k in names}
     u = torch.from_numpy(sample["u"])
     assert module(u, **tensors)[free].norm() <= 1e-10 * np.linalg.norm(at_zero[free])
     random_u = torch.randn(space.n_dofs, dtype=torch.float64)
@@ -151,6 +166,20 @@ def test_heat_trajectories_converge_to_the_exact_solution_at_second_order():
     assert abs(loglog_slope(h, errors) - 2.0) <= 0.1
 
 
+def test_allen_cahn_separates_phases_and_converges_in_time_at_first_order():
+    """Against the same family at 64 times finer steps: implicit Euler's first order."""
+    space = FunctionSpace(unit_square(17), dirichlet="boundary")
+    u0 = AllenCahn(space).sample(seed=2, index=0)["u"][0]
+    reference = AllenCahn(space, t_final=2.0, n_steps=640).solve(u0=u0)["u"][-1]
+    steps, errors = [10, 20, 40], []
+    for n in steps:
+        u = AllenCahn(space, t_final=2.0, n_steps=n).solve(u0=u0)["u"][-1]
+        errors.append(np.abs(u - reference).max())
+    assert abs(loglog_slope([1 / n for n in steps], errors) - 1.0) <= 0.1
+    assert np.abs(reference).max() > 1.2 * np.abs(u0).max()  # the reaction grew the phases
+    assert np.abs(reference).max() < 1.0  # towards ±1, not beyond
+
+
 def test_darcy_inputs_follow_the_recipe():
     space = FunctionSpace(unit_square(33), dirichlet="boundary")
     a = np.stack([Darcy(space).sample(seed=0, index=i)["a"] for i in range(20)])
@@ -191,7 +220,7 @@ def test_newton_gives_up_with_a_clear_error():
 
 
 def test_families_reject_bad_arguments():
-    with pytest.raises(ValueError, match="unknown PDE 'stokes'; known: darcy"):
+    with pytest.raises(ValueError, match="unknown PDE 'stokes'; known: allen_cahn, darcy"):
         get_pde("stokes")
     with pytest.raises(ValueError, match="Dirichlet DOFs"):
         Poisson(FunctionSpace(unit_square(5)))
@@ -201,5 +230,7 @@ def test_families_reject_bad_arguments():
         Darcy(FunctionSpace(unit_square(5), dirichlet="boundary"), a_low=0.0)
     with pytest.raises(ValueError, match="`trajectory` must be true or false, got 'yes'"):
         Heat(FunctionSpace(unit_square(5), dirichlet="boundary"), trajectory="yes")
+    with pytest.raises(ValueError, match=r"t_final / n_steps = 1.5 must be below 1"):
+        AllenCahn(FunctionSpace(unit_square(5), dirichlet="boundary"), t_final=3, n_steps=2)
     with pytest.raises(ValueError, match="`scheme` must be one of"):
         Heat(FunctionSpace(unit_square(5), dirichlet="boundary"), scheme="euler")

@@ -1,9 +1,10 @@
 """PDE families: parameter samplers, scikit-fem solvers and torch residuals.
 
 >>> sorted(PDES)
-['darcy', 'heat', 'nonlinear_diffusion', 'poisson']
+['allen_cahn', 'darcy', 'heat', 'nonlinear_diffusion', 'poisson']
 """
 
+from fenop.data.pdes.allen_cahn import AllenCahn
 from fenop.data.pdes.base import DirichletResidual, PDEFamily
 from fenop.data.pdes.darcy import Darcy
 from fenop.data.pdes.heat import Heat
@@ -11,7 +12,7 @@ from fenop.data.pdes.nonlinear_diffusion import NonlinearDiffusion
 from fenop.data.pdes.poisson import Poisson
 
 PDES: dict[str, type[PDEFamily]] = {
-    cls.name: cls for cls in (Darcy, Poisson, NonlinearDiffusion, Heat)
+    cls.name: cls for cls in (Darcy, Poisson, NonlinearDiffusion, Heat, AllenCahn)
 }
 
 
@@ -24,6 +25,7 @@ def get_pde(name: str) -> type[PDEFamily]:
 
 __all__ = [
     "PDES",
+    "AllenCahn",
     "Darcy",
     "DirichletResidual",
     "Heat",
