@@ -12,7 +12,14 @@ EXIT_BAD_INPUT = 2
 # The choices `generate` offers, named here so that building the parser imports
 # neither torch nor scikit-fem (tests check them against fenop.data.pdes.PDES and
 # fenop.fem.mesh.DOMAINS).
-PDE_NAMES = ("allen_cahn", "darcy", "heat", "nonlinear_diffusion", "poisson")
+PDE_NAMES = (
+    "advection_diffusion",
+    "allen_cahn",
+    "darcy",
+    "heat",
+    "nonlinear_diffusion",
+    "poisson",
+)
 DOMAIN_NAMES = ("square", "lshape")
 
 

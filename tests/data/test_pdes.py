@@ -6,7 +6,16 @@ import skfem
 import torch
 from skfem.helpers import dot, grad
 
-from fenop.data.pdes import PDES, AllenCahn, Darcy, Heat, NonlinearDiffusion, Poisson, get_pde
+from fenop.data.pdes import (
+    PDES,
+    AdvectionDiffusion,
+    AllenCahn,
+    Darcy,
+    Heat,
+    NonlinearDiffusion,
+    Poisson,
+    get_pde,
+)
 from fenop.fem import FunctionSpace, l_shape, unit_square
 from tests.helpers import loglog_slope
 
@@ -36,6 +45,17 @@ def _weak_residual(name: str, basis: skfem.CellBasis, sample: dict, family) -> n
             )
         )
         return form.assemble(basis, u=u, p=basis.interpolate(sample["u_prev"]))
+    if name == "advection_diffusion":  # the last implicit Euler step, b interpolated
+        dt, kappa = family.dt, family.kappa
+        bx, by = (basis.interpolate(c) for c in family.velocity)
+        form = skfem.LinearForm(
+            lambda v, w: (
+                (w["u"] - w["p"]) * v
+                + dt * (w["bx"] * grad(w["u"])[0] + w["by"] * grad(w["u"])[1]) * v
+                + dt * kappa * dot(grad(w["u"]), grad(v))
+            )
+        )
+        return form.assemble(basis, u=u, p=basis.interpolate(sample["u_prev"]), bx=bx, by=by)
     if name == "allen_cahn":  # the last implicit Euler step
         dt, eps2 = family.dt, family.epsilon**2
         form = skfem.LinearForm(
@@ -180,6 +200,26 @@ def test_allen_cahn_separates_phases_and_converges_in_time_at_first_order():
     assert np.abs(reference).max() < 1.0  # towards ±1, not beyond
 
 
+@pytest.mark.parametrize("flow", ["rotation", "shear"])
+def test_the_flows_are_divergence_free_and_carry_the_scalar(flow):
+    space = FunctionSpace(unit_square(33), dirichlet="boundary")
+    family = AdvectionDiffusion(space, flow=flow, kappa=1e-3, t_final=0.5, n_steps=50)
+    divergence = sum(space.basis.interpolate(c).grad[i] for i, c in enumerate(family.velocity))
+    assert np.abs(divergence).max() < 1e-12  # linear fields: exactly, in P1
+    # a bump off the centre moves with the flow: its centre of mass after t = 0.5
+    x, y = space.dof_points.T
+    bump = np.exp(-((x - 0.5) ** 2 + (y - 0.3) ** 2) / 0.005)
+    bump[space.boundary_dofs] = 0
+    u = family.solve(u0=bump)["u"][-1]
+    centre = space.dof_points.T @ u / u.sum()
+    if flow == "rotation":  # one radian about (0.5, 0.5), at angular speed 2 for 0.5
+        angle = -np.pi / 2 + 1.0
+        expected = [0.5 + 0.2 * np.cos(angle), 0.5 + 0.2 * np.sin(angle)]
+    else:  # at y = 0.3 the flow is -0.4 along x
+        expected = [0.5 - 0.2, 0.3]
+    np.testing.assert_allclose(centre, expected, atol=0.01)
+
+
 def test_darcy_inputs_follow_the_recipe():
     space = FunctionSpace(unit_square(33), dirichlet="boundary")
     a = np.stack([Darcy(space).sample(seed=0, index=i)["a"] for i in range(20)])
@@ -220,7 +260,9 @@ def test_newton_gives_up_with_a_clear_error():
 
 
 def test_families_reject_bad_arguments():
-    with pytest.raises(ValueError, match="unknown PDE 'stokes'; known: allen_cahn, darcy"):
+    with pytest.raises(
+        ValueError, match="unknown PDE 'stokes'; known: advection_diffusion, allen_cahn, darcy"
+    ):
         get_pde("stokes")
     with pytest.raises(ValueError, match="Dirichlet DOFs"):
         Poisson(FunctionSpace(unit_square(5)))

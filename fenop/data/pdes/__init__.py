@@ -1,9 +1,10 @@
 """PDE families: parameter samplers, scikit-fem solvers and torch residuals.
 
 >>> sorted(PDES)
-['allen_cahn', 'darcy', 'heat', 'nonlinear_diffusion', 'poisson']
+['advection_diffusion', 'allen_cahn', 'darcy', 'heat', 'nonlinear_diffusion', 'poisson']
 """
 
+from fenop.data.pdes.advection_diffusion import AdvectionDiffusion
 from fenop.data.pdes.allen_cahn import AllenCahn
 from fenop.data.pdes.base import DirichletResidual, PDEFamily
 from fenop.data.pdes.darcy import Darcy
@@ -12,7 +13,15 @@ from fenop.data.pdes.nonlinear_diffusion import NonlinearDiffusion
 from fenop.data.pdes.poisson import Poisson
 
 PDES: dict[str, type[PDEFamily]] = {
-    cls.name: cls for cls in (Darcy, Poisson, NonlinearDiffusion, Heat, AllenCahn)
+    cls.name: cls
+    for cls in (
+        Darcy,
+        Poisson,
+        NonlinearDiffusion,
+        Heat,
+        AllenCahn,
+        AdvectionDiffusion,
+    )
 }
 
 
@@ -25,6 +34,7 @@ def get_pde(name: str) -> type[PDEFamily]:
 
 __all__ = [
     "PDES",
+    "AdvectionDiffusion",
     "AllenCahn",
     "Darcy",
     "DirichletResidual",
