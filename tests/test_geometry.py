@@ -68,3 +68,68 @@ def test_a_plate_with_holes_from_gmsh_end_to_end(plate_data, tmp_path, processor
     view = tmp_path / "view.xdmf"
     assert main(["convert", str(fine), str(view), "--predictions", str(predicted)]) == 0
     assert view.is_file() and (tmp_path / "view.h5").is_file()
+
+
+STEPPER = """
+[data]
+path = "{data}"
+state = "u"
+n_train = 3
+n_test = 1
+
+[model]
+processor = "fno"
+resolution = 16
+[model.options]
+n_modes = [6, 6]
+hidden_channels = 8
+{constraint}
+[training]
+epochs = 1
+batch_size = 8
+output = "{output}"
+device = "cpu"
+"""
+
+
+@pytest.mark.parametrize(
+    ("pde", "dt", "constraint"),
+    [
+        ("heat", "0.005", '[model.constraint]\nkind = "global"\nn_basis = 4'),
+        ("allen_cahn", "0.1", ""),
+        ("advection_diffusion", "0.05", '[model.constraint]\nkind = "global"\nn_basis = 4'),
+    ],
+)
+def test_trajectories_on_the_plate_train_a_stepper_that_rolls_out_on_a_finer_mesh(
+    tmp_path, pde, dt, constraint, capsys
+):
+    steps = ["--steps", "4", "--dt", dt, "-q"]
+    data, fine = tmp_path / "t.h5", tmp_path / "fine.h5"
+    for path, mesh, n in ((data, "plate.msh", 4), (fine, "plate_fine.msh", 1)):
+        assert (
+            main(
+                [
+                    "generate",
+                    pde,
+                    "-n",
+                    str(n),
+                    "--mesh",
+                    str(FIXTURES / mesh),
+                    *steps,
+                    "-o",
+                    str(path),
+                ]
+            )
+            == 0
+        )
+    with h5py.File(data) as f:
+        assert f["u"].ndim == 3 and np.isfinite(f["u"][()]).all()
+    config = tmp_path / "c.toml"
+    config.write_text(STEPPER.format(data=data, output=tmp_path / "run", constraint=constraint))
+    assert main(["train", str(config), "-q"]) == 0
+    best = str(tmp_path / "run" / "best")
+    assert main(["evaluate", best, str(data), "--split", "test"]) == 0
+    assert "after    4 steps" in capsys.readouterr().out
+    assert main(["predict", best, str(fine), "-o", str(tmp_path / "p.h5"), "-q"]) == 0
+    with h5py.File(tmp_path / "p.h5") as f, h5py.File(fine) as g:
+        assert f["u"].shape == g["u"].shape and np.isfinite(f["u"][()]).all()
