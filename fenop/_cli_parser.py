@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("input", help="a store (.h5), or a meshio file with point data")
     convert.add_argument(
-        "output", help=".xdmf (a step per sample) or .vtu (a file per sample); .h5 from a mesh file"
+        "output",
+        help=".xdmf (a step per sample, or per time of trajectories) or .vtu (a file per "
+        "sample); .h5 from a mesh file",
     )
     convert.add_argument(
         "--predictions", help="a store of predictions on the same mesh: added, with errors"

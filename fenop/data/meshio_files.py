@@ -40,7 +40,7 @@ import numpy as np
 
 from fenop._errors import InputError
 from fenop._files import replacing
-from fenop.data.header import StoreError, field_name_problem
+from fenop.data.header import StoreError, _open, field_name_problem
 from fenop.data.store import create_store, read_batches, read_store, sample_range, write_samples
 from fenop.fem import FunctionSpace
 from fenop.fem.mesh import MeshError, mesh_from_arrays
@@ -98,6 +98,8 @@ def store_to_meshio(
         )
     info = read_store(store, allow_partial=True)
     chosen = range(info.n_complete)[sample_range(samples, info.n_complete, store)]
+    if info.trajectories:
+        return _trajectories_to_xdmf(info, output, chosen, predictions, overwrite)
     fields = _rows(info, chosen)
     if predictions is not None:
         other = read_store(predictions, allow_partial=True)
@@ -126,7 +128,11 @@ def store_to_meshio(
             raise InputError(f"{target}: exists; pass --overwrite to replace it")
     with _staged(output.parent, targets) as staging:
         if output.suffix == ".xdmf":
-            _write_xdmf(staging[0], points, cells, fields, chosen)
+            steps = [
+                (float(sample), {name: values[k] for name, values in fields.items()})
+                for k, sample in enumerate(chosen)
+            ]
+            _write_xdmf(staging[0], points, cells, steps)
         else:
             for k, path in enumerate(staging):
                 data = {name: values[k] for name, values in fields.items()}
@@ -147,16 +153,67 @@ def _series(output: Path) -> list[Path]:
     return sorted(found) + ([output] if output.exists() else [])
 
 
-def _write_xdmf(path: Path, points, cells, fields: dict, chosen: range) -> None:
-    """One time step per sample, at time = the sample's index; meshio writes the
-    arrays to ``path`` with ``.h5``, which the XDMF file names without a folder."""
+def _write_xdmf(path: Path, points, cells, steps: list[tuple[float, dict]]) -> None:
+    """A time series of ``steps``, each ``(time, {name: values (n_dofs,)})``; meshio
+    writes the arrays to ``path`` with ``.h5``, which the XDMF file names without a
+    folder."""
     # meshio (5.3) writes the arrays to the current folder, not the XDMF file's: so
     # it writes from the XDMF file's folder (a private staging folder).
     with contextlib.chdir(path.parent), meshio.xdmf.TimeSeriesWriter(path.name) as writer:
         _quietly(writer.write_points_cells, points, cells)
-        for k, sample in enumerate(chosen):
-            data = {name: values[k] for name, values in fields.items()}
-            _quietly(writer.write_data, float(sample), point_data=data)
+        for time, data in steps:
+            _quietly(writer.write_data, time, point_data=data)
+
+
+def _trajectories_to_xdmf(info, output: Path, chosen: range, predictions, overwrite) -> list[Path]:
+    """A store of trajectories as an XDMF time series over its times: each chosen
+    sample's fields (named ``u``, or ``u_3``, ``u_4``, ... for several samples), static
+    fields the same at every step, and a trajectory store of predictions with the
+    same times as ``u_predicted`` and ``u_error``."""
+    if output.suffix != ".xdmf":
+        raise InputError(f"{output}: a store of trajectories converts to .xdmf, a time series")
+    rows = list(chosen)
+    fields = _sample_fields(info, rows)
+    if predictions is not None:
+        other = read_store(predictions, allow_partial=True)
+        if not _same_space(info.space, other.space):
+            raise StoreError(predictions, f"its mesh or element is not that of {info.path}")
+        if other.n_complete <= rows[-1]:
+            raise StoreError(
+                predictions, f"holds {other.n_complete} samples; {rows[-1] + 1} are needed"
+            )
+        if other.times is None or not np.allclose(other.times, info.times, rtol=1e-9, atol=0):
+            raise StoreError(predictions, f"its states are not at the times of {info.path}")
+        for name, predicted in _sample_fields(other, rows).items():
+            fields[f"{name}_predicted"] = predicted
+            if name in fields:
+                fields[f"{name}_error"] = predicted - fields[name]
+    steps = []
+    for t, time in enumerate(info.times):
+        data = {}
+        for name, values in fields.items():  # values (k, T, n) or, static, (k, n)
+            for k, row in enumerate(rows):
+                label = name if len(rows) == 1 else f"{name}_{row}"
+                data[label] = values[k, t] if values.ndim == 3 else values[k]
+        steps.append((float(time), data))
+    targets = [output, output.with_suffix(".h5")]
+    inputs = {Path(p).resolve() for p in (info.path, predictions) if p is not None}
+    for target in targets:
+        if target.resolve() in inputs:
+            raise InputError(f"{target}: is an input; name the output otherwise")
+        if target.exists() and not overwrite:
+            raise InputError(f"{target}: exists; pass --overwrite to replace it")
+    points, cells = _cells(info.space)
+    with _staged(output.parent, targets) as staging:
+        _write_xdmf(staging[0], points, cells, steps)
+    return targets
+
+
+def _sample_fields(info, rows: list[int]) -> dict[str, np.ndarray]:
+    """Each field of a store at the samples ``rows`` (increasing): ``(k, T, n_dofs)``
+    for a trajectory, ``(k, n_dofs)`` for a static field, float64."""
+    with _open(info.path) as f:
+        return {name: f[name][rows].astype(np.float64) for name in info.header["fields"]}
 
 
 @contextlib.contextmanager

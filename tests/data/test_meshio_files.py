@@ -81,6 +81,52 @@ def test_an_xdmf_time_series_has_a_step_per_sample_and_predictions_with_errors(t
         np.testing.assert_array_equal(point_data["u_error"], guesses["u"][k] - values["u"][k])
 
 
+def _trajectories(path, space, n=3, shift=0.0):
+    """A store of a static field ``a`` and a trajectory ``u`` of 4 states."""
+    x, y = space.dof_points.T
+    times = np.array([0.0, 0.5, 1.0, 2.0])
+    u = np.stack([[np.sin(x + k) * np.cos(y) * (1 + t) + shift for t in times] for k in range(n)])
+    a = np.stack([np.cos(x * k) for k in range(n)])
+    create_store(path, space, fields=["a", "u"], n_samples=n, times=times, trajectories=["u"])
+    write_samples(path, 0, {"a": a, "u": u})
+    return path, times, {"a": a, "u": u}
+
+
+def test_a_trajectory_is_a_time_series_over_its_times_that_paraview_plays(tmp_path):
+    space = FunctionSpace(unit_square(5), dirichlet="boundary")
+    data, times, values = _trajectories(tmp_path / "t.h5", space)
+    predicted = _trajectories(tmp_path / "p.h5", space, shift=0.25)[0]
+    written = store_to_meshio(
+        data, tmp_path / "one.xdmf", samples=slice(2, 3), predictions=predicted
+    )
+    with meshio.xdmf.TimeSeriesReader(str(written[0])) as reader:
+        reader.read_points_cells()
+        steps = [reader.read_data(k) for k in range(reader.num_steps)]
+    assert [t for t, _, _ in steps] == times.tolist()
+    for t, (_, point_data, _) in enumerate(steps):
+        # every predicted field, static or not, with its error
+        assert set(point_data) == {"a", "u"} | {
+            f"{n}_{k}" for n in "au" for k in ("predicted", "error")
+        }
+        np.testing.assert_array_equal(point_data["u"], values["u"][2, t])
+        np.testing.assert_array_equal(point_data["a"], values["a"][2])  # static
+        np.testing.assert_allclose(point_data["u_error"], 0.25, rtol=1e-12)
+    written = store_to_meshio(data, tmp_path / "two.xdmf", samples=slice(0, 2))
+    with meshio.xdmf.TimeSeriesReader(str(written[0])) as reader:
+        reader.read_points_cells()
+        _, point_data, _ = reader.read_data(3)
+    assert set(point_data) == {"a_0", "a_1", "u_0", "u_1"}
+    np.testing.assert_array_equal(point_data["u_1"], values["u"][1, 3])
+    with pytest.raises(InputError, match=r"a store of trajectories converts to \.xdmf"):
+        store_to_meshio(data, tmp_path / "t.vtu")
+    other = _trajectories(tmp_path / "q.h5", space)[0]
+    with h5py.File(other, "r+") as f:
+        f["time"][3] = 3.0
+    with pytest.raises(StoreError, match="its states are not at the times of"):
+        store_to_meshio(data, tmp_path / "x.xdmf", predictions=other)
+    assert not (tmp_path / "x.xdmf").exists()
+
+
 def test_several_samples_go_to_numbered_vtu_files(tmp_path):
     space = FunctionSpace(unit_square(5), dirichlet="boundary")
     path, values = _store(tmp_path / "d.h5", space, n=3)
