@@ -132,6 +132,23 @@ class StepDataset(Dataset):
             raise ValueError(f"{self.path}: the saved times are not evenly spaced")
         return float(steps[0])
 
+    def description(self) -> dict:
+        """How a stepper trained on these windows rolls out, JSON-ready: what its
+        checkpoint records as ``data.stepper`` (``fenop evaluate`` and ``fenop
+        predict`` read it). ``dt`` is ``None`` where the times are uneven."""
+        try:
+            dt = self.dt
+        except ValueError:
+            dt = None
+        return {
+            "state": self.state,
+            "statics": list(self.statics),
+            "history": self.history,
+            "bundle": self.bundle,
+            "horizon": len(self.times) - 1,
+            "dt": dt,
+        }
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_file"] = state["_pid"] = None  # an open h5py file does not pickle

@@ -259,7 +259,8 @@ def train_from_config(
                 "outputs": config["data"]["outputs"],
                 "n_train": config["data"]["n_train"],
                 "n_test": config["data"]["n_test"],
-                **_stepper_description(config["data"], train),
+                # how to roll a stepper out
+                **({"stepper": train.description()} if data["state"] is not None else {}),
             }
         },
     )
@@ -267,27 +268,6 @@ def train_from_config(
         return trainer.fit()
     with _replacing_run(folder) as replaced:
         return trainer.fit(after_save=replaced)
-
-
-def _stepper_description(data: dict, train) -> dict:
-    """What a stepper's checkpoint records of its data beside the fields: how to roll
-    it out (its history, bundle and time step); nothing for a map between fields."""
-    if data["state"] is None:
-        return {}
-    try:
-        dt = train.dt
-    except ValueError:  # states saved at uneven times
-        dt = None
-    return {
-        "stepper": {
-            "state": data["state"],
-            "statics": data["statics"],
-            "history": data["history"],
-            "bundle": data["bundle"],
-            "horizon": len(train.times) - 1,
-            "dt": dt,
-        }
-    }
 
 
 # What a run writes in its folder; --overwrite replaces these and nothing else there.

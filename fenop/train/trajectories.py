@@ -40,9 +40,9 @@ ACCURATE = 0.1
 def stepper_of(model: ModelLike) -> dict | None:
     """How a checkpoint's stepper rolls out (its ``data.stepper``: ``state``,
     ``statics``, ``history``, ``bundle``, ``horizon``, ``dt``), or ``None`` for a
-    model that maps fields to fields."""
+    model that maps fields to fields, or a model object (which records none)."""
     if not isinstance(model, str | os.PathLike):
-        return getattr(model, "stepper", None)
+        return None
     return read_config(checkpoint_path(model)).get("data", {}).get("stepper")
 
 
@@ -107,10 +107,16 @@ class RolloutEvaluation:
         return lines
 
 
-def _stepper_store(model: ModelLike, path, *, need_trajectory: bool):
-    stepper = stepper_of(model)
+def _stepper_store(model: ModelLike, path, *, need_trajectory: bool, stepper: dict | None):
     if stepper is None:
-        raise InputError(f"{model}: not a stepper (its checkpoint records no data.stepper)")
+        stepper = stepper_of(model)
+    if stepper is None:
+        raise InputError(
+            f"{model}: not a stepper (its checkpoint records no data.stepper)"
+            if isinstance(model, str | os.PathLike)
+            else "a model object records no rollout: give `stepper`"
+        )
+    stepper = {"statics": [], "history": 1, **stepper}
     state, statics = stepper["state"], list(stepper["statics"])
     store = read_store(path, fields=[state, *statics])
     moving = state in store.trajectories
@@ -143,24 +149,28 @@ def evaluate_rollouts(
     batch_size: int = 32,
     device=None,
     progress: bool = False,
+    stepper: dict | None = None,
 ) -> RolloutEvaluation:
     """Score a stepper on the trajectories of the store at ``path``: rolled out from
     the first ``history`` states of each to its end, and one step at a time.
 
     Args:
-        model: a stepper's checkpoint (shipped name or directory).
+        model: a stepper's checkpoint (shipped name or directory), or an
+            :class:`~fenop.operators.FEOperator` with ``stepper``.
         path: a store with the stepper's state as a trajectory, and its static fields.
         samples: the trajectories scored, as a slice of the store's (default all).
         batch_size: trajectories rolled out at once.
         device: default CUDA when present.
         progress: show a progress bar.
+        stepper: for a model object, how it rolls out: ``{"state": "u",
+            "statics": [...], "history": m}`` (a checkpoint records it).
 
     Raises:
         StoreError, CheckpointError, InputError: the store or checkpoint cannot be used.
     """
     if batch_size < 1:
         raise InputError(f"`batch_size` must be positive, got {batch_size}")
-    stepper, store = _stepper_store(model, path, need_trajectory=True)
+    stepper, store = _stepper_store(model, path, need_trajectory=True, stepper=stepper)
     state, statics, history = stepper["state"], stepper["statics"], stepper["history"]
     rows = np.arange(store.n_samples)[sample_range(samples, store.n_samples, path)]
     store.check_values([state, *statics], rows)
@@ -248,7 +258,7 @@ def predict_rollouts(
         raise InputError(f"{output}: {problem}")
     if batch_size < 1:
         raise InputError(f"`batch_size` must be positive, got {batch_size}")
-    stepper, store = _stepper_store(model, path, need_trajectory=False)
+    stepper, store = _stepper_store(model, path, need_trajectory=False, stepper=None)
     state, statics, history = stepper["state"], stepper["statics"], stepper["history"]
     steps = stepper["horizon"] if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
