@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny run, for the test suite")
     parser.add_argument("--output", type=Path, default=Path("runs/heat_rollout"))
     args = parser.parse_args(argv)
-    n, n_train, n_test, steps, epochs = (9, 6, 2, 6, 2) if args.quick else (33, 96, 16, 40, 20)
+    n, n_train, n_test, steps, epochs = (9, 6, 2, 6, 2) if args.quick else (33, 48, 8, 40, 8)
     args.output.mkdir(parents=True, exist_ok=True)
     dt = 0.0025
     path = generate(

@@ -54,7 +54,7 @@ def test_the_readme_links_every_guide_page_and_the_index_lists_them():
         assert f"\n{page}\n" in index, page
 
 
-@pytest.mark.parametrize("page", ["concepts", "own_data", "hard_constraints"])
+@pytest.mark.parametrize("page", ["concepts", "own_data", "hard_constraints", "dynamics"])
 def test_the_python_blocks_of_a_guide_page_run(page, tmp_path, monkeypatch):
     text = (ROOT / "docs" / f"{page}.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)

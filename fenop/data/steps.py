@@ -23,6 +23,7 @@ torch.Size([1, 6, 81])
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 
@@ -100,13 +101,6 @@ class StepDataset(Dataset):
             raise ValueError(
                 f"`horizon` must lie in [1, {len(store.times) - 1}] for {store.path}, got {horizon}"
             )
-        ahead = unroll * bundle
-        if n_times < history + ahead:
-            raise StoreError(
-                store.path,
-                f"its trajectories of {n_times} states are too short for a history of "
-                f"{history} and {ahead} predicted state(s) ({history + ahead} needed)",
-            )
         self.path, self.header, self.space = store.path, store.header, store.space
         self.times = store.times[:n_times]
         self.history, self.bundle, self.unroll = history, bundle, unroll
@@ -119,7 +113,7 @@ class StepDataset(Dataset):
             raise ValueError(f"`indices` must lie in [0, {store.n_samples}) for {self.path}")
         if check_values:
             store.check_values(fields, self.indices)
-        self.windows = n_times - history - ahead + 1  # per trajectory
+        self.windows = self._windows(unroll)  # per trajectory
         self.dtype = dtype
         self._file: h5py.File | None = None
         self._pid: int | None = None
@@ -131,6 +125,26 @@ class StepDataset(Dataset):
         if not np.allclose(steps, steps[0], rtol=1e-9, atol=0):
             raise ValueError(f"{self.path}: the saved times are not evenly spaced")
         return float(steps[0])
+
+    def _windows(self, unroll: int) -> int:
+        """Windows per trajectory with the targets of ``unroll`` calls; a StoreError
+        where the trajectories are too short for one."""
+        ahead, n_times = unroll * self.bundle, len(self.times)
+        if n_times < self.history + ahead:
+            raise StoreError(
+                self.path,
+                f"its trajectories of {n_times} states are too short for a history of "
+                f"{self.history} and {ahead} predicted state(s) ({self.history + ahead} needed)",
+            )
+        return n_times - self.history - ahead + 1
+
+    def unrolled(self, unroll: int) -> StepDataset:
+        """The same trajectories in windows with the targets of ``unroll`` calls (what
+        the training modes that chain calls need; the Trainer asks for them)."""
+        windows = copy.copy(self)
+        windows.windows, windows.unroll = self._windows(unroll), unroll
+        windows._file = windows._pid = None
+        return windows
 
     def description(self) -> dict:
         """How a stepper trained on these windows rolls out, JSON-ready: what its

@@ -121,8 +121,8 @@ class Trainer:
         parallel: on several processes, ``"data"`` (each takes a share of every
             batch) or ``"experts"`` (each solves a share of the experts); ignored on one.
         mode, unroll, noise: for a stepper trained on a
-            :class:`~fenop.data.StepDataset` (whose windows hold the targets of
-            ``unroll`` calls where ``mode`` unrolls): teacher forcing
+            :class:`~fenop.data.StepDataset` (taken in windows with the targets of
+            ``unroll`` calls where ``mode`` chains them): teacher forcing
             (``"one_step"``), the pushforward trick or unrolled training through
             ``unroll`` calls, and Gaussian noise on the input states of ``noise``
             times their standard deviation (:mod:`fenop.train.stepping`). The test
@@ -182,10 +182,8 @@ class Trainer:
                 "trajectories (a StepDataset)"
             )
         if self.history is not None and train_set.unroll != calls(mode, unroll):
-            raise ValueError(
-                f"`mode` {mode!r} with `unroll` {unroll} needs windows with the targets of "
-                f"{calls(mode, unroll)} call(s); `train_set` has {train_set.unroll}"
-            )
+            # the same trajectories, in windows with the targets of every call
+            train_set = train_set.unrolled(calls(mode, unroll))
         if physics_weight > 0 and mode != "one_step":
             raise ValueError("a `physics` loss is added to one-step training only")
         self.mode, self.unroll, self.noise = mode, unroll, noise

@@ -95,3 +95,13 @@ def test_heat_windows_step_the_generated_trajectories(tmp_path):
     whole = steps.trajectories([1])[0]
     torch.testing.assert_close(x[0], whole[1])
     torch.testing.assert_close(y[0], whole[2])
+
+
+def test_unrolled_windows_hold_the_targets_of_every_call(store):
+    steps = StepDataset(store[0], history=2, bundle=1)
+    chained = steps.unrolled(3)
+    assert (steps.windows, chained.windows) == (4, 2) and steps.unroll == 1
+    x, y = chained[1]  # sample 0, window 1
+    assert x[:, 0].tolist() == [1.0, 2.0] and y[:, 0].tolist() == [3.0, 4.0, 5.0]
+    with pytest.raises(StoreError, match="too short for a history of 2 and 5 predicted"):
+        steps.unrolled(5)
