@@ -63,6 +63,27 @@ def test_experts_sharded_on_two_processes_train_the_weights_of_one(store, tmp_pa
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_stepper_by_the_pushforward_trick_on_two_processes_trains_the_weights_of_one(
+    tmp_path,
+):
+    # the constraint per step, calls chained without gradients, noise on the inputs
+    # drawn whatever the share of the batch: 4 training trajectories of 6 states, 16
+    # windows of two calls' targets, batches of 6 (the last of 4 in each epoch)
+    heat = generate(
+        "heat",
+        6,
+        unit_square(9),
+        seed=0,
+        path=tmp_path / "h.h5",
+        progress=False,
+        n_steps=5,
+        t_final=0.025,
+        trajectory=True,
+    )
+    one = _run(heat, tmp_path / "one", 2, 1, "--stepper")
+    _assert_same(_run(heat, tmp_path / "two", 2, 2, "--stepper"), one)
+
+
 @pytest.mark.parametrize("processes", [2, 1])
 def test_a_run_of_two_processes_stopped_after_a_checkpoint_resumes(store, tmp_path, processes):
     # on two processes again, or on one: the weights of the run that went straight on
