@@ -7,10 +7,11 @@ never sees the errors of its own predictions, which a rollout then feeds it; the
 modes differ in how they show it them:
 
 * ``"one_step"``: teacher forcing, the loss of one call from true states.
-* ``"pushforward"``: ``unroll - 1`` calls without gradients from the true states,
-  then the loss of one call from the model's own state (Brandstetter, Worrall &
-  Welling, "Message passing neural PDE solvers", 2022): the model learns to correct
-  the distribution of its inputs at no cost of memory.
+* ``"pushforward"``: ``j`` calls without gradients from the true states, then the
+  loss of one call from the model's own state, ``j`` drawn from ``0 .. unroll - 1``
+  for each batch (Brandstetter, Worrall & Welling, "Message passing neural PDE
+  solvers", 2022): the model learns to correct the distribution of its own inputs
+  at no cost of memory, and keeps learning the step from true states (``j = 0``).
 * ``"unrolled"``: ``unroll`` calls with gradients through all of them, the loss
   over every predicted state (backpropagation through time; memory grows with
   ``unroll``).
@@ -57,6 +58,7 @@ def step_prediction(
     mode: Mode = "one_step",
     unroll: int = 1,
     noise: torch.Tensor | None = None,
+    ahead: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The prediction of a batch of windows that the loss scores, and its target.
 
@@ -67,6 +69,8 @@ def step_prediction(
         history: ``m``.
         mode, unroll: see the module's docstring.
         noise: added to the input states ``(B, m, n_dofs)``, or ``None``.
+        ahead: for ``"pushforward"``, the calls without gradients before the one
+            trained (``j``); default ``unroll - 1``.
 
     Returns:
         ``(prediction, target)``, each ``(B, k, n_dofs)`` (``(B, r k, n_dofs)`` for
@@ -84,10 +88,13 @@ def step_prediction(
     if mode != "pushforward":
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
     k = y.shape[1] // unroll
+    ahead = unroll - 1 if ahead is None else ahead
+    if not 0 <= ahead < unroll:
+        raise ValueError(f"`ahead` must lie in [0, {unroll - 1}], got {ahead}")
     window = states
-    if unroll > 1:
+    if ahead > 0:
         with torch.no_grad():
-            ahead = rollout(network, states, (unroll - 1) * k, statics=statics)
-        window = torch.cat([states, ahead], dim=1)[:, -history:]
+            own = rollout(network, states, ahead * k, statics=statics)
+        window = torch.cat([states, own], dim=1)[:, -history:]
     prediction = network(torch.cat([window, statics], dim=1))
-    return prediction, y[:, -k:]
+    return prediction, y[:, ahead * k : (ahead + 1) * k]

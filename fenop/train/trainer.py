@@ -435,6 +435,7 @@ class Trainer:
                                 mode=self.mode,
                                 unroll=self.unroll,
                                 noise=self._noise(batch, mine, x),
+                                ahead=self._ahead(batch),
                             )
                     loss = self.loss_fn(prediction, target)
                     if self.physics_weight > 0:
@@ -480,6 +481,16 @@ class Trainer:
                 if after_save is not None and self.directory is not None and self.rank == 0:
                     after_save(self.epoch)
         return history
+
+    def _ahead(self, batch: list[int]) -> int | None:
+        """The pushforward trick's calls without gradients for this batch, drawn from
+        0 .. unroll - 1 by (seed, epoch, first item): alike on every process."""
+        if self.mode != "pushforward":
+            return None
+        generator = torch.Generator().manual_seed(
+            (self.seed * 100_003 + self.epoch) * 1_000_003 + batch[0] + 7
+        )
+        return int(torch.randint(self.unroll, (), generator=generator))
 
     def _noise(self, batch: list[int], mine: list[int], x: torch.Tensor) -> torch.Tensor | None:
         """Noise on the input states of this rank's share ``mine`` of ``batch``

@@ -35,12 +35,27 @@ class Scale(torch.nn.Module):
     ],
 )
 def test_each_mode_differentiates_through_the_calls_it_trains(mode, derivative):
+    # pushforward with its default, the most calls ahead (unroll - 1)
     model, x = Scale(0.7), torch.ones(1, 1, 1, dtype=torch.float64)
     y = torch.zeros(1, 3, 1, dtype=torch.float64)
     prediction, target = step_prediction(model, x, y, history=1, mode=mode, unroll=3)
     prediction[:, -1].sum().backward()
     assert model.theta.grad.item() == pytest.approx(derivative(0.7), rel=1e-12)
     assert target.shape == prediction.shape
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_pushforward_scores_the_call_after_the_ones_ahead(ahead):
+    model, x = Scale(0.5), torch.ones(1, 1, 1, dtype=torch.float64)
+    y = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)[None, :, None]
+    prediction, target = step_prediction(
+        model, x, y, history=1, mode="pushforward", unroll=3, ahead=ahead
+    )
+    assert prediction.item() == 0.5 ** (ahead + 1) and target.item() == ahead + 1
+    prediction.sum().backward()
+    assert model.theta.grad.item() == pytest.approx(0.5**ahead)  # the last call only
+    with pytest.raises(ValueError, match=r"`ahead` must lie in \[0, 2\], got 3"):
+        step_prediction(model, x, y, history=1, mode="pushforward", unroll=3, ahead=3)
 
 
 CONFIG = """

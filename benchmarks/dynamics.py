@@ -1,0 +1,254 @@
+"""Steppers side by side on one family of trajectories, at equal training time.
+
+Data: ``--samples TRAIN TEST`` trajectories of a fenop family (``--pde``) on
+``unit_square(R)`` (P1), each of ``4 H`` saved steps, ``H = --horizon``. Every model
+maps the state u_n to u_{n+1} and trains on the windows of the first ``H`` steps of
+the training trajectories for ``--seconds`` of wall clock (AdamW, weight decay 1e-4,
+learning rate ``lr (1 + cos(π t / T)) / 2`` in elapsed time t, batches of 32,
+gradients clipped to norm 1, the relative L2 loss). Each is then rolled out on the
+test trajectories from their initial state for all ``4 H`` steps: four times the
+horizon it was trained on.
+
+Variants (``--variants``):
+
+* ``neuralop-fno``: the anchor, plain ``neuralop.models.FNO`` on the R x R vertex
+  grid (for P1 on this mesh the DOF values are the grid values), teacher forcing;
+* ``fno``: fenop's FNO in ``FEOperator``, teacher forcing; ``fno-pushforward``: the
+  pushforward trick over up to 2 calls (the first without gradients half the
+  time); ``fno-unrolled``: backpropagation through 2 calls;
+  ``fno-noise``: teacher forcing with input noise of 1 % of the state's deviation;
+* ``fno-soft``: teacher forcing plus the step residual's norm (weight 1, the
+  physics loss of :mod:`fenop.train.physics`);
+* ``fno-hard``: the hard constraint per step, global Galerkin on 16 basis fields;
+  ``fno-moe``: the two-level constraint, 16 experts of 8 fields.
+
+Reported: the relative L2 error of the free-running rollout (mean over the test
+trajectories) after 1, H, 2H and 4H steps, the step at which it first exceeds 10 %,
+the teacher-forced one-step error, and the time of the batched rollout of every
+test trajectory against scikit-fem's for the same steps (one trajectory after the
+other, the family's own solver).
+
+    python benchmarks/dynamics.py --pde heat --seconds 120
+    python benchmarks/dynamics.py --pde allen_cahn --seconds 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from darcy import _GridFNO
+
+from fenop.data import StepDataset, generate, read_store
+from fenop.data.pdes import get_pde
+from fenop.fem import RelativeL2Loss, unit_square
+from fenop.operators import FNO, FEOperator
+from fenop.train import rollout
+from fenop.train.physics import PhysicsLoss, build_constraint, constraint_table
+from fenop.train.stepping import step_prediction
+
+# Each family's step: saved states are solver steps (the constraint's scheme).
+STEPS = {"heat": 0.0025, "allen_cahn": 0.1, "advection_diffusion": 0.05}
+VARIANTS = (
+    "neuralop-fno",
+    "fno",
+    "fno-pushforward",
+    "fno-unrolled",
+    "fno-noise",
+    "fno-soft",
+    "fno-hard",
+    "fno-moe",
+)
+
+
+def _model(variant: str, space, n: int, stats, parameters: dict, pde: str):
+    modes, width = min(12, n // 2), 32
+    if variant == "neuralop-fno":
+        return _GridFNO(
+            space,
+            n,
+            n_modes=(modes, modes),
+            hidden_channels=width,
+            input_stats=([float(stats[0].mean[0])], [float(stats[0].std[0])]),
+            output_stats=([float(stats[1].mean[0])], [float(stats[1].std[0])]),
+        )
+    n_basis, constraint = 0, None
+    if variant in ("fno-hard", "fno-moe"):
+        table = (
+            {"kind": "global", "n_basis": 16}
+            if variant == "fno-hard"
+            else {"kind": "moe", "n_basis": 8, "experts": 16}
+        )
+        table = constraint_table(table)
+        n_basis = table["n_basis"]
+        description = {**table, "pde": pde, "parameters": parameters, "inputs": ["u_prev"]}
+        constraint = build_constraint(description, space)
+    return FEOperator(
+        space,
+        space,
+        FNO(4, 1 + n_basis, n_modes=(modes, modes), hidden_channels=width),
+        resolution=n,
+        input_stats=stats[0],
+        output_stats=stats[1],
+        constraint=constraint,
+        constraint_inputs=["u_prev"],
+    )
+
+
+def _train(model, windows, space, *, seconds, mode, unroll, noise, physics, state_std, lr=2e-3):
+    """Train for ``seconds``; returns (steps, seconds)."""
+    x, y = windows
+    loss_fn = RelativeL2Loss(space)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    steps, start, elapsed = 0, time.perf_counter(), 0.0
+    while elapsed < seconds:
+        for items in torch.randperm(len(x), generator=generator).split(32):
+            for group in optimiser.param_groups:
+                group["lr"] = lr * (1 + math.cos(math.pi * min(elapsed / seconds, 1.0))) / 2
+            optimiser.zero_grad(set_to_none=True)
+            xb, yb = x[items], y[items]
+            jitter = None
+            if noise > 0:
+                jitter = noise * state_std * torch.randn(xb[:, :1].shape, generator=generator)
+            ahead = int(torch.randint(unroll, (), generator=generator))  # pushforward's j
+            prediction, target = step_prediction(
+                model, xb, yb, history=1, mode=mode, unroll=unroll, noise=jitter, ahead=ahead
+            )
+            loss = loss_fn(prediction, target)
+            if physics is not None:
+                loss = loss + physics(prediction, xb)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss.item()} at step {steps + 1}")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimiser.step()
+            steps += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+    return steps, elapsed
+
+
+def _windows(steps: StepDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [steps[i] for i in range(len(steps))]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pde", choices=sorted(STEPS), default="heat")
+    parser.add_argument("--resolution", type=int, default=33)
+    parser.add_argument("--samples", type=int, nargs=2, default=(64, 16))
+    parser.add_argument("--horizon", type=int, default=10, help="steps trained on (H)")
+    parser.add_argument("--seconds", type=float, default=120.0, help="training time per model")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--data", type=Path, help="a folder to keep the data in")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    n, (n_train, n_test), horizon = args.resolution, args.samples, args.horizon
+    dt = STEPS[args.pde]
+    folder = args.data or Path(tempfile.mkdtemp())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = generate(
+        args.pde,
+        n_train + n_test,
+        unit_square(n),
+        seed=0,
+        path=folder / f"{args.pde}-{n}-{n_train + n_test}-{4 * horizon}.h5",
+        progress=False,
+        n_steps=4 * horizon,
+        t_final=4 * horizon * dt,
+        trajectory=True,
+        workers=2,
+    )
+    store = read_store(path)
+    parameters = store.header["parameters"]
+    train = StepDataset(path, indices=range(n_train), horizon=horizon)
+    test = StepDataset(path, indices=range(n_train, n_train + n_test))
+    stats = train.normalizers()
+    state_std = float(stats[0].std[0])
+    space = train.space
+    family = get_pde(args.pde)(space, **parameters)
+    trajectories = test.trajectories(range(n_test))  # (n_test, 4H + 1, n)
+    windows = {1: _windows(train), 2: _windows(train.unrolled(2))}
+
+    # scikit-fem's rollout of the same steps, one trajectory after the other
+    start = time.perf_counter()
+    for u0 in trajectories[:, 0].double().numpy():
+        family.solve(u0=u0)
+    solver_s = time.perf_counter() - start
+
+    print(
+        f"{args.pde}, {n} x {n} P1 ({space.n_dofs} DOFs), {n_train} training trajectories "
+        f"of H = {horizon} steps, {n_test} test trajectories of {4 * horizon}, dt = {dt}; "
+        f"{args.seconds:g} s of training each; "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
+    print()
+    print(
+        "| model | steps | rollout L2 after 1 | H | 2H | 4H | > 10 % after | "
+        "one step (teacher-forced) | rollout s (FE s) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    loss = RelativeL2Loss(space, reduction="none")
+    results = {}
+    for variant in args.variants:
+        torch.manual_seed(0)
+        model = _model(variant, space, n, stats, parameters, args.pde)
+        mode = {"fno-pushforward": "pushforward", "fno-unrolled": "unrolled"}.get(
+            variant, "one_step"
+        )
+        unroll = 2 if mode != "one_step" else 1
+        physics = None
+        if variant == "fno-soft":
+            physics = PhysicsLoss(family.residual(), ["u_prev"])
+        noise = 0.01 if variant == "fno-noise" else 0.0
+        steps, _ = _train(
+            model,
+            windows[unroll],
+            space,
+            seconds=args.seconds,
+            mode=mode,
+            unroll=unroll,
+            noise=noise,
+            physics=physics,
+            state_std=state_std,
+        )
+        model.eval()
+        start = time.perf_counter()
+        predicted = rollout(model, trajectories[:, :1], 4 * horizon)
+        rollout_s = time.perf_counter() - start
+        truth = trajectories[:, 1:]
+        with torch.no_grad():
+            free = torch.stack([loss(predicted[:, [j]], truth[:, [j]]) for j in range(4 * horizon)])
+            forced = loss(
+                model(trajectories[:, :-1].reshape(-1, 1, space.n_dofs)),
+                truth.reshape(-1, 1, space.n_dofs),
+            )
+        curve = free.mean(dim=1).numpy()  # (4H,) over the test trajectories
+        above = np.nonzero(curve > 0.1)[0]
+        reach = f"{above[0] + 1}" if len(above) else f"never ({4 * horizon})"
+        cells = [f"{100 * curve[j - 1]:.2f} %" for j in (1, horizon, 2 * horizon, 4 * horizon)]
+        print(
+            f"| {variant} | {steps} | {' | '.join(cells)} | {reach} | "
+            f"{100 * forced.mean().item():.2f} % | {rollout_s:.2f} ({solver_s:.2f}) |",
+            flush=True,
+        )
+        results[variant] = {"curve": curve, "steps": steps, "rollout_s": rollout_s}
+    return results
+
+
+if __name__ == "__main__":
+    main()
