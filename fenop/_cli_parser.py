@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-sample", action="store_true", help="also list each sample's errors"
     )
     evaluate.add_argument("--plot", help="save a picture of a few samples and the training curves")
+    evaluate.add_argument(
+        "--animate", help="a stepper: save a GIF of the first trajectory's rollout beside the data"
+    )
     which = evaluate.add_mutually_exclusive_group()
     which.add_argument(
         "--samples", type=_samples, metavar="START:STOP", help="score these samples only"

@@ -218,10 +218,13 @@ def _evaluate(args) -> int:
     data = Path(args.data)
     if args.plot:
         _picture(Path(args.plot))
+    stepper = stepper_of(args.checkpoint) is not None
+    if args.animate:
+        _animation(Path(args.animate), stepper, args.checkpoint)
     samples = args.samples
     if args.split == "test":
         samples = _test_split(args.checkpoint)
-    if stepper_of(args.checkpoint) is not None:
+    if stepper:
         return _evaluate_rollouts(args, data, samples)
     evaluation = evaluate_store(
         args.checkpoint,
@@ -258,6 +261,19 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _animation(path: Path, stepper: bool, checkpoint: str) -> None:
+    """Checked before the model runs: ``--animate`` is for a stepper, to a GIF."""
+    from fenop._checks import missing_folder
+    from fenop._errors import InputError
+
+    if not stepper:
+        raise InputError(f"--animate is for a stepper; {checkpoint} maps fields to fields")
+    if path.suffix.lower() != ".gif":
+        raise InputError(f"{path}: an animation is written as .gif")
+    if problem := missing_folder(path):
+        raise InputError(f"{path}: {problem}")
+
+
 def _evaluate_rollouts(args, data: Path, samples) -> int:
     """``fenop evaluate`` of a stepper: its errors at horizons of the trajectories."""
     from fenop.train.plots import plot_rollout_errors
@@ -280,6 +296,12 @@ def _evaluate_rollouts(args, data: Path, samples) -> int:
     if args.plot:
         plot_rollout_errors(evaluation, args.plot)
         print(f"wrote {args.plot}")
+    if args.animate:
+        from fenop.train.plots import animate_rollout
+
+        reference, prediction = evaluation.shown
+        animate_rollout(evaluation.space, reference, prediction, evaluation.times, args.animate)
+        print(f"wrote {args.animate} (trajectory {evaluation.samples[0]})")
     return 0
 
 
@@ -496,6 +518,13 @@ def _checkpoint_info(path: Path) -> int:
     }
     if path.name in saved and path.parent.joinpath("metrics.jsonl").is_file():
         print(f"  saved       {saved[path.name]}")
+    stepper = config.get("data", {}).get("stepper")
+    if stepper is not None:
+        print(
+            f"  stepper     advances {stepper['state']} from its last {stepper['history']} "
+            f"state(s), {stepper['bundle']} step(s) of {stepper['dt']} per call; trained on "
+            f"{stepper['horizon']} steps"
+        )
     for key in ("epoch", "test_error", "data"):
         if key in config:
             print(f"  {key:<11} {json.dumps(config[key])}")

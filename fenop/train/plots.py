@@ -127,6 +127,70 @@ def plot_rollout_errors(evaluation, path: str | os.PathLike) -> Path:
     return path
 
 
+def animate_rollout(
+    space: FunctionSpace,
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    times: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    fps: int = 8,
+) -> Path:
+    """Save an animated GIF of a rollout beside the FE solution: per frame the
+    reference, the prediction (on the reference's colour scale) and their difference.
+
+    Args:
+        space: the space of the states (2-D).
+        reference, prediction: ``(T, n_dofs)`` states at ``times``.
+        times: ``(T,)`` the time of each frame, for the titles.
+        path: a ``.gif`` file.
+        fps: frames per second.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    from skfem.visuals.matplotlib import plot as skfem_plot
+
+    path = Path(path)
+    if path.suffix.lower() != ".gif":
+        raise ValueError(f"{path}: an animation is written as .gif")
+    if space.dim != 2:
+        raise ValueError(f"animations need a 2-D mesh, got a {space.dim}-D one")
+    low, high = float(reference.min()), float(reference.max())
+    largest = float(np.abs(prediction - reference).max()) or 1.0
+    figure, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+
+    def frame(t: int):
+        for ax in axes:
+            ax.clear()
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_aspect("equal")
+        for ax, values, title, colours in (
+            (axes[0], reference[t], "FE solution", {"vmin": low, "vmax": high}),
+            (axes[1], prediction[t], "rollout", {"vmin": low, "vmax": high}),
+            (
+                axes[2],
+                prediction[t] - reference[t],
+                "rollout - FE",
+                {"cmap": "RdBu_r", "vmin": -largest, "vmax": largest},
+            ),
+        ):
+            skfem_plot(space.basis, values, ax=ax, shading="gouraud", **colours)
+            ax.set_title(f"{title}, t = {times[t]:.4g}", fontsize=10)
+        return list(axes)
+
+    animation = FuncAnimation(figure, frame, frames=len(times), blit=False)
+    try:
+        with replacing(path) as staging:
+            animation.save(staging, writer=PillowWriter(fps=fps))
+    finally:
+        plt.close(figure)
+    return path
+
+
 def plot_format_problem(path: Path) -> str | None:
     """Why matplotlib cannot save a picture at ``path`` (its suffix names no format
     it writes), or ``None``."""

@@ -159,6 +159,10 @@ def test_a_users_initial_states_need_no_time_axis_for_a_history_of_one(folder, t
 def test_the_command_evaluates_plots_and_predicts_a_stepper(folder, tmp_path, capsys):
     checkpoint = str(folder / "run1" / "best")
     data = str(folder / "heat.h5")
+    assert main(["info", checkpoint]) == 0
+    assert "advances u from its last 1 state(s), 1 step(s) of 0.005 per call; trained on 5" in (
+        capsys.readouterr().out
+    )
     assert (
         main(["evaluate", checkpoint, data, "--split", "test", "--plot", str(tmp_path / "e.png")])
         == 0
