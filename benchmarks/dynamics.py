@@ -30,6 +30,7 @@ other, the family's own solver).
 
     python benchmarks/dynamics.py --pde heat --seconds 120
     python benchmarks/dynamics.py --pde allen_cahn --seconds 120
+    python benchmarks/dynamics.py --pde allen_cahn --resolution 129 --timing --samples 1 8
 """
 
 from __future__ import annotations
@@ -139,6 +140,35 @@ def _train(model, windows, space, *, seconds, mode, unroll, noise, physics, stat
     return steps, elapsed
 
 
+def _timing(args, space, stats, parameters, trajectories, solver_s: float) -> dict:
+    """The rollout of every test trajectory for 4H steps by each (untrained) model,
+    against the solver's: how a stepper's cost compares, whatever its accuracy. An
+    untrained constrained model's nonlinear solves may take more iterations than a
+    trained one's (its prediction is a worse start): an upper bound for those."""
+    n_test, steps = trajectories.shape[0], trajectories.shape[1] - 1
+    print(
+        f"{args.pde}, {args.resolution} x {args.resolution} P1 ({space.n_dofs} DOFs): "
+        f"{n_test} rollouts of {steps} steps, batched, against scikit-fem's solves of the "
+        f"same steps one trajectory after the other ({solver_s:.2f} s); untrained models; "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print()
+    print("| model | rollout s | faster than the solver |")
+    print("|---|---:|---:|")
+    results = {}
+    for variant in args.variants:
+        torch.manual_seed(0)
+        model = _model(variant, space, args.resolution, stats, parameters, args.pde).eval()
+        rollout(model, trajectories[:1, :1], 1)  # one-off set-up outside the clock
+        start = time.perf_counter()
+        rollout(model, trajectories[:, :1], steps)
+        seconds = time.perf_counter() - start
+        print(f"| {variant} | {seconds:.2f} | {solver_s / seconds:.1f}x |", flush=True)
+        results[variant] = seconds
+    return results
+
+
 def _windows(steps: StepDataset) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [steps[i] for i in range(len(steps))]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
@@ -153,6 +183,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--seconds", type=float, default=120.0, help="training time per model")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--data", type=Path, help="a folder to keep the data in")
+    parser.add_argument(
+        "--timing",
+        action="store_true",
+        help="only time the rollouts of untrained models against the solver",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     n, (n_train, n_test), horizon = args.resolution, args.samples, args.horizon
@@ -187,6 +222,8 @@ def main(argv=None) -> dict:
     for u0 in trajectories[:, 0].double().numpy():
         family.solve(u0=u0)
     solver_s = time.perf_counter() - start
+    if args.timing:
+        return _timing(args, space, stats, parameters, trajectories, solver_s)
 
     print(
         f"{args.pde}, {n} x {n} P1 ({space.n_dofs} DOFs), {n_train} training trajectories "

@@ -213,7 +213,7 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     from fenop.train import evaluate_store
-    from fenop.train.trajectories import stepper_of
+    from fenop.train.trajectories import evaluate_rollouts, stepper_of
 
     data = Path(args.data)
     if args.plot:
@@ -224,9 +224,8 @@ def _evaluate(args) -> int:
     samples = args.samples
     if args.split == "test":
         samples = _test_split(args.checkpoint)
-    if stepper:
-        return _evaluate_rollouts(args, data, samples)
-    evaluation = evaluate_store(
+    score = evaluate_rollouts if stepper else evaluate_store
+    evaluation = score(
         args.checkpoint,
         data,
         samples=samples,
@@ -236,6 +235,8 @@ def _evaluate(args) -> int:
     )
     for line in evaluation.summary():
         print(line)
+    if stepper:
+        return _report_rollouts(args, evaluation)
     if args.per_sample:
         for i, a, b in zip(evaluation.samples, evaluation.l2, evaluation.h1, strict=True):
             print(f"{i} {a:.6f} {b:.6f}")
@@ -274,21 +275,11 @@ def _animation(path: Path, stepper: bool, checkpoint: str) -> None:
         raise InputError(f"{path}: {problem}")
 
 
-def _evaluate_rollouts(args, data: Path, samples) -> int:
-    """``fenop evaluate`` of a stepper: its errors at horizons of the trajectories."""
+def _report_rollouts(args, evaluation) -> int:
+    """The rest of ``fenop evaluate`` of a stepper: each trajectory's errors, the
+    error against time, the animation."""
     from fenop.train.plots import plot_rollout_errors
-    from fenop.train.trajectories import evaluate_rollouts
 
-    evaluation = evaluate_rollouts(
-        args.checkpoint,
-        data,
-        samples=samples,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=True,
-    )
-    for line in evaluation.summary():
-        print(line)
     if args.per_sample:
         print("sample, then the free-running relative L2 error at each step")
         for i, errors in zip(evaluation.samples, evaluation.free_l2, strict=True):

@@ -239,6 +239,26 @@ def _converged(model: FEOperator, batch: int) -> np.ndarray:
     return model.constraint.report["converged"].numpy()
 
 
+def checked_output(
+    output: str | os.PathLike, source: str | os.PathLike, *, overwrite: bool, batch_size: int
+) -> Path:
+    """``output`` as a Path, or an InputError where predictions cannot be written
+    there: a folder, an existing file (without ``overwrite``), the input store
+    ``source`` itself, a missing folder; or a ``batch_size`` below one."""
+    output = Path(output)
+    if output.is_dir():
+        raise InputError(f"{output}: is a folder; name a file to write")
+    if output.exists() and not overwrite:
+        raise InputError(f"{output}: exists; pass --overwrite to replace it")
+    if output.exists() and output.resolve() == Path(source).resolve():
+        raise InputError(f"{output}: is the input store; write the predictions elsewhere")
+    if problem := missing_folder(output):
+        raise InputError(f"{output}: {problem}")
+    if batch_size < 1:
+        raise InputError(f"`batch_size` must be positive, got {batch_size}")
+    return output
+
+
 def predict_store(
     model: ModelLike,
     path: str | os.PathLike,
@@ -269,17 +289,7 @@ def predict_store(
         InputError: ``output`` exists (without ``overwrite``), is the input, or
             cannot be written.
     """
-    output = Path(output)
-    if output.is_dir():
-        raise InputError(f"{output}: is a folder; name a file to write")
-    if output.exists() and not overwrite:
-        raise InputError(f"{output}: exists; pass --overwrite to replace it")
-    if output.exists() and output.resolve() == Path(path).resolve():
-        raise InputError(f"{output}: is the input store; write the predictions elsewhere")
-    if problem := missing_folder(output):
-        raise InputError(f"{output}: {problem}")
-    if batch_size < 1:
-        raise InputError(f"`batch_size` must be positive, got {batch_size}")
+    output = checked_output(output, path, overwrite=overwrite, batch_size=batch_size)
     device = resolve_device(device)
     default_in, default_out = fields_of(model)
     inputs, outputs = list(inputs or default_in), list(outputs or default_out)

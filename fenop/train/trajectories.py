@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fenop._checks import missing_folder
 from fenop._errors import InputError
 from fenop._files import replacing
 from fenop.data import StoreError, read_store
@@ -29,7 +28,7 @@ from fenop.data.store import create_store, sample_range, write_samples
 from fenop.fem import FunctionSpace, RelativeH1Loss, RelativeL2Loss
 from fenop.train.checkpoint import checkpoint_path, read_config
 from fenop.train.device import resolve_device
-from fenop.train.inference import ModelLike, _numpy_dtype, model_on_store
+from fenop.train.inference import ModelLike, _numpy_dtype, checked_output, model_on_store
 from fenop.train.rollout import rollout
 
 # The relative L2 error above which a rollout counts as no longer accurate, for
@@ -247,17 +246,7 @@ def predict_rollouts(
         steps: states to predict (default: the horizon the model was trained on).
         batch_size, device, overwrite, progress: as :func:`~fenop.train.predict_store`.
     """
-    output = Path(output)
-    if output.is_dir():
-        raise InputError(f"{output}: is a folder; name a file to write")
-    if output.exists() and not overwrite:
-        raise InputError(f"{output}: exists; pass --overwrite to replace it")
-    if output.exists() and output.resolve() == Path(path).resolve():
-        raise InputError(f"{output}: is the input store; write the predictions elsewhere")
-    if problem := missing_folder(output):
-        raise InputError(f"{output}: {problem}")
-    if batch_size < 1:
-        raise InputError(f"`batch_size` must be positive, got {batch_size}")
+    output = checked_output(output, path, overwrite=overwrite, batch_size=batch_size)
     stepper, store = _stepper_store(model, path, need_trajectory=False, stepper=None)
     state, statics, history = stepper["state"], stepper["statics"], stepper["history"]
     steps = stepper["horizon"] if steps is None else steps

@@ -84,6 +84,13 @@ class PDEFamily:
         """A GRF draw at the DOF points, ``(n_dofs,)``."""
         return self._grf_at_dofs(self.grf.coefficients(rng))
 
+    def random_state(self, rng: np.random.Generator) -> np.ndarray:
+        """A GRF draw set to zero on the Dirichlet DOFs ``(n_dofs,)``: an initial state
+        consistent with the boundary condition (the time-dependent families')."""
+        u0 = self.random_field(rng)
+        u0[self.space.boundary_dofs] = 0.0
+        return u0
+
     def sample_inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
