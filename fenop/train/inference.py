@@ -259,6 +259,20 @@ def checked_output(
     return output
 
 
+def prediction_attrs(store: StoreInfo, model_name, source: str | os.PathLike) -> dict:
+    """The root attributes of a store of predictions: the input's PDE and boundary
+    conditions, which model made them, with which fenop, from which file."""
+    from fenop import __version__
+
+    return {
+        **({"pde": store.header["pde"]} if "pde" in store.header else {}),
+        "dirichlet": store.header.get("dirichlet", "boundary"),
+        "model": str(model_name),
+        "fenop_version": __version__,
+        "source": os.fspath(source),
+    }
+
+
 def predict_store(
     model: ModelLike,
     path: str | os.PathLike,
@@ -297,15 +311,7 @@ def predict_store(
     store.check_values(inputs)
     name = model if not isinstance(model, FEOperator) else type(model.processor).__name__
     model = model_on_store(model, store, device=device)
-    from fenop import __version__
-
-    attrs = {
-        **({"pde": store.header["pde"]} if "pde" in store.header else {}),
-        "dirichlet": store.header.get("dirichlet", "boundary"),
-        "model": str(name),
-        "fenop_version": __version__,
-        "source": os.fspath(path),
-    }
+    attrs = prediction_attrs(store, name, path)
     n = store.n_complete
     with replacing(output) as staging:
         create_store(staging, store.space, fields=outputs, n_samples=n, attrs=attrs)

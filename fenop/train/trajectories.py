@@ -28,7 +28,13 @@ from fenop.data.store import create_store, sample_range, write_samples
 from fenop.fem import FunctionSpace, RelativeH1Loss, RelativeL2Loss
 from fenop.train.checkpoint import checkpoint_path, read_config
 from fenop.train.device import resolve_device
-from fenop.train.inference import ModelLike, _numpy_dtype, checked_output, model_on_store
+from fenop.train.inference import (
+    ModelLike,
+    _numpy_dtype,
+    checked_output,
+    model_on_store,
+    prediction_attrs,
+)
 from fenop.train.rollout import rollout
 
 # The relative L2 error above which a rollout counts as no longer accurate, for
@@ -262,15 +268,7 @@ def predict_rollouts(
     t0 = store.times[history - 1] if moving else 0.0
     times = t0 + stepper["dt"] * np.arange(-(history - 1), steps + 1)
     name = model if not isinstance(model, str | os.PathLike) else os.fspath(model)
-    from fenop import __version__
-
-    attrs = {
-        **({"pde": store.header["pde"]} if "pde" in store.header else {}),
-        "dirichlet": store.header.get("dirichlet", "boundary"),
-        "model": str(name),
-        "fenop_version": __version__,
-        "source": os.fspath(path),
-    }
+    attrs = prediction_attrs(store, name, path)
     n = store.n_complete
     with replacing(output) as staging:
         create_store(
