@@ -28,7 +28,8 @@ A stepper (a model that advances the state of a trajectory store; see
     n_test = 20
 
 with, in ``[training]``, ``mode = "one_step"`` (teacher forcing), ``"pushforward"``
-or ``"unrolled"``, ``unroll = 2`` (the calls those two chain) and ``noise = 0.0``.
+or ``"unrolled"``, ``unroll = 2`` (the calls those two chain) and ``noise = 0.0``;
+``physics_weight`` (one-step training) adds the residual of the step.
 A ``[model.constraint]`` of a stepper is the family's residual of one time step,
 given the last state of the history.
 
@@ -225,8 +226,10 @@ def read_config(path: str | os.PathLike) -> dict:
     if data["state"] is not None:
         if model["constraint"] is not None and data["bundle"] != 1:
             raise ConfigError(path, "[model.constraint] constrains one step: data.bundle = 1")
-        if training["physics_weight"] > 0:
-            raise ConfigError(path, "training.physics_weight is for maps between fields")
+        if training["physics_weight"] > 0 and training["mode"] != "one_step":
+            raise ConfigError(
+                path, 'training.physics_weight is added to one-step training (mode = "one_step")'
+            )
     base = path.parent
     config["data"]["path"] = str((base / config["data"]["path"]).resolve())
     config["training"]["output"] = str((base / config["training"]["output"]).resolve())

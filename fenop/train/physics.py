@@ -208,7 +208,8 @@ class PhysicsLoss(nn.Module):
 
     Args:
         residual: a residual module ``R(u, **inputs)``.
-        inputs: the residual's name for each input channel.
+        inputs: the residual's name for each input channel (``None`` for a channel
+            it does not take: a stepper's older states).
 
     Shapes:
         ``prediction (B, 1, n)``, ``x (B, C_in, n)`` -> a scalar.
@@ -220,7 +221,7 @@ class PhysicsLoss(nn.Module):
         self.register_buffer("free", free_dofs(residual), persistent=False)
 
     def forward(self, prediction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        inputs = {name: x[:, i] for i, name in enumerate(self.inputs)}
+        inputs = {name: x[:, i] for i, name in enumerate(self.inputs) if name is not None}
         r = self.residual(prediction[:, 0], **inputs)[..., self.free]
         r0 = self.residual(torch.zeros_like(prediction[:, 0]), **inputs)[..., self.free]
         return (r.norm(dim=-1) / r0.norm(dim=-1).clamp_min(1e-30)).mean()

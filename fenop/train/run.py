@@ -121,18 +121,24 @@ def _steps(config: dict, store: StoreInfo, path) -> tuple[StepDataset, StepDatas
         raise ConfigError(path, f"[data]: {exc}") from None
     previous = None
     if config["model"]["constraint"] is not None:
-        try:
-            family = get_pde(_pde_of(store, data, path)["pde"])
-        except ValueError as exc:
-            raise ConfigError(path, f"[model.constraint]: {store.path}: {exc}") from None
-        previous = family.previous_state
-        if previous is None:
-            raise ConfigError(
-                path,
-                f"[model.constraint]: the {family.name} residual is not that of one time "
-                "step, which a stepper's constraint needs",
-            )
+        previous = _previous_state(store, data, path, "[model.constraint]")
     return train, test, [None] * (data["history"] - 1) + [previous, *data["statics"]]
+
+
+def _previous_state(store: StoreInfo, data: dict, path, key: str) -> str:
+    """The name the store's family's residual gives the state one step earlier; a
+    ConfigError naming ``key`` where its residual is not that of one time step."""
+    try:
+        family = get_pde(_pde_of(store, data, path)["pde"])
+    except ValueError as exc:
+        raise ConfigError(path, f"{key}: {store.path}: {exc}") from None
+    if family.previous_state is None:
+        raise ConfigError(
+            path,
+            f"{key}: the {family.name} residual is not that of one time step, which a "
+            "stepper's constraint or physics loss needs",
+        )
+    return family.previous_state
 
 
 def _pde_of(store: StoreInfo, data: dict, path) -> dict:
@@ -213,17 +219,21 @@ def train_from_config(
     physics = None
     if training["physics_weight"] > 0:
         pde = _pde_of(store, data, config_path)
+        names = data["inputs"]
+        if data["state"] is not None:  # a step's residual: the last state is its previous
+            previous = _previous_state(store, data, config_path, "training.physics_weight")
+            names = [None] * (data["history"] - 1) + [previous, *data["statics"]]
         try:
             residual = residual_for(
                 pde["pde"],
                 pde["parameters"],
                 store.space,
-                inputs=data["inputs"],
+                inputs=names,
                 named="data.inputs",
             )
         except ConstraintError as exc:
             raise ConfigError(config_path, f"training.physics_weight: {exc}") from None
-        physics = PhysicsLoss(residual, data["inputs"])
+        physics = PhysicsLoss(residual, names)
     trainer = Trainer(
         model,
         train,

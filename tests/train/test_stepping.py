@@ -212,3 +212,27 @@ def test_the_noise_of_a_sample_does_not_depend_on_the_share_of_the_batch(folder)
 class _StaticSet(torch.utils.data.Dataset):
     def __len__(self):
         return 1
+
+
+def test_the_soft_constraint_of_a_stepper_is_its_step_residual(folder):
+    from fenop.data.pdes import Heat
+    from fenop.train.physics import PhysicsLoss
+
+    steps = StepDataset(folder / "heat.h5", history=2, dtype=torch.float64)
+    x, y = (torch.stack(t) for t in zip(*[steps[i] for i in range(4)], strict=True))
+    heat = Heat(steps.space, t_final=0.03, n_steps=6)
+    loss = PhysicsLoss(heat.residual(), [None, "u_prev"])
+    assert loss(y, x).item() < 1e-10  # the data's own next states: zero residual
+    assert loss(x[:, :1], x).item() > 1e-2  # the previous state again: not a step
+    path = folder / "soft.toml"
+    path.write_text(
+        CONFIG.format(name="soft", mode="one_step", unroll=1, noise=0.0, history=2, constraint="")
+        + "physics_weight = 0.5\n"
+    )
+    metrics = train_from_config(path, progress=False)
+    assert all(np.isfinite(m["test_l2"]) for m in metrics)
+    config = json.loads((folder / "soft" / "best" / "config.json").read_text())
+    assert config["training"]["physics_weight"] == 0.5
+    path.write_text(path.read_text().replace('mode = "one_step"', 'mode = "pushforward"'))
+    with pytest.raises(ConfigError, match="physics_weight is added to one-step training"):
+        train_from_config(path, progress=False)
