@@ -102,17 +102,8 @@ def store_to_meshio(
         return _trajectories_to_xdmf(info, output, chosen, predictions, overwrite)
     fields = _rows(info, chosen)
     if predictions is not None:
-        other = read_store(predictions, allow_partial=True)
-        if not _same_space(info.space, other.space):
-            raise StoreError(predictions, f"its mesh or element is not that of {store}")
-        if other.n_complete < chosen.stop:
-            raise StoreError(
-                predictions, f"holds {other.n_complete} samples; {chosen.stop} are needed"
-            )
-        for name, predicted in _rows(other, chosen).items():
-            fields[f"{name}_predicted"] = predicted
-            if name in info.header["fields"]:
-                fields[f"{name}_error"] = predicted - fields[name]
+        other = _predictions(info, predictions, chosen.stop)
+        _add_predictions(fields, _rows(other, chosen))
     points, cells = _cells(info.space)
     if output.suffix == ".xdmf":
         targets = [output, output.with_suffix(".h5")]  # its arrays, where meshio puts them
@@ -120,12 +111,7 @@ def store_to_meshio(
         targets = [output]
     else:
         targets = [output.with_name(f"{output.stem}_{i:04d}.vtu") for i in chosen]
-    inputs = {Path(p).resolve() for p in (store, predictions) if p is not None}
-    for target in targets:
-        if target.resolve() in inputs:
-            raise InputError(f"{target}: is an input; name the output otherwise")
-        if target.exists() and not overwrite:
-            raise InputError(f"{target}: exists; pass --overwrite to replace it")
+    _check_targets(targets, (store, predictions), overwrite)
     with _staged(output.parent, targets) as staging:
         if output.suffix == ".xdmf":
             steps = [
@@ -175,19 +161,10 @@ def _trajectories_to_xdmf(info, output: Path, chosen: range, predictions, overwr
     rows = list(chosen)
     fields = _sample_fields(info, rows)
     if predictions is not None:
-        other = read_store(predictions, allow_partial=True)
-        if not _same_space(info.space, other.space):
-            raise StoreError(predictions, f"its mesh or element is not that of {info.path}")
-        if other.n_complete <= rows[-1]:
-            raise StoreError(
-                predictions, f"holds {other.n_complete} samples; {rows[-1] + 1} are needed"
-            )
+        other = _predictions(info, predictions, rows[-1] + 1)
         if other.times is None or not np.allclose(other.times, info.times, rtol=1e-9, atol=0):
             raise StoreError(predictions, f"its states are not at the times of {info.path}")
-        for name, predicted in _sample_fields(other, rows).items():
-            fields[f"{name}_predicted"] = predicted
-            if name in fields:
-                fields[f"{name}_error"] = predicted - fields[name]
+        _add_predictions(fields, _sample_fields(other, rows))
     steps = []
     for t, time in enumerate(info.times):
         data = {}
@@ -197,16 +174,42 @@ def _trajectories_to_xdmf(info, output: Path, chosen: range, predictions, overwr
                 data[label] = values[k, t] if values.ndim == 3 else values[k]
         steps.append((float(time), data))
     targets = [output, output.with_suffix(".h5")]
-    inputs = {Path(p).resolve() for p in (info.path, predictions) if p is not None}
+    _check_targets(targets, (info.path, predictions), overwrite)
+    points, cells = _cells(info.space)
+    with _staged(output.parent, targets) as staging:
+        _write_xdmf(staging[0], points, cells, steps)
+    return targets
+
+
+def _predictions(info, predictions, needed: int):
+    """The store of ``predictions`` read (a StoreInfo), or a StoreError where it is
+    on another mesh than ``info``'s or holds fewer than ``needed`` samples."""
+    other = read_store(predictions, allow_partial=True)
+    if not _same_space(info.space, other.space):
+        raise StoreError(predictions, f"its mesh or element is not that of {info.path}")
+    if other.n_complete < needed:
+        raise StoreError(predictions, f"holds {other.n_complete} samples; {needed} are needed")
+    return other
+
+
+def _add_predictions(fields: dict, predicted: dict) -> None:
+    """Each predicted field into ``fields`` as ``NAME_predicted``, with ``NAME_error``
+    (prediction minus value) where ``fields`` has ``NAME``."""
+    for name, values in predicted.items():
+        fields[f"{name}_predicted"] = values
+        if name in fields:
+            fields[f"{name}_error"] = values - fields[name]
+
+
+def _check_targets(targets: Sequence[Path], sources, overwrite: bool) -> None:
+    """An InputError where a file to write is one of ``sources`` (paths or ``None``)
+    or exists without ``overwrite``."""
+    inputs = {Path(p).resolve() for p in sources if p is not None}
     for target in targets:
         if target.resolve() in inputs:
             raise InputError(f"{target}: is an input; name the output otherwise")
         if target.exists() and not overwrite:
             raise InputError(f"{target}: exists; pass --overwrite to replace it")
-    points, cells = _cells(info.space)
-    with _staged(output.parent, targets) as staging:
-        _write_xdmf(staging[0], points, cells, steps)
-    return targets
 
 
 def _sample_fields(info, rows: list[int]) -> dict[str, np.ndarray]:

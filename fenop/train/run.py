@@ -51,9 +51,8 @@ def build_from_config(
             store, **fields, indices=range(n_train, n_train + n_test), check_values=False
         )
         in_channels, out_channels = len(data["inputs"]), len(data["outputs"])
-        residual_inputs = data["inputs"]
     else:
-        train, test, residual_inputs = _steps(config, store, path)
+        train, test = _steps(config, store, path)
         in_channels, out_channels = data["history"] + len(data["statics"]), data["bundle"]
     name = table["processor"]  # a registered one (read_config checks)
     space = store.space
@@ -73,7 +72,7 @@ def build_from_config(
         description.constraint = {
             **table["constraint"],
             **_pde_of(store, data, path),
-            "inputs": residual_inputs,
+            "inputs": _residual_names(store, data, path, "[model.constraint]"),
         }
     if PROCESSORS[name].mesh_native:
         description.levels = _hierarchy_spaces(table["hierarchy"], path, degree=space.degree)
@@ -97,10 +96,8 @@ def build_from_config(
     return model, train, test
 
 
-def _steps(config: dict, store: StoreInfo, path) -> tuple[StepDataset, StepDataset, list]:
-    """A stepper's training and test windows, and the residual's name for each of its
-    input channels: the older states none, the last the family's previous state
-    (its residual is that of one time step), the static fields their own."""
+def _steps(config: dict, store: StoreInfo, path) -> tuple[StepDataset, StepDataset]:
+    """A stepper's training and test windows."""
     data, training = config["data"], config["training"]
     options = {
         "state": data["state"],
@@ -119,15 +116,17 @@ def _steps(config: dict, store: StoreInfo, path) -> tuple[StepDataset, StepDatas
         if isinstance(exc, StoreError):
             raise
         raise ConfigError(path, f"[data]: {exc}") from None
-    previous = None
-    if config["model"]["constraint"] is not None:
-        previous = _previous_state(store, data, path, "[model.constraint]")
-    return train, test, [None] * (data["history"] - 1) + [previous, *data["statics"]]
+    return train, test
 
 
-def _previous_state(store: StoreInfo, data: dict, path, key: str) -> str:
-    """The name the store's family's residual gives the state one step earlier; a
-    ConfigError naming ``key`` where its residual is not that of one time step."""
+def _residual_names(store: StoreInfo, data: dict, path, key: str) -> list[str | None]:
+    """The residual's name for each input channel of a constraint or physics loss
+    (``key``): a map's input fields; for a stepper, none for the older states, the
+    family's previous state for the last (its residual is that of one time step),
+    the static fields their own. A ConfigError naming ``key`` where the family's
+    residual is not that of one step."""
+    if data["state"] is None:
+        return data["inputs"]
     try:
         family = get_pde(_pde_of(store, data, path)["pde"])
     except ValueError as exc:
@@ -138,7 +137,7 @@ def _previous_state(store: StoreInfo, data: dict, path, key: str) -> str:
             f"{key}: the {family.name} residual is not that of one time step, which a "
             "stepper's constraint or physics loss needs",
         )
-    return family.previous_state
+    return [None] * (data["history"] - 1) + [family.previous_state, *data["statics"]]
 
 
 def _pde_of(store: StoreInfo, data: dict, path) -> dict:
@@ -219,10 +218,7 @@ def train_from_config(
     physics = None
     if training["physics_weight"] > 0:
         pde = _pde_of(store, data, config_path)
-        names = data["inputs"]
-        if data["state"] is not None:  # a step's residual: the last state is its previous
-            previous = _previous_state(store, data, config_path, "training.physics_weight")
-            names = [None] * (data["history"] - 1) + [previous, *data["statics"]]
+        names = _residual_names(store, data, config_path, "training.physics_weight")
         try:
             residual = residual_for(
                 pde["pde"],

@@ -482,25 +482,27 @@ class Trainer:
                     after_save(self.epoch)
         return history
 
+    def _generator(self, batch: list[int], offset: int = 0) -> torch.Generator:
+        """A generator seeded by (seed, epoch, the batch's first item, ``offset``):
+        the same draws on every process, whatever its share of the batch."""
+        return torch.Generator().manual_seed(
+            (self.seed * 100_003 + self.epoch) * 1_000_003 + batch[0] + offset
+        )
+
     def _ahead(self, batch: list[int]) -> int | None:
         """The pushforward trick's calls without gradients for this batch, drawn from
-        0 .. unroll - 1 by (seed, epoch, first item): alike on every process."""
+        0 .. unroll - 1, alike on every process."""
         if self.mode != "pushforward":
             return None
-        generator = torch.Generator().manual_seed(
-            (self.seed * 100_003 + self.epoch) * 1_000_003 + batch[0] + 7
-        )
-        return int(torch.randint(self.unroll, (), generator=generator))
+        return int(torch.randint(self.unroll, (), generator=self._generator(batch, 7)))
 
     def _noise(self, batch: list[int], mine: list[int], x: torch.Tensor) -> torch.Tensor | None:
         """Noise on the input states of this rank's share ``mine`` of ``batch``
-        ``(len(mine), m, n_dofs)``, or ``None``: drawn for the whole batch from the
-        (seed, epoch, first item), so that it does not depend on the processes."""
+        ``(len(mine), m, n_dofs)``, or ``None``: drawn for the whole batch, so that it
+        does not depend on the processes."""
         if self.noise == 0:
             return None
-        generator = torch.Generator().manual_seed(
-            (self.seed * 100_003 + self.epoch) * 1_000_003 + batch[0]
-        )
+        generator = self._generator(batch)
         draw = torch.randn((len(batch), self.history, x.shape[-1]), generator=generator)
         position = {item: i for i, item in enumerate(batch)}
         draw = draw[[position[item] for item in mine]].to(x)

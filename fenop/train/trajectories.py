@@ -146,6 +146,20 @@ def _stepper_store(model: ModelLike, path, *, need_trajectory: bool, stepper: di
     return stepper, store
 
 
+def _torch_dtype(net) -> torch.dtype:
+    """What to read a store's fields as for ``net``: its dtype (float32 by default)."""
+    return torch.float64 if _numpy_dtype(net) == np.float64 else torch.float32
+
+
+def _statics(f, statics: list[str], rows, device, dtype) -> torch.Tensor | None:
+    """The static fields of the samples ``rows`` from the open store ``f``,
+    ``(len(rows), S, n_dofs)``, or ``None`` without any."""
+    if not statics:
+        return None
+    values = np.stack([[f[name][int(r)] for name in statics] for r in rows])
+    return torch.from_numpy(values).to(device, dtype)
+
+
 def evaluate_rollouts(
     model: ModelLike,
     path: str | os.PathLike,
@@ -181,7 +195,7 @@ def evaluate_rollouts(
     store.check_values([state, *statics], rows)
     device = resolve_device(device)
     net = model_on_store(model, store, device=device)
-    dtype = torch.float64 if _numpy_dtype(net) == np.float64 else torch.float32
+    dtype = _torch_dtype(net)
     l2 = RelativeL2Loss(store.space, reduction="none").to(device)
     h1 = RelativeH1Loss(store.space, reduction="none").to(device)
     free_l2, free_h1, forced_l2, shown = [], [], [], None
@@ -193,10 +207,7 @@ def evaluate_rollouts(
         for start in range(0, len(rows), batch_size):
             part = rows[start : start + batch_size]
             states = torch.from_numpy(np.stack([f[state][int(r)] for r in part])).to(device, dtype)
-            fixed = None
-            if statics:
-                fixed = np.stack([[f[name][int(r)] for name in statics] for r in part])
-                fixed = torch.from_numpy(fixed).to(device, dtype)
+            fixed = _statics(f, statics, part, device, dtype)
             truth = states[:, history:]
             predicted = rollout(net, states[:, :history], truth.shape[1], statics=fixed)
             forced = []
@@ -263,7 +274,7 @@ def predict_rollouts(
     store.check_values([state, *statics])
     device = resolve_device(device)
     net = model_on_store(model, store, device=device)
-    dtype = torch.float64 if _numpy_dtype(net) == np.float64 else torch.float32
+    dtype = _torch_dtype(net)
     moving = state in store.trajectories
     t0 = store.times[history - 1] if moving else 0.0
     times = t0 + stepper["dt"] * np.arange(-(history - 1), steps + 1)
@@ -290,10 +301,7 @@ def predict_rollouts(
                 first = np.stack(
                     [f[state][r, :history] if moving else f[state][r][None] for r in part]
                 )
-                fixed = None
-                if statics:
-                    fixed = np.stack([[f[k][r] for k in statics] for r in part])
-                    fixed = torch.from_numpy(fixed).to(device, dtype)
+                fixed = _statics(f, statics, part, device, dtype)
                 initial = torch.from_numpy(first).to(device, dtype)
                 predicted = rollout(net, initial, steps, statics=fixed).double().cpu().numpy()
                 bad = ~np.isfinite(predicted).all(axis=(1, 2))
