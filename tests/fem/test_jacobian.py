@@ -115,22 +115,43 @@ def test_affine_residuals_assemble_the_jacobian_the_colouring_recovers(name, pde
         torch.testing.assert_close(offset, out[:, 0], rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", SPACES)
-def test_nonlinear_diffusion_assembles_scikit_fems_jacobian(name):
-    # NonlinearDiffusionResidual.linearised against the data generator's Newton
-    # matrix, assembled by scikit-fem (identity rows at the Dirichlet DOFs)
-    from fenop.data.pdes.nonlinear_diffusion import _jacobian
-
-    space = SPACES[name]()
-    family = get_pde("nonlinear_diffusion")(space)
-    residual = family.residual()
+def _nonlinear_case(pde: str, space: FunctionSpace):
+    """A nonlinear family's residual, a field that is not its solution, the inputs,
+    and scikit-fem's assembly of the data generator's Newton matrix at a field."""
+    family = get_pde(pde)(space, **({"n_steps": 4, "t_final": 1.0} if pde == "allen_cahn" else {}))
     sample = family.sample(0, 0)
-    u, f = (torch.from_numpy(sample[k])[None] for k in ("u", "f"))
-    u = 0.7 * u  # not the solution: R(u) is not zero
+    if pde == "allen_cahn":
+        from fenop.data.pdes.allen_cahn import _jacobian
+
+        states = torch.from_numpy(sample["u"])
+        u, inputs = 1.3 * states[2][None], {"u_prev": states[1][None]}
+        options = {"dt": family.dt, "eps2": family.epsilon**2}
+    else:
+        from fenop.data.pdes.nonlinear_diffusion import _jacobian
+
+        u, inputs = (
+            0.7 * torch.from_numpy(sample["u"])[None],
+            {"f": torch.from_numpy(sample["f"])[None]},
+        )
+        options = {}
+
+    def reference(u: np.ndarray) -> np.ndarray:
+        return _jacobian.assemble(space.basis, u=space.basis.interpolate(u), **options).toarray()
+
+    return family.residual(), u, inputs, reference
+
+
+@pytest.mark.parametrize("pde", ["nonlinear_diffusion", "allen_cahn"])
+@pytest.mark.parametrize("name", SPACES)
+def test_nonlinear_residuals_assemble_scikit_fems_jacobian(name, pde):
+    # linearised against the data generator's Newton matrix, assembled by
+    # scikit-fem (identity rows at the Dirichlet DOFs)
+    space = SPACES[name]()
+    residual, u, inputs, reference_at = _nonlinear_case(pde, space)
     pattern = JacobianPattern(space)
-    r, entries = residual.linearised(pattern, u, f=f)
-    torch.testing.assert_close(r, residual(u, f=f), rtol=0, atol=1e-12 * r.abs().max())
-    reference = _jacobian.assemble(space.basis, u=space.basis.interpolate(u[0].numpy())).toarray()
+    r, entries = residual.linearised(pattern, u, **inputs)
+    torch.testing.assert_close(r, residual(u, **inputs), rtol=0, atol=1e-12 * r.abs().max())
+    reference = reference_at(u[0].numpy())
     dirichlet = space.boundary_dofs
     reference[dirichlet] = 0.0
     reference[dirichlet, dirichlet] = 1.0
@@ -138,19 +159,20 @@ def test_nonlinear_diffusion_assembles_scikit_fems_jacobian(name):
     np.testing.assert_allclose(dense, reference, rtol=0, atol=1e-12 * np.abs(reference).max())
 
 
-def test_nonlinear_diffusion_jacobian_on_subsets_of_cells_adds_up_to_the_whole():
+@pytest.mark.parametrize("pde", ["nonlinear_diffusion", "allen_cahn"])
+def test_nonlinear_jacobians_on_subsets_of_cells_add_up_to_the_whole(pde):
     space = SPACES["P1 L-shape"]()
-    family = get_pde("nonlinear_diffusion")(space)
-    residual = family.residual()
-    sample = family.sample(0, 0)
-    u, f = (torch.from_numpy(sample[k])[None] for k in ("u", "f"))
+    residual, u, inputs, _ = _nonlinear_case(pde, space)
     pattern = JacobianPattern(space)
-    whole = residual.linearised(pattern, u, f=f)[1]
+    whole = residual.linearised(pattern, u, **inputs)[1]
     cells = np.random.default_rng(0).permutation(space.mesh.t.shape[1])
     parts = []
     for subset in np.array_split(cells, 2):
         with residual.forms.on(residual.forms.subset(subset)):
-            parts.append(residual.linearised(pattern, u, f=f)[1])
+            parts.append(residual.linearised(pattern, u, **inputs)[1])
     free = ~residual.dirichlet[pattern.entry_rows]  # Dirichlet rows are identity rows in each
-    torch.testing.assert_close((parts[0] + parts[1])[:, free], whole[:, free], rtol=0, atol=1e-12)
-    assert (parts[0][:, free] - whole[:, free]).abs().max() > 1e-3  # each part is a part
+    scale = whole[:, free].abs().max()
+    torch.testing.assert_close(
+        (parts[0] + parts[1])[:, free], whole[:, free], rtol=0, atol=1e-12 * scale
+    )
+    assert (parts[0][:, free] - whole[:, free]).abs().max() > 1e-3 * scale  # each part is a part

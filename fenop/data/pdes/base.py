@@ -25,6 +25,7 @@ from torch import nn
 
 from fenop.data.grf import GaussianRandomField, sample_rng
 from fenop.fem import FEForms, FunctionSpace
+from fenop.fem.jacobian import CellJacobian
 from fenop.fem.mesh import bounding_box
 
 
@@ -169,6 +170,16 @@ class DirichletResidual(nn.Module):
         differentiable in ``u`` and the inputs; ``None`` where a subclass does not
         assemble it. On the cells the forms see (``forms.on``), like an evaluation."""
         return None
+
+    def cell_jacobian(self, pattern, device: torch.device) -> CellJacobian:
+        """The cell data for assembling this residual's Jacobian on ``pattern``
+        (:class:`~fenop.fem.jacobian.CellJacobian`), made on the first call for a
+        pattern and device, for :meth:`linearised`."""
+        cached = self.__dict__.get("_cell_jacobian")
+        if cached is None or cached.pattern is not pattern or cached.device != device:
+            cached = CellJacobian(pattern, device)
+            self.__dict__["_cell_jacobian"] = cached
+        return cached
 
     def _with_dirichlet_rows(self, pattern, weak: torch.Tensor) -> torch.Tensor:
         """Entries ``(B, nnz)`` of a weak form's Jacobian with the Dirichlet rows made

@@ -16,7 +16,6 @@ from skfem.helpers import dot, grad
 
 from fenop.data.pdes.base import DirichletResidual, PDEFamily
 from fenop.fem import FunctionSpace
-from fenop.fem.forms import quadrature_data
 
 
 @skfem.LinearForm
@@ -92,10 +91,6 @@ class NonlinearDiffusionResidual(DirichletResidual):
     Shapes: ``u``, ``f``: ``(..., n_dofs)`` -> ``(..., n_dofs)``.
     """
 
-    def __init__(self, space: FunctionSpace):
-        super().__init__(space)
-        self._cells = None  # the cell data of the Jacobian, made on the first linearised
-
     def weak_form(self, u: torch.Tensor, *, f: torch.Tensor) -> torch.Tensor:
         return self._weak(self.forms.values(u), self.forms.gradients(u), f)
 
@@ -110,30 +105,14 @@ class NonlinearDiffusionResidual(DirichletResidual):
         """``R(u)`` and ``J(u)`` on the pattern: ``J_ij = ∫ (1 + u²) ∇φ_j·∇φ_i +
         ∫ 2 u φ_j ∇u·∇φ_i``, cell by cell at the quadrature points; on the cells the
         forms see (``forms.on``: then exact at the rows all of whose cells those are)."""
-        if self._cells is None or self._cells[0] is not pattern or self._cells[1] != u.device:
-            phi, dphi, dx = quadrature_data(self.forms.space)  # (N, E, Q), (N, d, E, Q)
-            tensors = {
-                "stiffness": np.einsum("ideq,jdeq,eq->ijeq", dphi, dphi, dx),
-                "phi": phi,
-                "dphi": dphi,
-                "dx": dx,
-                "slots": pattern.local_slots(),  # (N, N, E)
-            }
-            tensors = {k: torch.from_numpy(v).to(u.device) for k, v in tensors.items()}
-            self._cells = (pattern, u.device, tensors)
         forms, dtype = self.forms, u.dtype
+        cells = self.cell_jacobian(pattern, u.device)
         index = forms.active.index.to(u.device)
-        stiffness, phi, dphi, dx, slots = (
-            self._cells[2][k].index_select(-1 if k == "slots" else -2, index)
-            for k in ("stiffness", "phi", "dphi", "dx", "slots")
-        )
+        dphi, stiffness, dx, phi = cells.on(index, "dphi", "stiffness", "dx", "phi", dtype=dtype)
         values, gradients = forms.values(u), forms.gradients(u)  # (B, E, Q), (B, d, E, Q)
         r = torch.where(self.dirichlet, u, self._weak(values, gradients, f))
-        along = torch.einsum("bdeq,ideq->bieq", gradients, dphi.to(dtype))  # ∇u·∇φ_i
-        local = torch.einsum("beq,ijeq->bije", 1 + values**2, stiffness.to(dtype)) + torch.einsum(
-            "beq,bieq,jeq->bije", 2 * values * dx.to(dtype), along, phi.to(dtype)
+        along = torch.einsum("bdeq,ideq->bieq", gradients, dphi)  # ∇u·∇φ_i
+        local = torch.einsum("beq,ijeq->bije", 1 + values**2, stiffness) + torch.einsum(
+            "beq,bieq,jeq->bije", 2 * values * dx, along, phi
         )
-        weak_entries = u.new_zeros(u.shape[0], pattern.nnz).index_add_(
-            -1, slots.reshape(-1), local.reshape(u.shape[0], -1)
-        )
-        return r, self._with_dirichlet_rows(pattern, weak_entries)
+        return r, self._with_dirichlet_rows(pattern, cells.assemble(local, index))
