@@ -20,7 +20,14 @@ Variants (``--variants``):
 * ``fno-soft``: teacher forcing plus the step residual's norm (weight 1, the
   physics loss of :mod:`fenop.train.physics`);
 * ``fno-hard``: the hard constraint per step, global Galerkin on 16 basis fields;
-  ``fno-moe``: the two-level constraint, 16 experts of 8 fields.
+  ``fno-moe``: the two-level constraint, 16 experts of 8 fields;
+* ``mgno``, ``lsm``, ``femultigrid``: fenop's other processors in ``FEOperator``,
+  teacher forcing, built as in ``benchmarks/darcy.py`` (MgNO's peak learning rate
+  5e-4, its authors'; FEMultigrid on the nested hierarchy of ``square_levels``).
+
+``--grid G`` puts fenop's grid processors on a G x G grid whatever the mesh (the
+anchor stays on the vertex grid): a fixed grid is what keeps a stepper's cost
+from growing with the mesh.
 
 Reported: the relative L2 error of the free-running rollout (mean over the test
 trajectories) after 1, H, 2H and 4H steps, the step at which it first exceeds 10 %,
@@ -30,7 +37,7 @@ other, the family's own solver).
 
     python benchmarks/dynamics.py --pde heat --seconds 120
     python benchmarks/dynamics.py --pde allen_cahn --seconds 120
-    python benchmarks/dynamics.py --pde allen_cahn --resolution 129 --timing --samples 1 8
+    python benchmarks/dynamics.py --pde allen_cahn --resolution 129 --grid 64 --timing --samples 1 8
 """
 
 from __future__ import annotations
@@ -47,12 +54,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from darcy import _GridFNO
+from darcy import _GridFNO, square_hierarchy, square_levels
 
 from fenop.data import StepDataset, generate, read_store
 from fenop.data.pdes import get_pde
 from fenop.fem import RelativeL2Loss, unit_square
-from fenop.operators import FNO, FEOperator
+from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, MgNO
 from fenop.train import rollout
 from fenop.train.physics import PhysicsLoss, build_constraint, constraint_table
 from fenop.train.stepping import step_prediction
@@ -68,10 +75,29 @@ VARIANTS = (
     "fno-soft",
     "fno-hard",
     "fno-moe",
+    "mgno",
+    "lsm",
+    "femultigrid",
 )
+# peak learning rates other than 2e-3 (MgNO's authors' value, as in benchmarks/darcy.py)
+LR = {"mgno": 5e-4}
 
 
-def _model(variant: str, space, n: int, stats, parameters: dict, pde: str):
+def _processor(variant: str, grid: int, n_basis: int, n: int):
+    """The processor of a fenop variant, and its grid's resolution (``None`` off a grid)."""
+    width = 32
+    if variant == "mgno":
+        return MgNO(4, 1, grid=(grid, grid), width=width, n_layers=4), grid
+    if variant == "lsm":
+        return LSM(4, 1, width=width // 2, depth=4), grid
+    if variant == "femultigrid":
+        spaces = square_hierarchy(square_levels(n))
+        return FEMultigrid(spaces, 1, 1, width=width, n_layers=4), None
+    modes = min(12, grid // 2)
+    return FNO(4, 1 + n_basis, n_modes=(modes, modes), hidden_channels=width), grid
+
+
+def _model(variant: str, space, n: int, stats, parameters: dict, pde: str, grid: int):
     modes, width = min(12, n // 2), 32
     if variant == "neuralop-fno":
         return _GridFNO(
@@ -93,11 +119,12 @@ def _model(variant: str, space, n: int, stats, parameters: dict, pde: str):
         n_basis = table["n_basis"]
         description = {**table, "pde": pde, "parameters": parameters, "inputs": ["u_prev"]}
         constraint = build_constraint(description, space)
+    processor, resolution = _processor(variant, grid, n_basis, n)
     return FEOperator(
         space,
         space,
-        FNO(4, 1 + n_basis, n_modes=(modes, modes), hidden_channels=width),
-        resolution=n,
+        processor,
+        resolution=resolution,
         input_stats=stats[0],
         output_stats=stats[1],
         constraint=constraint,
@@ -150,6 +177,7 @@ def _timing(args, space, stats, parameters, trajectories, solver_s: float) -> di
         f"{args.pde}, {args.resolution} x {args.resolution} P1 ({space.n_dofs} DOFs): "
         f"{n_test} rollouts of {steps} steps, batched, against scikit-fem's solves of the "
         f"same steps one trajectory after the other ({solver_s:.2f} s); untrained models; "
+        f"fenop's grid {args.grid} x {args.grid}; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
@@ -159,7 +187,9 @@ def _timing(args, space, stats, parameters, trajectories, solver_s: float) -> di
     results = {}
     for variant in args.variants:
         torch.manual_seed(0)
-        model = _model(variant, space, args.resolution, stats, parameters, args.pde).eval()
+        model = _model(
+            variant, space, args.resolution, stats, parameters, args.pde, args.grid
+        ).eval()
         rollout(model, trajectories[:1, :1], 1)  # one-off set-up outside the clock
         start = time.perf_counter()
         rollout(model, trajectories[:, :1], steps)
@@ -178,6 +208,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pde", choices=sorted(STEPS), default="heat")
     parser.add_argument("--resolution", type=int, default=33)
+    parser.add_argument(
+        "--grid", type=int, help="fenop's grid processors' grid (default: the resolution)"
+    )
     parser.add_argument("--samples", type=int, nargs=2, default=(64, 16))
     parser.add_argument("--horizon", type=int, default=10, help="steps trained on (H)")
     parser.add_argument("--seconds", type=float, default=120.0, help="training time per model")
@@ -189,6 +222,7 @@ def main(argv=None) -> dict:
         help="only time the rollouts of untrained models against the solver",
     )
     args = parser.parse_args(argv)
+    args.grid = args.grid or args.resolution
     torch.set_num_threads(torch.get_num_threads())
     n, (n_train, n_test), horizon = args.resolution, args.samples, args.horizon
     dt = STEPS[args.pde]
@@ -228,7 +262,7 @@ def main(argv=None) -> dict:
     print(
         f"{args.pde}, {n} x {n} P1 ({space.n_dofs} DOFs), {n_train} training trajectories "
         f"of H = {horizon} steps, {n_test} test trajectories of {4 * horizon}, dt = {dt}; "
-        f"{args.seconds:g} s of training each; "
+        f"{args.seconds:g} s of training each; fenop's grid {args.grid} x {args.grid}; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
         flush=True,
@@ -243,7 +277,7 @@ def main(argv=None) -> dict:
     results = {}
     for variant in args.variants:
         torch.manual_seed(0)
-        model = _model(variant, space, n, stats, parameters, args.pde)
+        model = _model(variant, space, n, stats, parameters, args.pde, args.grid)
         mode = {"fno-pushforward": "pushforward", "fno-unrolled": "unrolled"}.get(
             variant, "one_step"
         )
@@ -262,6 +296,7 @@ def main(argv=None) -> dict:
             noise=noise,
             physics=physics,
             state_std=state_std,
+            lr=LR.get(variant, 2e-3),
         )
         model.eval()
         start = time.perf_counter()
