@@ -39,10 +39,12 @@ class Linearisation(NamedTuple):
     objective: torch.Tensor
 
     def where(self, mask: torch.Tensor, other: Linearisation) -> Linearisation:
-        """This one where ``mask`` ``(B, k)`` holds, ``other`` elsewhere."""
+        """This one where ``mask`` ``(B, k)`` holds, ``other`` elsewhere (a member the
+        two share, as chord iterations share their matrix and test fields, is kept
+        as it is: no copy)."""
         return Linearisation(
             *(
-                torch.where(mask.reshape(*mask.shape, *(1,) * (a.ndim - 2)), a, b)
+                a if a is b else torch.where(mask.reshape(*mask.shape, *(1,) * (a.ndim - 2)), a, b)
                 for a, b in zip(self, other, strict=True)
             )
         )
@@ -83,8 +85,11 @@ class Stopping:
     max_iterations: int = 25
     tolerance: float = 1e-10
 
-    def small_value(self, state: Linearisation, data: torch.Tensor) -> torch.Tensor:
-        scale = state.test.norm(dim=(-1, -2)) * data[:, None]
+    def scale(self, test: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+        """``(B, k)``: the test fields' norm ``(B, k, N, m)`` times the data's ``(B,)``."""
+        return test.norm(dim=(-1, -2)) * data[:, None]
+
+    def small_value(self, state: Linearisation, scale: torch.Tensor) -> torch.Tensor:
         return state.value.norm(dim=-1) <= self.tolerance * scale
 
     def small_step(self, step: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -109,8 +114,11 @@ class _RootFinder:
             iterations = torch.zeros(w.shape[:2], dtype=torch.int64, device=device)
             state = problem.linearised(w)
             self._start(state)
+            scaled = None  # the test fields the scale is of: a chord keeps them
             for iteration in range(self.stopping.max_iterations + 1):
-                done = done | self.stopping.small_value(state, data)
+                if state.test is not scaled:
+                    scaled, scale = state.test, self.stopping.scale(state.test, data)
+                done = done | self.stopping.small_value(state, scale)
                 if iteration == self.stopping.max_iterations or (
                     device.type == "cpu" and bool(done.all())
                 ):
