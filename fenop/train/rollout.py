@@ -36,6 +36,7 @@ def rollout(
     statics: torch.Tensor | None = None,
     grad: bool = False,
     batch_size: int | None = None,
+    after_call: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """The next ``n_steps`` states of each sample, the model fed its own predictions.
 
@@ -52,6 +53,9 @@ def rollout(
             rollout); by default none is stored, so memory does not grow with the
             horizon.
         batch_size: samples rolled out at once (default all).
+        after_call: called after each call of the model with its output
+            ``(B, k, n_dofs)`` (e.g. to read a hard constraint's report of that
+            call), batch after batch.
 
     Returns:
         ``(B, n_steps, n_dofs)`` on the device of ``states``: the predicted states,
@@ -77,6 +81,7 @@ def rollout(
                 n_steps,
                 statics=None if statics is None else statics[start : start + size],
                 grad=grad,
+                after_call=after_call,
             )
             for start in range(0, states.shape[0], size)
         ]
@@ -96,6 +101,8 @@ def rollout(
                     f"the model must map (B, m + S, n_dofs) to (B, k, n_dofs), got "
                     f"{tuple(x.shape)} -> {tuple(y.shape)}"
                 )
+            if after_call is not None:
+                after_call(y)
             predicted.append(y)
             done += y.shape[1]
             window = torch.cat([window, y], dim=1)[:, -history:]

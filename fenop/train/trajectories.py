@@ -30,6 +30,7 @@ from fenop.train.checkpoint import checkpoint_path, read_config
 from fenop.train.device import resolve_device
 from fenop.train.inference import (
     ModelLike,
+    _converged,
     _numpy_dtype,
     checked_output,
     model_on_store,
@@ -66,6 +67,8 @@ class RolloutEvaluation:
         shown: the first sample's ``(reference, prediction)`` states ``(T, n_dofs)``,
             free-running, for pictures and animations.
         space: the store's FE space.
+        failed: ``(m,)`` the trajectories of which a hard-constraint solve failed at
+            some step, free-running or teacher-forced (empty without a constraint).
     """
 
     path: str
@@ -76,11 +79,13 @@ class RolloutEvaluation:
     forced_l2: np.ndarray
     shown: tuple[np.ndarray, np.ndarray]
     space: FunctionSpace
+    failed: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def horizon(self) -> int | None:
         """Steps until the mean free-running L2 error first exceeds 10 %, or ``None``
-        where it never does within the trajectories."""
-        above = np.nonzero(self.free_l2.mean(axis=0) > ACCURATE)[0]
+        where it never does within the trajectories. A rollout that diverged (a NaN
+        or infinite error) has exceeded it."""
+        above = np.nonzero(~(self.free_l2.mean(axis=0) <= ACCURATE))[0]
         return int(above[0]) if len(above) else None
 
     def summary(self, horizons=(1, 10)) -> list[str]:
@@ -98,6 +103,17 @@ class RolloutEvaluation:
                 f"after {h:>4} step{'s' if h > 1 else ' '}: relative L2 free-running mean "
                 f"{free.mean():.4f} (max {free.max():.4f}), H1 {h1:.4f}; "
                 f"teacher-forced {forced.mean():.4f}"
+            )
+        diverged = ~np.isfinite(self.free_l2)
+        if diverged.any():
+            lines.append(
+                f"{int(diverged.any(axis=1).sum())} rollouts diverged (a NaN or infinite "
+                f"error), the first after {int(np.nonzero(diverged.any(axis=0))[0][0]) + 1} steps"
+            )
+        if len(self.failed):
+            lines.append(
+                f"the hard constraint's solve failed at some step of {len(self.failed)} "
+                "trajectories"
             )
         reach = self.horizon()
         lines.append(
@@ -198,7 +214,7 @@ def evaluate_rollouts(
     dtype = _torch_dtype(net)
     l2 = RelativeL2Loss(store.space, reduction="none").to(device)
     h1 = RelativeH1Loss(store.space, reduction="none").to(device)
-    free_l2, free_h1, forced_l2, shown = [], [], [], None
+    free_l2, free_h1, forced_l2, shown, failed = [], [], [], None, []
     with (
         open_h5(store.path, "r") as f,
         torch.no_grad(),
@@ -209,13 +225,22 @@ def evaluate_rollouts(
             states = torch.from_numpy(np.stack([f[state][int(r)] for r in part])).to(device, dtype)
             fixed = _statics(f, statics, part, device, dtype)
             truth = states[:, history:]
-            predicted = rollout(net, states[:, :history], truth.shape[1], statics=fixed)
+            solved = []  # per call of the model: its constraint's solves succeeded, (B,)
+            predicted = rollout(
+                net,
+                states[:, :history],
+                truth.shape[1],
+                statics=fixed,
+                after_call=lambda _: solved.append(_converged(net, len(part))),  # noqa: B023
+            )
             forced = []
             for t in range(history, states.shape[1]):
                 x = states[:, t - history : t]
                 x = x if fixed is None else torch.cat([x, fixed], dim=1)
                 forced.append(net(x)[:, :1])
+                solved.append(_converged(net, len(part)))
             forced = torch.cat(forced, dim=1)
+            failed.extend(part[~np.all(solved, axis=0)].tolist())
             flat = lambda z: z.reshape(-1, 1, z.shape[-1])  # noqa: E731 (B T, 1, n)
             shape = truth.shape[:2]
             free_l2.append(l2(flat(predicted), flat(truth)).reshape(shape).cpu().numpy())
@@ -233,6 +258,7 @@ def evaluate_rollouts(
         np.concatenate(forced_l2),
         shown,
         store.space,
+        np.asarray(failed, dtype=np.int64),
     )
 
 

@@ -61,9 +61,13 @@ def test_statics_batches_and_the_graph():
     whole = rollout(model, initial, 4, statics=statics)
     assert seen[0] == (3, 3, SPACE.n_dofs) and not whole.requires_grad
     seen.clear()
-    parts = rollout(model, initial, 4, statics=statics, batch_size=2)
+    outputs = []
+    parts = rollout(model, initial, 4, statics=statics, batch_size=2, after_call=outputs.append)
     assert seen[0] == (2, 3, SPACE.n_dofs) and seen[-1] == (1, 3, SPACE.n_dofs)
     torch.testing.assert_close(parts, whole, rtol=0, atol=1e-15)
+    # after each call, that call's output: 4 steps of each batch, in order
+    assert [len(y) for y in outputs] == [2] * 4 + [1] * 4
+    torch.testing.assert_close(torch.cat(outputs[4:], dim=1), whole[2:], rtol=0, atol=1e-15)
     tracked = rollout(model, initial, 4, statics=statics, grad=True)
     tracked[:, -1].sum().backward()
     assert initial.grad is not None and initial.grad.abs().sum() > 0

@@ -117,6 +117,38 @@ def test_the_summary_names_the_horizons_and_where_the_error_passes_ten_percent()
     assert evaluation.horizon() is None and "stays below 10 % for all 4" in evaluation.summary()[-1]
 
 
+def test_a_diverged_rollout_is_never_within_ten_percent():
+    errors = np.array([[0.01, 0.02, np.nan, np.nan], [0.01, 0.02, 0.03, 0.04]])
+    evaluation = RolloutEvaluation(
+        "s.h5", np.arange(2), np.arange(1, 5) * 0.1, errors, errors, errors, (None, None), None
+    )
+    assert evaluation.horizon() == 2
+    lines = evaluation.summary()
+    assert "1 rollouts diverged (a NaN or infinite error), the first after 3 steps" in lines
+    assert "first exceeds 10 % after 3 steps" in lines[-1] and "nan" in lines[-1]
+
+
+def test_failed_constraint_solves_are_reported_per_trajectory(folder, monkeypatch):
+    from fenop.train import trajectories
+
+    calls = []
+
+    def converged(model, batch):  # the third call of the model fails for its second sample
+        calls.append(batch)
+        return np.arange(batch) != (1 if len(calls) == 3 else -1)
+
+    monkeypatch.setattr(trajectories, "_converged", converged)
+    checkpoint = folder / "run1" / "best"
+    evaluation = evaluate_rollouts(checkpoint, folder / "heat.h5", samples=slice(2, 6))
+    assert calls == [4] * 10  # 5 free-running steps, then 5 teacher-forced
+    assert evaluation.failed.tolist() == [3]
+    assert "the hard constraint's solve failed at some step of 1 trajectories" in (
+        evaluation.summary()
+    )
+    monkeypatch.undo()
+    assert len(evaluate_rollouts(checkpoint, folder / "heat.h5").failed) == 0
+
+
 def test_predicted_rollouts_start_from_the_stores_states_and_continue_in_time(folder, tmp_path):
     checkpoint = folder / "run2" / "best"
     output = predict_rollouts(
