@@ -110,3 +110,37 @@ def test_a_converged_problem_is_left_as_it_is():
     moved = result.iterations > 0
     assert moved.tolist() == [[False, True, False], [False, False, False]]
     torch.testing.assert_close(result.solution[~moved], problem.root[~moved], rtol=0, atol=0)
+
+
+class CubicByRows(Cubic):
+    """A Cubic that gives the problems of some samples alone, and records the
+    samples each evaluation saw."""
+
+    def __init__(self, seen=None, **options):
+        super().__init__(**options)
+        self.seen = [] if seen is None else seen
+
+    def rows(self, index):
+        part = CubicByRows.__new__(CubicByRows)
+        part.a, part.root, part.b = self.a[index], self.root[index], self.b[index]
+        part.linearisations, part.seen = 0, self.seen
+        return part
+
+    def value(self, w):
+        self.seen.append(len(w))
+        return super().value(w)
+
+
+@pytest.mark.parametrize("chord", [False, True])
+def test_samples_that_converged_are_not_evaluated_again(chord):
+    start = CubicByRows(batch=3).root.clone()
+    start[1] = 0.0  # only the second sample's problems start away from their roots
+    finder = Newton(systems=SYMMETRIC, stopping=Stopping(tolerance=1e-12), chord=chord)
+    whole, by_rows = Cubic(batch=3), CubicByRows(batch=3)
+    expected = finder.solve(whole, start, torch.ones(3, dtype=torch.float64))
+    result = finder.solve(by_rows, start, torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(result.solution, expected.solution, rtol=0, atol=1e-15)
+    assert result.iterations.tolist() == expected.iterations.tolist()
+    assert result.converged.tolist() == expected.converged.tolist()
+    # after the first, every evaluation saw the second sample alone
+    assert by_rows.seen[0] == 3 and set(by_rows.seen[1:]) == {1} and len(by_rows.seen) > 2

@@ -335,6 +335,13 @@ class _ExpertProblem:
         self.layer, self.u, self.local, self.sets = layer, u, local, sets
         self.inputs, self.cells = inputs, cells
 
+    def rows(self, index: torch.Tensor) -> _ExpertProblem:
+        """The problems of the samples ``index`` ``(b,)`` alone."""
+        inputs = {name: value[index] for name, value in self.inputs.items()}
+        return _ExpertProblem(
+            self.layer, self.u[index], self.local[index], self.sets, inputs, self.cells
+        )
+
     def field(self, w: torch.Tensor) -> torch.Tensor:
         return self.u + self.sets[0].scatter(_combined(w, self.local))
 
