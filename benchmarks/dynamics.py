@@ -21,6 +21,8 @@ Variants (``--variants``):
   physics loss of :mod:`fenop.train.physics`);
 * ``fno-hard``: the hard constraint per step, global Galerkin on 16 basis fields;
   ``fno-moe``: the two-level constraint, 16 experts of 8 fields;
+  ``-linearised``: the same with the global solve of a nonlinear step linearised at
+  the prediction (``global_solve = "linearised"``: one Newton step);
 * ``mgno``, ``lsm``, ``femultigrid``: fenop's other processors in ``FEOperator``,
   teacher forcing, built as in ``benchmarks/darcy.py`` (MgNO's peak learning rate
   5e-4, its authors'; FEMultigrid on the nested hierarchy of ``square_levels``).
@@ -75,6 +77,8 @@ VARIANTS = (
     "fno-soft",
     "fno-hard",
     "fno-moe",
+    "fno-hard-linearised",
+    "fno-moe-linearised",
     "mgno",
     "lsm",
     "femultigrid",
@@ -109,12 +113,14 @@ def _model(variant: str, space, n: int, stats, parameters: dict, pde: str, grid:
             output_stats=([float(stats[1].mean[0])], [float(stats[1].std[0])]),
         )
     n_basis, constraint = 0, None
-    if variant in ("fno-hard", "fno-moe"):
+    if variant.startswith(("fno-hard", "fno-moe")):
         table = (
             {"kind": "global", "n_basis": 16}
-            if variant == "fno-hard"
+            if variant.startswith("fno-hard")
             else {"kind": "moe", "n_basis": 8, "experts": 16}
         )
+        if variant.endswith("-linearised"):
+            table["global_solve"] = "linearised"
         table = constraint_table(table)
         n_basis = table["n_basis"]
         description = {**table, "pde": pde, "parameters": parameters, "inputs": ["u_prev"]}

@@ -13,7 +13,8 @@ and the ``[model.constraint]`` table of a training configuration::
     experts = 16            # or dofs_per_expert = 400 (moe only: the partition's)
 
 and every keyword argument of the kind's layer, with its default: ``condition``,
-``ridge``, ``max_iterations``, ``tolerance``, ``chord`` and ``smoothing`` for both kinds, and
+``ridge``, ``max_iterations``, ``tolerance``, ``chord``, ``smoothing`` and ``global_solve``
+for both kinds, and
 ``overlap``, ``sweeps``, ``coarse``, ``update`` and ``nonlinear`` for the experts
 (:class:`~fenop.operators.MoEConstraint`). Their types, defaults and choices are read
 from the layers' signatures (:mod:`fenop._options`), so there is one declaration of

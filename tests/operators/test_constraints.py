@@ -547,6 +547,59 @@ def test_linearised_experts_differ_from_newtons_by_the_square_of_the_correction(
     assert 3.5 < gaps[0] / gaps[1] < 4.5, gaps
 
 
+NONLINEAR_SOLVES = ("newton", "linearised")  # the global solve's, for a nonlinear residual
+LINEARISED = {
+    "global galerkin": lambda r, how: HardConstraint(r, global_solve=how),
+    "global least squares": lambda r, how: HardConstraint(
+        r, condition="least_squares", global_solve=how
+    ),
+    "moe": lambda r, how: MoEConstraint(
+        r, MetisPartition(experts=4), sweeps=0, global_solve=how
+    ),  # its coarse solve alone
+}
+
+
+@pytest.mark.parametrize("name", list(LINEARISED))
+def test_a_linearised_global_solve_differs_from_newtons_by_the_square_of_the_correction(name):
+    # One Newton step from the prediction against Newton's root: second order in
+    # the prediction's distance from the solution, so halving it quarters the gap.
+    space, residual, f, u = _nonlinear(17)
+    direction = _smooth_fields(space, 1, seed=2)[0]
+    direction = direction / direction.abs().max() * u.abs().max()
+    basis = _smooth_fields(space, 6, seed=7)[None]
+    gaps = []
+    for size in (0.2, 0.1):
+        guess = (u[0] + size * direction)[None, None]
+        outs = [LINEARISED[name](residual, how)(guess, basis, f=f) for how in NONLINEAR_SOLVES]
+        gaps.append(_relative(outs[1], outs[0]))
+        assert _relative(outs[0], guess) > 30 * gaps[-1]  # the solve did correct it
+    assert 3.5 < gaps[0] / gaps[1] < 4.5, gaps
+
+
+def test_a_linearised_global_solve_meets_the_condition_of_the_linearisation():
+    # Φᵀ (R(g) + J(g) (out - g)) = 0, with J by finite differences of the residual
+    space, residual, f, u = _nonlinear(9)
+    basis = _smooth_fields(space, 4, seed=5)
+    guess = 0.7 * u
+    layer = HardConstraint(residual, global_solve="linearised")
+    out = layer(guess[:, None], basis[None], f=f)[:, 0]
+    step, h = out - guess, 1e-6
+    jacobian_step = (residual(guess + h * step, f=f) - residual(guess - h * step, f=f)) / (2 * h)
+    linearised = residual(guess, f=f) + jacobian_step
+    free = ~residual.dirichlet
+    tested = basis[:, free] @ linearised[0, free]
+    assert tested.abs().max() < 1e-7 * (basis[:, free] @ residual(guess, f=f)[0, free]).abs().max()
+    assert layer.report["iterations"].tolist() == [1] and layer.report["converged"].all()
+    with pytest.raises(ValueError, match="global_solve"):
+        HardConstraint(residual, global_solve="chord")
+
+
+def test_a_linearised_global_solve_passes_gradcheck():
+    space, residual, f, u = _nonlinear(5)
+    layer = HardConstraint(residual, global_solve="linearised")
+    assert _gradcheck(layer, space, u, "f", f, fast=False)
+
+
 DEPENDENT = {
     "global": lambda r: HardConstraint(r),
     "moe": lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2),

@@ -146,6 +146,7 @@ class DirichletResidual(nn.Module):
         mask = torch.zeros(space.n_dofs, dtype=torch.bool)
         mask[torch.from_numpy(space.boundary_dofs)] = True
         self.register_buffer("dirichlet", mask, persistent=False)
+        self._cell_jacobian: CellJacobian | None = None  # made by cell_jacobian
 
     def weak_form(self, u: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -175,10 +176,9 @@ class DirichletResidual(nn.Module):
         """The cell data for assembling this residual's Jacobian on ``pattern``
         (:class:`~fenop.fem.jacobian.CellJacobian`), made on the first call for a
         pattern and device, for :meth:`linearised`."""
-        cached = self.__dict__.get("_cell_jacobian")
+        cached = self._cell_jacobian
         if cached is None or cached.pattern is not pattern or cached.device != device:
-            cached = CellJacobian(pattern, device)
-            self.__dict__["_cell_jacobian"] = cached
+            self._cell_jacobian = cached = CellJacobian(pattern, device)
         return cached
 
     def _with_dirichlet_rows(self, pattern, weak: torch.Tensor) -> torch.Tensor:

@@ -69,12 +69,12 @@ class MoEConstraint(_Constraint):
             affine residual's machinery, the gradient through the linearisation too;
             ``"newton"``: each expert solves its own nonlinear problem by Newton's
             method (chord iterations) with the implicit function theorem's gradient.
-            The coarse solve is Newton's either way. Measured on one sample
+            The coarse solve is the one of ``global_solve``. Measured on one sample
             (benchmarks/history.md, "Nonlinear experts"): the outputs agree to 1e-4 relative,
             below the errors both leave, and the linearised sweeps cost 3-9x less.
-        ridge, max_iterations, tolerance, chord, smoothing: as for
+        ridge, max_iterations, tolerance, chord, smoothing, global_solve: as for
             :class:`HardConstraint` (the smoothing sweeps come before the coarse
-            solve and after the experts').
+            solve and after the experts'; ``global_solve`` is the coarse solve's).
 
     Shapes:
         as for :class:`HardConstraint`.
@@ -96,6 +96,7 @@ class MoEConstraint(_Constraint):
         tolerance: float = 1e-10,
         chord: bool = True,
         smoothing: int = 0,
+        global_solve: Nonlinear = "newton",
     ):
         super().__init__(
             residual,
@@ -105,6 +106,7 @@ class MoEConstraint(_Constraint):
             tolerance=tolerance,
             chord=chord,
             smoothing=smoothing,
+            global_solve=global_solve,
         )
         update = UPDATE_ALIASES.get(update, update)
         if update not in UPDATES:
@@ -192,7 +194,9 @@ class MoEConstraint(_Constraint):
         linear = self._linear_part(g, inputs)
         # Newton's scale, the same for every solve: where one runs (a residual that is
         # not affine, in the coarse solve or the experts' own)
-        newton = not self.affine and (self.coarse or not self.linear_sweeps)
+        newton = not self.affine and (
+            (self.coarse and self.global_solve == "newton") or not self.linear_sweeps
+        )
         data = self._data_norm(g, inputs) if newton else None
         u, conditions = self._smoothed(g, inputs, linear), []
         if self.coarse:
@@ -203,8 +207,7 @@ class MoEConstraint(_Constraint):
         # not affine, its linearisation at the sweeps' starting field, R(u) - J u and J.
         sweep_linear, r_start = linear, None
         if self.linear_sweeps and not self.affine:
-            r_start, values = self._linearise(u, inputs)
-            sweep_linear = (r_start - self.pattern.matmul(values, u[:, None])[:, 0], values)
+            sweep_linear, r_start = self._linearised_at(u, inputs)
         # Sharded over processes (shard()): what every process holds enters its share
         # of the experts through to_shards, and their corrections leave through
         # from_shards; with one process both are the identity.

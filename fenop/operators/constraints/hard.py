@@ -31,6 +31,11 @@ class HardConstraint(_Constraint):
             remove the error at the mesh's scale, which the basis cannot carry,
             at the cost of one product with ``J`` each. With smoothing the
             output's residual is no longer exactly orthogonal to the basis.
+        global_solve: for a residual that is not affine, ``"newton"`` (default)
+            solves the condition by Newton's method; ``"linearised"`` solves it for
+            the residual linearised at the prediction, one Newton step (one
+            linearisation and one linear solve, the gradient through both): the
+            condition then holds up to the square of the correction.
 
     Shapes:
         ``prediction (B, 1, n)``, ``basis (B, N, n)``, each input ``(B, n)`` ->

@@ -16,7 +16,9 @@ from fenop.fem.jacobian import JacobianPattern
 from fenop.operators.constraints.common import (
     _CONDITION_LIMIT,
     CONDITIONS,
+    NONLINEAR,
     Condition,
+    Nonlinear,
     _needs_gradient,
     free_dofs,
 )
@@ -52,10 +54,13 @@ class _Constraint(nn.Module):
         tolerance: float = 1e-10,
         chord: bool = True,
         smoothing: int = 0,
+        global_solve: Nonlinear = "newton",
     ):
         super().__init__()
         if condition not in CONDITIONS:
             raise ValueError(f"`condition` must be one of {CONDITIONS}, got {condition!r}")
+        if global_solve not in NONLINEAR:
+            raise ValueError(f"`global_solve` must be one of {NONLINEAR}, got {global_solve!r}")
         if not 0 <= ridge < math.inf:
             raise ValueError(f"`ridge` must be non-negative and finite, got {ridge}")
         if max_iterations < 1 or not 0 < tolerance < math.inf:
@@ -77,6 +82,7 @@ class _Constraint(nn.Module):
         self.assembled = isinstance(residual, AssembledJacobian)
         self.max_iterations, self.tolerance = int(max_iterations), float(tolerance)
         self.chord, self.smoothing = bool(chord), int(smoothing)
+        self.global_solve = global_solve
         self.space = residual.forms.space
         self.symmetric = self.rule.symmetric(residual)
         self.systems = DenseSystems(ridge=self.ridge, symmetric=self.symmetric)
@@ -259,7 +265,11 @@ class _Constraint(nn.Module):
         return g, phi, {k: v.double() for k, v in inputs.items()}
 
     def _global(self, u, phi, inputs, linear=None, data=None):
-        """One solve over the whole domain: ``u + Φ w`` with the condition."""
+        """One solve over the whole domain: ``u + Φ w`` with the condition (for a
+        residual that is not affine, with :attr:`global_solve` ``"linearised"``, the
+        condition of its linearisation at ``u``: one Newton step)."""
+        if linear is None and not self.affine and self.global_solve == "linearised":
+            linear, _ = self._linearised_at(u, inputs)
         if linear is not None and self.rule is RULES["galerkin"]:
             out, ok, condition = _galerkin_solve(u, phi, *linear, self.pattern, self.systems)
             return out, ok, condition, torch.ones_like(condition, dtype=torch.int64)
@@ -268,6 +278,13 @@ class _Constraint(nn.Module):
             u, phi[:, None], sets, inputs, linear, data=data
         )
         return u + (w @ phi)[:, 0], ok[:, 0], condition, iterations
+
+    def _linearised_at(self, u, inputs):
+        """The residual's linearisation at ``u`` as an affine residual's ``(R(0), J)``,
+        ``(R(u) - J u, J(u)'s entries)``, and ``R(u)`` ``(B, n)``; differentiable in
+        ``u`` and the inputs."""
+        r, values = self._linearise(u, inputs)
+        return (r - self.pattern.matmul(values, u[:, None])[:, 0], values), r
 
     def _linear_part(self, u, inputs):
         """For an affine residual, ``(R(0), J)``: all that its solves need, found once

@@ -53,7 +53,9 @@ class Linearisation(NamedTuple):
         """The samples ``index`` ``(b,)`` of it."""
         return Linearisation(*(a[index] for a in self))
 
-    def with_rows(self, index: torch.Tensor, part: Linearisation, taken: Linearisation):
+    def with_rows(
+        self, index: torch.Tensor, part: Linearisation, taken: Linearisation
+    ) -> Linearisation:
         """This one with the samples ``index`` replaced by ``part``'s; a member that
         ``part`` kept from ``taken`` (``self.rows(index)``), as a chord keeps its
         test fields, stays this one's, uncopied."""
@@ -67,7 +69,7 @@ class Linearisation(NamedTuple):
 
 class RootProblem(Protocol):
     """What a root finder asks of a problem; ``rows(index)``, the problem of the
-    samples ``index`` alone, is optional (see :meth:`_RootFinder.solve`)."""
+    samples ``index`` alone, is optional (see :meth:`_RootFinder._live_trial`)."""
 
     def linearised(self, w: torch.Tensor) -> Linearisation: ...
 
@@ -153,11 +155,11 @@ class _RootFinder:
         return RootResult(w, ok & done, iterations, condition, state.matrix)
 
     def _live_trial(self, problem, w, state, done) -> Linearisation:
-        """:meth:`_trial`, on the CPU of the samples with a problem still iterating
-        alone, where the problem has ``rows``: its residual is evaluated per
-        sample, and a batch's samples converge in different numbers of iterations
-        (6 to 12 in a batch of 8 Allen-Cahn steps), so this saves the evaluations
-        of those that have. On a GPU, where asking which would synchronise, all."""
+        """:meth:`_trial` of the samples with a problem still iterating alone, on the
+        CPU and where the problem has ``rows``: a residual is evaluated per sample,
+        and the samples of a batch converge in different numbers of iterations (6
+        to 12 in a batch of 8 Allen-Cahn steps), so the evaluations of those that
+        have are saved. On a GPU, where asking which would synchronise, of all."""
         live = ~done.all(dim=1)
         if w.device.type != "cpu" or not hasattr(problem, "rows") or bool(live.all()):
             return self._trial(problem, w, state, done)
