@@ -106,14 +106,15 @@ class RolloutEvaluation:
             )
         diverged = ~np.isfinite(self.free_l2)
         if diverged.any():
+            first = int(np.nonzero(diverged.any(axis=0))[0][0]) + 1
             lines.append(
-                f"{int(diverged.any(axis=1).sum())} rollouts diverged (a NaN or infinite "
-                f"error), the first after {int(np.nonzero(diverged.any(axis=0))[0][0]) + 1} steps"
+                f"{_count(int(diverged.any(axis=1).sum()), 'rollout')} diverged (a NaN or "
+                f"infinite error), the first after {_count(first, 'step')}"
             )
         if len(self.failed):
             lines.append(
-                f"the hard constraint's solve failed at some step of {len(self.failed)} "
-                "trajectories"
+                "the hard constraint's solve failed at some step of "
+                f"{_count(len(self.failed), 'trajectory', 'trajectories')}"
             )
         reach = self.horizon()
         lines.append(
@@ -126,6 +127,11 @@ class RolloutEvaluation:
             )
         )
         return lines
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """``n`` things, in the singular or plural."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _stepper_store(model: ModelLike, path, *, need_trajectory: bool, stepper: dict | None):

@@ -124,7 +124,7 @@ def test_a_diverged_rollout_is_never_within_ten_percent():
     )
     assert evaluation.horizon() == 2
     lines = evaluation.summary()
-    assert "1 rollouts diverged (a NaN or infinite error), the first after 3 steps" in lines
+    assert "1 rollout diverged (a NaN or infinite error), the first after 3 steps" in lines
     assert "first exceeds 10 % after 3 steps" in lines[-1] and "nan" in lines[-1]
 
 
@@ -142,7 +142,7 @@ def test_failed_constraint_solves_are_reported_per_trajectory(folder, monkeypatc
     evaluation = evaluate_rollouts(checkpoint, folder / "heat.h5", samples=slice(2, 6))
     assert calls == [4] * 10  # 5 free-running steps, then 5 teacher-forced
     assert evaluation.failed.tolist() == [3]
-    assert "the hard constraint's solve failed at some step of 1 trajectories" in (
+    assert "the hard constraint's solve failed at some step of 1 trajectory" in (
         evaluation.summary()
     )
     monkeypatch.undo()
