@@ -524,45 +524,39 @@ def test_chord_iterations_reach_newtons_root_and_gradient(make):
         torch.testing.assert_close(chord_value, newton_value, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("condition", ["galerkin", "least_squares"])
-def test_linearised_experts_differ_from_newtons_by_the_square_of_the_correction(condition):
-    # One Newton step of the sweeps (the experts on the linearisation at the coarse
-    # solution) against each expert's own Newton solve: the gap is second order in
-    # the distance from the solution, so halving the guess's error quarters it.
-    space, residual, f, u = _nonlinear(17)
-    direction = _smooth_fields(space, 1, seed=2)[0]
-    direction = direction / direction.abs().max() * u.abs().max()
-    basis = _smooth_fields(space, 6, seed=7)[None]
-    gaps = []
-    for size in (0.2, 0.1):
-        guess = (u[0] + size * direction)[None, None]
-        outs = [
-            MoEConstraint(residual, MetisPartition(experts=4), condition=condition, nonlinear=how)(
-                guess, basis, f=f
-            )
-            for how in ("newton", "linearised")
-        ]
-        gaps.append(_relative(outs[1], outs[0]))
-        assert _relative(outs[0], guess) > 1e3 * gaps[-1]  # the experts did correct it
-    assert 3.5 < gaps[0] / gaps[1] < 4.5, gaps
-
-
-NONLINEAR_SOLVES = ("newton", "linearised")  # the global solve's, for a nonlinear residual
-LINEARISED = {
-    "global galerkin": lambda r, how: HardConstraint(r, global_solve=how),
-    "global least squares": lambda r, how: HardConstraint(
-        r, condition="least_squares", global_solve=how
+# Layers with one Newton step where Newton's method could solve, by the option's
+# value ("newton" or "linearised"), and how much more than their gap to Newton's
+# root the correction itself is at least.
+SECOND_ORDER = {
+    "experts galerkin": (
+        lambda r, how: MoEConstraint(r, MetisPartition(experts=4), nonlinear=how),
+        1e3,
     ),
-    "moe": lambda r, how: MoEConstraint(
-        r, MetisPartition(experts=4), sweeps=0, global_solve=how
-    ),  # its coarse solve alone
+    "experts least squares": (
+        lambda r, how: MoEConstraint(
+            r, MetisPartition(experts=4), condition="least_squares", nonlinear=how
+        ),
+        1e3,
+    ),
+    "global galerkin": (lambda r, how: HardConstraint(r, global_solve=how), 30),
+    "global least squares": (
+        lambda r, how: HardConstraint(r, condition="least_squares", global_solve=how),
+        30,
+    ),
+    "moe coarse": (  # its coarse solve alone
+        lambda r, how: MoEConstraint(r, MetisPartition(experts=4), sweeps=0, global_solve=how),
+        30,
+    ),
 }
 
 
-@pytest.mark.parametrize("name", list(LINEARISED))
-def test_a_linearised_global_solve_differs_from_newtons_by_the_square_of_the_correction(name):
-    # One Newton step from the prediction against Newton's root: second order in
-    # the prediction's distance from the solution, so halving it quarters the gap.
+@pytest.mark.parametrize("name", list(SECOND_ORDER))
+def test_one_newton_step_differs_from_newtons_root_by_the_square_of_the_correction(name):
+    # One Newton step (the experts on the linearisation at the coarse solution, or
+    # the global solve on the linearisation at the prediction) against Newton's
+    # root: the gap is second order in the distance from the solution, so halving
+    # the guess's error quarters it.
+    make, factor = SECOND_ORDER[name]
     space, residual, f, u = _nonlinear(17)
     direction = _smooth_fields(space, 1, seed=2)[0]
     direction = direction / direction.abs().max() * u.abs().max()
@@ -570,9 +564,9 @@ def test_a_linearised_global_solve_differs_from_newtons_by_the_square_of_the_cor
     gaps = []
     for size in (0.2, 0.1):
         guess = (u[0] + size * direction)[None, None]
-        outs = [LINEARISED[name](residual, how)(guess, basis, f=f) for how in NONLINEAR_SOLVES]
+        outs = [make(residual, how)(guess, basis, f=f) for how in ("newton", "linearised")]
         gaps.append(_relative(outs[1], outs[0]))
-        assert _relative(outs[0], guess) > 30 * gaps[-1]  # the solve did correct it
+        assert _relative(outs[0], guess) > factor * gaps[-1]  # the solves did correct it
     assert 3.5 < gaps[0] / gaps[1] < 4.5, gaps
 
 
