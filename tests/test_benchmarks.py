@@ -258,3 +258,18 @@ def test_constraint_at_scale_takes_a_trained_models_error_apart(tmp_path, capsys
     assert float(first["Jacobi, 8 sweeps"][1]) < h1
     # the weights are kept beside the data: a second run takes the same model apart
     assert errors() == first
+
+
+def test_dynamics_trains_and_rolls_out_every_variant(tmp_path, capsys):
+    script = load_script("benchmarks/dynamics.py")
+    small = ["--pde", "allen_cahn", "--resolution", "17", "--samples", "4", "2"]
+    small += ["--horizon", "2", "--data", str(tmp_path)]
+    results = script.main([*small, "--seconds", "0.3"])
+    assert set(results) == set(script.VARIANTS)
+    for row in results.values():  # a 4H = 8-step rollout of each, scored at every step
+        assert row["steps"] >= 1 and row["curve"].shape == (8,)
+        assert ((row["curve"] > 0) & (row["curve"] < 10)).all()
+    timed = ["fno", "fno-moe-linearised", "mgno"]
+    timing = script.main([*small, "--timing", "--grid", "8", "--variants", *timed])
+    assert set(timing) == set(timed) and all(seconds > 0 for seconds in timing.values())
+    assert "fenop's grid 8 x 8" in capsys.readouterr().out
