@@ -72,9 +72,10 @@ class MoEConstraint(_Constraint):
             The coarse solve is the one of ``global_solve``. Measured on one sample
             (benchmarks/history.md, "Nonlinear experts"): the outputs agree to 1e-4 relative,
             below the errors both leave, and the linearised sweeps cost 3-9x less.
-        ridge, max_iterations, tolerance, chord, smoothing, global_solve: as for
-            :class:`HardConstraint` (the smoothing sweeps come before the coarse
-            solve and after the experts'; ``global_solve`` is the coarse solve's).
+        ridge, max_iterations, tolerance, chord, smoothing, global_solve, coarse_grid:
+            as for :class:`HardConstraint` (the smoothing sweeps come before the
+            coarse solve and after the experts'; ``global_solve`` is the coarse
+            solve's; the grid's correction comes after the experts').
 
     Shapes:
         as for :class:`HardConstraint`.
@@ -97,6 +98,7 @@ class MoEConstraint(_Constraint):
         chord: bool = True,
         smoothing: int = 0,
         global_solve: Nonlinear = "newton",
+        coarse_grid: int = 0,
     ):
         super().__init__(
             residual,
@@ -107,6 +109,7 @@ class MoEConstraint(_Constraint):
             chord=chord,
             smoothing=smoothing,
             global_solve=global_solve,
+            coarse_grid=coarse_grid,
         )
         update = UPDATE_ALIASES.get(update, update)
         if update not in UPDATES:
@@ -236,7 +239,8 @@ class MoEConstraint(_Constraint):
             expert_ok, expert_iterations, expert_conditions = _gathered_report(
                 expert_ok, expert_iterations, expert_conditions
             )
-        ok = ok & expert_ok
+        u, coarse_ok = self._coarse_corrected(u, inputs, linear)
+        ok = ok & expert_ok & coarse_ok
         iterations = iterations + expert_iterations
         conditions = conditions + expert_conditions
         u = self._smoothed(u, inputs, linear)

@@ -36,6 +36,14 @@ class HardConstraint(_Constraint):
             the residual linearised at the prediction, one Newton step (one
             linearisation and one linear solve, the gradient through both): the
             condition then holds up to the square of the correction.
+        coarse_grid: ``G`` >= 3 adds a fixed coarse space after the solve: a Galerkin
+            correction in the span of the hat functions of a ``G^d`` grid over the
+            mesh's bounding box (:mod:`~fenop.operators.constraints.coarse`; for a
+            residual that is not affine, of its linearisation), which holds the
+            smooth part of the error that a basis from a grid coarser than the mesh
+            misses; ``0`` (default) none. With ``smoothing`` it makes a two-grid
+            cycle from the network's output. After it the residual is orthogonal to
+            the coarse space, and no longer exactly to the basis.
 
     Shapes:
         ``prediction (B, 1, n)``, ``basis (B, N, n)``, each input ``(B, n)`` ->
@@ -47,7 +55,8 @@ class HardConstraint(_Constraint):
         linear = self._linear_part(g, inputs)
         g = self._smoothed(g, inputs, linear)
         u, ok, condition, iterations = self._global(g, phi, inputs, linear)
+        u, coarse_ok = self._coarse_corrected(u, inputs, linear)
         u = self._smoothed(u, inputs, linear)
         return self._finish(
-            u, ok, [condition], iterations.sum(dim=1), prediction.dtype, inputs, linear
+            u, ok & coarse_ok, [condition], iterations.sum(dim=1), prediction.dtype, inputs, linear
         )

@@ -13,6 +13,7 @@ from torch import nn
 
 from fenop._checks import is_int
 from fenop.fem.jacobian import JacobianPattern
+from fenop.operators.constraints.coarse import CoarseSpace
 from fenop.operators.constraints.common import (
     _CONDITION_LIMIT,
     CONDITIONS,
@@ -55,6 +56,7 @@ class _Constraint(nn.Module):
         chord: bool = True,
         smoothing: int = 0,
         global_solve: Nonlinear = "newton",
+        coarse_grid: int = 0,
     ):
         super().__init__()
         if condition not in CONDITIONS:
@@ -70,6 +72,11 @@ class _Constraint(nn.Module):
             )
         if not is_int(smoothing) or smoothing < 0:
             raise ValueError(f"`smoothing` must be a non-negative int, got {smoothing!r}")
+        if not is_int(coarse_grid) or coarse_grid < 0 or coarse_grid in (1, 2):
+            raise ValueError(
+                "`coarse_grid` must be 0 (none) or an int of at least 3 (grid points per "
+                f"axis), got {coarse_grid!r}"
+            )
         if missing := missing_members(residual):
             raise TypeError(
                 f"`residual` lacks {', '.join(missing)}: a constraint's residual has the "
@@ -93,6 +100,12 @@ class _Constraint(nn.Module):
             self.root_finder = Newton(systems=self.systems, stopping=stopping, chord=self.chord)
         self.register_buffer("free", free_dofs(residual), persistent=False)
         self.pattern = JacobianPattern(self.space)
+        self.coarse_grid = int(coarse_grid)
+        self.coarse_space = None
+        if coarse_grid:
+            self.coarse_space = CoarseSpace(self.pattern, self.free, coarse_grid)
+        # the coarse correction is a Galerkin solve whatever the layer's condition
+        self.coarse_systems = DenseSystems(ridge=self.ridge, symmetric=bool(residual.symmetric))
         self.everywhere = _IndexSets(None, self.space.n_dofs)
         self._pattern_checked = False
         self.report: dict[str, torch.Tensor] = {}
@@ -320,6 +333,23 @@ class _Constraint(nn.Module):
         for _ in range(self.smoothing):
             u = u - step * self._residual_from(u, linear, inputs)
         return u
+
+    def _coarse_corrected(self, u: torch.Tensor, inputs: dict, linear):
+        """``u + P c`` ``(B, n)`` with ``Pᵀ (R(u) + J P c) = 0``: the Galerkin
+        correction in the coarse space (:attr:`coarse_grid`), for a residual that is
+        not affine that of its linearisation at ``u`` (one Newton step), and whether
+        each solve succeeded ``(B,)``. The coarse space holds the smooth part of the
+        error, which the network's basis misses on a mesh finer than its grid;
+        differentiable."""
+        if self.coarse_space is None:
+            return u, torch.ones(len(u), dtype=torch.bool, device=u.device)
+        if linear is None:
+            r, values = self._linearise(u, inputs)
+        else:
+            r, values = self._residual_from(u, linear, inputs), linear[1]
+        factors = self.coarse_systems.factorise(self.coarse_space.matrix(values))
+        c, ok = factors.solve(-self.coarse_space.restrict(r))
+        return u + self.coarse_space.prolong(c), ok
 
     def _finish(self, u, ok, conditions, iterations, dtype, inputs: dict, linear) -> torch.Tensor:
         """The output ``(B, 1, n)``, and :attr:`report` of this call, per sample:

@@ -1,0 +1,163 @@
+"""The coarse space of the hard constraints: its products against SciPy's, the
+layers' correction in it against a two-grid cycle written in NumPy, what it
+removes, its fixed point and gradients."""
+
+import numpy as np
+import pytest
+import torch
+
+from fenop.data.pdes import get_pde
+from fenop.fem import FunctionSpace, MetisPartition, load_mesh, unit_square
+from fenop.fem.encoders import bounding_grid
+from fenop.fem.jacobian import JacobianPattern
+from fenop.operators import HardConstraint, MoEConstraint
+from fenop.operators.constraints.coarse import CoarseSpace
+from tests.helpers import ROOT, loglog_slope
+from tests.operators.test_constraints import (
+    _darcy,
+    _dense_darcy,
+    _gradcheck,
+    _guess_and_basis,
+    _jacobi,
+    _nonlinear,
+    _relative,
+    _smooth_fields,
+)
+
+
+def _setup(mesh, resolution):
+    space = FunctionSpace(mesh, dirichlet="boundary")
+    family = get_pde("darcy")(space)
+    a = torch.from_numpy(family.sample(0, 0)["a"])[None]
+    residual = family.residual()
+    pattern = JacobianPattern(space)
+    free = ~residual.dirichlet
+    coarse = CoarseSpace(pattern, free, resolution)
+    values = residual.jacobian_entries(pattern, a=a)
+    p = _grid_hats(space, resolution, free.numpy())
+    matrix = pattern.dense(values)[0].numpy()
+    return coarse, values, p, matrix
+
+
+@pytest.mark.parametrize(
+    ("mesh", "resolution"),
+    [(unit_square(17), 5), (unit_square(17), (4, 6)), (unit_square(9), 17), ("plate", 6)],
+)
+def test_coarse_space_products_match_scipy(mesh, resolution):
+    if mesh == "plate":  # holes: some of the grid's hats see no DOF
+        mesh = load_mesh(ROOT / "tests" / "fixtures" / "plate.msh")
+    coarse, values, p, matrix = _setup(mesh, resolution)
+    assert coarse.size == p.shape[1]
+    rng = np.random.default_rng(0)
+    c = torch.from_numpy(rng.standard_normal((2, coarse.size)))
+    r = torch.from_numpy(rng.standard_normal((2, p.shape[0])))
+    np.testing.assert_allclose(coarse.prolong(c).numpy(), c.numpy() @ p.T, atol=1e-13)
+    np.testing.assert_allclose(coarse.restrict(r).numpy(), r.numpy() @ p, atol=1e-13)
+    expected = p.T @ matrix @ p
+    got = coarse.matrix(values)[0].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-11 * np.abs(expected).max())
+
+
+def test_coarse_space_rejects_a_grid_without_interior():
+    space = FunctionSpace(unit_square(9), dirichlet="boundary")
+    with pytest.raises(ValueError, match="at least 3 points"):
+        CoarseSpace(JacobianPattern(space), torch.ones(space.n_dofs, dtype=torch.bool), 2)
+
+
+def _grid_hats(space, resolution, free):
+    """``(n, m)``: the grid's hats at the free DOFs, those seen kept (as SciPy makes them)."""
+    p = bounding_grid(space, resolution).interpolation_matrix(space.dof_points).toarray()
+    p = p * free[:, None]
+    return p[:, np.abs(p).sum(axis=0) > 0]
+
+
+def test_the_coarse_correction_is_a_two_grid_cycle_after_the_galerkin_solve():
+    # against one written in NumPy on scikit-fem's own assembly: sweeps, the basis'
+    # Galerkin solve, the grid's Galerkin correction, sweeps
+    space, residual, a, u = _darcy(17)
+    guess, basis = _guess_and_basis(space, u)
+    guess = guess + 0.01 * torch.randn(guess.shape, generator=torch.Generator().manual_seed(3))
+    guess[..., space.boundary_dofs] = 0.0
+    jacobian, offset = _dense_darcy(space, a)
+    free = np.ones(space.n_dofs, dtype=bool)
+    free[space.boundary_dofs] = False
+    phi = np.where(free, basis[0].numpy(), 0.0)
+    p = _grid_hats(space, 5, free)
+    start = _jacobi(jacobian, offset, free, guess[0, 0].numpy(), 2)
+    w = np.linalg.solve(phi @ jacobian @ phi.T, -phi @ (jacobian @ start + offset))
+    solved = start + w @ phi
+    c = np.linalg.solve(p.T @ jacobian @ p, -p.T @ (jacobian @ solved + offset))
+    expected = _jacobi(jacobian, offset, free, solved + p @ c, 2)
+    layer = HardConstraint(residual, smoothing=2, coarse_grid=5)
+    out = layer(guess, basis, a=a)
+    np.testing.assert_allclose(out[0, 0].numpy(), expected, rtol=0, atol=1e-9 * abs(expected).max())
+    assert layer.report["converged"].tolist() == [True]
+
+
+def _smooth_error_case(n: int):
+    """Darcy on an ``n x n`` mesh, a guess whose error is one smooth mode and a basis
+    of fields oscillating at 4 periods that cannot carry it; the energy error."""
+    space, residual, a, u = _darcy(n)
+    x, y = (torch.from_numpy(c) for c in space.dof_points.T)
+    guess = u[0] + 0.1 * u.abs().max() * torch.sin(np.pi * x) * torch.sin(2 * np.pi * y)
+    basis = _smooth_fields(space, 4, seed=9)[None] * torch.sin(8 * np.pi * x)
+    stiffness = space.stiffness_matrix
+
+    def energy_error(out):
+        e = (out[0, 0] - u[0]).numpy()
+        return float(np.sqrt(e @ stiffness @ e))
+
+    return residual, a, guess[None, None], basis, energy_error
+
+
+def test_the_coarse_grid_removes_the_smooth_error_at_first_order():
+    # the energy projection onto hat functions of width H leaves an error O(H)
+    residual, a, guess, basis, energy_error = _smooth_error_case(65)
+    plain = energy_error(HardConstraint(residual)(guess, basis, a=a))
+    grids = (5, 9, 17)
+    errors = [
+        energy_error(HardConstraint(residual, coarse_grid=g)(guess, basis, a=a)) for g in grids
+    ]
+    assert errors[0] < 0.5 * plain
+    assert loglog_slope([1 / (g - 1) for g in grids], errors) == pytest.approx(1.0, abs=0.15)
+
+
+def test_the_experts_coarse_grid_removes_the_smooth_error():
+    residual, a, guess, basis, energy_error = _smooth_error_case(33)
+    plain = MoEConstraint(residual, MetisPartition(experts=8))(guess, basis, a=a)
+    layer = MoEConstraint(residual, MetisPartition(experts=8), coarse_grid=9)
+    assert energy_error(layer(guess, basis, a=a)) < 0.3 * energy_error(plain)
+    assert layer.report["converged"].tolist() == [True]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: HardConstraint(r, coarse_grid=4, smoothing=1),
+        lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, coarse_grid=4),
+    ],
+    ids=["global", "moe"],
+)
+def test_the_coarse_grid_keeps_a_nonlinear_solution_and_passes_gradcheck(make):
+    # R(u*) = 0: the linearised coarse correction does not move the FE solution
+    space, residual, f, u = _nonlinear(17)
+    basis = _smooth_fields(space, 3, seed=1)[None]
+    out = make(residual)(u[:, None], basis, f=f)
+    assert _relative(out[:, 0], u) < 1e-8
+    small, residual, f, u = _nonlinear(5)
+    assert _gradcheck(make(residual), small, u, "f", f, fast=True)
+
+
+def test_the_coarse_grid_passes_gradcheck_on_an_affine_residual():
+    space, residual, a, u = _darcy(5)
+    layer = MoEConstraint(residual, MetisPartition(experts=2), overlap=1, sweeps=2, coarse_grid=3)
+    assert _gradcheck(layer, space, u, "a", a, fast=False)
+    layer = HardConstraint(residual, coarse_grid=3, smoothing=1)
+    assert _gradcheck(layer, space, u, "a", a, fast=False)
+
+
+@pytest.mark.parametrize("bad", [1, 2, -1, True, 3.0])
+def test_a_coarse_grid_without_interior_or_not_an_int_is_refused(bad):
+    _, residual, _, _ = _darcy(5)
+    with pytest.raises(ValueError, match="coarse_grid"):
+        HardConstraint(residual, coarse_grid=bad)
