@@ -15,7 +15,9 @@ against the FE solutions, the residual norm of the outputs (relative to the zero
 field's), the epochs and the time per training step, the inference time per sample
 and the number of expert unknowns over free DOFs (K N / n_free). ``--loss h1``
 trains on the relative H1 loss instead of L2; the variants ``..., smoothing S``
-add S damped Jacobi sweeps before and after the solves.
+add S damped Jacobi sweeps before and after the solves, ``..., coarse grid G`` a
+Galerkin correction in the hat functions of a G x G grid after them (K N / n_free
+then counts the grid's unknowns too).
 
 ``scaling``: one training step (forward, backward, optimiser) of the same
 FEOperator (FNO, 12 modes, 32 channels, on a 64 x 64 grid or, ``--grid mesh``, an
@@ -149,6 +151,20 @@ _ACCURACY = {
     "MoE 4000 DOFs/expert, two-level Galerkin, smoothing 4": lambda r: MoEConstraint(
         r, MetisPartition(dofs_per_expert=4000), smoothing=4
     ),
+    # and a coarse grid's Galerkin correction after the solve: a two-grid cycle from
+    # the network's output whose coarse space is the basis and the grid's hats
+    "global, Galerkin, N=32, smoothing 4, coarse grid 17": lambda r: HardConstraint(
+        r, smoothing=4, coarse_grid=17
+    ),
+    "global, Galerkin, N=32, smoothing 4, coarse grid 33": lambda r: HardConstraint(
+        r, smoothing=4, coarse_grid=33
+    ),
+    "global, Galerkin, N=8, smoothing 4, coarse grid 17": lambda r: HardConstraint(
+        r, smoothing=4, coarse_grid=17
+    ),
+    "MoE 4000 DOFs/expert, two-level Galerkin, smoothing 4, coarse grid 17": lambda r: (
+        MoEConstraint(r, MetisPartition(dofs_per_expert=4000), smoothing=4, coarse_grid=17)
+    ),
 }
 
 
@@ -222,7 +238,11 @@ def _accuracy(args) -> dict:
             residual_norm = physics(prediction.double(), x_test.double()).item()
         report = getattr(constraint, "report", None)
         failed = int((~report["converged"]).sum()) if report else 0
-        ratio = f"{_experts(constraint) * n_basis / free:.2g}" if constraint is not None else "-"
+        ratio = "-"
+        if constraint is not None:
+            coarse = constraint.coarse_space
+            unknowns = _experts(constraint) * n_basis + (coarse.size if coarse else 0)
+            ratio = f"{unknowns / free:.2g}"
         epochs = steps * args.batch / n_train
         results[variant] = {
             "test_l2": error,

@@ -49,7 +49,8 @@ The modules, in the order a reader meets them: :mod:`.residual` (what a layer
 needs of a residual), :mod:`.conditions` (Galerkin, least squares),
 :mod:`.factorisation` (the dense solves), :mod:`.roots` (Newton, chord,
 Levenberg-Marquardt), :mod:`.fields` (the experts' index sets and contractions),
-:mod:`.layer` (what both layers share), :mod:`.galerkin` (the global affine solve),
+:mod:`.coarse` (a coarse grid's hat functions), :mod:`.layer` (what both layers
+share), :mod:`.galerkin` (the global affine solve),
 :mod:`.sweeps` (the experts' sweeps), :mod:`.hard` and :mod:`.experts` (the two
 layers).
 

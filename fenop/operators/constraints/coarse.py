@@ -10,12 +10,12 @@ interpolated at the DOFs and zero on the Dirichlet DOFs: ``P`` ``(n, m)``, with
 DOFs; hat functions that no free DOF sees, e.g. in a hole, are dropped). It works
 on any mesh, nested or not.
 
-Its Galerkin matrix ``Pᵀ J P`` ``(m, m)`` is recovered from ``J``'s entries on the
-FE pattern as :class:`~fenop.fem.jacobian.JacobianPattern` recovers ``J``: ``J``
-times ``P``'s columns summed by colour (hat functions no row of ``Pᵀ J P`` sees
-together share a colour: 9 on a 2-D grid finer than the mesh's cells are wide),
-restricted by ``Pᵀ``, each entry read from its column's colour. A product with
-``P`` or ``Pᵀ`` is a gather or a scatter of ``2^d`` weights per DOF. Everything is
+Its Galerkin matrix ``Pᵀ J P`` ``(m, m)`` is linear in ``J``'s entries on the FE
+pattern (:class:`~fenop.fem.jacobian.JacobianPattern`): one sparse product with a
+fixed map, built once, gives it (measured at 1.7e4 DOFs and ``G = 17``: 0.6 ms a
+sample, a tenth of recovering it from ``J``'s products with ``P``'s columns; the
+map holds about ``4^d`` entries per entry of ``J``). A product with ``P`` or
+``Pᵀ`` is a gather or a scatter of ``2^d`` weights per DOF. Everything is
 differentiable (autograd).
 
 >>> import torch
@@ -38,7 +38,6 @@ import scipy.sparse
 import torch
 from torch import nn
 
-from fenop.fem.colouring import colour_graph
 from fenop.fem.encoders import bounding_grid
 from fenop.fem.jacobian import JacobianPattern
 
@@ -50,7 +49,9 @@ class CoarseSpace(nn.Module):
     Args:
         pattern: the FE pattern of ``J`` (its space gives the DOFs and the mesh).
         free: ``(n,)`` bool, the DOFs that are not Dirichlet DOFs.
-        resolution: grid points per axis (an int for every axis), at least 3.
+        resolution: grid points per axis (an int for every axis), at least 3, with
+            no more hats than free DOFs (more are dependent, and their Galerkin
+            matrix singular): a grid several times coarser than the mesh.
 
     Attributes:
         size: ``m``, the coarse space's dimension.
@@ -77,7 +78,13 @@ class CoarseSpace(nn.Module):
         seen = np.flatnonzero(np.asarray(p.sum(axis=0)).ravel() > 0)
         p = scipy.sparse.csr_array(p[:, seen])
         p.sort_indices()
-        self.pattern, self.size = pattern, p.shape[1]
+        if p.shape[1] > int(mask.sum()):
+            raise ValueError(
+                f"a coarse grid of {grid.shape} points gives {p.shape[1]} hat functions for "
+                f"the {int(mask.sum())} free DOFs: they are dependent; a coarse space takes "
+                "a grid several times coarser than the mesh"
+            )
+        self.size = p.shape[1]
         # P row by row as (n, 2^d) columns and weights, padded with weight 0
         width = max(int(np.diff(p.indptr).max(initial=0)), 1)
         index = np.zeros((p.shape[0], width), dtype=np.int64)
@@ -88,31 +95,25 @@ class CoarseSpace(nn.Module):
             weight[rows, slot] = p.data[p.indptr[rows] + slot]
         self.register_buffer("index", torch.from_numpy(index), persistent=False)
         self.register_buffer("weight", torch.from_numpy(weight), persistent=False)
-        # Pᵀ J P's pattern, and a colouring of its columns in which no row sees two
-        # columns of one colour (a colouring of the pattern's square)
-        graph = scipy.sparse.csr_array(_dof_graph(pattern))
-        coarse = scipy.sparse.csr_array(abs(p.T) @ graph @ abs(p))
-        coarse.eliminate_zeros()
-        colour = colour_graph(scipy.sparse.csr_array(coarse @ coarse))
-        seeds = np.zeros((int(colour.max()) + 1, self.size))
-        seeds[colour, np.arange(self.size)] = 1.0
-        coarse = coarse.tocoo()
-        self.register_buffer(
-            "seeds", torch.from_numpy(p @ seeds.T).T.contiguous(), persistent=False
+        # Pᵀ J P's entries are linear in J's: entry (i, j) of J adds P[i, k] P[j, l]
+        # J[i, j] to entry (k, l). That map, a fixed sparse matrix (about 2^(2d) entries
+        # per entry of J), takes J's entries to the coarse matrix's in one product.
+        rows, cols = pattern.entry_rows.cpu().numpy(), pattern.pattern.col.cpu().numpy()
+        coarse_rows = index[rows][:, :, None] * self.size + index[cols][:, None, :]
+        weights = weight[rows][:, :, None] * weight[cols][:, None, :]
+        entries = np.broadcast_to(np.arange(len(rows))[:, None, None], weights.shape)
+        kept = weights != 0
+        galerkin = scipy.sparse.csr_array(
+            (weights[kept], (coarse_rows[kept], entries[kept])),
+            shape=(self.size * self.size, len(rows)),
         )
-        self.register_buffer(
-            "rows", torch.from_numpy(coarse.row.astype(np.int64)), persistent=False
-        )
-        self.register_buffer(
-            "cols", torch.from_numpy(coarse.col.astype(np.int64)), persistent=False
-        )
-        self.register_buffer(
-            "colour", torch.from_numpy(colour[coarse.col].astype(np.int64)), persistent=False
-        )
-
-    @property
-    def n_colours(self) -> int:
-        return self.seeds.shape[0]
+        galerkin.sum_duplicates()
+        seen = np.flatnonzero(np.diff(galerkin.indptr))  # the coarse matrix's pattern
+        galerkin = scipy.sparse.csr_array(galerkin[seen])
+        self.register_buffer("slots", torch.from_numpy(seen.astype(np.int64)), persistent=False)
+        for name, array in (("crow", galerkin.indptr), ("col", galerkin.indices)):
+            self.register_buffer(name, torch.from_numpy(array.astype(np.int64)), persistent=False)
+        self.register_buffer("galerkin_weights", torch.from_numpy(galerkin.data), persistent=False)
 
     def prolong(self, c: torch.Tensor) -> torch.Tensor:
         """``P c``: coefficients ``(B, m)`` -> the field ``(B, n)``."""
@@ -126,16 +127,13 @@ class CoarseSpace(nn.Module):
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         """``Pᵀ J P`` ``(B, m, m)`` from ``J``'s entries ``(B, nnz)`` on the pattern."""
-        seeds = self.seeds.to(values.dtype).expand(len(values), -1, -1)
-        products = self.restrict(self.pattern.matmul(values, seeds))  # (B, colours, m)
-        out = values.new_zeros((len(values), self.size, self.size))
-        out[:, self.rows, self.cols] = products[:, self.colour, self.rows]
-        return out
-
-
-def _dof_graph(pattern: JacobianPattern) -> scipy.sparse.csr_array:
-    """``(n, n)``: the FE pattern as a matrix of ones."""
-    p = pattern.pattern
-    n = pattern.space.n_dofs
-    crow, col = p.crow.cpu().numpy(), p.col.cpu().numpy()
-    return scipy.sparse.csr_array((np.ones(len(col)), col, crow), shape=(n, n))
+        galerkin = torch.sparse_csr_tensor(
+            self.crow,
+            self.col,
+            self.galerkin_weights.to(values.dtype),
+            size=(len(self.crow) - 1, values.shape[1]),
+            check_invariants=False,  # built from a SciPy CSR matrix
+        )
+        flat = values.new_zeros((len(values), self.size * self.size))
+        flat[:, self.slots] = (galerkin @ values.T).T
+        return flat.reshape(len(values), self.size, self.size)
