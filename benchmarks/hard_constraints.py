@@ -79,6 +79,7 @@ _VARIANTS = (
     "moe K=64",
     "moe 400 DOFs/expert",
     "moe K=16 newton",
+    "global smoothing 4 coarse 17",
 )
 
 
@@ -103,6 +104,8 @@ def _constraint(variant: str, residual):
         return _BasisOnly(residual)
     if variant == "global":
         return HardConstraint(residual)
+    if variant == "global smoothing 4 coarse 17":
+        return HardConstraint(residual, smoothing=4, coarse_grid=17)
     if variant.endswith("DOFs/expert"):
         return MoEConstraint(residual, MetisPartition(dofs_per_expert=int(variant.split()[1])))
     # "moe K=16 newton": the experts each solving their nonlinear problem by Newton's method
