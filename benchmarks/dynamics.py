@@ -23,7 +23,10 @@ Variants (``--variants``):
   ``fno-moe``: the two-level constraint, 16 experts of 8 fields;
   ``-linearised``: the same with the global solve of a nonlinear step linearised at
   the prediction (``global_solve = "linearised"``: one Newton step); ``-loose``:
-  Newton's iterations to a tolerance of 1e-6 instead of 1e-10;
+  Newton's iterations to a tolerance of 1e-6 instead of 1e-10; ``fno-hard-coarse``:
+  the global constraint with 4 smoothing sweeps and a 17 x 17 coarse grid after
+  it (``smoothing = 4``, ``coarse_grid = 17``; on a mesh of R < 65, a grid of a
+  quarter of its cells per axis), also ``-linearised``;
 * ``mgno``, ``lsm``, ``femultigrid``: fenop's other processors in ``FEOperator``,
   teacher forcing, built as in ``benchmarks/darcy.py`` (MgNO's peak learning rate
   5e-4, its authors'; FEMultigrid on the nested hierarchy of ``square_levels``).
@@ -82,6 +85,8 @@ VARIANTS = (
     "fno-moe-linearised",
     "fno-hard-loose",
     "fno-moe-loose",
+    "fno-hard-coarse",
+    "fno-hard-coarse-linearised",
     "mgno",
     "lsm",
     "femultigrid",
@@ -126,6 +131,8 @@ def _model(variant: str, space, n: int, stats, parameters: dict, pde: str, grid:
             table["global_solve"] = "linearised"
         if variant.endswith("-loose"):
             table["tolerance"] = 1e-6
+        if "-coarse" in variant:  # 17 x 17, but a quarter of the cells of a smaller mesh
+            table.update(smoothing=4, coarse_grid=min(17, (n - 1) // 4 + 1))
         table = constraint_table(table)
         n_basis = table["n_basis"]
         description = {**table, "pde": pde, "parameters": parameters, "inputs": ["u_prev"]}
