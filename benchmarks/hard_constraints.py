@@ -168,6 +168,13 @@ _ACCURACY = {
     "MoE 4000 DOFs/expert, two-level Galerkin, smoothing 4, coarse grid 17": lambda r: (
         MoEConstraint(r, MetisPartition(dofs_per_expert=4000), smoothing=4, coarse_grid=17)
     ),
+    # the same on a 33 x 33 mesh: a grid of a quarter of its cells per axis
+    "global, Galerkin, N=32, smoothing 4, coarse grid 9": lambda r: HardConstraint(
+        r, smoothing=4, coarse_grid=9
+    ),
+    "MoE K=64, two-level Galerkin, smoothing 4, coarse grid 9": lambda r: MoEConstraint(
+        r, MetisPartition(experts=64), smoothing=4, coarse_grid=9
+    ),
 }
 
 

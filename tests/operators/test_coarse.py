@@ -1,6 +1,7 @@
-"""The coarse space of the hard constraints: its products against SciPy's, the
-layers' correction in it against a two-grid cycle written in NumPy, what it
-removes, its fixed point and gradients."""
+"""The coarse space of the hard constraints: its products against SciPy's, and
+what the layers' correction in it removes (the correction against a two-grid cycle
+written in NumPy, its fixed point and its gradients are tested with the
+smoothing's, in test_constraints.py)."""
 
 import numpy as np
 import pytest
@@ -8,19 +9,13 @@ import torch
 
 from fenop.data.pdes import get_pde
 from fenop.fem import FunctionSpace, MetisPartition, load_mesh, unit_square
-from fenop.fem.encoders import bounding_grid
 from fenop.fem.jacobian import JacobianPattern
 from fenop.operators import HardConstraint, MoEConstraint
 from fenop.operators.constraints.coarse import CoarseSpace
 from tests.helpers import ROOT, loglog_slope
 from tests.operators.test_constraints import (
     _darcy,
-    _dense_darcy,
-    _gradcheck,
-    _guess_and_basis,
-    _jacobi,
-    _nonlinear,
-    _relative,
+    _grid_hats,
     _smooth_fields,
 )
 
@@ -67,36 +62,6 @@ def test_coarse_space_rejects_a_grid_without_interior_or_finer_than_the_mesh():
         CoarseSpace(JacobianPattern(space), free, 10)
 
 
-def _grid_hats(space, resolution, free):
-    """``(n, m)``: the grid's hats at the free DOFs, those seen kept (as SciPy makes them)."""
-    p = bounding_grid(space, resolution).interpolation_matrix(space.dof_points).toarray()
-    p = p * free[:, None]
-    return p[:, np.abs(p).sum(axis=0) > 0]
-
-
-def test_the_coarse_correction_is_a_two_grid_cycle_after_the_galerkin_solve():
-    # against one written in NumPy on scikit-fem's own assembly: sweeps, the basis'
-    # Galerkin solve, the grid's Galerkin correction, sweeps
-    space, residual, a, u = _darcy(17)
-    guess, basis = _guess_and_basis(space, u)
-    guess = guess + 0.01 * torch.randn(guess.shape, generator=torch.Generator().manual_seed(3))
-    guess[..., space.boundary_dofs] = 0.0
-    jacobian, offset = _dense_darcy(space, a)
-    free = np.ones(space.n_dofs, dtype=bool)
-    free[space.boundary_dofs] = False
-    phi = np.where(free, basis[0].numpy(), 0.0)
-    p = _grid_hats(space, 5, free)
-    start = _jacobi(jacobian, offset, free, guess[0, 0].numpy(), 2)
-    w = np.linalg.solve(phi @ jacobian @ phi.T, -phi @ (jacobian @ start + offset))
-    solved = start + w @ phi
-    c = np.linalg.solve(p.T @ jacobian @ p, -p.T @ (jacobian @ solved + offset))
-    expected = _jacobi(jacobian, offset, free, solved + p @ c, 2)
-    layer = HardConstraint(residual, smoothing=2, coarse_grid=5)
-    out = layer(guess, basis, a=a)
-    np.testing.assert_allclose(out[0, 0].numpy(), expected, rtol=0, atol=1e-9 * abs(expected).max())
-    assert layer.report["converged"].tolist() == [True]
-
-
 def _smooth_error_case(n: int):
     """Darcy on an ``n x n`` mesh, a guess whose error is one smooth mode and a basis
     of fields oscillating at 4 periods that cannot carry it; the energy error."""
@@ -131,32 +96,6 @@ def test_the_experts_coarse_grid_removes_the_smooth_error():
     layer = MoEConstraint(residual, MetisPartition(experts=8), coarse_grid=9)
     assert energy_error(layer(guess, basis, a=a)) < 0.3 * energy_error(plain)
     assert layer.report["converged"].tolist() == [True]
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda r: HardConstraint(r, coarse_grid=3, smoothing=1),
-        lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, coarse_grid=3),
-    ],
-    ids=["global", "moe"],
-)
-def test_the_coarse_grid_keeps_a_nonlinear_solution_and_passes_gradcheck(make):
-    # R(u*) = 0: the linearised coarse correction does not move the FE solution
-    space, residual, f, u = _nonlinear(17)
-    basis = _smooth_fields(space, 3, seed=1)[None]
-    out = make(residual)(u[:, None], basis, f=f)
-    assert _relative(out[:, 0], u) < 1e-8
-    small, residual, f, u = _nonlinear(5)
-    assert _gradcheck(make(residual), small, u, "f", f, fast=True)
-
-
-def test_the_coarse_grid_passes_gradcheck_on_an_affine_residual():
-    space, residual, a, u = _darcy(5)
-    layer = MoEConstraint(residual, MetisPartition(experts=2), overlap=1, sweeps=2, coarse_grid=3)
-    assert _gradcheck(layer, space, u, "a", a, fast=False)
-    layer = HardConstraint(residual, coarse_grid=3, smoothing=1)
-    assert _gradcheck(layer, space, u, "a", a, fast=False)
 
 
 @pytest.mark.parametrize("bad", [1, 2, -1, True, 3.0])

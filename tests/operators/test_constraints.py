@@ -7,6 +7,7 @@ import torch
 
 from fenop.data.pdes import get_pde
 from fenop.fem import FunctionSpace, GivenPartition, MetisPartition, unit_square
+from fenop.fem.encoders import bounding_grid
 from fenop.operators import HardConstraint, MoEConstraint
 from tests.fem.test_partition import _renumbered
 
@@ -633,9 +634,17 @@ def _jacobi(jacobian, offset, free, u, sweeps):
     return u
 
 
-def test_smoothing_is_damped_jacobi_around_the_galerkin_solve():
-    # a two-grid cycle whose coarse space is the basis, against one written in
-    # NumPy on scikit-fem's own assembly
+def _grid_hats(space, resolution, free) -> np.ndarray:
+    """``(n, m)``: a grid's hat functions at the free DOFs, those seen kept."""
+    p = bounding_grid(space, resolution).interpolation_matrix(space.dof_points).toarray()
+    p = p * free[:, None]
+    return p[:, np.abs(p).sum(axis=0) > 0]
+
+
+@pytest.mark.parametrize("coarse_grid", [0, 5])
+def test_smoothing_is_damped_jacobi_around_the_galerkin_solve(coarse_grid):
+    # a two-grid cycle whose coarse space is the basis (then, with a coarse grid, the
+    # grid's hats), against one written in NumPy on scikit-fem's own assembly
     space, residual, a, u = _darcy(17)
     guess, basis = _guess_and_basis(space, u)
     guess = guess + 0.01 * torch.randn(guess.shape, generator=torch.Generator().manual_seed(3))
@@ -646,11 +655,18 @@ def test_smoothing_is_damped_jacobi_around_the_galerkin_solve():
     phi = np.where(free, basis[0].numpy(), 0.0)
     start = _jacobi(jacobian, offset, free, guess[0, 0].numpy(), 3)
     w = np.linalg.solve(phi @ jacobian @ phi.T, -phi @ (jacobian @ start + offset))
-    expected = _jacobi(jacobian, offset, free, start + w @ phi, 3)
-    out = HardConstraint(residual, smoothing=3)(guess, basis, a=a)
-    np.testing.assert_allclose(
-        out[0, 0].numpy(), expected, rtol=0, atol=1e-10 * abs(expected).max()
-    )
+    solved = start + w @ phi
+    if coarse_grid:
+        p = _grid_hats(space, coarse_grid, free)
+        solved = solved + p @ np.linalg.solve(
+            p.T @ jacobian @ p, -p.T @ (jacobian @ solved + offset)
+        )
+    expected = _jacobi(jacobian, offset, free, solved, 3)
+    layer = HardConstraint(residual, smoothing=3, coarse_grid=coarse_grid)
+    out = layer(guess, basis, a=a)
+    # to the rounding of the reference's own solve in the 17 ill-conditioned fields
+    np.testing.assert_allclose(out[0, 0].numpy(), expected, rtol=0, atol=1e-9 * abs(expected).max())
+    assert layer.report["converged"].tolist() == [True]
 
 
 @pytest.mark.parametrize(
@@ -689,11 +705,14 @@ def test_smoothing_removes_the_error_at_the_mesh_scale(make):
     [
         lambda r: HardConstraint(r, smoothing=2),
         lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, smoothing=2),
+        lambda r: HardConstraint(r, coarse_grid=3, smoothing=1),
+        lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, coarse_grid=3),
     ],
-    ids=["global", "moe"],
+    ids=["global", "moe", "global coarse grid", "moe coarse grid"],
 )
-def test_smoothing_keeps_a_nonlinear_solution_and_passes_gradcheck(make):
-    # R(u*) = 0: neither the sweeps nor the solves move the FE solution
+def test_smoothing_and_a_coarse_grid_keep_a_nonlinear_solution_and_pass_gradcheck(make):
+    # R(u*) = 0: neither the sweeps, nor the solves, nor the coarse grid's correction
+    # (of the residual linearised there) move the FE solution
     space, residual, f, u = _nonlinear(17)
     basis = _smooth_fields(space, 3, seed=1)[None]
     out = make(residual)(u[:, None], basis, f=f)
@@ -702,8 +721,9 @@ def test_smoothing_keeps_a_nonlinear_solution_and_passes_gradcheck(make):
     assert _gradcheck(make(residual), small, u, "f", f, fast=True)
 
 
-def test_smoothing_gradients_pass_gradcheck():
+@pytest.mark.parametrize("options", [{"smoothing": 2}, {"coarse_grid": 3, "smoothing": 1}])
+def test_smoothing_and_coarse_grid_gradients_pass_gradcheck(options):
     space, residual, a, u = _darcy(5)
-    layer = MoEConstraint(residual, MetisPartition(experts=2), overlap=1, sweeps=2, smoothing=2)
+    layer = MoEConstraint(residual, MetisPartition(experts=2), overlap=1, sweeps=2, **options)
     assert _gradcheck(layer, space, u, "a", a, fast=False)
-    assert _gradcheck(HardConstraint(residual, smoothing=2), space, u, "a", a, fast=False)
+    assert _gradcheck(HardConstraint(residual, **options), space, u, "a", a, fast=False)
