@@ -33,7 +33,8 @@ class Factorisation:
         matrix: the systems (differentiable: solves carry gradients to it).
         ridge: added to the unit diagonal of each scaled system.
         symmetric: Cholesky (an identity where it fails, so that its solves give no
-            NaN; reported in :attr:`ok`) instead of LU.
+            NaN; reported in :attr:`ok`) instead of LU. A system that is not finite
+            is not factorised (an identity stands in) and reported in :attr:`ok`.
 
     Attributes:
         ok: ``(...)`` whether each system factorised and is finite.
@@ -42,16 +43,19 @@ class Factorisation:
     def __init__(self, matrix: torch.Tensor, *, ridge: float, symmetric: bool):
         self.scaled, self.scale = scaled_system(matrix, ridge)
         self.symmetric, self.pivots = symmetric, None
+        eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+        with torch.no_grad():
+            finite = torch.isfinite(self.scaled).all(dim=(-1, -2))
+        # LAPACK never sees NaN or Inf: MKL's LU did not return from one (measured)
+        scaled = torch.where(finite[..., None, None], self.scaled, eye)
         if symmetric:
-            factor, info = torch.linalg.cholesky_ex(self.scaled)
+            factor, info = torch.linalg.cholesky_ex(scaled)
             ok = info == 0
-            eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
             self.factor = torch.where(ok[..., None, None], factor, eye)
         else:
-            self.factor, self.pivots, info = torch.linalg.lu_factor_ex(self.scaled)
+            self.factor, self.pivots, info = torch.linalg.lu_factor_ex(scaled)
             ok = info == 0
-        with torch.no_grad():
-            self.ok = ok & torch.isfinite(self.scaled).all(dim=(-1, -2))
+        self.ok = ok & finite
 
     def solve(self, rhs: torch.Tensor, *, adjoint: bool = False):
         """``w`` ``(..., N)`` solving the systems for ``rhs`` ``(..., N)`` (``adjoint``:
