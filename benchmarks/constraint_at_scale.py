@@ -48,9 +48,9 @@ from safetensors.torch import load_file, save_file
 from fenop.data import FieldDataset, generate
 from fenop.data.pdes import get_pde
 from fenop.fem import FunctionSpace, unit_square
-from fenop.fem.encoders import bounding_grid
 from fenop.fem.jacobian import JacobianPattern
 from fenop.operators import FNO, FEOperator
+from fenop.operators.constraints.coarse import grid_hats
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hard_constraints import _train_for
@@ -175,13 +175,9 @@ def main(argv=None) -> None:
     # the coarse hat functions that vanish on the boundary, at the fine DOFs
     coarse_free = np.setdiff1d(np.arange(coarse_space.n_dofs), coarse_space.boundary_dofs)
     prolongation = coarse_space.evaluation_matrix(space.dof_points)[0][:, coarse_free]
-    prolongations = {}
-    for size in (9, 17, 33, 65):
-        # the bilinear hat functions of a grid over the mesh's bounding box, at the
-        # DOFs: a coarse space on any mesh; those that no free DOF sees are dropped
-        p = bounding_grid(space, size).interpolation_matrix(space.dof_points)
-        p = scipy.sparse.csr_array(p.multiply(~residual.dirichlet.numpy()[:, None]))
-        prolongations[size] = p[:, np.flatnonzero(p.sum(axis=0))]
+    # the layers' coarse spaces (coarse_grid = G): a grid's hat functions at the DOFs
+    free = ~residual.dirichlet
+    prolongations = {size: grid_hats(space, free, size) for size in (9, 17, 33, 65)}
     x, y = space.dof_points.T
     sweeps = (1, 2, 4, 8)
     rows: dict[str, list] = {}

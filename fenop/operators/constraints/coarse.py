@@ -42,6 +42,30 @@ from fenop.fem.encoders import bounding_grid
 from fenop.fem.jacobian import JacobianPattern
 
 
+def grid_hats(space, free: torch.Tensor, resolution: int | Sequence[int]) -> scipy.sparse.csr_array:
+    """``P`` ``(n, m)``: the hat functions of a ``resolution`` grid over the bounding box
+    of ``space``'s mesh at its DOFs, zero where ``free`` ``(n,)`` is not, those that no
+    free DOF sees dropped (:class:`CoarseSpace`'s arguments and checks)."""
+    grid = bounding_grid(space, resolution)
+    if min(grid.shape) < 3:
+        raise ValueError(
+            f"a coarse grid needs at least 3 points per axis (one interior hat), got {grid.shape}"
+        )
+    mask = free.cpu().numpy().astype(np.float64)
+    p = scipy.sparse.csr_array(grid.interpolation_matrix(space.dof_points) * mask[:, None])
+    p.eliminate_zeros()
+    seen = np.flatnonzero(np.asarray(p.sum(axis=0)).ravel() > 0)
+    p = scipy.sparse.csr_array(p[:, seen])
+    p.sort_indices()
+    if p.shape[1] > int(mask.sum()):
+        raise ValueError(
+            f"a coarse grid of {grid.shape} points gives {p.shape[1]} hat functions for "
+            f"the {int(mask.sum())} free DOFs: they are dependent; a coarse space takes "
+            "a grid several times coarser than the mesh"
+        )
+    return p
+
+
 class CoarseSpace(nn.Module):
     """The hat functions of a ``resolution`` grid over the mesh's bounding box at the
     free DOFs of ``pattern``'s space, ``P`` ``(n, m)``.
@@ -65,25 +89,7 @@ class CoarseSpace(nn.Module):
         self, pattern: JacobianPattern, free: torch.Tensor, resolution: int | Sequence[int]
     ):
         super().__init__()
-        space = pattern.space
-        grid = bounding_grid(space, resolution)
-        if min(grid.shape) < 3:
-            raise ValueError(
-                f"a coarse grid needs at least 3 points per axis (one interior hat), got "
-                f"{grid.shape}"
-            )
-        mask = free.cpu().numpy().astype(np.float64)
-        p = scipy.sparse.csr_array(grid.interpolation_matrix(space.dof_points) * mask[:, None])
-        p.eliminate_zeros()
-        seen = np.flatnonzero(np.asarray(p.sum(axis=0)).ravel() > 0)
-        p = scipy.sparse.csr_array(p[:, seen])
-        p.sort_indices()
-        if p.shape[1] > int(mask.sum()):
-            raise ValueError(
-                f"a coarse grid of {grid.shape} points gives {p.shape[1]} hat functions for "
-                f"the {int(mask.sum())} free DOFs: they are dependent; a coarse space takes "
-                "a grid several times coarser than the mesh"
-            )
+        p = grid_hats(pattern.space, free, resolution)
         self.size = p.shape[1]
         # P row by row as (n, 2^d) columns and weights, padded with weight 0
         width = max(int(np.diff(p.indptr).max(initial=0)), 1)
