@@ -64,6 +64,22 @@ def test_products_and_their_gradients():
     torch.testing.assert_close(outer, expected)
 
 
+def test_products_of_batches_that_shrink_and_grow():
+    """The block-diagonal indices are made for the largest batch seen and sliced for
+    smaller ones: every size, in any order, multiplies by its own matrices."""
+    space = FunctionSpace(l_shape(5), dirichlet="boundary")
+    pattern = JacobianPattern(space)
+    for batch in (3, 1, 5, 2):
+        values = torch.randn(batch, pattern.nnz, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(batch, 2, space.n_dofs, dtype=torch.float64, requires_grad=True)
+        dense = pattern.dense(values)
+        torch.testing.assert_close(pattern.matmul(values, x), x @ dense.transpose(1, 2))
+        grads = torch.autograd.grad(pattern.matmul(values, x).square().sum(), (values, x))
+        expected = torch.autograd.grad((x @ dense.transpose(1, 2)).square().sum(), (values, x))
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want)
+
+
 def test_blocks_are_the_subdomains_submatrices():
     space = FunctionSpace(unit_square(7))
     pattern = JacobianPattern(space)
