@@ -63,6 +63,7 @@ def _model(space, resolution: int, experts: int, pde: str):
     if experts:
         n_basis = 16
         table = {"pde": pde, "inputs": [_INPUT[pde]], "n_basis": n_basis, "experts": experts}
+        table.update(smoothing=0, coarse_grid=0)  # the experts' solves alone, as measured
         constraint = build_constraint(constraint_table(table), space)
     processor = FNO(4, 1 + n_basis, n_modes=(12, 12), hidden_channels=32)
     return FEOperator(

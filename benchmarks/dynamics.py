@@ -131,8 +131,8 @@ def _model(variant: str, space, n: int, stats, parameters: dict, pde: str, grid:
             table["global_solve"] = "linearised"
         if variant.endswith("-loose"):
             table["tolerance"] = 1e-6
-        if "-coarse" in variant:  # 17 x 17, but a quarter of the cells of a smaller mesh
-            table.update(smoothing=4, coarse_grid=min(17, (n - 1) // 4 + 1))
+        if "-coarse" not in variant:  # the condition alone; else the layers' default
+            table.update(smoothing=0, coarse_grid=0)  # cycle: 4 sweeps, a 9 x 9 or 17 x 17 grid
         table = constraint_table(table)
         n_basis = table["n_basis"]
         description = {**table, "pde": pde, "parameters": parameters, "inputs": ["u_prev"]}

@@ -70,6 +70,10 @@ from fenop.operators import FNO, FEOperator, HardConstraint, MoEConstraint
 from fenop.train.physics import PhysicsLoss
 
 _INPUT = {"darcy": "a", "nonlinear_diffusion": "f"}
+
+# The variants as measured before the layers' default cycle: the condition alone
+# unless a variant names its sweeps and grid.
+PLAIN = {"smoothing": 0, "coarse_grid": 0}
 _VARIANTS = (
     "unconstrained",
     "soft",
@@ -103,15 +107,17 @@ def _constraint(variant: str, residual):
     if variant == "basis only":
         return _BasisOnly(residual)
     if variant == "global":
-        return HardConstraint(residual)
+        return HardConstraint(residual, **PLAIN)
     if variant == "global smoothing 4 coarse 17":
         return HardConstraint(residual, smoothing=4, coarse_grid=17)
     if variant.endswith("DOFs/expert"):
-        return MoEConstraint(residual, MetisPartition(dofs_per_expert=int(variant.split()[1])))
+        return MoEConstraint(
+            residual, MetisPartition(dofs_per_expert=int(variant.split()[1])), **PLAIN
+        )
     # "moe K=16 newton": the experts each solving their nonlinear problem by Newton's method
     experts, *how = variant.split("=")[1].split()
     options = {"nonlinear": "newton"} if how else {}
-    return MoEConstraint(residual, MetisPartition(experts=int(experts)), **options)
+    return MoEConstraint(residual, MetisPartition(experts=int(experts)), **options, **PLAIN)
 
 
 def _experts(constraint) -> int:
@@ -127,32 +133,32 @@ _ACCURACY = {
     "soft (physics weight 0.01)": None,
     "soft (physics weight 0.1)": None,
     "soft (physics weight 1)": None,
-    "global, Galerkin": lambda r: HardConstraint(r),
-    "global, Galerkin, N=32": lambda r: HardConstraint(r),
-    "global, least squares": lambda r: HardConstraint(r, condition="least_squares"),
-    "MoE K=4, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=4)),
-    "MoE K=16, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=16)),
-    "MoE K=64, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=64)),
+    "global, Galerkin": lambda r: HardConstraint(r, **PLAIN),
+    "global, Galerkin, N=32": lambda r: HardConstraint(r, **PLAIN),
+    "global, least squares": lambda r: HardConstraint(r, condition="least_squares", **PLAIN),
+    "MoE K=4, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=4), **PLAIN),
+    "MoE K=16, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=16), **PLAIN),
+    "MoE K=64, two-level Galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=64), **PLAIN),
     "MoE K=16, two-level Galerkin, experts by Newton": lambda r: MoEConstraint(
-        r, MetisPartition(experts=16), nonlinear="newton"
+        r, MetisPartition(experts=16), nonlinear="newton", **PLAIN
     ),
     "MoE K=16, Galerkin, no coarse solve": lambda r: MoEConstraint(
-        r, MetisPartition(experts=16), coarse=False
+        r, MetisPartition(experts=16), coarse=False, **PLAIN
     ),
     "MoE K=16, two-level least squares": lambda r: MoEConstraint(
-        r, MetisPartition(experts=16), condition="least_squares"
+        r, MetisPartition(experts=16), condition="least_squares", **PLAIN
     ),
     # Damped Jacobi sweeps of the FE system before and after the solves
     # (benchmarks/constraint_at_scale.py measures why)
-    "global, Galerkin, smoothing 4": lambda r: HardConstraint(r, smoothing=4),
-    "global, Galerkin, N=32, smoothing 2": lambda r: HardConstraint(r, smoothing=2),
-    "global, Galerkin, N=32, smoothing 4": lambda r: HardConstraint(r, smoothing=4),
-    "global, Galerkin, N=32, smoothing 8": lambda r: HardConstraint(r, smoothing=8),
+    "global, Galerkin, smoothing 4": lambda r: HardConstraint(r, smoothing=4, coarse_grid=0),
+    "global, Galerkin, N=32, smoothing 2": lambda r: HardConstraint(r, smoothing=2, coarse_grid=0),
+    "global, Galerkin, N=32, smoothing 4": lambda r: HardConstraint(r, smoothing=4, coarse_grid=0),
+    "global, Galerkin, N=32, smoothing 8": lambda r: HardConstraint(r, smoothing=8, coarse_grid=0),
     "MoE K=16, two-level Galerkin, smoothing 4": lambda r: MoEConstraint(
-        r, MetisPartition(experts=16), smoothing=4
+        r, MetisPartition(experts=16), smoothing=4, coarse_grid=0
     ),
     "MoE 4000 DOFs/expert, two-level Galerkin, smoothing 4": lambda r: MoEConstraint(
-        r, MetisPartition(dofs_per_expert=4000), smoothing=4
+        r, MetisPartition(dofs_per_expert=4000), smoothing=4, coarse_grid=0
     ),
     # and a coarse grid's Galerkin correction after the solve: a two-grid cycle from
     # the network's output whose coarse space is the basis and the grid's hats
@@ -174,6 +180,13 @@ _ACCURACY = {
     ),
     "MoE K=64, two-level Galerkin, smoothing 4, coarse grid 9": lambda r: MoEConstraint(
         r, MetisPartition(experts=64), smoothing=4, coarse_grid=9
+    ),
+    # the layers' defaults: 4 sweeps and a grid sized by the mesh (coarse_grid="auto")
+    "global, default, N=32": lambda r: HardConstraint(r),
+    "global, default, N=8": lambda r: HardConstraint(r),
+    "MoE K=64, default": lambda r: MoEConstraint(r, MetisPartition(experts=64)),
+    "MoE 1000 DOFs/expert, default": lambda r: MoEConstraint(
+        r, MetisPartition(dofs_per_expert=1000)
     ),
 }
 

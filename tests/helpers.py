@@ -22,6 +22,11 @@ DEVICES = [
     ),
 ]
 
+# A constraint layer's formulation alone: the two-grid cycle the layers add by
+# default (Jacobi sweeps and a coarse grid around the solve) turned off, for tests
+# of the solve itself.
+PLAIN = {"smoothing": 0, "coarse_grid": 0}
+
 
 def l_shape_interior_points(rng: np.random.Generator, n: int, *, margin: float = 1e-6):
     """``n`` uniform random points of the open L-shape (-1, 1)^2 minus [0, 1) x (-1, 0]."""

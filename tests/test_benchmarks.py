@@ -77,6 +77,17 @@ def test_inference_runs(capsys):
     assert "time to first prediction" in capsys.readouterr().out
 
 
+def test_constraint_inference_runs(capsys):
+    results = load_script("benchmarks/constraint_inference.py").main(
+        ["--resolutions", "17", "--samples", "2", "--batch", "2", "--rounds", "1"]
+    )
+    times = results[17]["times"]
+    assert {"scikit-fem", "pyamg", "unconstrained", "MoE K=64 N=16"} <= set(times)
+    assert all(t > 0 for t in times.values())
+    assert results[17]["amg_error"] < 1e-6  # the AMG solve is the direct one's
+    assert "| 17 | 289 |" in capsys.readouterr().out
+
+
 def test_direct_solver_runs(capsys):
     results = load_script("benchmarks/direct_solver.py").main(
         ["--resolutions", "9", "--repeats", "1"]

@@ -13,8 +13,8 @@ and the ``[model.constraint]`` table of a training configuration::
     experts = 16            # or dofs_per_expert = 400 (moe only: the partition's)
 
 and every keyword argument of the kind's layer, with its default: ``condition``,
-``ridge``, ``max_iterations``, ``tolerance``, ``chord``, ``smoothing`` and ``global_solve``
-for both kinds, and
+``ridge``, ``max_iterations``, ``tolerance``, ``chord``, ``smoothing``, ``global_solve``
+and ``coarse_grid`` for both kinds, and
 ``overlap``, ``sweeps``, ``coarse``, ``update`` and ``nonlinear`` for the experts
 (:class:`~fenop.operators.MoEConstraint`). Their types, defaults and choices are read
 from the layers' signatures (:mod:`fenop._options`), so there is one declaration of
@@ -170,10 +170,12 @@ def build_constraint(description: dict, space: FunctionSpace) -> nn.Module:
     for key in ("pde", "inputs"):
         if key not in description:
             raise ConstraintError(f"a constraint description needs {key!r}")
+    # A description written before an option existed loads back to the same outputs:
+    # the experts then solved by Newton's method; no layer smoothed or had a grid.
+    legacy = {"smoothing": 0, "coarse_grid": 0}
     if description.get("kind") == "moe":
-        # a description written before the option existed: the experts then solved
-        # by Newton's method, and load back to the same outputs
-        description = {"nonlinear": "newton", **description}
+        legacy["nonlinear"] = "newton"
+    description = {**legacy, **description}
     description = constraint_table(description)  # a checkpoint's, too: checked alike
     residual = residual_for(
         description["pde"],

@@ -11,8 +11,8 @@ from fenop.data.pdes import get_pde
 from fenop.fem import FunctionSpace, MetisPartition, load_mesh, unit_square
 from fenop.fem.jacobian import JacobianPattern
 from fenop.operators import HardConstraint, MoEConstraint
-from fenop.operators.constraints.coarse import CoarseSpace
-from tests.helpers import ROOT, loglog_slope
+from fenop.operators.constraints.coarse import CoarseSpace, auto_resolution
+from tests.helpers import PLAIN, ROOT, loglog_slope
 from tests.operators.test_constraints import (
     _darcy,
     _grid_hats,
@@ -81,10 +81,11 @@ def _smooth_error_case(n: int):
 def test_the_coarse_grid_removes_the_smooth_error_at_first_order():
     # the energy projection onto hat functions of width H leaves an error O(H)
     residual, a, guess, basis, energy_error = _smooth_error_case(65)
-    plain = energy_error(HardConstraint(residual)(guess, basis, a=a))
+    plain = energy_error(HardConstraint(residual, **PLAIN)(guess, basis, a=a))
     grids = (5, 9, 17)
     errors = [
-        energy_error(HardConstraint(residual, coarse_grid=g)(guess, basis, a=a)) for g in grids
+        energy_error(HardConstraint(residual, coarse_grid=g, smoothing=0)(guess, basis, a=a))
+        for g in grids
     ]
     assert errors[0] < 0.5 * plain
     assert loglog_slope([1 / (g - 1) for g in grids], errors) == pytest.approx(1.0, abs=0.15)
@@ -92,14 +93,46 @@ def test_the_coarse_grid_removes_the_smooth_error_at_first_order():
 
 def test_the_experts_coarse_grid_removes_the_smooth_error():
     residual, a, guess, basis, energy_error = _smooth_error_case(33)
-    plain = MoEConstraint(residual, MetisPartition(experts=8))(guess, basis, a=a)
-    layer = MoEConstraint(residual, MetisPartition(experts=8), coarse_grid=9)
+    plain = MoEConstraint(residual, MetisPartition(experts=8), **PLAIN)(guess, basis, a=a)
+    layer = MoEConstraint(residual, MetisPartition(experts=8), coarse_grid=9, smoothing=0)
     assert energy_error(layer(guess, basis, a=a)) < 0.3 * energy_error(plain)
     assert layer.report["converged"].tolist() == [True]
 
 
-@pytest.mark.parametrize("bad", [1, 2, -1, True, 3.0])
+def test_the_default_grid_is_a_quarter_of_the_mesh_capped_at_289_hats():
+    # 31 x 31 free DOFs: 9 points a side, as measured; 127 x 127: 33, capped at 17
+    assert [auto_resolution(m * m, 2) for m in (3, 7, 15, 31, 63, 127, 511)] == [
+        0,
+        3,
+        5,
+        9,
+        17,
+        17,
+        17,
+    ]
+    assert [auto_resolution(m**3, 3) for m in (7, 15, 31)] == [3, 5, 6]  # 6^3 = 216 hats
+    _, residual, _, _ = _darcy(33)
+    assert HardConstraint(residual).coarse_grid == 9
+    assert HardConstraint(residual).coarse_space.size == 81
+    _, small, _, _ = _darcy(5)  # 3 x 3 free DOFs: no grid
+    assert HardConstraint(small).coarse_space is None
+
+
+def test_the_default_two_grid_cycle_removes_more_error_than_the_solve_alone():
+    # a basis that cannot carry the smooth error: the grid must; the sweeps take the
+    # rough error the grid's hats cannot
+    residual, a, guess, basis, energy_error = _smooth_error_case(33)
+    plain = energy_error(HardConstraint(residual, **PLAIN)(guess, basis, a=a))
+    default = HardConstraint(residual)
+    assert (default.smoothing, default.coarse_grid) == (4, 9)
+    assert energy_error(default(guess, basis, a=a)) < 0.3 * plain
+    experts = MoEConstraint(residual, MetisPartition(experts=8))
+    assert (experts.smoothing, experts.coarse_grid) == (4, 9)
+    assert energy_error(experts(guess, basis, a=a)) < 0.3 * plain
+
+
+@pytest.mark.parametrize("bad", [1, 2, -1, True, 3.0, "fine"])
 def test_a_coarse_grid_without_interior_or_not_an_int_is_refused(bad):
     _, residual, _, _ = _darcy(5)
     with pytest.raises(ValueError, match="coarse_grid"):
-        HardConstraint(residual, coarse_grid=bad)
+        HardConstraint(residual, coarse_grid=bad, smoothing=0)

@@ -7,6 +7,7 @@ import torch
 from fenop.data.pdes import get_pde
 from fenop.fem import FunctionSpace, MetisPartition, hierarchy, unit_square
 from fenop.operators import FNO, LSM, FEMultigrid, FEOperator, HardConstraint, MgNO, MoEConstraint
+from tests.helpers import PLAIN
 
 SPACE = FunctionSpace(unit_square(9), dirichlet="boundary")
 N_BASIS = 3
@@ -34,9 +35,9 @@ def test_the_output_meets_the_galerkin_condition_with_every_processor(name, kind
     residual, a = _sample()
     processor, resolution = PROCESSORS[name]()
     constraint = (
-        HardConstraint(residual)
+        HardConstraint(residual, **PLAIN)
         if kind == "global"
-        else MoEConstraint(residual, MetisPartition(experts=2), sweeps=2)
+        else MoEConstraint(residual, MetisPartition(experts=2), sweeps=2, **PLAIN)
     )
     model = FEOperator(
         SPACE,
@@ -71,20 +72,22 @@ def test_constraint_arguments_are_checked():
     residual, _ = _sample()
     net = MgNO(4, 1, grid=(8, 8), width=4, n_layers=1)
     with pytest.raises(ValueError, match="at least 2 channels"):
-        FEOperator(SPACE, SPACE, net, resolution=8, constraint=HardConstraint(residual))
+        FEOperator(SPACE, SPACE, net, resolution=8, constraint=HardConstraint(residual, **PLAIN))
     other = FunctionSpace(unit_square(5), dirichlet="boundary")
     net = MgNO(4, 2, grid=(8, 8), width=4, n_layers=1)
     with pytest.raises(ValueError, match="built on the residual of `space_out`"):
-        FEOperator(other, other, net, resolution=8, constraint=HardConstraint(residual))
+        FEOperator(other, other, net, resolution=8, constraint=HardConstraint(residual, **PLAIN))
     with pytest.raises(ValueError, match="must name each of the 1 input"):
         FEOperator(
             SPACE,
             SPACE,
             net,
             resolution=8,
-            constraint=HardConstraint(residual),
+            constraint=HardConstraint(residual, **PLAIN),
             constraint_inputs=("a", "f"),
         )
-    model = FEOperator(SPACE, SPACE, net, resolution=8, constraint=HardConstraint(residual))
+    model = FEOperator(
+        SPACE, SPACE, net, resolution=8, constraint=HardConstraint(residual, **PLAIN)
+    )
     with pytest.raises(ValueError, match="needs a `constraint` on the new mesh"):
         model.transfer(FunctionSpace(unit_square(17), dirichlet="boundary"))

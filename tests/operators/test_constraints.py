@@ -10,6 +10,7 @@ from fenop.fem import FunctionSpace, GivenPartition, MetisPartition, unit_square
 from fenop.fem.encoders import bounding_grid
 from fenop.operators import HardConstraint, MoEConstraint
 from tests.fem.test_partition import _renumbered
+from tests.helpers import PLAIN
 
 
 def _darcy(n: int, mesh=None):
@@ -37,17 +38,17 @@ def _smooth_fields(space, n_fields: int, seed: int) -> torch.Tensor:
 
 
 LAYERS = {
-    "global galerkin": lambda r: HardConstraint(r),
-    "global least squares": lambda r: HardConstraint(r, condition="least_squares"),
-    "moe galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=8)),
+    "global galerkin": lambda r: HardConstraint(r, **PLAIN),
+    "global least squares": lambda r: HardConstraint(r, condition="least_squares", **PLAIN),
+    "moe galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=8), **PLAIN),
     "moe least squares": lambda r: MoEConstraint(
-        r, MetisPartition(experts=8), condition="least_squares"
+        r, MetisPartition(experts=8), condition="least_squares", **PLAIN
     ),
     "moe galerkin, no coarse solve": lambda r: MoEConstraint(
-        r, MetisPartition(experts=8), coarse=False, sweeps=30
+        r, MetisPartition(experts=8), coarse=False, sweeps=30, **PLAIN
     ),
     "moe galerkin, owners' values": lambda r: MoEConstraint(
-        r, MetisPartition(experts=8), update="restricted_additive"
+        r, MetisPartition(experts=8), update="restricted_additive", **PLAIN
     ),
 }
 
@@ -96,6 +97,7 @@ def test_each_variant_improves_on_the_guess_and_no_interface_is_worse():
         overlap=0,
         coarse=False,
         sweeps=1,
+        **PLAIN,
     )
     assert _relative(isolated(guess, basis, a=a)[:, 0], u) > 10 * errors["moe galerkin"]
     assert errors["global galerkin"] < errors["global least squares"]
@@ -110,8 +112,9 @@ def test_one_expert_is_the_global_solve(condition):
         condition=condition,
         coarse=False,
         sweeps=1,
+        **PLAIN,
     )
-    whole = HardConstraint(residual, condition=condition)
+    whole = HardConstraint(residual, condition=condition, **PLAIN)
     torch.testing.assert_close(
         one(guess, basis, a=a), whole(guess, basis, a=a), rtol=1e-10, atol=1e-12
     )
@@ -146,7 +149,9 @@ def test_expert_sweeps_equal_a_dense_schwarz_iteration(condition):
     # it, which is what its colouring must ensure.
     space, residual, a, _u, guess, _ = _perturbed_case()
     basis = _smooth_fields(space, 6, seed=7)[None]  # well conditioned on every patch
-    layer = MoEConstraint(residual, MetisPartition(experts=8), condition=condition, sweeps=2)
+    layer = MoEConstraint(
+        residual, MetisPartition(experts=8), condition=condition, sweeps=2, **PLAIN
+    )
     out = layer(guess, basis, a=a)[0, 0].numpy()
 
     jacobian, offset = _dense_darcy(space, a)
@@ -192,7 +197,7 @@ def test_the_output_does_not_depend_on_the_dof_numbering():
         x, y = (torch.from_numpy(c) for c in space.dof_points.T)
         guess = x * (1 - x) * y * (1 - y)
         basis = torch.stack([guess * x**i * y**j for i in range(3) for j in range(3)])
-        layer = MoEConstraint(residual, MetisPartition(experts=4))
+        layer = MoEConstraint(residual, MetisPartition(experts=4), **PLAIN)
         outputs.append((layer(guess[None, None], basis[None], a=a)[0, 0], a[0]))
     torch.testing.assert_close(outputs[1][0][order], outputs[0][0], rtol=1e-9, atol=1e-12)
 
@@ -200,9 +205,9 @@ def test_the_output_does_not_depend_on_the_dof_numbering():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda r: HardConstraint(r),
-        lambda r: HardConstraint(_advected(r, r.forms.space)),
-        lambda r: MoEConstraint(r, MetisPartition(experts=2), overlap=1, sweeps=2),
+        lambda r: HardConstraint(r, **PLAIN),
+        lambda r: HardConstraint(_advected(r, r.forms.space), **PLAIN),
+        lambda r: MoEConstraint(r, MetisPartition(experts=2), overlap=1, sweeps=2, **PLAIN),
     ],
     ids=["global", "global, not symmetric", "moe"],
 )
@@ -235,7 +240,7 @@ def test_the_global_galerkin_gradient_is_autograds_through_a_dense_solve(symmetr
     # residual's own evaluations: J φ_j = R(φ_j) - R(0).
     space, darcy, a, u = _darcy(9)
     residual = darcy if symmetric else _advected(darcy, space)
-    layer = HardConstraint(residual)
+    layer = HardConstraint(residual, **PLAIN)
     assert layer.symmetric == symmetric
     fields = _smooth_fields(space, 3, seed=3)
     guess = (0.5 * u).requires_grad_(True)
@@ -267,7 +272,9 @@ def test_the_sweeps_written_out_equal_autograd_through_them(condition):
     # symmetric system unsymmetric has a gradient that depends on which triangle
     # Cholesky reads.)
     space, residual, a, u = _darcy(9)
-    layer = MoEConstraint(residual, MetisPartition(experts=6), condition=condition, sweeps=2)
+    layer = MoEConstraint(
+        residual, MetisPartition(experts=6), condition=condition, sweeps=2, **PLAIN
+    )
     assert len(layer.colours) > 1
     free = layer.free.double()
     start = (0.8 * u).requires_grad_(True)
@@ -312,7 +319,7 @@ def test_singular_systems_and_failed_solves_are_reported_not_hidden():
     space, residual, a, u = _darcy(17)
     field = _smooth_fields(space, 1, seed=5)[0]
     zero = torch.zeros_like(u)[:, None]
-    good = HardConstraint(residual)
+    good = HardConstraint(residual, **PLAIN)
     out = good(zero, field[None, None], a=a)
     assert good.report["converged"].tolist() == [True]
     assert good.report["singular"].tolist() == [0] and good.report["condition"][0] < 10
@@ -320,13 +327,13 @@ def test_singular_systems_and_failed_solves_are_reported_not_hidden():
     expected = residual(out[:, 0], a=a)[..., free].norm()
     torch.testing.assert_close(good.report["residual_norm"][0], expected)
     # two equal basis fields: singular, solved through the ridge to the same output
-    twice = HardConstraint(residual)
+    twice = HardConstraint(residual, **PLAIN)
     torch.testing.assert_close(twice(zero, torch.stack([field, field])[None], a=a), out)
     assert twice.report["singular"].tolist() == [1] and twice.report["converged"].tolist() == [True]
     # a basis with NaN: the solve fails, and says so
     broken = field.clone()
     broken[40] = float("nan")
-    failed = MoEConstraint(residual, MetisPartition(experts=4))
+    failed = MoEConstraint(residual, MetisPartition(experts=4), **PLAIN)
     failed(zero, broken[None, None], a=a)
     assert failed.report["converged"].tolist() == [False]
 
@@ -337,7 +344,7 @@ def test_the_reported_condition_number_is_the_scaled_systems(condition):
     fields = _smooth_fields(space, 4, seed=2)
     # two of the fields nearly parallel: a system far from the identity
     basis = torch.stack([u[0], *fields[:3], fields[0] + 0.05 * fields[3]])[None]
-    layer = HardConstraint(residual, condition=condition)
+    layer = HardConstraint(residual, condition=condition, **PLAIN)
     layer(torch.zeros_like(u)[:, None], basis, a=a)
     # the system on scikit-fem's matrix, scaled to a unit diagonal and ridged, by NumPy
     jacobian, _ = _dense_darcy(space, a)
@@ -357,7 +364,9 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="`condition` must be one of"):
         HardConstraint(residual, condition="ritz")
     with pytest.raises(ValueError, match=r"`prediction` must have shape \(batch, 1, 25\)"):
-        HardConstraint(residual)(torch.zeros(1, 25), torch.zeros(1, 2, 25), a=torch.ones(1, 25))
+        HardConstraint(residual, **PLAIN)(
+            torch.zeros(1, 25), torch.zeros(1, 2, 25), a=torch.ones(1, 25)
+        )
     with pytest.raises(ValueError, match="`update` must be one of"):
         MoEConstraint(residual, MetisPartition(experts=2), update="jacobi")
 
@@ -403,17 +412,22 @@ def _nonlinear(n: int):
 
 
 NONLINEAR = {
-    "global galerkin": lambda r: HardConstraint(r),
-    "global least squares": lambda r: HardConstraint(r, condition="least_squares"),
-    "moe galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2),
+    "global galerkin": lambda r: HardConstraint(r, **PLAIN),
+    "global least squares": lambda r: HardConstraint(r, condition="least_squares", **PLAIN),
+    "moe galerkin": lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, **PLAIN),
     "moe least squares": lambda r: MoEConstraint(
-        r, MetisPartition(experts=4), condition="least_squares", sweeps=2
+        r, MetisPartition(experts=4), condition="least_squares", sweeps=2, **PLAIN
     ),
     "moe galerkin, newton": lambda r: MoEConstraint(
-        r, MetisPartition(experts=4), sweeps=2, nonlinear="newton"
+        r, MetisPartition(experts=4), sweeps=2, nonlinear="newton", **PLAIN
     ),
     "moe least squares, newton": lambda r: MoEConstraint(
-        r, MetisPartition(experts=4), condition="least_squares", sweeps=2, nonlinear="newton"
+        r,
+        MetisPartition(experts=4),
+        condition="least_squares",
+        sweeps=2,
+        nonlinear="newton",
+        **PLAIN,
     ),
 }
 
@@ -472,7 +486,7 @@ def test_the_implicit_gradient_equals_the_unrolled_newtons():
         return (out.reshape(-1) * weights).sum()
 
     implicit = torch.autograd.grad(
-        loss(HardConstraint(residual)(guess[:, None], basis[None], f=f)), (guess, basis)
+        loss(HardConstraint(residual, **PLAIN)(guess[:, None], basis[None], f=f)), (guess, basis)
     )
     # Newton unrolled with autograd through every iteration
     free = ~residual.dirichlet
@@ -492,7 +506,7 @@ def test_the_implicit_gradient_equals_the_unrolled_newtons():
 def test_newton_that_does_not_converge_is_reported():
     space, residual, f, u = _nonlinear(9)
     basis = torch.stack([u[0], *_smooth_fields(space, 2, seed=1)])[None]
-    layer = HardConstraint(residual, max_iterations=1)
+    layer = HardConstraint(residual, max_iterations=1, **PLAIN)
     out = layer(torch.zeros_like(u)[:, None], basis, f=f)
     assert layer.report["converged"].tolist() == [False] and torch.isfinite(out).all()
 
@@ -500,9 +514,9 @@ def test_newton_that_does_not_converge_is_reported():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda r, chord: HardConstraint(r, chord=chord),
+        lambda r, chord: HardConstraint(r, chord=chord, **PLAIN),
         lambda r, chord: MoEConstraint(
-            r, MetisPartition(experts=4), sweeps=2, chord=chord, nonlinear="newton"
+            r, MetisPartition(experts=4), sweeps=2, chord=chord, nonlinear="newton", **PLAIN
         ),
     ],
     ids=["global", "moe"],
@@ -530,22 +544,24 @@ def test_chord_iterations_reach_newtons_root_and_gradient(make):
 # root the correction itself is at least.
 SECOND_ORDER = {
     "experts galerkin": (
-        lambda r, how: MoEConstraint(r, MetisPartition(experts=4), nonlinear=how),
+        lambda r, how: MoEConstraint(r, MetisPartition(experts=4), nonlinear=how, **PLAIN),
         1e3,
     ),
     "experts least squares": (
         lambda r, how: MoEConstraint(
-            r, MetisPartition(experts=4), condition="least_squares", nonlinear=how
+            r, MetisPartition(experts=4), condition="least_squares", nonlinear=how, **PLAIN
         ),
         1e3,
     ),
-    "global galerkin": (lambda r, how: HardConstraint(r, global_solve=how), 30),
+    "global galerkin": (lambda r, how: HardConstraint(r, global_solve=how, **PLAIN), 30),
     "global least squares": (
-        lambda r, how: HardConstraint(r, condition="least_squares", global_solve=how),
+        lambda r, how: HardConstraint(r, condition="least_squares", global_solve=how, **PLAIN),
         30,
     ),
     "moe coarse": (  # its coarse solve alone
-        lambda r, how: MoEConstraint(r, MetisPartition(experts=4), sweeps=0, global_solve=how),
+        lambda r, how: MoEConstraint(
+            r, MetisPartition(experts=4), sweeps=0, global_solve=how, **PLAIN
+        ),
         30,
     ),
 }
@@ -576,7 +592,7 @@ def test_a_linearised_global_solve_meets_the_condition_of_the_linearisation():
     space, residual, f, u = _nonlinear(9)
     basis = _smooth_fields(space, 4, seed=5)
     guess = 0.7 * u
-    layer = HardConstraint(residual, global_solve="linearised")
+    layer = HardConstraint(residual, global_solve="linearised", **PLAIN)
     out = layer(guess[:, None], basis[None], f=f)[:, 0]
     step, h = out - guess, 1e-6
     jacobian_step = (residual(guess + h * step, f=f) - residual(guess - h * step, f=f)) / (2 * h)
@@ -586,18 +602,18 @@ def test_a_linearised_global_solve_meets_the_condition_of_the_linearisation():
     assert tested.abs().max() < 1e-7 * (basis[:, free] @ residual(guess, f=f)[0, free]).abs().max()
     assert layer.report["iterations"].tolist() == [1] and layer.report["converged"].all()
     with pytest.raises(ValueError, match="global_solve"):
-        HardConstraint(residual, global_solve="chord")
+        HardConstraint(residual, global_solve="chord", **PLAIN)
 
 
 def test_a_linearised_global_solve_passes_gradcheck():
     space, residual, f, u = _nonlinear(5)
-    layer = HardConstraint(residual, global_solve="linearised")
+    layer = HardConstraint(residual, global_solve="linearised", **PLAIN)
     assert _gradcheck(layer, space, u, "f", f, fast=False)
 
 
 DEPENDENT = {
-    "global": lambda r: HardConstraint(r),
-    "moe": lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2),
+    "global": lambda r: HardConstraint(r, **PLAIN),
+    "moe": lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, **PLAIN),
 }
 
 
@@ -676,8 +692,8 @@ def test_smoothing_is_damped_jacobi_around_the_galerkin_solve(coarse_grid):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda r: HardConstraint(r, smoothing=4),
-        lambda r: MoEConstraint(r, MetisPartition(experts=8), smoothing=4),
+        lambda r: HardConstraint(r, smoothing=4, coarse_grid=0),
+        lambda r: MoEConstraint(r, MetisPartition(experts=8), smoothing=4, coarse_grid=0),
     ],
     ids=["global", "moe"],
 )
@@ -689,8 +705,8 @@ def test_smoothing_removes_the_error_at_the_mesh_scale(make):
     noise[..., space.boundary_dofs] = 0.0
     guess = guess + 0.02 * u.abs().max() * noise
     plain = {
-        "global": HardConstraint(residual),
-        "moe": MoEConstraint(residual, MetisPartition(experts=8)),
+        "global": HardConstraint(residual, **PLAIN),
+        "moe": MoEConstraint(residual, MetisPartition(experts=8), **PLAIN),
     }
     layer = make(residual)
     kind = "global" if isinstance(layer, HardConstraint) else "moe"
@@ -707,10 +723,10 @@ def test_smoothing_removes_the_error_at_the_mesh_scale(make):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda r: HardConstraint(r, smoothing=2),
-        lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, smoothing=2),
+        lambda r: HardConstraint(r, smoothing=2, coarse_grid=0),
+        lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, smoothing=2, coarse_grid=0),
         lambda r: HardConstraint(r, coarse_grid=3, smoothing=1),
-        lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, coarse_grid=3),
+        lambda r: MoEConstraint(r, MetisPartition(experts=4), sweeps=2, coarse_grid=3, smoothing=0),
     ],
     ids=["global", "moe", "global coarse grid", "moe coarse grid"],
 )
@@ -728,6 +744,10 @@ def test_smoothing_and_a_coarse_grid_keep_a_nonlinear_solution_and_pass_gradchec
 @pytest.mark.parametrize("options", [{"smoothing": 2}, {"coarse_grid": 3, "smoothing": 1}])
 def test_smoothing_and_coarse_grid_gradients_pass_gradcheck(options):
     space, residual, a, u = _darcy(5)
-    layer = MoEConstraint(residual, MetisPartition(experts=2), overlap=1, sweeps=2, **options)
+    layer = MoEConstraint(
+        residual, MetisPartition(experts=2), overlap=1, sweeps=2, **{**PLAIN, **options}
+    )
     assert _gradcheck(layer, space, u, "a", a, fast=False)
-    assert _gradcheck(HardConstraint(residual, **options), space, u, "a", a, fast=False)
+    assert _gradcheck(
+        HardConstraint(residual, **{**PLAIN, **options}), space, u, "a", a, fast=False
+    )

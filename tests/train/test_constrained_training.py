@@ -116,6 +116,26 @@ def test_experts_solve_the_linearisation_unless_a_description_predates_the_optio
     assert build_constraint(older, space).nonlinear == "newton"
 
 
+@pytest.mark.parametrize("kind", ["moe", "global"])
+def test_a_description_from_before_the_two_grid_default_loads_without_it(kind):
+    from fenop.fem import FunctionSpace
+    from fenop.train.physics import build_constraint, constraint_table
+
+    space = FunctionSpace(unit_square(33), dirichlet="boundary")
+    store = {"pde": "darcy", "parameters": {}, "inputs": ["a"]}
+    table = {
+        **constraint_table({"kind": kind, **({"experts": 4} if kind == "moe" else {})}),
+        **store,
+    }
+    assert (table["smoothing"], table["coarse_grid"]) == (4, "auto")
+    fresh = build_constraint(table, space)
+    assert (fresh.smoothing, fresh.coarse_grid) == (4, 9)
+    # a checkpoint's description written before the options: no sweeps, no grid
+    older = {key: value for key, value in table.items() if key not in ("smoothing", "coarse_grid")}
+    old = build_constraint(older, space)
+    assert (old.smoothing, old.coarse_grid, old.coarse_space) == (0, 0, None)
+
+
 def test_the_number_of_basis_fields_defaults_by_kind_and_is_written_down():
     from fenop.train.physics import constraint_table
 

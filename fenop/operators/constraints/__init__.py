@@ -19,6 +19,14 @@ outside held at the current values, a few sweeps after an optional global solve
 the solves: for a residual affine in ``u`` (Darcy, Poisson, a heat step) the solve
 is exact, and autograd through it is the implicit gradient.
 
+By default both layers put their solves inside a two-grid cycle from the network's
+output: 4 sweeps of damped Jacobi on the FE system (``smoothing``), the solves, a
+Galerkin correction in the hat functions of a coarse grid sized by the mesh
+(``coarse_grid="auto"``, :mod:`.coarse`), 4 sweeps. It removes what a basis
+emitted on a grid coarser than the mesh cannot carry (BENCHMARKS.md measures it);
+the output's residual is then orthogonal to the grid's hats rather than to the
+basis. ``smoothing=0, coarse_grid=0`` leave the condition alone.
+
 For a residual that is not affine in ``u`` (nonlinear diffusion) the global solve is
 Newton's method on the ``N`` unknowns (Levenberg-Marquardt for least squares), with a
 fixed iteration cap, per-problem convergence masks and no host synchronisation in
@@ -62,7 +70,10 @@ layers).
 >>> sample = darcy.sample(0, 0)
 >>> a, u = (torch.from_numpy(sample[k])[None] for k in ("a", "u"))
 >>> basis = torch.stack([u[0], space.interpolate(lambda x: x[0] * (1 - x[0]) * x[1])])[None]
->>> moe = MoEConstraint(darcy.residual(), MetisPartition(experts=4), overlap=2, sweeps=2)
+>>> # the condition alone: with the solution in the basis, the output is the solution
+>>> moe = MoEConstraint(
+...     darcy.residual(), MetisPartition(experts=4), sweeps=2, smoothing=0, coarse_grid=0
+... )
 >>> out = moe(torch.zeros_like(u)[:, None], basis, a=a)
 >>> bool(((out[:, 0] - u).norm() / u.norm()) < 1e-8), moe.report["converged"].tolist()
 (True, [True])

@@ -31,6 +31,7 @@ differentiable (autograd).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,6 +41,28 @@ from torch import nn
 
 from fenop.fem.encoders import bounding_grid
 from fenop.fem.jacobian import JacobianPattern
+
+# The largest grid "auto" picks: 289 hats (17 x 17 in 2D, 6 x 6 x 6 in 3D). Past it
+# the dense coarse solve and the map to its matrix grow faster than the mesh's work:
+# at 1.7e4 DOFs a 33 x 33 grid halved the error left by a 17 x 17 one at twice the
+# training step (BENCHMARKS.md, "In training, at equal time").
+_AUTO_MAX_HATS = 289
+
+
+def auto_resolution(n_free: int, dim: int) -> int:
+    """The grid points per axis of ``coarse_grid="auto"`` for a mesh of ``n_free``
+    free DOFs in ``dim`` dimensions: a quarter of the DOFs per axis (as on a square
+    mesh, ``n_free^(1/d)``), plus one, capped at 289 hats; 0 (no grid) where that
+    is under 3 points. Measured where both paid: a 9 x 9 grid on a 33 x 33 mesh and
+    a 17 x 17 one (the cap) on a 129 x 129 mesh (BENCHMARKS.md).
+
+    >>> auto_resolution(31 * 31, 2), auto_resolution(127 * 127, 2), auto_resolution(9, 2)
+    (9, 17, 0)
+    """
+    per_axis = n_free ** (1 / dim)
+    cap = math.floor(_AUTO_MAX_HATS ** (1 / dim) + 1e-9)
+    resolution = min(round(per_axis / 4) + 1, cap)
+    return resolution if resolution >= 3 else 0
 
 
 def grid_hats(space, free: torch.Tensor, resolution: int | Sequence[int]) -> scipy.sparse.csr_array:

@@ -73,9 +73,10 @@ class MoEConstraint(_Constraint):
             (benchmarks/history.md, "Nonlinear experts"): the outputs agree to 1e-4 relative,
             below the errors both leave, and the linearised sweeps cost 3-9x less.
         ridge, max_iterations, tolerance, chord, smoothing, global_solve, coarse_grid:
-            as for :class:`HardConstraint` (the smoothing sweeps come before the
-            coarse solve and after the experts'; ``global_solve`` is the coarse
-            solve's; the grid's correction comes after the experts').
+            as for :class:`HardConstraint`, with the same defaults (the smoothing
+            sweeps come before the coarse solve and after the experts';
+            ``global_solve`` is the coarse solve's; the grid's correction comes
+            after the experts').
 
     Shapes:
         as for :class:`HardConstraint`.
@@ -96,9 +97,9 @@ class MoEConstraint(_Constraint):
         max_iterations: int = 25,
         tolerance: float = 1e-10,
         chord: bool = True,
-        smoothing: int = 0,
+        smoothing: int = 4,
         global_solve: Nonlinear = "newton",
-        coarse_grid: int = 0,
+        coarse_grid: int | str = "auto",
     ):
         super().__init__(
             residual,

@@ -13,7 +13,7 @@ from torch import nn
 
 from fenop._checks import is_int
 from fenop.fem.jacobian import JacobianPattern
-from fenop.operators.constraints.coarse import CoarseSpace
+from fenop.operators.constraints.coarse import CoarseSpace, auto_resolution
 from fenop.operators.constraints.common import (
     _CONDITION_LIMIT,
     CONDITIONS,
@@ -54,9 +54,9 @@ class _Constraint(nn.Module):
         max_iterations: int = 25,
         tolerance: float = 1e-10,
         chord: bool = True,
-        smoothing: int = 0,
+        smoothing: int = 4,
         global_solve: Nonlinear = "newton",
-        coarse_grid: int = 0,
+        coarse_grid: int | str = "auto",
     ):
         super().__init__()
         if condition not in CONDITIONS:
@@ -72,10 +72,12 @@ class _Constraint(nn.Module):
             )
         if not is_int(smoothing) or smoothing < 0:
             raise ValueError(f"`smoothing` must be a non-negative int, got {smoothing!r}")
-        if not is_int(coarse_grid) or coarse_grid < 0 or coarse_grid in (1, 2):
+        if coarse_grid != "auto" and (
+            not is_int(coarse_grid) or coarse_grid < 0 or coarse_grid in (1, 2)
+        ):
             raise ValueError(
-                "`coarse_grid` must be 0 (none) or an int of at least 3 (grid points per "
-                f"axis), got {coarse_grid!r}"
+                '`coarse_grid` must be "auto", 0 (none) or an int of at least 3 (grid '
+                f"points per axis), got {coarse_grid!r}"
             )
         if missing := missing_members(residual):
             raise TypeError(
@@ -100,10 +102,12 @@ class _Constraint(nn.Module):
             self.root_finder = Newton(systems=self.systems, stopping=stopping, chord=self.chord)
         self.register_buffer("free", free_dofs(residual), persistent=False)
         self.pattern = JacobianPattern(self.space)
-        self.coarse_grid = int(coarse_grid)
+        if coarse_grid == "auto":
+            coarse_grid = auto_resolution(int(self.free.sum()), self.space.dim)
+        self.coarse_grid = int(coarse_grid)  # grid points per axis, 0 for none
         self.coarse_space = None
-        if coarse_grid:
-            self.coarse_space = CoarseSpace(self.pattern, self.free, coarse_grid)
+        if self.coarse_grid:
+            self.coarse_space = CoarseSpace(self.pattern, self.free, self.coarse_grid)
         # the coarse correction is a Galerkin solve whatever the layer's condition
         self.coarse_systems = DenseSystems(ridge=self.ridge, symmetric=bool(residual.symmetric))
         self.everywhere = _IndexSets(None, self.space.n_dofs)
