@@ -140,8 +140,10 @@ class CoarseSpace(nn.Module):
         seen = np.flatnonzero(np.diff(galerkin.indptr))  # the coarse matrix's pattern
         galerkin = scipy.sparse.csr_array(galerkin[seen])
         self.register_buffer("slots", torch.from_numpy(seen.astype(np.int64)), persistent=False)
+        # int32 where they fit: the sparse kernels convert int64 indices on every call
+        index_type = np.int32 if galerkin.nnz < 2**31 else np.int64
         for name, array in (("crow", galerkin.indptr), ("col", galerkin.indices)):
-            self.register_buffer(name, torch.from_numpy(array.astype(np.int64)), persistent=False)
+            self.register_buffer(name, torch.from_numpy(array.astype(index_type)), persistent=False)
         self.register_buffer("galerkin_weights", torch.from_numpy(galerkin.data), persistent=False)
 
     def prolong(self, c: torch.Tensor) -> torch.Tensor:
