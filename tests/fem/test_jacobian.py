@@ -175,6 +175,35 @@ def test_nonlinear_residuals_assemble_scikit_fems_jacobian(name, pde):
     np.testing.assert_allclose(dense, reference, rtol=0, atol=1e-12 * np.abs(reference).max())
 
 
+@pytest.mark.parametrize("pde", ["darcy", "poisson", "heat", "nonlinear_diffusion", "allen_cahn"])
+def test_residuals_declared_symmetric_have_positive_definite_jacobians(pde):
+    # what `symmetric` promises the layers (Cholesky for their Galerkin systems):
+    # J symmetric and positive definite on the free DOFs, at a field that is not
+    # the solution; checked by NumPy's eigenvalues of autograd's dense Jacobian
+    space = SPACES["P1 L-shape"]()
+    if pde in ("nonlinear_diffusion", "allen_cahn"):
+        residual, u, inputs, _ = _nonlinear_case(pde, space)
+    else:
+        family = get_pde(pde)(space)
+        residual = family.residual()
+        sample = {k: torch.from_numpy(v) for k, v in family.sample(0, 0).items()}
+        inputs = {  # a heat step's previous state: the trajectory's first
+            n: (sample[n] if n in sample else sample["u"][0])[None]
+            for n in residual_inputs(residual)
+        }
+        u = torch.randn(1, space.n_dofs, dtype=torch.float64)
+    dense = torch.autograd.functional.jacobian(lambda v: residual(v[None], **inputs)[0], u[0])
+    free = ~residual.dirichlet.numpy()
+    block = dense.numpy()[free][:, free]
+    symmetric = np.allclose(block, block.T, rtol=0, atol=1e-12 * np.abs(block).max())
+    expected = {"darcy": True, "poisson": True, "heat": True, "allen_cahn": True}
+    assert residual.symmetric == expected.get(pde, False)
+    if residual.symmetric:
+        assert symmetric and np.linalg.eigvalsh(block).min() > 0
+    else:
+        assert not symmetric
+
+
 @pytest.mark.parametrize("pde", ["nonlinear_diffusion", "allen_cahn"])
 def test_nonlinear_jacobians_on_subsets_of_cells_add_up_to_the_whole(pde):
     space = SPACES["P1 L-shape"]()

@@ -146,6 +146,10 @@ class AllenCahnResidual(DirichletResidual):
     def __init__(self, space: FunctionSpace, *, epsilon: float, dt: float):
         super().__init__(space)
         self.epsilon, self.dt = epsilon, dt
+        # J = M (1 + Δt (3u² - 1)) + Δt ε² K: symmetric, and positive definite for
+        # Δt < 1 whatever u (the reaction weight is at least 1 - Δt), so that the
+        # layers' Galerkin systems take Cholesky
+        self.symmetric = dt < 1
 
     def weak_form(self, u: torch.Tensor, *, u_prev: torch.Tensor) -> torch.Tensor:
         return self._weak(u, self.forms.values(u), u_prev)
