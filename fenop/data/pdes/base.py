@@ -185,8 +185,8 @@ class DirichletResidual(nn.Module):
         """Entries ``(B, nnz)`` of a weak form's Jacobian with the Dirichlet rows made
         identity rows."""
         dirichlet = self.dirichlet.to(weak.device)
-        entries = torch.where(dirichlet[pattern.entry_rows], 0.0, weak)
-        return entries.index_fill(-1, pattern.diagonal[dirichlet], 1.0)
+        entries = weak.masked_fill(dirichlet[pattern.entry_rows], 0.0)
+        return entries.index_fill_(-1, pattern.diagonal[dirichlet], 1.0)  # our own copy
 
     def weak_offset(self, **inputs: torch.Tensor) -> torch.Tensor | None:
         """For an affine residual, the weak form at ``u = 0`` ``(B, n_dofs)`` for inputs

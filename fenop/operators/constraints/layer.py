@@ -278,7 +278,9 @@ class _Constraint(nn.Module):
         free = self.free.to(basis.device)
         # float64 throughout: the small systems are ill-conditioned in float32
         g = prediction[:, 0].double()
-        phi = torch.where(free, basis.double(), 0.0)  # zero on Dirichlet DOFs
+        # zero on Dirichlet DOFs; in place on the float64 copy: one pass over the basis
+        # fields instead of two (memory bound at (B, N, n))
+        phi = basis.to(torch.float64, copy=True).masked_fill_(~free, 0.0)
         return g, phi, {k: v.double() for k, v in inputs.items()}
 
     def _global(self, u, phi, inputs, linear=None, data=None):
