@@ -17,7 +17,8 @@ and the number of expert unknowns over free DOFs (K N / n_free). ``--loss h1``
 trains on the relative H1 loss instead of L2; the variants ``..., smoothing S``
 add S damped Jacobi sweeps before and after the solves, ``..., coarse grid G`` a
 Galerkin correction in the hat functions of a G x G grid after them (K N / n_free
-then counts the grid's unknowns too).
+then counts the grid's unknowns too); ``..., default`` the layers' defaults (4
+sweeps and the grid of ``coarse_grid="auto"``); every other variant has neither.
 
 ``scaling``: one training step (forward, backward, optimiser) of the same
 FEOperator (FNO, 12 modes, 32 channels, on a 64 x 64 grid or, ``--grid mesh``, an
