@@ -23,10 +23,11 @@ Variants (``--variants``):
   ``fno-moe``: the two-level constraint, 16 experts of 8 fields;
   ``-linearised``: the same with the global solve of a nonlinear step linearised at
   the prediction (``global_solve = "linearised"``: one Newton step); ``-loose``:
-  Newton's iterations to a tolerance of 1e-6 instead of 1e-10; ``fno-hard-coarse``:
-  the global constraint with 4 smoothing sweeps and a 17 x 17 coarse grid after
-  it (``smoothing = 4``, ``coarse_grid = 17``; on a mesh of R < 65, a grid of a
-  quarter of its cells per axis), also ``-linearised``;
+  Newton's iterations to a tolerance of 1e-6 instead of 1e-10 (all of these the
+  condition alone: ``smoothing = 0``, ``coarse_grid = 0``); ``-coarse``: the layers'
+  default cycle around the solves, 4 smoothing sweeps and the grid of
+  ``coarse_grid = "auto"`` (17 x 17 from R = 65 up, a quarter of the cells per
+  axis below), for ``fno-hard`` (also ``-linearised``) and ``fno-moe``;
 * ``mgno``, ``lsm``, ``femultigrid``: fenop's other processors in ``FEOperator``,
   teacher forcing, built as in ``benchmarks/darcy.py`` (MgNO's peak learning rate
   5e-4, its authors'; FEMultigrid on the nested hierarchy of ``square_levels``).
@@ -87,6 +88,7 @@ VARIANTS = (
     "fno-moe-loose",
     "fno-hard-coarse",
     "fno-hard-coarse-linearised",
+    "fno-moe-coarse",
     "mgno",
     "lsm",
     "femultigrid",
