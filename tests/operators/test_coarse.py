@@ -99,21 +99,22 @@ def test_the_experts_coarse_grid_removes_the_smooth_error():
     assert layer.report["converged"].tolist() == [True]
 
 
-def test_the_default_grid_is_a_quarter_of_the_mesh_capped_at_289_hats():
-    # 31 x 31 free DOFs: 9 points a side, as measured; 127 x 127: 33, capped at 17
-    assert [auto_resolution(m * m, 2) for m in (3, 7, 15, 31, 63, 127, 511)] == [
-        0,
-        3,
-        5,
-        9,
-        17,
-        17,
-        17,
-    ]
-    assert [auto_resolution(m**3, 3) for m in (7, 15, 31)] == [3, 5, 6]  # 6^3 = 216 hats
+@pytest.mark.parametrize(
+    ("per_axis", "dim", "grid"),
+    [
+        *[(3, 2, 0), (7, 2, 3), (15, 2, 5), (31, 2, 9), (63, 2, 17), (127, 2, 17), (511, 2, 17)],
+        *[(7, 3, 3), (15, 3, 5), (31, 3, 6)],  # 6^3 = 216 hats
+    ],
+)
+def test_the_default_grid_is_a_quarter_of_the_dofs_per_axis_capped_at_289_hats(per_axis, dim, grid):
+    # 31 x 31 free DOFs (a 33 x 33 mesh): 9 points a side, as measured
+    assert auto_resolution(per_axis**dim, dim) == grid
+
+
+def test_a_layers_default_grid_is_sized_by_its_mesh():
     _, residual, _, _ = _darcy(33)
-    assert HardConstraint(residual).coarse_grid == 9
-    assert HardConstraint(residual).coarse_space.size == 81
+    layer = HardConstraint(residual)
+    assert (layer.coarse_grid, layer.coarse_space.size) == (9, 81)
     _, small, _, _ = _darcy(5)  # 3 x 3 free DOFs: no grid
     assert HardConstraint(small).coarse_space is None
 
