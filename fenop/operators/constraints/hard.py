@@ -48,7 +48,7 @@ class HardConstraint(_Constraint):
             ``G`` >= 3 that grid; ``0`` none. After it the residual is orthogonal
             to the coarse space, and no longer exactly to the basis. The default
             cycle (4 sweeps, the solve, the grid, 4 sweeps) divided the error of the
-            solve alone by 3 to 5 at equal training time on 33 x 33 and 129 x 129
+            solve alone by 3 to 6 at equal training time on 33 x 33 and 129 x 129
             meshes (BENCHMARKS.md).
 
     Shapes:
