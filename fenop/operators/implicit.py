@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 
+from fenop.operators._linalg import solve_ex
+
 
 def block_jacobian(f_value: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``(B, K, N, N)``: ``J[b, k, i, j] = ∂F[b, k, i] / ∂w[b, k, j]`` for block-diagonal
@@ -102,7 +104,7 @@ def _adjoint(jacobian: torch.Tensor, grad: torch.Tensor, ridge: float) -> torch.
     finite) gives a zero adjoint for that problem, not an error mid-training."""
     scaled, scale = scaled_system(jacobian, ridge)
     # Jᵀ λ = g with J = S⁻¹ Â S⁻¹ on the live unknowns: Âᵀ (S⁻¹ λ) = S g
-    y, info = torch.linalg.solve_ex(scaled.transpose(-1, -2), (scale * grad)[..., None])
+    y, info = solve_ex(scaled.transpose(-1, -2), (scale * grad)[..., None])
     adjoint = scale * y[..., 0]
     good = (info == 0)[..., None] & torch.isfinite(adjoint).all(dim=-1, keepdim=True)
     return torch.where(good, adjoint, 0.0)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fenop.operators._linalg import lu_factor_ex
 from fenop.operators.implicit import scaled_system
 
 
@@ -53,7 +54,7 @@ class Factorisation:
             ok = info == 0
             self.factor = torch.where(ok[..., None, None], factor, eye)
         else:
-            self.factor, self.pivots, info = torch.linalg.lu_factor_ex(scaled)
+            self.factor, self.pivots, info = lu_factor_ex(scaled)
             ok = info == 0
         self.ok = ok & finite
 
