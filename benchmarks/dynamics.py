@@ -27,7 +27,7 @@ Variants (``--variants``):
   condition alone: ``smoothing = 0``, ``coarse_grid = 0``); ``-coarse``: the layers'
   default cycle around the solves, 4 smoothing sweeps and the grid of
   ``coarse_grid = "auto"`` (17 x 17 from R = 65 up, a quarter of the cells per
-  axis below), for ``fno-hard`` (also ``-linearised``) and ``fno-moe``;
+  axis below), for ``fno-hard`` (also ``-linearised`` and ``-loose``) and ``fno-moe``;
 * ``mgno``, ``lsm``, ``femultigrid``: fenop's other processors in ``FEOperator``,
   teacher forcing, built as in ``benchmarks/darcy.py`` (MgNO's peak learning rate
   5e-4, its authors'; FEMultigrid on the nested hierarchy of ``square_levels``).
@@ -88,6 +88,7 @@ VARIANTS = (
     "fno-moe-loose",
     "fno-hard-coarse",
     "fno-hard-coarse-linearised",
+    "fno-hard-coarse-loose",
     "fno-moe-coarse",
     "mgno",
     "lsm",

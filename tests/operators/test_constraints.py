@@ -751,3 +751,83 @@ def test_smoothing_and_coarse_grid_gradients_pass_gradcheck(options):
     assert _gradcheck(
         HardConstraint(residual, **{**PLAIN, **options}), space, u, "a", a, fast=False
     )
+
+
+def _dense_linearisation(residual, f, v):
+    """``R(v)`` ``(n,)`` and the dense ``J(v)`` ``(n, n)`` of ``residual`` for the input
+    ``f``, by autograd, at ``v`` ``(n,)``."""
+    r = residual(v[None], f=f)[0].detach()
+    jacobian = torch.autograd.functional.jacobian(lambda x: residual(x[None], f=f)[0], v)
+    return r, jacobian.detach()
+
+
+def _dense_cycle(residual, f, guess, phi, hats, sweeps, how):
+    """The layers' cycle for a residual that is not affine, dense, from ``guess``
+    ``(n,)``, with the basis ``phi`` ``(N, n)`` and the grid's hats ``(n, m)`` (both
+    zero on the Dirichlet DOFs): Jacobi sweeps on the residual linearised at the
+    guess, the Galerkin solve (``how``: Newton's iterations on the residual, or
+    one step on that linearisation), then the grid's correction and the sweeps on
+    the residual linearised at the solve's output."""
+    free = ~residual.dirichlet
+
+    def jacobi(x, r, jacobian, at):
+        for _ in range(sweeps):
+            x = x - torch.where(free, 2 / 3 * (r + jacobian @ (x - at)) / jacobian.diagonal(), 0.0)
+        return x
+
+    r, jacobian = _dense_linearisation(residual, f, guess)
+    x = jacobi(guess, r, jacobian, guess)
+    if how == "linearised":
+        rx = r + jacobian @ (x - guess)
+        u = x + phi.T @ torch.linalg.solve(phi @ jacobian @ phi.T, -phi @ rx)
+    else:
+        u = x
+        for _ in range(30):
+            r_u, j_u = _dense_linearisation(residual, f, u)
+            u = u - phi.T @ torch.linalg.solve(phi @ j_u @ phi.T, phi @ r_u)
+    r, jacobian = _dense_linearisation(residual, f, u)
+    c = torch.linalg.solve(hats.T @ jacobian @ hats, -hats.T @ r)
+    return jacobi(u + hats @ c, r, jacobian, u)
+
+
+@pytest.mark.parametrize("how", ["newton", "linearised"])
+def test_the_cycle_of_a_nonlinear_residual_is_two_newton_steps_against_a_dense_one(how):
+    # the sweeps before the solve on the residual linearised at the prediction, the
+    # grid and the sweeps after it on the residual linearised at the solve's output,
+    # the solve by Newton's method or, linearised, on the first: against the same
+    # written densely with autograd's Jacobians; the report's residual is the
+    # residual's own
+    space, residual, f, u = _nonlinear(17)
+    direction = _smooth_fields(space, 1, seed=2)[0]
+    guess = u[0] + 0.2 * direction / direction.abs().max() * u.abs().max()
+    basis = _smooth_fields(space, 4, seed=7)
+    free = ~residual.dirichlet
+    phi = torch.where(free, basis, 0.0)
+    hats = torch.from_numpy(_grid_hats(space, 5, free.numpy()))
+    layer = HardConstraint(residual, smoothing=3, coarse_grid=5, global_solve=how)
+    out = layer(guess[None, None], basis[None], f=f)[0, 0]
+    expected = _dense_cycle(residual, f, guess, phi, hats, 3, how)
+    assert _relative(out, expected) < 1e-9
+    assert _relative(out, guess) > 1e-3  # the cycle did move the guess
+    own = torch.where(free, residual(out[None], f=f)[0], 0.0).norm()
+    assert abs(float(layer.report["residual_norm"][0]) - float(own)) <= 1e-12 * float(own)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: HardConstraint(r, smoothing=2, coarse_grid=3, global_solve="linearised"),
+        lambda r: MoEConstraint(
+            r,
+            MetisPartition(experts=4),
+            sweeps=2,
+            smoothing=2,
+            coarse_grid=3,
+            global_solve="linearised",
+        ),
+    ],
+    ids=["global", "moe"],
+)
+def test_a_linearised_cycle_passes_gradcheck(make):
+    small, residual, f, u = _nonlinear(5)
+    assert _gradcheck(make(residual), small, u, "f", f, fast=True)

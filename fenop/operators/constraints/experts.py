@@ -69,9 +69,12 @@ class MoEConstraint(_Constraint):
             affine residual's machinery, the gradient through the linearisation too;
             ``"newton"``: each expert solves its own nonlinear problem by Newton's
             method (chord iterations) with the implicit function theorem's gradient.
-            The coarse solve is the one of ``global_solve``. Measured on one sample
-            (benchmarks/history.md, "Nonlinear experts"): the outputs agree to 1e-4 relative,
-            below the errors both leave, and the linearised sweeps cost 3-9x less.
+            The coarse solve is the one of ``global_solve``; the grid and the last
+            smoothing sweeps solve the linearised sweeps' linearisation (with
+            ``"newton"``, the residual linearised at the experts' output). Measured
+            on one sample (benchmarks/history.md, "Nonlinear experts"): the outputs
+            agree to 1e-4 relative, below the errors both leave, and the linearised
+            sweeps cost 3-9x less.
         ridge, max_iterations, tolerance, chord, smoothing, global_solve, coarse_grid:
             as for :class:`HardConstraint`, with the same defaults (the smoothing
             sweeps come before the coarse solve and after the experts';
@@ -196,19 +199,26 @@ class MoEConstraint(_Constraint):
         ok = torch.ones(batch, dtype=torch.bool, device=phi.device)
         iterations = torch.zeros(batch, dtype=torch.int64, device=phi.device)
         linear = self._linear_part(g, inputs)
+        linearised = self.coarse and self.global_solve == "linearised"
         # Newton's scale, the same for every solve: where one runs (a residual that is
         # not affine, in the coarse solve or the experts' own)
         newton = not self.affine and (
             (self.coarse and self.global_solve == "newton") or not self.linear_sweeps
         )
         data = self._data_norm(g, inputs) if newton else None
-        u, conditions = self._smoothed(g, inputs, linear), []
+        # as HardConstraint's: the stages before the coarse solve (and, linearised,
+        # the solve) on the residual linearised at the prediction
+        start = self._stage_linear(g, inputs, linear, self.smoothing or linearised)
+        u, conditions = self._smoothed(g, inputs, start), []
         if self.coarse:
-            u, ok, condition, steps = self._global(u, phi, inputs, linear, data)
+            u, ok, condition, steps = self._global(
+                u, phi, inputs, start if linearised else linear, data
+            )
             conditions.append(condition)
             iterations = iterations + steps.sum(dim=1)
         # The sweeps' affine residual: a residual's own (R(0), J), or, for one that is
-        # not affine, its linearisation at the sweeps' starting field, R(u) - J u and J.
+        # not affine, its linearisation at the sweeps' starting field, R(u) - J u and
+        # J; none where the experts solve their own nonlinear problems.
         sweep_linear, r_start = linear, None
         if self.linear_sweeps and not self.affine:
             sweep_linear, r_start = self._linearised_at(u, inputs)
@@ -240,11 +250,17 @@ class MoEConstraint(_Constraint):
             expert_ok, expert_iterations, expert_conditions = _gathered_report(
                 expert_ok, expert_iterations, expert_conditions
             )
-        u, coarse_ok = self._coarse_corrected(u, inputs, linear)
+        # the grid and the last sweeps: on the sweeps' linearisation where they solved
+        # one, else on the residual linearised at the experts' output
+        end = sweep_linear
+        if end is None and not self.affine:
+            after = self.smoothing or self.coarse_space is not None
+            end = self._stage_linear(u, inputs, linear, after)
+        u, coarse_ok = self._coarse_corrected(u, inputs, end)
         ok = ok & expert_ok & coarse_ok
         iterations = iterations + expert_iterations
         conditions = conditions + expert_conditions
-        u = self._smoothed(u, inputs, linear)
+        u = self._smoothed(u, inputs, end)
         return self._finish(u, ok, conditions, iterations, prediction.dtype, inputs, linear)
 
     def _tracked_sweeps(self, u, r, phi, values):

@@ -284,11 +284,9 @@ class _Constraint(nn.Module):
         return g, phi, {k: v.double() for k, v in inputs.items()}
 
     def _global(self, u, phi, inputs, linear=None, data=None):
-        """One solve over the whole domain: ``u + Φ w`` with the condition (for a
-        residual that is not affine, with :attr:`global_solve` ``"linearised"``, the
-        condition of its linearisation at ``u``: one Newton step)."""
-        if linear is None and not self.affine and self.global_solve == "linearised":
-            linear, _ = self._linearised_at(u, inputs)
+        """One solve over the whole domain: ``u + Φ w`` with the condition of the
+        residual, or of the affine one ``linear`` where given (for a residual that is
+        not affine, a linearisation: one Newton step)."""
         if linear is not None and self.rule is RULES["galerkin"]:
             out, ok, condition = _galerkin_solve(u, phi, *linear, self.pattern, self.systems)
             return out, ok, condition, torch.ones_like(condition, dtype=torch.int64)
@@ -304,6 +302,16 @@ class _Constraint(nn.Module):
         ``u`` and the inputs."""
         r, values = self._linearise(u, inputs)
         return (r - self.pattern.matmul(values, u[:, None])[:, 0], values), r
+
+    def _stage_linear(self, u, inputs, linear, wanted):
+        """The affine residual a stage of the cycle solves from ``u`` ``(B, n)``, as
+        ``(R(0), J)``: an affine residual's own ``linear``; for one that is not
+        affine, where ``wanted``, its linearisation at ``u`` (:meth:`_linearised_at`),
+        so that each sweep or correction of the stage is a sparse product instead of
+        a residual evaluation or a linearisation of its own; else ``None``."""
+        if self.affine or not wanted:
+            return linear
+        return self._linearised_at(u, inputs)[0]
 
     def _linear_part(self, u, inputs):
         """For an affine residual, ``(R(0), J)``: all that its solves need, found once
@@ -325,34 +333,30 @@ class _Constraint(nn.Module):
 
     def _smoothed(self, u: torch.Tensor, inputs: dict, linear) -> torch.Tensor:
         """``u`` ``(B, n)`` after :attr:`smoothing` sweeps of damped Jacobi on the FE
-        system itself, ``u ← u - ω D⁻¹ R(u)`` on the free DOFs (``D`` the diagonal of
-        ``J``: for a residual that is not affine, at ``u``). The smoother of a
-        multigrid: it removes the error at the mesh's own scale, which a basis the
-        network emits on a coarser grid cannot carry and a Galerkin solve then
-        trades against the smooth error; each sweep costs one product with ``J``.
-        Differentiable."""
+        system ``linear`` (``(R(0), J)``: a residual's own, or a linearisation,
+        :meth:`_stage_linear`), ``u ← u - ω D⁻¹ (J u + R(0))`` on the free DOFs
+        (``D`` the diagonal of ``J``). The smoother of a multigrid: it removes the
+        error at the mesh's own scale, which a basis the network emits on a coarser
+        grid cannot carry and a Galerkin solve then trades against the smooth
+        error; each sweep costs one product with ``J``. Differentiable."""
         if not self.smoothing:
             return u
-        values = linear[1] if linear is not None else self._linearise(u, inputs)[1]
-        diagonal = values[:, self.pattern.diagonal]
+        diagonal = linear[1][:, self.pattern.diagonal]
         step = torch.where(self.free & (diagonal != 0), _JACOBI_WEIGHT / diagonal, 0.0)
         for _ in range(self.smoothing):
             u = u - step * self._residual_from(u, linear, inputs)
         return u
 
     def _coarse_corrected(self, u: torch.Tensor, inputs: dict, linear):
-        """``u + P c`` ``(B, n)`` with ``Pᵀ (R(u) + J P c) = 0``: the Galerkin
-        correction in the coarse space (:attr:`coarse_grid`), for a residual that is
-        not affine that of its linearisation at ``u`` (one Newton step), and whether
+        """``u + P c`` ``(B, n)`` with ``Pᵀ (J (u + P c) + R(0)) = 0`` for the affine
+        residual ``linear`` (``(R(0), J)``, as :meth:`_smoothed` takes it): the
+        Galerkin correction in the coarse space (:attr:`coarse_grid`), and whether
         each solve succeeded ``(B,)``. The coarse space holds the smooth part of the
         error, which the network's basis misses on a mesh finer than its grid;
         differentiable."""
         if self.coarse_space is None:
             return u, torch.ones(len(u), dtype=torch.bool, device=u.device)
-        if linear is None:
-            r, values = self._linearise(u, inputs)
-        else:
-            r, values = self._residual_from(u, linear, inputs), linear[1]
+        r, values = self._residual_from(u, linear, inputs), linear[1]
         factors = self.coarse_systems.factorise(self.coarse_space.matrix(values))
         c, ok = factors.solve(-self.coarse_space.restrict(r))
         return u + self.coarse_space.prolong(c), ok
