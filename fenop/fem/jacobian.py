@@ -335,14 +335,26 @@ class CellJacobian:
         }
         self.pattern, self.device = pattern, torch.device(device)
         self._tensors = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+        self._all = torch.arange(dx.shape[0], device=device)
+
+    def _every_cell(self, index: torch.Tensor) -> bool:
+        """Whether ``index`` is every cell in order: the tensors are then taken as they
+        are (selecting them all cost about a tenth of a linearisation's forward and
+        backward pass, 129 x 129 mesh, batch 8)."""
+        return index.shape == self._all.shape and bool(torch.equal(index, self._all))
 
     def on(self, index: torch.Tensor, *names: str, dtype=torch.float64) -> list[torch.Tensor]:
-        """The tensors ``names`` (see the class) of the cells ``index`` ``(E,)``."""
+        """The tensors ``names`` (see the class) of the cells ``index`` ``(E,)``; not to
+        be written to."""
+        if self._every_cell(index):
+            return [self._tensors[name].to(dtype) for name in names]
         return [self._tensors[name].index_select(-2, index).to(dtype) for name in names]
 
     def assemble(self, local: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The entries ``(B, nnz)`` of the sum of local matrices ``(B, N, N, E)`` of
         the cells ``index`` ``(E,)``."""
-        slots = self._tensors["slots"].index_select(-1, index)
+        slots = self._tensors["slots"]
+        if not self._every_cell(index):
+            slots = slots.index_select(-1, index)
         entries = local.new_zeros(local.shape[0], self.pattern.nnz)
         return entries.index_add_(-1, slots.reshape(-1), local.reshape(local.shape[0], -1))
