@@ -190,6 +190,9 @@ _ACCURACY = {
     "MoE 1000 DOFs/expert, default": lambda r: MoEConstraint(
         r, MetisPartition(dofs_per_expert=1000)
     ),
+    "MoE 4000 DOFs/expert, default": lambda r: MoEConstraint(
+        r, MetisPartition(dofs_per_expert=4000)
+    ),
 }
 
 
