@@ -10,7 +10,8 @@ and the ``[model.constraint]`` table of a training configuration::
     n_basis = 16            # basis fields the processor emits beside its prediction
                             # (default 16 for moe, 32 for global)
     partition = "metis"     # metis | bisection (moe only)
-    experts = 16            # or dofs_per_expert = 400 (moe only: the partition's)
+    experts = 16            # or dofs_per_expert = 400 (moe only: the partition's;
+                            # neither: dofs_per_expert = 256)
 
 and every keyword argument of the kind's layer, with its default: ``condition``,
 ``ridge``, ``max_iterations``, ``tolerance``, ``chord``, ``smoothing``, ``global_solve``
@@ -53,6 +54,11 @@ PARTITIONS = {"metis": MetisPartition, "bisection": BisectionPartition}
 # at about the same cost per step, and on Darcy as well (BENCHMARKS.md, "Soft
 # against hard"). The experts each have their own patch of 16.
 _BASIS = {"moe": 16, "global": 32}
+# The experts' size where a table gives neither experts nor dofs_per_expert. With
+# the layers' default cycle at 1.7e4 DOFs (Darcy, 150 s of training), 256 DOFs an
+# expert (K = 64) had 0.78x the L2 error of 1000 or 4000; 64 had 0.61x but a 1.4x
+# step and inference slower than the FE solve (BENCHMARKS.md, "The experts' size").
+_DOFS_PER_EXPERT = 256
 # The table's own keys, beside the layer's options.
 _TABLE = {
     "kind": Option("kind", (str,), "moe", tuple(KINDS)),
@@ -113,10 +119,12 @@ def constraint_table(given: dict) -> dict:
     for key in ("n_basis", "experts", "dofs_per_expert"):
         if table.get(key) is not None and table[key] < 1:
             raise ConstraintError(f"model.constraint.{key} must be positive, got {table[key]}")
-    if kind == "moe" and (table["experts"] is None) == (table["dofs_per_expert"] is None):
+    if kind == "moe" and table["experts"] is not None and table["dofs_per_expert"] is not None:
         raise ConstraintError(
-            "model.constraint needs exactly one of experts and dofs_per_expert (kind moe)"
+            "model.constraint takes one of experts and dofs_per_expert (kind moe), not both"
         )
+    if kind == "moe" and table["experts"] is None and table["dofs_per_expert"] is None:
+        table["dofs_per_expert"] = _DOFS_PER_EXPERT
     return table
 
 

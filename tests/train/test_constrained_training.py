@@ -86,7 +86,10 @@ def test_the_soft_physics_loss_trains(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (("experts = 2", "experts = 2\ndofs_per_expert = 10"), "exactly one of experts"),
+        (
+            ("experts = 2", "experts = 2\ndofs_per_expert = 10"),
+            "one of experts and dofs_per_expert",
+        ),
         (("experts = 2", "experts = 2\nexpert = 3"), r"unknown key model.constraint.expert"),
         (("sweeps = 2", 'sweeps = 2\ncondition = "ritz"'), r"condition must be one of"),
         (("sweeps = 2", 'sweeps = 2\nnonlinear = "bfgs"'), r"nonlinear must be one of"),
@@ -192,3 +195,20 @@ def test_the_sweeps_are_named_as_schwarz_methods_and_old_names_still_load():
         residual = layer.residual
         assert MoEConstraint(residual, MetisPartition(experts=2), update=old).update == new
     assert constraint_table({"experts": 2})["update"] == "multiplicative"
+
+
+def test_experts_without_a_size_get_256_dofs_each():
+    from fenop.fem import FunctionSpace
+    from fenop.train.physics import build_constraint, constraint_table
+
+    table = constraint_table({"kind": "moe"})
+    assert (table["experts"], table["dofs_per_expert"]) == (None, 256)
+    # sized by DOFs, the experts keep their size on a finer mesh
+    store = {"pde": "darcy", "parameters": {}, "inputs": ["a"]}
+    for n, experts in ((33, 4), (65, 17)):
+        space = FunctionSpace(unit_square(n), dirichlet="boundary")
+        layer = build_constraint({**table, **store}, space)
+        assert layer.partition.n_experts == experts == round(n * n / 256)
+    given = constraint_table({"kind": "moe", "experts": 8})
+    assert (given["experts"], given["dofs_per_expert"]) == (8, None)
+    assert constraint_table({"kind": "global"}).get("dofs_per_expert") is None
