@@ -188,6 +188,7 @@ _ACCURACY = {
     "global, default, N=8, linearised": lambda r: HardConstraint(r, global_solve="linearised"),
     "MoE K=64, default": lambda r: MoEConstraint(r, MetisPartition(experts=64)),
     "MoE 64 DOFs/expert, default": lambda r: MoEConstraint(r, MetisPartition(dofs_per_expert=64)),
+    "MoE 256 DOFs/expert, default": lambda r: MoEConstraint(r, MetisPartition(dofs_per_expert=256)),
     "MoE 1000 DOFs/expert, default": lambda r: MoEConstraint(
         r, MetisPartition(dofs_per_expert=1000)
     ),
