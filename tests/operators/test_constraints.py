@@ -768,12 +768,11 @@ def _dense_cycle(residual, f, guess, phi, hats, sweeps, how):
     guess, the Galerkin solve (``how``: Newton's iterations on the residual, or
     one step on that linearisation), then the grid's correction and the sweeps on
     the residual linearised at the solve's output."""
-    free = ~residual.dirichlet
+    free = (~residual.dirichlet).numpy()
 
-    def jacobi(x, r, jacobian, at):
-        for _ in range(sweeps):
-            x = x - torch.where(free, 2 / 3 * (r + jacobian @ (x - at)) / jacobian.diagonal(), 0.0)
-        return x
+    def jacobi(x, r, jacobian, at):  # on R(at) + J (x - at) = J x + (R(at) - J at)
+        offset = (r - jacobian @ at).numpy()
+        return torch.from_numpy(_jacobi(jacobian.numpy(), offset, free, x.numpy(), sweeps))
 
     r, jacobian = _dense_linearisation(residual, f, guess)
     x = jacobi(guess, r, jacobian, guess)
