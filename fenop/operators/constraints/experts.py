@@ -209,7 +209,7 @@ class MoEConstraint(_Constraint):
         # as HardConstraint's: the stages before the coarse solve (and, linearised,
         # the solve) on the residual linearised at the prediction
         start = self._stage_linear(g, inputs, linear, self.smoothing or linearised)
-        u, conditions = self._smoothed(g, inputs, start), []
+        u, conditions = self._smoothed(g, start), []
         if self.coarse:
             u, ok, condition, steps = self._global(
                 u, phi, inputs, start if linearised else linear, data
@@ -256,11 +256,11 @@ class MoEConstraint(_Constraint):
         if end is None and not self.affine:
             after = self.smoothing or self.coarse_space is not None
             end = self._stage_linear(u, inputs, linear, after)
-        u, coarse_ok = self._coarse_corrected(u, inputs, end)
+        u, coarse_ok = self._coarse_corrected(u, end)
         ok = ok & expert_ok & coarse_ok
         iterations = iterations + expert_iterations
         conditions = conditions + expert_conditions
-        u = self._smoothed(u, inputs, end)
+        u = self._smoothed(u, end)
         return self._finish(u, ok, conditions, iterations, prediction.dtype, inputs, linear)
 
     def _tracked_sweeps(self, u, r, phi, values):

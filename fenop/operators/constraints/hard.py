@@ -70,12 +70,12 @@ class HardConstraint(_Constraint):
         # Newton steps. One linearisation for all had 3x the L2 error in training
         # (BENCHMARKS.md, nonlinear diffusion at 1.7e4 DOFs).
         start = self._stage_linear(g, inputs, linear, self.smoothing or linearised)
-        g = self._smoothed(g, inputs, start)
+        g = self._smoothed(g, start)
         u, ok, condition, iterations = self._global(g, phi, inputs, start if linearised else linear)
         after = self.smoothing or self.coarse_space is not None
         end = self._stage_linear(u, inputs, linear, after)
-        u, coarse_ok = self._coarse_corrected(u, inputs, end)
-        u = self._smoothed(u, inputs, end)
+        u, coarse_ok = self._coarse_corrected(u, end)
+        u = self._smoothed(u, end)
         return self._finish(
             u, ok & coarse_ok, [condition], iterations.sum(dim=1), prediction.dtype, inputs, linear
         )

@@ -193,6 +193,10 @@ class _Constraint(nn.Module):
         linearisation ``(R(0), J)`` (a sparse product), else evaluated."""
         if linear is None:
             return self._residual_of(u, inputs)
+        return self._affine_residual(u, linear)
+
+    def _affine_residual(self, u: torch.Tensor, linear: tuple) -> torch.Tensor:
+        """``J u + R(0)`` ``(B, n)`` for the affine residual ``linear = (R(0), J)``."""
         r0, values = linear
         return self.pattern.matmul(values, u[:, None])[:, 0] + r0
 
@@ -331,7 +335,7 @@ class _Constraint(nn.Module):
             self._check_pattern(zero, inputs, r0, entries)
         return r0, entries.to(u.dtype)
 
-    def _smoothed(self, u: torch.Tensor, inputs: dict, linear) -> torch.Tensor:
+    def _smoothed(self, u: torch.Tensor, linear) -> torch.Tensor:
         """``u`` ``(B, n)`` after :attr:`smoothing` sweeps of damped Jacobi on the FE
         system ``linear`` (``(R(0), J)``: a residual's own, or a linearisation,
         :meth:`_stage_linear`), ``u ← u - ω D⁻¹ (J u + R(0))`` on the free DOFs
@@ -344,10 +348,10 @@ class _Constraint(nn.Module):
         diagonal = linear[1][:, self.pattern.diagonal]
         step = torch.where(self.free & (diagonal != 0), _JACOBI_WEIGHT / diagonal, 0.0)
         for _ in range(self.smoothing):
-            u = u - step * self._residual_from(u, linear, inputs)
+            u = u - step * self._affine_residual(u, linear)
         return u
 
-    def _coarse_corrected(self, u: torch.Tensor, inputs: dict, linear):
+    def _coarse_corrected(self, u: torch.Tensor, linear):
         """``u + P c`` ``(B, n)`` with ``Pᵀ (J (u + P c) + R(0)) = 0`` for the affine
         residual ``linear`` (``(R(0), J)``, as :meth:`_smoothed` takes it): the
         Galerkin correction in the coarse space (:attr:`coarse_grid`), and whether
@@ -356,7 +360,7 @@ class _Constraint(nn.Module):
         differentiable."""
         if self.coarse_space is None:
             return u, torch.ones(len(u), dtype=torch.bool, device=u.device)
-        r, values = self._residual_from(u, linear, inputs), linear[1]
+        r, values = self._affine_residual(u, linear), linear[1]
         factors = self.coarse_systems.factorise(self.coarse_space.matrix(values))
         c, ok = factors.solve(-self.coarse_space.restrict(r))
         return u + self.coarse_space.prolong(c), ok
