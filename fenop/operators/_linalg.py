@@ -17,11 +17,16 @@ import torch
 _LARGE = 64
 
 
+def _one_at_a_time(matrix: torch.Tensor) -> bool:
+    """Whether ``matrix`` ``(..., N, N)`` is a batch of CPU systems large enough to hang."""
+    return matrix.device.type == "cpu" and matrix.shape[-1] > _LARGE and matrix.ndim > 2
+
+
 def lu_factor_ex(matrix: torch.Tensor):
     """``torch.linalg.lu_factor_ex(matrix)`` for ``matrix`` ``(..., N, N)``: the
     factors ``(..., N, N)``, the pivots ``(..., N)`` and ``info`` ``(...)``;
     differentiable."""
-    if matrix.device.type != "cpu" or matrix.shape[-1] <= _LARGE or matrix.ndim == 2:
+    if not _one_at_a_time(matrix):
         return torch.linalg.lu_factor_ex(matrix)
     batch = matrix.shape[:-2]
     systems = matrix.reshape(-1, *matrix.shape[-2:])
@@ -33,7 +38,7 @@ def lu_factor_ex(matrix: torch.Tensor):
 def solve_ex(matrix: torch.Tensor, rhs: torch.Tensor):
     """``torch.linalg.solve_ex(matrix, rhs)`` for ``matrix`` ``(..., N, N)`` and
     ``rhs`` ``(..., N, M)``: the solution ``(..., N, M)`` and ``info`` ``(...)``."""
-    if matrix.device.type != "cpu" or matrix.shape[-1] <= _LARGE or matrix.ndim == 2:
+    if not _one_at_a_time(matrix):
         return torch.linalg.solve_ex(matrix, rhs)
     factor, pivots, info = lu_factor_ex(matrix)
     return torch.linalg.lu_solve(factor, pivots, rhs), info
