@@ -59,7 +59,7 @@ def _describe(family: PDEFamily, seed: int, n_samples: int) -> dict:
         "seed": int(seed),
         "n_samples": int(n_samples),
         "element": family.space.element,
-        "dirichlet": "boundary",
+        "dirichlet": "boundary" if len(family.space.boundary_dofs) else "none",
         "fields": list(family.fields),
     }
 
@@ -176,7 +176,7 @@ def generate(
         problem = unknown_options(family_type, options, name=family_type.name)
         if problem:
             raise InputError(problem)
-        space = FunctionSpace(mesh, degree=degree, dirichlet="boundary")
+        space = FunctionSpace(mesh, degree=degree, dirichlet=family_type.dirichlet_for(options))
         # The family checks its own options' values (a permeability, a time step).
         family = family_type(space, **options)
     except (ValueError, TypeError) as exc:

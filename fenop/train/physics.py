@@ -14,8 +14,8 @@ and the ``[model.constraint]`` table of a training configuration::
                             # neither: dofs_per_expert = 256)
 
 and every keyword argument of the kind's layer, with its default: ``condition``,
-``ridge``, ``max_iterations``, ``tolerance``, ``chord``, ``smoothing``, ``global_solve``
-and ``coarse_grid`` for both kinds, and
+``ridge``, ``max_iterations``, ``tolerance``, ``chord``, ``smoothing``, ``global_solve``,
+``coarse_grid`` and ``conserve`` for both kinds, and
 ``overlap``, ``sweeps``, ``coarse``, ``update`` and ``nonlinear`` for the experts
 (:class:`~fenop.operators.MoEConstraint`). Their types, defaults and choices are read
 from the layers' signatures (:mod:`fenop._options`), so there is one declaration of

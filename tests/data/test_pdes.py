@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.sparse.linalg
 import skfem
 import torch
 from skfem.helpers import dot, grad
@@ -122,6 +123,32 @@ def test_heat_trajectory_matches_an_independent_time_stepping():
         )
     np.testing.assert_allclose(sample["u"], u, rtol=0, atol=1e-12 * np.abs(u).max())
     assert np.abs(sample["u"]).max() < np.abs(sample["u0"]).max()  # heat flow decays
+
+
+def test_no_flux_heat_matches_an_independent_time_stepping_and_keeps_its_mass():
+    space = FunctionSpace(l_shape(9))  # no Dirichlet DOFs
+    heat = Heat(space, diffusivity=0.5, t_final=0.2, n_steps=8, boundary="no_flux")
+    assert Heat.dirichlet_for({"boundary": "no_flux"}) is None
+    assert heat.parameters()["boundary"] == "no_flux"
+    sample = heat.sample(seed=1, index=0)
+    mass = skfem.BilinearForm(lambda u, v, _: u * v).assemble(space.basis)
+    stiffness = skfem.BilinearForm(lambda u, v, _: dot(grad(u), grad(v))).assemble(space.basis)
+    u = sample["u0"].copy()
+    assert np.abs(u[space.mesh.boundary_nodes()]).max() > 0  # not set to zero there
+    for _ in range(8):  # no condensation: the natural (no-flux) boundary condition
+        u = scipy.sparse.linalg.spsolve(mass + 0.025 * 0.5 * stiffness, mass @ u)
+    np.testing.assert_allclose(sample["u"], u, rtol=0, atol=1e-12 * np.abs(u).max())
+    ones = np.ones(space.n_dofs)
+    total = ones @ mass @ sample["u0"]
+    np.testing.assert_allclose(ones @ mass @ sample["u"], total, rtol=1e-12)
+    # the residual's sum over the DOFs is that balance, and it says so
+    residual = heat.residual()
+    assert residual.conserved
+    assert not Heat(FunctionSpace(l_shape(9), dirichlet="boundary")).residual().conserved
+    v, previous = (torch.randn(space.n_dofs, dtype=torch.float64) for _ in range(2))
+    balance = residual(v, u_prev=previous).sum()
+    expected = ones @ mass @ (v - previous).numpy()
+    np.testing.assert_allclose(float(balance), expected, rtol=1e-10)
 
 
 @pytest.mark.parametrize("scheme", ["implicit_euler", "crank_nicolson"])
@@ -276,3 +303,9 @@ def test_families_reject_bad_arguments():
         AllenCahn(FunctionSpace(unit_square(5), dirichlet="boundary"), t_final=3, n_steps=2)
     with pytest.raises(ValueError, match="`scheme` must be one of"):
         Heat(FunctionSpace(unit_square(5), dirichlet="boundary"), scheme="euler")
+    with pytest.raises(ValueError, match="`boundary` must be one of"):
+        Heat(FunctionSpace(unit_square(5), dirichlet="boundary"), boundary="neumann")
+    with pytest.raises(ValueError, match="no-flux boundaries needs a space without Dirichlet"):
+        Heat(FunctionSpace(unit_square(5), dirichlet="boundary"), boundary="no_flux")
+    with pytest.raises(ValueError, match="needs a space with Dirichlet DOFs"):
+        Heat(FunctionSpace(unit_square(5)))

@@ -830,3 +830,59 @@ def test_the_cycle_of_a_nonlinear_residual_is_two_newton_steps_against_a_dense_o
 def test_a_linearised_cycle_passes_gradcheck(make):
     small, residual, f, u = _nonlinear(5)
     assert _gradcheck(make(residual), small, u, "f", f, fast=True)
+
+
+def _no_flux_heat(n: int):
+    """A no-flux heat step on ``unit_square(n)`` (no Dirichlet DOFs): the space, its
+    residual, the state before the step ``(1, n)`` and the next one."""
+    space = FunctionSpace(unit_square(n))
+    heat = get_pde("heat")(space, boundary="no_flux", trajectory=True, n_steps=2, t_final=0.005)
+    states = torch.from_numpy(heat.sample(0, 0)["u"])
+    return space, heat.residual(), states[1:2], states[2:3]
+
+
+CONSERVING = {
+    "global, default cycle": lambda r, c: HardConstraint(r, conserve=c),
+    "global, alone": lambda r, c: HardConstraint(r, conserve=c, **PLAIN),
+    "moe, default cycle": lambda r, c: MoEConstraint(r, MetisPartition(experts=4), conserve=c),
+}
+
+
+@pytest.mark.parametrize("name", CONSERVING)
+def test_a_conservation_law_is_imposed_exactly_and_lowers_the_energy_error(name):
+    space, residual, previous, target = _no_flux_heat(17)
+    torch.manual_seed(0)
+    noise = torch.randn_like(target) * target.norm() / space.n_dofs**0.5
+    guess = target + 0.05 * noise
+    basis = _smooth_fields(space, 4, seed=1)[None]  # zero on the boundary: no constant
+    outputs = {
+        conserve: CONSERVING[name](residual, conserve)(guess[:, None], basis, u_prev=previous)
+        for conserve in (True, False)
+    }
+    mass = space.mass_matrix.sum(axis=0)  # ∫ φ_i: a state's heat is mass @ u
+    scale = float(np.abs(mass) @ np.abs(previous[0].numpy()))
+    balance = {k: abs(float(mass @ (v[0, 0] - previous[0]).numpy())) for k, v in outputs.items()}
+    assert balance[True] < 1e-13 * scale  # the step's discrete balance, exactly
+    assert balance[False] > 1e3 * balance[True]
+    # the last correction is a Galerkin one (in the constants): the error in the
+    # step's energy norm, eᵀ J e = eᵀ (R(target + e) - R(target)), cannot grow
+    energy = {
+        k: float(
+            (v[0, 0] - target[0])
+            @ (residual(v[0, 0], u_prev=previous[0]) - residual(target[0], u_prev=previous[0]))
+        )
+        for k, v in outputs.items()
+    }
+    assert energy[True] <= energy[False] * (1 + 1e-12)
+
+
+def test_conservation_passes_gradcheck_and_is_refused_for_a_nonlinear_residual():
+    space, residual, previous, target = _no_flux_heat(5)
+    layer = HardConstraint(residual, smoothing=1, coarse_grid=3)
+    assert layer.conserves
+    assert _gradcheck(layer, space, target, "u_prev", previous, fast=False)
+    _, nonlinear, _, _ = _nonlinear(5)
+    nonlinear.conserved = True
+    with pytest.raises(ValueError, match="only for an affine residual; pass conserve=False"):
+        HardConstraint(nonlinear)
+    assert not HardConstraint(nonlinear, conserve=False).conserves

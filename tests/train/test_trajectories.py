@@ -215,3 +215,27 @@ def test_the_command_evaluates_plots_and_predicts_a_stepper(folder, tmp_path, ca
     assert main(["evaluate", checkpoint, str(darcy)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("field 'u' is not a trajectory (sample, time, dof)") and "\n" not in err
+
+
+def test_a_no_flux_stepper_trained_by_the_command_conserves_heat_over_a_rollout(tmp_path):
+    data = tmp_path / "heat.h5"
+    options = ["--option", "boundary=no_flux", "--resolution", "9", "--steps", "5"]
+    assert main(["generate", "heat", "-n", "6", "--dt", "0.005", "-o", str(data), *options]) == 0
+    store = read_store(data)
+    assert store.header["dirichlet"] == "none" and len(store.space.boundary_dofs) == 0
+    config = CONFIG.format(history=1).replace('"heat.h5"', f'"{data}"')
+    config = config.replace('"run1"', f'"{tmp_path / "run"}"')
+    config += '[model.constraint]\nkind = "global"\nn_basis = 4\n'
+    (tmp_path / "c.toml").write_text(config)
+    train_from_config(tmp_path / "c.toml", progress=False)
+    out = tmp_path / "p.h5"
+    checkpoint = str(tmp_path / "run" / "best")
+    assert main(["predict", checkpoint, str(data), "-o", str(out), "--steps", "8", "-q"]) == 0
+    with h5py.File(out) as f:
+        states = f["u"][()]  # (sample, time, dof): the initial state and 8 predicted
+    mass = store.space.mass_matrix.sum(axis=0)
+    heat = mass @ states.transpose(0, 2, 1)  # (sample, time)
+    # exact in the layer's float64, then rounded to the model's float32 each step
+    scale = np.abs(mass) @ np.abs(states[:, 0]).T  # (sample,)
+    assert (np.abs(heat - heat[:, :1]).max(axis=1) < 1e-6 * scale).all()
+    assert np.ptp(states[:, -1], axis=-1).min() > 0  # not a constant field

@@ -1,7 +1,8 @@
 """What every PDE family provides, and the pieces they share.
 
 A family (Darcy, Poisson, ...) is bound to a :class:`~fenop.fem.FunctionSpace`
-with Dirichlet DOFs on the whole boundary and zero boundary values. It gives:
+with Dirichlet DOFs on the whole boundary and zero boundary values (the heat
+family may take no-flux boundaries instead, on a space without them). It gives:
 
 * ``sample(seed, index)``: the input fields of one sample, drawn from its own
   random stream, and the FE solution computed with scikit-fem;
@@ -33,9 +34,12 @@ class PDEFamily:
     """Base class of the PDE families in :mod:`fenop.data.pdes`.
 
     Args:
-        space: the FE space of every field; it must have Dirichlet DOFs.
+        space: the FE space of every field; it must have Dirichlet DOFs (with
+            ``dirichlet = False``, none).
         grf: options of the :class:`~fenop.data.grf.GaussianRandomField` the
             random inputs are drawn from (``alpha``, ``tau``, ``sigma``, ``n_modes``).
+        dirichlet: whether the family's boundary condition is ``u = 0`` on the
+            whole boundary (subclasses with a no-flux option pass ``False`` for it).
     """
 
     name: ClassVar[str]
@@ -53,13 +57,18 @@ class PDEFamily:
     # step earlier, which a stepper's constraint takes from its history.
     previous_state: ClassVar[str | None] = None
 
-    def __init__(self, space: FunctionSpace, *, grf: dict | None = None):
+    def __init__(self, space: FunctionSpace, *, grf: dict | None = None, dirichlet: bool = True):
         if not isinstance(space, FunctionSpace):
             raise TypeError(f"`space` must be a FunctionSpace, got {type(space).__name__}")
-        if len(space.boundary_dofs) == 0:
+        if dirichlet and len(space.boundary_dofs) == 0:
             raise ValueError(
                 f"{type(self).__name__} needs a space with Dirichlet DOFs "
                 '(FunctionSpace(mesh, dirichlet="boundary")), got one with none'
+            )
+        if not dirichlet and len(space.boundary_dofs):
+            raise ValueError(
+                f"{type(self).__name__} with no-flux boundaries needs a space without "
+                f"Dirichlet DOFs (FunctionSpace(mesh)), got one with {len(space.boundary_dofs)}"
             )
         if len(space.boundary_dofs) == space.n_dofs:
             raise ValueError(
@@ -72,6 +81,13 @@ class PDEFamily:
         self._grf_at_dofs = self.grf.at(space.dof_points)
         self.interior = np.setdiff1d(np.arange(space.n_dofs), space.boundary_dofs)
         self._ordering: np.ndarray | None = None  # of the free DOFs, see solve_linear
+
+    @classmethod
+    def dirichlet_for(cls, options: dict) -> str | None:
+        """The Dirichlet DOFs of the space this family takes with ``options`` (its
+        keyword arguments): ``"boundary"``, or ``None`` for no-flux boundaries;
+        :func:`fenop.data.generate` makes the space with it."""
+        return "boundary"
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -131,14 +147,18 @@ class DirichletResidual(nn.Module):
     ``(..., n_dofs)``; its Dirichlet rows are replaced by ``u`` itself, so the
     residual vanishes exactly when ``u`` solves the condensed FE system.
 
-    Two class attributes tell a hard constraint how to solve with it: ``affine``,
-    whether ``R`` is affine in ``u`` (then one linear solve is exact), and
+    Three attributes tell a hard constraint how to solve with it: ``affine``,
+    whether ``R`` is affine in ``u`` (then one linear solve is exact),
     ``symmetric``, whether its Jacobian is symmetric on the free DOFs (then a
-    Cholesky factorisation serves).
+    Cholesky factorisation serves), and ``conserved``, whether the sum of ``R``
+    over the free DOFs is a conservation law's discrete balance (its test against
+    the constant field, with no Dirichlet DOFs: a no-flux problem's mass), which a
+    constraint then imposes exactly.
     """
 
     affine: ClassVar[bool] = False
     symmetric: ClassVar[bool] = False
+    conserved: bool = False
 
     def __init__(self, space: FunctionSpace):
         super().__init__()

@@ -1,4 +1,5 @@
-"""Heat equation: u_t = div(k ∇u), u = 0 on the boundary, u(0) = u0 a random field.
+"""Heat equation: u_t = div(k ∇u), u = 0 on the boundary (or no flux through it),
+u(0) = u0 a random field.
 
 Implicit Euler in time, ``(M + Δt k K) u_{n+1} = M u_n`` with ``Δt = t_final /
 n_steps`` (M, K the P1/P2 mass and stiffness matrices; first order in time, and
@@ -8,6 +9,12 @@ second order, but it damps the finest scales only slowly (A- and not L-stable).
 The residual of one step (:class:`HeatResidual`, which a stepper's hard
 constraint uses) is written for the same scheme: a constraint per step is exact
 only for the scheme of its data (BENCHMARKS.md, "The constraint per time step").
+
+With ``boundary="no_flux"`` (``∇u·n = 0``, on a space without Dirichlet DOFs)
+heat is conserved: every step keeps ``∫ u`` exactly, the sum of the step's
+residual over all DOFs (its test against the constant field) is the discrete
+balance ``∫ u_{n+1} - ∫ u_n``, and :class:`HeatResidual` says so (``conserved``),
+so that a hard constraint imposes it exactly.
 
 Two kinds of data. By default the map from the initial state to the state at
 ``t_final``: fields ``u0`` and ``u``, and the state one step earlier (``u_prev``),
@@ -42,13 +49,16 @@ class Heat(PDEFamily):
     """Linear heat flow from a random initial state.
 
     Args:
-        space: FE space with Dirichlet DOFs on the boundary.
+        space: FE space with Dirichlet DOFs on the boundary (with ``boundary =
+            "no_flux"``, without Dirichlet DOFs).
         diffusivity: the constant k.
         t_final: final time.
         n_steps: implicit Euler steps.
         trajectory: keep every state (one ``(n_steps + 1, n_dofs)`` field ``u``)
             rather than the initial and final ones.
         scheme: ``"implicit_euler"`` or ``"crank_nicolson"``.
+        boundary: ``"dirichlet"`` (``u = 0``) or ``"no_flux"`` (``∇u·n = 0``: the
+            initial state is not set to zero on the boundary, and heat is conserved).
         grf: options of the Gaussian random field of the initial state.
     """
 
@@ -66,9 +76,13 @@ class Heat(PDEFamily):
         n_steps: int = 10,
         trajectory: bool = False,
         scheme: str = "implicit_euler",
+        boundary: str = "dirichlet",
         grf: dict | None = None,
     ):
-        super().__init__(space, grf=grf)
+        if boundary not in BOUNDARIES:
+            raise ValueError(f"`boundary` must be one of {BOUNDARIES}, got {boundary!r}")
+        super().__init__(space, grf=grf, dirichlet=boundary == "dirichlet")
+        self.boundary = boundary
         if not isinstance(trajectory, bool):
             raise ValueError(f"`trajectory` must be true or false, got {trajectory!r}")
         if scheme not in THETA:
@@ -105,8 +119,13 @@ class Heat(PDEFamily):
             # resume
             **({"trajectory": True} if self.trajectory else {}),
             **({"scheme": self.scheme} if self.scheme != "implicit_euler" else {}),
+            **({"boundary": self.boundary} if self.boundary != "dirichlet" else {}),
             **super().parameters(),
         }
+
+    @classmethod
+    def dirichlet_for(cls, options: dict) -> str | None:
+        return None if options.get("boundary") == "no_flux" else "boundary"
 
     def sample_inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         return {"u0": self.random_state(rng)}
@@ -134,11 +153,16 @@ class Heat(PDEFamily):
 
 # The weight of the new state in the diffusion term of each scheme (the θ-method).
 THETA = {"implicit_euler": 1.0, "crank_nicolson": 0.5}
+BOUNDARIES = ("dirichlet", "no_flux")
 
 
 class HeatResidual(DirichletResidual):
     """One step of the θ-method, ``R(u; u_prev) = ∫ (u - u_prev) v + Δt ∫ k ∇(θ u +
     (1 - θ) u_prev)·∇v``: θ = 1 for implicit Euler, 1/2 for Crank-Nicolson.
+
+    On a space without Dirichlet DOFs (no-flux boundaries) the step conserves
+    ``∫ u``: the sum of ``R`` over the DOFs is ``∫ u - ∫ u_prev`` (``∇1 = 0``), and
+    ``conserved`` is true.
 
     Shapes: ``u``, ``u_prev``: ``(..., n_dofs)`` -> ``(..., n_dofs)``.
     """
@@ -156,6 +180,7 @@ class HeatResidual(DirichletResidual):
     ):
         super().__init__(space)
         self.diffusivity, self.dt, self.theta = diffusivity, dt, THETA[scheme]
+        self.conserved = len(space.boundary_dofs) == 0
 
     def weak_jacobian(self, pattern, *, u_prev: torch.Tensor) -> torch.Tensor:
         """``M + θ Δt k K`` on the pattern, the same for every sample."""

@@ -75,8 +75,8 @@ class MoEConstraint(_Constraint):
             on one sample (benchmarks/history.md, "Nonlinear experts"): the outputs
             agree to 1e-4 relative, below the errors both leave, and the linearised
             sweeps cost 3-9x less.
-        ridge, max_iterations, tolerance, chord, smoothing, global_solve, coarse_grid:
-            as for :class:`HardConstraint`, with the same defaults (the smoothing
+        ridge, max_iterations, tolerance, chord, smoothing, global_solve, coarse_grid,
+        conserve: as for :class:`HardConstraint`, with the same defaults (the smoothing
             sweeps come before the coarse solve and after the experts';
             ``global_solve`` is the coarse solve's; the grid's correction comes
             after the experts').
@@ -103,6 +103,7 @@ class MoEConstraint(_Constraint):
         smoothing: int = 4,
         global_solve: Nonlinear = "newton",
         coarse_grid: int | str = "auto",
+        conserve: bool = True,
     ):
         super().__init__(
             residual,
@@ -114,6 +115,7 @@ class MoEConstraint(_Constraint):
             smoothing=smoothing,
             global_solve=global_solve,
             coarse_grid=coarse_grid,
+            conserve=conserve,
         )
         update = UPDATE_ALIASES.get(update, update)
         if update not in UPDATES:
@@ -260,7 +262,7 @@ class MoEConstraint(_Constraint):
         ok = ok & expert_ok & coarse_ok
         iterations = iterations + expert_iterations
         conditions = conditions + expert_conditions
-        u = self._smoothed(u, end)
+        u = self._conserved(self._smoothed(u, end), linear)
         return self._finish(u, ok, conditions, iterations, prediction.dtype, inputs, linear)
 
     def _tracked_sweeps(self, u, r, phi, values):

@@ -54,6 +54,11 @@ class HardConstraint(_Constraint):
             cycle (4 sweeps, the solve, the grid, 4 sweeps) divided the error of the
             solve alone by 3 to 6 at equal training time on 33 x 33 and 129 x 129
             meshes (BENCHMARKS.md).
+        conserve: where the residual is a conservation law's (``residual.conserved``,
+            e.g. heat with no-flux boundaries; affine residuals), impose its
+            discrete balance exactly: a last correction by a constant makes the sum
+            of the residual over the free DOFs zero, which the sweeps and the grid
+            leave off by their own error (default). ``False`` leaves it to them.
 
     Shapes:
         ``prediction (B, 1, n)``, ``basis (B, N, n)``, each input ``(B, n)`` ->
@@ -75,7 +80,7 @@ class HardConstraint(_Constraint):
         after = self.smoothing or self.coarse_space is not None
         end = self._stage_linear(u, inputs, linear, after)
         u, coarse_ok = self._coarse_corrected(u, end)
-        u = self._smoothed(u, end)
+        u = self._conserved(self._smoothed(u, end), linear)
         return self._finish(
             u, ok & coarse_ok, [condition], iterations.sum(dim=1), prediction.dtype, inputs, linear
         )

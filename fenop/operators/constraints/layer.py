@@ -57,6 +57,7 @@ class _Constraint(nn.Module):
         smoothing: int = 4,
         global_solve: Nonlinear = "newton",
         coarse_grid: int | str = "auto",
+        conserve: bool = True,
     ):
         super().__init__()
         if condition not in CONDITIONS:
@@ -87,6 +88,14 @@ class _Constraint(nn.Module):
         self.residual, self.condition, self.ridge = residual, condition, float(ridge)
         self.rule = RULES[condition]
         self.affine = bool(residual.affine)
+        # the residual's conservation law, imposed exactly (see _conserved)
+        self.conserves = bool(conserve) and bool(getattr(residual, "conserved", False))
+        if self.conserves and not self.affine:
+            raise ValueError(
+                "the residual declares a conservation law (`conserved`), which a "
+                "constraint imposes exactly only for an affine residual; pass "
+                "conserve=False"
+            )
         # a residual that assembles its own Jacobian, in one pass
         self.assembled = isinstance(residual, AssembledJacobian)
         self.max_iterations, self.tolerance = int(max_iterations), float(tolerance)
@@ -364,6 +373,24 @@ class _Constraint(nn.Module):
         factors = self.coarse_systems.factorise(self.coarse_space.matrix(values))
         c, ok = factors.solve(-self.coarse_space.restrict(r))
         return u + self.coarse_space.prolong(c), ok
+
+    def _conserved(self, u: torch.Tensor, linear) -> torch.Tensor:
+        """``u + c`` ``(B, n)``, ``c`` ``(B, 1)`` constant on the free DOFs, with the sum
+        of the residual over the free DOFs zero: where the residual is a conservation
+        law's (``residual.conserved``, e.g. heat with no-flux boundaries), its
+        discrete balance, exactly. The Galerkin condition tested against the constant
+        field: the sweeps and the grid after the solve leave it off by their own
+        error, this last correction restores it. Measured on a no-flux heat rollout
+        (BENCHMARKS.md, "The constraint per time step"): the mass kept to rounding
+        and a lower error. ``linear`` is the affine residual's ``(R(0), J)``;
+        differentiable."""
+        if not self.conserves:
+            return u
+        ones = self.free.to(u.dtype).expand_as(u)
+        balance = torch.where(self.free, self._affine_residual(u, linear), 0.0).sum(-1)
+        applied = self.pattern.matmul(linear[1], ones[:, None])[:, 0]
+        weight = torch.where(self.free, applied, 0.0).sum(-1)  # 1ᵀ J 1: heat's ∫ 1
+        return u - (balance / weight)[:, None] * ones
 
     def _finish(self, u, ok, conditions, iterations, dtype, inputs: dict, linear) -> torch.Tensor:
         """The output ``(B, 1, n)``, and :attr:`report` of this call, per sample:

@@ -27,6 +27,10 @@ class Residual(Protocol):
             else Newton's method).
         symmetric: whether ``R``'s Jacobian is symmetric on the free DOFs
             (Cholesky instead of LU for Galerkin's systems).
+
+    Optional: ``conserved`` (default false), whether the sum of ``R`` over the
+    free DOFs is a conservation law's discrete balance (a no-flux problem's
+    mass), which the layers then impose exactly (their ``conserve`` option).
     """
 
     forms: object
