@@ -32,6 +32,12 @@ Variants (``--variants``):
   teacher forcing, built as in ``benchmarks/darcy.py`` (MgNO's peak learning rate
   5e-4, its authors'; FEMultigrid on the nested hierarchy of ``square_levels``).
 
+``-no-conserve`` (after any of the constraint variants' suffixes) turns off the
+layers' exact conservation (``conserve = False``), which they impose where the
+family's step conserves heat (``--option boundary=no_flux`` for heat; the table
+then has the drift of ∫u over the rollout, relative to ∫|u_0|, worst over the test
+trajectories).
+
 ``--grid G`` puts fenop's grid processors on a G x G grid whatever the mesh (the
 anchor stays on the vertex grid): a fixed grid is what keeps a stepper's cost
 from growing with the mesh.
@@ -45,6 +51,7 @@ other, the family's own solver).
     python benchmarks/dynamics.py --pde heat --seconds 120
     python benchmarks/dynamics.py --pde allen_cahn --seconds 120
     python benchmarks/dynamics.py --pde allen_cahn --resolution 129 --grid 64 --timing --samples 1 8
+    python benchmarks/dynamics.py --pde heat --option boundary=no_flux --variants fno fno-moe-coarse
 """
 
 from __future__ import annotations
@@ -90,6 +97,8 @@ VARIANTS = (
     "fno-hard-coarse-linearised",
     "fno-hard-coarse-loose",
     "fno-moe-coarse",
+    "fno-hard-coarse-no-conserve",
+    "fno-moe-coarse-no-conserve",
     "mgno",
     "lsm",
     "femultigrid",
@@ -130,6 +139,9 @@ def _model(variant: str, space, n: int, stats, parameters: dict, pde: str, grid:
             if variant.startswith("fno-hard")
             else {"kind": "moe", "n_basis": 8, "experts": 16}
         )
+        if variant.endswith("-no-conserve"):
+            table["conserve"] = False
+            variant = variant.removesuffix("-no-conserve")
         if variant.endswith("-linearised"):
             table["global_solve"] = "linearised"
         if variant.endswith("-loose"):
@@ -238,6 +250,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--data", type=Path, help="a folder to keep the data in")
     parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the family (as for fenop generate), e.g. boundary=no_flux",
+    )
+    parser.add_argument(
         "--timing",
         action="store_true",
         help="only time the rollouts of untrained models against the solver",
@@ -249,17 +268,20 @@ def main(argv=None) -> dict:
     dt = STEPS[args.pde]
     folder = args.data or Path(tempfile.mkdtemp())
     folder.mkdir(parents=True, exist_ok=True)
+    options = dict(option.split("=", 1) for option in args.option)
+    tag = "".join(f"-{value}" for value in options.values())
     path = generate(
         args.pde,
         n_train + n_test,
         unit_square(n),
         seed=0,
-        path=folder / f"{args.pde}-{n}-{n_train + n_test}-{4 * horizon}.h5",
+        path=folder / f"{args.pde}{tag}-{n}-{n_train + n_test}-{4 * horizon}.h5",
         progress=False,
         n_steps=4 * horizon,
         t_final=4 * horizon * dt,
         trajectory=True,
         workers=2,
+        **options,
     )
     store = read_store(path)
     parameters = store.header["parameters"]
@@ -289,11 +311,13 @@ def main(argv=None) -> dict:
         flush=True,
     )
     print()
+    conserved = len(space.boundary_dofs) == 0  # no-flux: ∫u is kept by every step
     print(
         "| model | steps | rollout L2 after 1 | H | 2H | 4H | > 10 % after | "
-        "one step (teacher-forced) | rollout s (FE s) |"
+        "one step (teacher-forced) | rollout s (FE s) |" + (" drift of ∫u |" if conserved else "")
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if conserved else ""))
+    mass = torch.from_numpy(np.asarray(space.mass_matrix.sum(axis=0))).float()
     loss = RelativeL2Loss(space, reduction="none")
     results = {}
     for variant in args.variants:
@@ -334,9 +358,15 @@ def main(argv=None) -> dict:
         above = np.nonzero(curve > 0.1)[0]
         reach = f"{above[0] + 1}" if len(above) else f"never ({4 * horizon})"
         cells = [f"{100 * curve[j - 1]:.2f} %" for j in (1, horizon, 2 * horizon, 4 * horizon)]
+        drift = ""
+        if conserved:  # over the rollout, relative to ∫|u_0|, the worst trajectory
+            heat = predicted @ mass.to(predicted.dtype)  # (n_test, 4H)
+            first = trajectories[:, 0].to(predicted.dtype)
+            change = (heat - (first @ mass)[:, None]).abs().amax(dim=1)
+            drift = f" {(change / (first.abs() @ mass)).max().item():.1e} |"
         print(
             f"| {variant} | {steps} | {' | '.join(cells)} | {reach} | "
-            f"{100 * forced.mean().item():.2f} % | {rollout_s:.2f} ({solver_s:.2f}) |",
+            f"{100 * forced.mean().item():.2f} % | {rollout_s:.2f} ({solver_s:.2f}) |{drift}",
             flush=True,
         )
         results[variant] = {"curve": curve, "steps": steps, "rollout_s": rollout_s}

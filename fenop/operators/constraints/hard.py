@@ -56,9 +56,11 @@ class HardConstraint(_Constraint):
             meshes (BENCHMARKS.md).
         conserve: where the residual is a conservation law's (``residual.conserved``,
             e.g. heat with no-flux boundaries; affine residuals), impose its
-            discrete balance exactly: a last correction by a constant makes the sum
-            of the residual over the free DOFs zero, which the sweeps and the grid
-            leave off by their own error (default). ``False`` leaves it to them.
+            discrete balance exactly (default): the constant field joins the basis
+            (the solves' Galerkin condition then holds the balance), and a last
+            correction by a constant makes the sum of the residual over the free
+            DOFs zero, which the sweeps and the grid after the solve leave off by
+            their own error. ``False``: neither.
 
     Shapes:
         ``prediction (B, 1, n)``, ``basis (B, N, n)``, each input ``(B, n)`` ->
