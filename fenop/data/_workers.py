@@ -62,8 +62,9 @@ _cluster_families: dict[str, PDEFamily] = {}
 def _build(recipe: Recipe) -> PDEFamily:
     name, options, degree, points, cells, mesh_type = recipe
     mesh = getattr(skfem, mesh_type)(points, cells)
-    space = FunctionSpace(mesh, degree=degree, dirichlet="boundary")
-    return get_pde(name)(space, **options)
+    family = get_pde(name)
+    space = FunctionSpace(mesh, degree=degree, dirichlet=family.dirichlet_for(options))
+    return family(space, **options)
 
 
 def _recipe_key(recipe: Recipe) -> str:

@@ -88,6 +88,26 @@ def test_trajectories_from_one_and_two_workers_are_the_same_file(tmp_path):
         assert f["u"].shape == (5, 4, 65) and f["time"].shape == (4,)
 
 
+def test_no_flux_trajectories_from_one_and_two_workers_are_the_same_file(tmp_path):
+    def run(name, workers):
+        return generate(
+            "heat",
+            3,
+            unit_square(5),
+            seed=1,
+            path=tmp_path / name,
+            workers=workers,
+            progress=False,
+            n_steps=2,
+            trajectory=True,
+            boundary="no_flux",
+        )
+
+    one, two = run("one.h5", 1), run("two.h5", 2)
+    assert one.read_bytes() == two.read_bytes()
+    assert read_header(one)["dirichlet"] == "none"
+
+
 def test_dask_cluster_writes_the_same_file(tmp_path):
     distributed = pytest.importorskip("distributed", reason="the cluster extra is not installed")
     local = generate(
