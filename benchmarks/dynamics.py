@@ -28,6 +28,10 @@ Variants (``--variants``):
   default cycle around the solves, 4 smoothing sweeps and the grid of
   ``coarse_grid = "auto"`` (17 x 17 from R = 65 up, a quarter of the cells per
   axis below), for ``fno-hard`` (also ``-linearised`` and ``-loose``) and ``fno-moe``;
+* ``fno-history2``: fenop's FNO given the last two states (``history = 2``; its
+  rollout starts from the first two states, so it has no error after one step);
+  ``fno-bundle2``: the next two states from one call (``bundle = 2``, temporal
+  bundling: half the calls a rollout);
 * ``mgno``, ``lsm``, ``femultigrid``: fenop's other processors in ``FEOperator``,
   teacher forcing, built as in ``benchmarks/darcy.py`` (MgNO's peak learning rate
   5e-4, its authors'; FEMultigrid on the nested hierarchy of ``square_levels``).
@@ -97,19 +101,26 @@ VARIANTS = (
     "fno-hard-coarse-linearised",
     "fno-hard-coarse-loose",
     "fno-moe-coarse",
+    "fno-hard-no-conserve",
+    "fno-moe-no-conserve",
     "fno-hard-coarse-no-conserve",
     "fno-moe-coarse-no-conserve",
+    "fno-history2",
+    "fno-bundle2",
     "mgno",
     "lsm",
     "femultigrid",
 )
 # peak learning rates other than 2e-3 (MgNO's authors' value, as in benchmarks/darcy.py)
 LR = {"mgno": 5e-4}
+# (history, bundle) other than (1, 1): the states a variant sees and predicts per call
+SHAPES = {"fno-history2": (2, 1), "fno-bundle2": (1, 2)}
 
 
 def _processor(variant: str, grid: int, n_basis: int, n: int):
     """The processor of a fenop variant, and its grid's resolution (``None`` off a grid)."""
     width = 32
+    history, bundle = SHAPES.get(variant, (1, 1))
     if variant == "mgno":
         return MgNO(4, 1, grid=(grid, grid), width=width, n_layers=4), grid
     if variant == "lsm":
@@ -118,7 +129,9 @@ def _processor(variant: str, grid: int, n_basis: int, n: int):
         spaces = square_hierarchy(square_levels(n))
         return FEMultigrid(spaces, 1, 1, width=width, n_layers=4), None
     modes = min(12, grid // 2)
-    return FNO(4, 1 + n_basis, n_modes=(modes, modes), hidden_channels=width), grid
+    # the encoder's 3 extra channels (mask, coordinates) beside the states
+    fno = FNO(3 + history, bundle + n_basis, n_modes=(modes, modes), hidden_channels=width)
+    return fno, grid
 
 
 def _model(variant: str, space, n: int, stats, parameters: dict, pde: str, grid: int):
@@ -165,7 +178,9 @@ def _model(variant: str, space, n: int, stats, parameters: dict, pde: str, grid:
     )
 
 
-def _train(model, windows, space, *, seconds, mode, unroll, noise, physics, state_std, lr=2e-3):
+def _train(
+    model, windows, space, *, history, seconds, mode, unroll, noise, physics, state_std, lr=2e-3
+):
     """Train for ``seconds``; returns (steps, seconds)."""
     x, y = windows
     loss_fn = RelativeL2Loss(space)
@@ -183,7 +198,7 @@ def _train(model, windows, space, *, seconds, mode, unroll, noise, physics, stat
                 jitter = noise * state_std * torch.randn(xb[:, :1].shape, generator=generator)
             ahead = int(torch.randint(unroll, (), generator=generator))  # pushforward's j
             prediction, target = step_prediction(
-                model, xb, yb, history=1, mode=mode, unroll=unroll, noise=jitter, ahead=ahead
+                model, xb, yb, history=history, mode=mode, unroll=unroll, noise=jitter, ahead=ahead
             )
             loss = loss_fn(prediction, target)
             if physics is not None:
@@ -292,7 +307,11 @@ def main(argv=None) -> dict:
     space = train.space
     family = get_pde(args.pde)(space, **parameters)
     trajectories = test.trajectories(range(n_test))  # (n_test, 4H + 1, n)
-    windows = {1: _windows(train), 2: _windows(train.unrolled(2))}
+    # training windows and their statistics by (history, bundle, calls)
+    windows = {
+        (1, 1, 1): (*_windows(train), stats),
+        (1, 1, 2): (*_windows(train.unrolled(2)), stats),
+    }
 
     # scikit-fem's rollout of the same steps, one trajectory after the other
     start = time.perf_counter()
@@ -322,19 +341,26 @@ def main(argv=None) -> dict:
     results = {}
     for variant in args.variants:
         torch.manual_seed(0)
-        model = _model(variant, space, n, stats, parameters, args.pde, args.grid)
+        history, bundle = SHAPES.get(variant, (1, 1))
         mode = {"fno-pushforward": "pushforward", "fno-unrolled": "unrolled"}.get(
             variant, "one_step"
         )
         unroll = 2 if mode != "one_step" else 1
+        shape = {"history": history, "bundle": bundle}
+        if (history, bundle, unroll) not in windows:
+            steps_of = StepDataset(path, indices=range(n_train), horizon=horizon, **shape)
+            windows[history, bundle, unroll] = (*_windows(steps_of), steps_of.normalizers())
+        *pairs, variant_stats = windows[history, bundle, unroll]
+        model = _model(variant, space, n, variant_stats, parameters, args.pde, args.grid)
         physics = None
         if variant == "fno-soft":
             physics = PhysicsLoss(family.residual(), ["u_prev"])
         noise = 0.01 if variant == "fno-noise" else 0.0
         steps, _ = _train(
             model,
-            windows[unroll],
+            pairs,
             space,
+            history=history,
             seconds=args.seconds,
             mode=mode,
             unroll=unroll,
@@ -345,19 +371,28 @@ def main(argv=None) -> dict:
         )
         model.eval()
         start = time.perf_counter()
-        predicted = rollout(model, trajectories[:, :1], 4 * horizon)
+        # from the first `history` true states: the states at times history .. 4H
+        predicted = rollout(model, trajectories[:, :history], 4 * horizon - history + 1)
         rollout_s = time.perf_counter() - start
-        truth = trajectories[:, 1:]
+        x, y = _windows(StepDataset(path, indices=range(n_train, n_train + n_test), **shape))
         with torch.no_grad():
-            free = torch.stack([loss(predicted[:, [j]], truth[:, [j]]) for j in range(4 * horizon)])
-            forced = loss(
-                model(trajectories[:, :-1].reshape(-1, 1, space.n_dofs)),
-                truth.reshape(-1, 1, space.n_dofs),
+            free = torch.stack(
+                [
+                    loss(predicted[:, [t - history]], trajectories[:, [t]])
+                    if t >= history
+                    else torch.full((n_test,), math.nan)
+                    for t in range(1, 4 * horizon + 1)
+                ]
             )
+            out = model(x)  # every test window, from true states
+            forced = torch.stack([loss(out[:, [c]], y[:, [c]]) for c in range(bundle)])
         curve = free.mean(dim=1).numpy()  # (4H,) over the test trajectories
         above = np.nonzero(curve > 0.1)[0]
         reach = f"{above[0] + 1}" if len(above) else f"never ({4 * horizon})"
-        cells = [f"{100 * curve[j - 1]:.2f} %" for j in (1, horizon, 2 * horizon, 4 * horizon)]
+        cells = [
+            "-" if math.isnan(curve[t - 1]) else f"{100 * curve[t - 1]:.2f} %"
+            for t in (1, horizon, 2 * horizon, 4 * horizon)
+        ]
         drift = ""
         if conserved:  # over the rollout, relative to ∫|u_0|, the worst trajectory
             heat = predicted @ mass.to(predicted.dtype)  # (n_test, 4H)

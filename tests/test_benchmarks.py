@@ -7,6 +7,8 @@ in BENCHMARKS.md.
 import itertools
 import math
 
+import numpy as np
+
 from fenop.fem import is_refinement
 from tests.helpers import load_script
 
@@ -277,9 +279,18 @@ def test_dynamics_trains_and_rolls_out_every_variant(tmp_path, capsys):
     small += ["--horizon", "2", "--data", str(tmp_path)]
     results = script.main([*small, "--seconds", "0.3"])
     assert set(results) == set(script.VARIANTS)
-    for row in results.values():  # a 4H = 8-step rollout of each, scored at every step
+    for name, row in results.items():  # a 4H = 8-step rollout of each, scored at every step
+        given = script.SHAPES.get(name, (1, 1))[0] - 1  # true states it starts from
         assert row["steps"] >= 1 and row["curve"].shape == (8,)
-        assert ((row["curve"] > 0) & (row["curve"] < 10)).all()
+        assert np.isnan(row["curve"][:given]).all()
+        assert ((row["curve"][given:] > 0) & (row["curve"][given:] < 10)).all()
+    capsys.readouterr()
+    no_flux = ["--pde", "heat", "--option", "boundary=no_flux", "--resolution", "9"]
+    no_flux += ["--samples", "4", "2", "--horizon", "2", "--data", str(tmp_path)]
+    script.main([*no_flux, "--seconds", "0.3", "--variants", "fno", "fno-hard-coarse"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()]
+    drift = {row[1].strip(): float(row[-2]) for row in rows if len(row) == 12 and "fno" in row[1]}
+    assert drift["fno-hard-coarse"] < 1e-6 < drift["fno"]  # heat kept by the constraint
     timed = ["fno", "fno-moe-linearised", "mgno"]
     timing = script.main([*small, "--timing", "--grid", "8", "--variants", *timed])
     assert set(timing) == set(timed) and all(seconds > 0 for seconds in timing.values())
