@@ -105,7 +105,8 @@ def constraint_table(given: dict) -> dict:
     if unknown:
         raise ConstraintError(f"unknown key model.constraint.{unknown[0]}; known: {sorted(every)}")
     table = {name: option.default for name, option in options.items()}
-    if given.get("update") in UPDATE_ALIASES:  # a description written before the rename
+    if isinstance(given.get("update"), str) and given["update"] in UPDATE_ALIASES:
+        # a description written before the rename
         given = {**given, "update": UPDATE_ALIASES[given["update"]]}
     for key, value in given.items():
         if key in _DESCRIBED or key in options:

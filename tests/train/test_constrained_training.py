@@ -93,6 +93,8 @@ def test_the_soft_physics_loss_trains(tmp_path):
         (("experts = 2", "experts = 2\nexpert = 3"), r"unknown key model.constraint.expert"),
         (("sweeps = 2", 'sweeps = 2\ncondition = "ritz"'), r"condition must be one of"),
         (("sweeps = 2", 'sweeps = 2\nnonlinear = "bfgs"'), r"nonlinear must be one of"),
+        (("sweeps = 2", "sweeps = 2\nupdate = []"), r"update must be one of"),
+        (("sweeps = 2", "sweeps = 2\nconserve = 1"), r"conserve must be bool"),
         (("n_basis = 4", "n_basis = 0"), r"n_basis must be positive"),
         (("n_basis = 4", 'n_basis = "four"'), r"n_basis must be int, got 'four'"),
         (('output = "run"', 'output = "run"\nphysics_weight = -1'), "physics_weight must be"),

@@ -117,7 +117,8 @@ class MoEConstraint(_Constraint):
             coarse_grid=coarse_grid,
             conserve=conserve,
         )
-        update = UPDATE_ALIASES.get(update, update)
+        if isinstance(update, str):
+            update = UPDATE_ALIASES.get(update, update)
         if update not in UPDATES:
             raise ValueError(f"`update` must be one of {UPDATES}, got {update!r}")
         if nonlinear not in NONLINEAR:
