@@ -55,6 +55,10 @@ def test_products_and_their_gradients():
     dense = pattern.dense(values)
     torch.testing.assert_close(pattern.matmul(values, x), x @ dense.transpose(1, 2))
     assert torch.autograd.gradcheck(pattern.matmul, (values, x))
+    # one field: matrix-vector products, and the gradient's outer product by gathers
+    one = x[:, :1].detach().clone().requires_grad_(True)
+    torch.testing.assert_close(pattern.matmul(values, one), one @ dense.transpose(1, 2))
+    assert torch.autograd.gradcheck(pattern.matmul, (values, one))
     transposed = pattern.matmul(values, x, transpose=True)
     torch.testing.assert_close(transposed, x @ dense)
     left, right = x[:, 0].detach(), x[:, 1].detach()
