@@ -38,7 +38,7 @@ from fenop.fem.colouring import colour_graph
 from fenop.fem.forms import quadrature_data
 from fenop.fem.partition import _canonical_order, dof_graph
 from fenop.fem.space import FunctionSpace
-from fenop.fem.sparse import _quiet_csr
+from fenop.fem.sparse import _quiet_csr, csr_product
 
 
 def take_columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -126,10 +126,7 @@ class _PatternProduct(torch.autograd.Function):
     @staticmethod
     def forward(values, x, pattern):
         batch, cols, fields = x.shape
-        block = pattern.block(values)
-        if fields == 1:
-            return torch.mv(block, x.reshape(-1)).reshape(batch, -1, 1)
-        product = block @ x.reshape(batch * cols, fields)
+        product = csr_product(pattern.block(values), x.reshape(batch * cols, fields).squeeze(1))
         return product.reshape(batch, -1, fields)
 
     @staticmethod
@@ -147,10 +144,7 @@ class _PatternProduct(torch.autograd.Function):
         grad_values = grad_x = None
         if ctx.needs_input_grad[1]:
             transposed = p.block(take_columns(values, p.transpose_order), transposed=True)
-            if fields == 1:
-                grad_x = torch.mv(transposed, grad[:, 0]).reshape(batch, cols, 1)
-            else:
-                grad_x = (transposed @ grad).reshape(batch, cols, fields)
+            grad_x = csr_product(transposed, grad.squeeze(1)).reshape(batch, cols, fields)
         if ctx.needs_input_grad[0] and fields == 1:
             rows = take_columns(grad.reshape(batch, -1), p.row)
             grad_values = rows * take_columns(x.reshape(batch, cols), p.col)
