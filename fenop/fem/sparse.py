@@ -168,6 +168,14 @@ class SparseMatrix(nn.Module):
     def extra_repr(self) -> str:
         return f"shape={self.shape}, device={self.device}"
 
+    def scipy(self) -> scipy.sparse.csr_array:
+        """The float64 matrix as a SciPy CSR array (on the CPU), to compose with others."""
+        matrix = self._copies[torch.float64][0]
+        crow, col, values = (
+            t.cpu().numpy() for t in (matrix.crow_indices(), matrix.col_indices(), matrix.values())
+        )
+        return scipy.sparse.csr_array((values, col, crow), shape=tuple(matrix.shape))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``matrix @ x`` along the last dimension: ``(..., n)`` -> ``(..., m)``."""
         flat = x.reshape(-1, x.shape[-1])

@@ -53,6 +53,26 @@ def test_coarse_space_products_match_scipy(mesh, resolution):
     np.testing.assert_allclose(got, expected, atol=1e-11 * np.abs(expected).max())
 
 
+def test_the_coarse_matrix_from_darcys_coefficient_is_that_of_its_entries():
+    space = FunctionSpace(unit_square(17), dirichlet="boundary")
+    residual = get_pde("darcy")(space).residual()
+    pattern = JacobianPattern(space)
+    coarse = CoarseSpace(pattern, ~residual.dirichlet, 5)
+    a = 1 + torch.rand(2, space.n_dofs, dtype=torch.float64)
+    name, to_entries = residual.jacobian_map(pattern)
+    expected = coarse.matrix(residual.jacobian_entries(pattern, a=a))
+    torch.testing.assert_close(coarse.matrix_from(to_entries, a), expected, rtol=1e-12, atol=0)
+    a.requires_grad_(True)
+    assert name == "a" and torch.autograd.gradcheck(lambda a: coarse.matrix_from(to_entries, a), a)
+    # the layer takes it from the input: its output as from the entries
+    layer, guess = HardConstraint(residual, coarse_grid=5), torch.rand(2, 1, space.n_dofs)
+    basis = _smooth_fields(space, 3, seed=0)[None].expand(2, -1, -1)
+    with torch.no_grad():
+        out = layer(guess, basis, a=a)
+        layer._coarse_matrix = lambda inputs: None  # as for a residual without the map
+        torch.testing.assert_close(layer(guess, basis, a=a), out, rtol=1e-10, atol=1e-12)
+
+
 def test_coarse_space_rejects_a_grid_without_interior_or_finer_than_the_mesh():
     space = FunctionSpace(unit_square(9), dirichlet="boundary")
     free = torch.ones(space.n_dofs, dtype=torch.bool)

@@ -41,6 +41,7 @@ from torch import nn
 
 from fenop.fem.encoders import bounding_grid
 from fenop.fem.jacobian import JacobianPattern
+from fenop.fem.sparse import SparseMatrix
 
 # The largest grid "auto" picks: 289 hats (17 x 17 in 2D, 6 x 6 x 6 in 3D). Past it
 # the dense coarse solve and the map to its matrix grow faster than the mesh's work:
@@ -105,7 +106,8 @@ class CoarseSpace(nn.Module):
 
     Shapes:
         :meth:`prolong`: ``(B, m)`` -> ``(B, n)``; :meth:`restrict`: ``(B, n)`` ->
-        ``(B, m)``; :meth:`matrix`: ``J``'s entries ``(B, nnz)`` -> ``(B, m, m)``.
+        ``(B, m)``; :meth:`matrix`: ``J``'s entries ``(B, nnz)`` -> ``(B, m, m)``;
+        :meth:`matrix_from`: a field ``(B, n)`` -> ``(B, m, m)``.
     """
 
     def __init__(
@@ -145,6 +147,8 @@ class CoarseSpace(nn.Module):
         for name, array in (("crow", galerkin.indptr), ("col", galerkin.indices)):
             self.register_buffer(name, torch.from_numpy(array.astype(index_type)), persistent=False)
         self.register_buffer("galerkin_weights", torch.from_numpy(galerkin.data), persistent=False)
+        self._galerkin = galerkin  # for matrix_from's composed maps
+        self._composed: tuple[SparseMatrix, SparseMatrix] | None = None
 
     def prolong(self, c: torch.Tensor) -> torch.Tensor:
         """``P c``: coefficients ``(B, m)`` -> the field ``(B, n)``."""
@@ -168,3 +172,16 @@ class CoarseSpace(nn.Module):
         flat = values.new_zeros((len(values), self.size * self.size))
         flat[:, self.slots] = (galerkin @ values.T).T
         return flat.reshape(len(values), self.size, self.size)
+
+    def matrix_from(self, to_entries: SparseMatrix, field: torch.Tensor) -> torch.Tensor:
+        """``Pᵀ J P`` ``(B, m, m)`` for ``J``'s entries ``to_entries @ field`` (a
+        residual's ``jacobian_map``, ``field`` ``(B, n)``), by one product with the two
+        maps composed, made on the first call with ``to_entries``: without ``J``'s
+        entries, whose product with :meth:`matrix`'s map wants them entry-major
+        (a transposition of ``(B, nnz)``), and with fewer entries (Darcy at 6.6e4
+        DOFs: 1.1e6 against 6.5e6). Differentiable in ``field``."""
+        if self._composed is None or self._composed[0] is not to_entries:
+            self._composed = (to_entries, SparseMatrix(self._galerkin @ to_entries.scipy()))
+        flat = field.new_zeros((len(field), self.size * self.size))
+        flat[:, self.slots] = self._composed[1].to(field.device)(field)
+        return flat.reshape(len(field), self.size, self.size)

@@ -363,17 +363,31 @@ class _Constraint(nn.Module):
             u = u - step * self._affine_residual(u, linear)
         return u
 
-    def _coarse_corrected(self, u: torch.Tensor, linear):
+    def _coarse_matrix(self, inputs: dict) -> torch.Tensor | None:
+        """The coarse grid's matrix ``(B, m, m)`` from the inputs alone, for an affine
+        residual whose Jacobian is linear in one of them (``residual.jacobian_map``:
+        Darcy's in ``a``); ``None`` otherwise (:meth:`_coarse_corrected` then forms
+        it from ``J``'s entries)."""
+        mapped = getattr(self.residual, "jacobian_map", None)
+        if self.coarse_space is None or not self.affine or mapped is None:
+            return None
+        name, to_entries = mapped(self.pattern)
+        return self.coarse_space.matrix_from(to_entries, inputs[name])
+
+    def _coarse_corrected(self, u: torch.Tensor, linear, matrix=None):
         """``u + P c`` ``(B, n)`` with ``Pᵀ (J (u + P c) + R(0)) = 0`` for the affine
         residual ``linear`` (``(R(0), J)``, as :meth:`_smoothed` takes it): the
         Galerkin correction in the coarse space (:attr:`coarse_grid`), and whether
         each solve succeeded ``(B,)``. The coarse space holds the smooth part of the
         error, which the network's basis misses on a mesh finer than its grid;
-        differentiable."""
+        differentiable. ``matrix``: ``Pᵀ J P`` where the caller has it
+        (:meth:`_coarse_matrix`)."""
         if self.coarse_space is None:
             return u, torch.ones(len(u), dtype=torch.bool, device=u.device)
-        r, values = self._affine_residual(u, linear), linear[1]
-        factors = self.coarse_systems.factorise(self.coarse_space.matrix(values))
+        r = self._affine_residual(u, linear)
+        if matrix is None:
+            matrix = self.coarse_space.matrix(linear[1])
+        factors = self.coarse_systems.factorise(matrix)
         c, ok = factors.solve(-self.coarse_space.restrict(r))
         return u + self.coarse_space.prolong(c), ok
 

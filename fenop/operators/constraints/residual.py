@@ -51,6 +51,12 @@ class AssembledJacobian(Protocol):
       ``(B, nnz)``, for a residual that is not affine;
     - ``jacobian_entries(pattern, **inputs)``: ``J``'s entries, for an affine one;
     - ``offset(**inputs)``: ``R(0)`` ``(B, n)``, for an affine one.
+
+    Optional: ``jacobian_map(pattern)``, for an affine residual whose weak form's
+    Jacobian is linear in one input (Darcy's in ``a``): that input's name and the
+    :class:`~fenop.fem.SparseMatrix` ``(nnz, n)`` from it to the entries; the
+    coarse grid then takes its matrix from the input in one product with the two
+    maps composed, without the entries.
     """
 
     def linearised(self, pattern, u: torch.Tensor, **inputs: torch.Tensor): ...
