@@ -86,8 +86,9 @@ def csr_product(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``matrix @ x`` for a CSR ``matrix`` ``(m, n)`` and a dense ``x`` ``(n,)`` or
     ``(n, M)``, into an output made here: for a matrix ``x`` PyTorch's ``@``
     zero-fills a result and copies the sparse kernel's into it, which took as long
-    as the product itself (6.6e4 DOFs, batch 8, M = 8: 22 ms against 12). Not
-    differentiable where ``x`` needs a gradient (``@`` then)."""
+    as the product itself (6.6e4 DOFs, batch 8, M = 8: 22 ms against 12). Where
+    ``x`` needs a gradient (a backward pass run with ``create_graph``), ``@``, which
+    autograd records."""
     if x.ndim == 1:
         return torch.mv(matrix, x)
     if x.requires_grad and torch.is_grad_enabled():
