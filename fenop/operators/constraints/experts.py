@@ -75,11 +75,13 @@ class MoEConstraint(_Constraint):
             on one sample (benchmarks/history.md, "Nonlinear experts"): the outputs
             agree to 1e-4 relative, below the errors both leave, and the linearised
             sweeps cost 3-9x less.
-        ridge, max_iterations, tolerance, chord, smoothing, global_solve, coarse_grid,
-        conserve: as for :class:`HardConstraint`, with the same defaults (the smoothing
+        ridge, max_iterations, tolerance, chord, smoothing, global_solve, coarse_grid:
+            as for :class:`HardConstraint`, with the same defaults (the smoothing
             sweeps come before the coarse solve and after the experts';
             ``global_solve`` is the coarse solve's; the grid's correction comes
             after the experts').
+        conserve: as for :class:`HardConstraint` (the constant joins each
+            expert's fields too).
 
     Shapes:
         as for :class:`HardConstraint`.
