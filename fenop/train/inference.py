@@ -100,15 +100,19 @@ def model_on_store(model: ModelLike, store: StoreInfo, *, device=None) -> FEOper
     _check_same_pde(model, store)
     if store.space.same_dofs(model.space_in):
         return model
+    # The boundary condition is the model's: a user's mesh file says nothing of it (a
+    # converted one is labelled with Dirichlet DOFs), and a no-flux model has none.
+    dirichlet = "boundary" if len(model.space_out.boundary_dofs) else None
+    space = FunctionSpace(store.space.mesh, degree=store.space.degree, dirichlet=dirichlet)
     constraint = None
     if model.constraint is not None:
         # The constraint's residual and experts, rebuilt on this mesh by the same rules.
         description = getattr(model.constraint, "description", None)
         if description is None:
             raise InputError("a constraint made by hand cannot be moved to another mesh")
-        constraint = build_constraint(description, store.space)
+        constraint = build_constraint(description, space)
     try:
-        return model.transfer(store.space, constraint=constraint)
+        return model.transfer(space, constraint=constraint)
     except ValueError as exc:
         raise StoreError(store.path, f"this mesh is not in the model's domain: {exc}") from None
 
@@ -259,14 +263,17 @@ def checked_output(
     return output
 
 
-def prediction_attrs(store: StoreInfo, model_name, source: str | os.PathLike) -> dict:
-    """The root attributes of a store of predictions: the input's PDE and boundary
-    conditions, which model made them, with which fenop, from which file."""
+def prediction_attrs(
+    store: StoreInfo, model_name, source: str | os.PathLike, space: FunctionSpace
+) -> dict:
+    """The root attributes of a store of predictions: the input's PDE, the boundary
+    condition of the model's output ``space``, which model made them, with which
+    fenop, from which file."""
     from fenop import __version__
 
     return {
         **({"pde": store.header["pde"]} if "pde" in store.header else {}),
-        "dirichlet": store.header.get("dirichlet", "boundary"),
+        "dirichlet": "boundary" if len(space.boundary_dofs) else "none",
         "model": str(model_name),
         "fenop_version": __version__,
         "source": os.fspath(source),
@@ -311,7 +318,7 @@ def predict_store(
     store.check_values(inputs)
     name = model if not isinstance(model, FEOperator) else type(model.processor).__name__
     model = model_on_store(model, store, device=device)
-    attrs = prediction_attrs(store, name, path)
+    attrs = prediction_attrs(store, name, path, model.space_out)
     n = store.n_complete
     with replacing(output) as staging:
         create_store(staging, store.space, fields=outputs, n_samples=n, attrs=attrs)

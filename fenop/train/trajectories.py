@@ -311,7 +311,7 @@ def predict_rollouts(
     t0 = store.times[history - 1] if moving else 0.0
     times = t0 + stepper["dt"] * np.arange(-(history - 1), steps + 1)
     name = model if not isinstance(model, str | os.PathLike) else os.fspath(model)
-    attrs = prediction_attrs(store, name, path)
+    attrs = prediction_attrs(store, name, path, net.space_out)
     n = store.n_complete
     with replacing(output) as staging:
         create_store(

@@ -217,6 +217,18 @@ def test_the_command_evaluates_plots_and_predicts_a_stepper(folder, tmp_path, ca
     assert err.endswith("field 'u' is not a trajectory (sample, time, dof)") and "\n" not in err
 
 
+def _rollout_of(path):
+    """A prediction store's states ``(sample, time, dof)``, the largest change of their
+    total heat over the rollout relative to ``∫|u_0|`` per sample, and its label."""
+    store = read_store(path)
+    with h5py.File(path) as f:
+        states = f["u"][()]
+    mass = store.space.mass_matrix.sum(axis=0)
+    heat = mass @ states.transpose(0, 2, 1)  # (sample, time)
+    drift = np.abs(heat - heat[:, :1]).max(axis=1) / (np.abs(mass) @ np.abs(states[:, 0]).T)
+    return states, drift, store
+
+
 def test_a_no_flux_stepper_trained_by_the_command_conserves_heat_over_a_rollout(tmp_path):
     data = tmp_path / "heat.h5"
     options = ["--option", "boundary=no_flux", "--resolution", "9", "--steps", "5"]
@@ -228,14 +240,26 @@ def test_a_no_flux_stepper_trained_by_the_command_conserves_heat_over_a_rollout(
     config += '[model.constraint]\nkind = "global"\nn_basis = 4\n'
     (tmp_path / "c.toml").write_text(config)
     train_from_config(tmp_path / "c.toml", progress=False)
-    out = tmp_path / "p.h5"
     checkpoint = str(tmp_path / "run" / "best")
-    assert main(["predict", checkpoint, str(data), "-o", str(out), "--steps", "8", "-q"]) == 0
-    with h5py.File(out) as f:
-        states = f["u"][()]  # (sample, time, dof): the initial state and 8 predicted
-    mass = store.space.mass_matrix.sum(axis=0)
-    heat = mass @ states.transpose(0, 2, 1)  # (sample, time)
+    predict = ["predict", checkpoint, "-q", "--overwrite", "-o", str(tmp_path / "p.h5")]
+    assert main([*predict, str(data), "--steps", "8"]) == 0
+    states, drift, predicted = _rollout_of(tmp_path / "p.h5")
     # exact in the layer's float64, then rounded to the model's float32 each step
-    scale = np.abs(mass) @ np.abs(states[:, 0]).T  # (sample,)
-    assert (np.abs(heat - heat[:, :1]).max(axis=1) < 1e-6 * scale).all()
-    assert np.ptp(states[:, -1], axis=-1).min() > 0  # not a constant field
+    assert (drift < 1e-6).all() and np.ptp(states[:, -1], axis=-1).min() > 0
+    assert predicted.header["dirichlet"] == "none"  # the model's, not the input's
+    # on another mesh, from a user's file (converted ones say nothing of the boundary,
+    # and are labelled with Dirichlet DOFs): the model's own boundary condition holds
+    assert (
+        main(["generate", "heat", "-n", "2", "--resolution", "13", "-o", str(tmp_path / "o.h5")])
+        == 0
+    )
+    assert (
+        main(["convert", str(tmp_path / "o.h5"), str(tmp_path / "user.xdmf"), "--samples", "0:1"])
+        == 0
+    )
+    assert main(["convert", str(tmp_path / "user.xdmf"), str(tmp_path / "mine.h5")]) == 0
+    assert read_store(tmp_path / "mine.h5").header["dirichlet"] == "boundary"
+    assert main([*predict, str(tmp_path / "mine.h5"), "--steps", "4"]) == 0
+    states, drift, predicted = _rollout_of(tmp_path / "p.h5")
+    assert (drift < 1e-6).all() and predicted.header["dirichlet"] == "none"
+    assert np.abs(states[:, -1][:, predicted.space.mesh.boundary_nodes()]).max() > 0
