@@ -81,6 +81,11 @@ class _CSRPattern(nn.Module):
         """``A_b x_b``: entries ``(B, nnz)``, ``x`` ``(B, cols, M)`` -> ``(B, rows, M)``."""
         return _PatternProduct.apply(values, x.to(values.dtype), self)
 
+    def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """The entries ``(B, nnz)`` of ``left_b right_bᵀ`` on the pattern, from
+        ``(B, rows)`` and ``(B, cols)``, by two gathers."""
+        return take_columns(left, self.row) * take_columns(right, self.col)
+
     def block(self, values: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
         """The block-diagonal ``(B rows, B cols)`` CSR matrix of the B matrices whose
         entries are ``values`` ``(B, nnz)`` (``transposed``: of their transposes, the
@@ -146,8 +151,7 @@ class _PatternProduct(torch.autograd.Function):
             transposed = p.block(take_columns(values, p.transpose_order), transposed=True)
             grad_x = csr_product(transposed, grad.squeeze(1)).reshape(batch, cols, fields)
         if ctx.needs_input_grad[0] and fields == 1:
-            rows = take_columns(grad.reshape(batch, -1), p.row)
-            grad_values = rows * take_columns(x.reshape(batch, cols), p.col)
+            grad_values = p.outer(grad.reshape(batch, -1), x.reshape(batch, cols))
         elif ctx.needs_input_grad[0]:
             pattern = p.block(torch.zeros_like(values))
             flat = x.reshape(batch * cols, fields)
@@ -187,8 +191,6 @@ class JacobianPattern(nn.Module):
             (np.arange(1, graph.nnz + 1, dtype=np.float64), graph.indices, graph.indptr),
             shape=graph.shape,
         )
-        rows = np.repeat(np.arange(n), np.diff(graph.indptr))
-        self.register_buffer("entry_rows", torch.from_numpy(rows), persistent=False)
         diagonal = self._positions[np.arange(n), np.arange(n)]
         self.register_buffer(
             "diagonal",
@@ -199,7 +201,7 @@ class JacobianPattern(nn.Module):
         seeds[colour, np.arange(n)] = 1.0
         self.register_buffer("seeds", torch.from_numpy(seeds), persistent=False)
         # entry (i, j) is row i of the product of j's colour: its place in (c, n)
-        probe = colour[graph.indices] * n + rows
+        probe = colour[graph.indices] * n + self.pattern.row.numpy()
         self.register_buffer("probe", torch.from_numpy(probe), persistent=False)
 
     def values(self, products: torch.Tensor) -> torch.Tensor:
@@ -230,7 +232,12 @@ class JacobianPattern(nn.Module):
         """The entries ``(B, nnz)`` of ``left_b right_bᵀ`` on the pattern, from
         ``(B, n)`` and ``(B, n)``: the gradient with respect to ``J``'s entries of
         ``leftᵀ J right``."""
-        return take_columns(left, self.entry_rows) * take_columns(right, self.pattern.col)
+        return self.pattern.outer(left, right)
+
+    @property
+    def entry_rows(self) -> torch.Tensor:
+        """``(nnz,)``: each entry's row."""
+        return self.pattern.row
 
     def local_slots(self) -> np.ndarray:
         """``(N, N, E)``: where entry ``(i, j)`` of cell ``e``'s local matrix lands in
@@ -260,10 +267,8 @@ class JacobianPattern(nn.Module):
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """``(B, n, n)`` dense copies of the matrices (for tests and small problems)."""
         n = self.space.n_dofs
-        p = self.pattern
-        rows = torch.repeat_interleave(torch.arange(n, device=values.device), p.crow.diff())
         out = values.new_zeros(values.shape[0], n, n)
-        out[:, rows, p.col] = values
+        out[:, self.pattern.row, self.pattern.col] = values
         return out
 
 
