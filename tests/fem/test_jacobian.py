@@ -84,6 +84,33 @@ def test_products_of_batches_that_shrink_and_grow():
             torch.testing.assert_close(got, want)
 
 
+def test_the_kept_transposes_follow_their_matrices():
+    """The backward pass keeps the last matrices' transposed entries: products with
+    two matrices in one graph, a matrix changed in place between two backward passes
+    and a matrix freed and another made (perhaps in its memory) each get their own
+    transpose."""
+    space = FunctionSpace(unit_square(5), dirichlet="boundary")
+    pattern = JacobianPattern(space)
+    x = torch.randn(2, 1, space.n_dofs, dtype=torch.float64, requires_grad=True)
+
+    def gradient(first, second):
+        """The gradient in ``x`` of ``|J2 J1 x + J1 x|²``, and dense autograd's."""
+        y = pattern.matmul(first, x)
+        got = torch.autograd.grad((pattern.matmul(second, y) + y).square().sum(), x)[0]
+        d1, d2 = pattern.dense(first), pattern.dense(second)
+        y = x @ d1.transpose(1, 2)
+        want = torch.autograd.grad((y @ d2.transpose(1, 2) + y).square().sum(), x)[0]
+        return got, want
+
+    for _ in range(3):  # each new pair may take the memory of the last
+        first, second = (torch.randn(2, pattern.nnz, dtype=torch.float64) for _ in range(2))
+        torch.testing.assert_close(*gradient(first, second))  # keeps first's
+        first.mul_(-2.0)  # in place: a new version of the same memory
+        torch.testing.assert_close(*gradient(first, first))
+        torch.testing.assert_close(*gradient(second, first))
+        del first, second
+
+
 def test_blocks_are_the_subdomains_submatrices():
     space = FunctionSpace(unit_square(7))
     pattern = JacobianPattern(space)
