@@ -31,14 +31,19 @@ def _quiet_csr():
         yield
 
 
-def to_torch_csr(matrix: scipy.sparse.sparray | scipy.sparse.spmatrix) -> torch.Tensor:
-    """A float64 torch sparse CSR copy of a SciPy sparse ``(m, n)`` matrix."""
+def to_torch_csr(
+    matrix: scipy.sparse.sparray | scipy.sparse.spmatrix, *, index_dtype=np.int64
+) -> torch.Tensor:
+    """A float64 torch sparse CSR copy of a SciPy sparse ``(m, n)`` matrix, its indices
+    ``index_dtype`` (``np.int32`` where they fit: see :class:`SparseMatrix`)."""
     csr = scipy.sparse.csr_array(matrix, dtype=np.float64)
     csr.sum_duplicates()
+    if np.dtype(index_dtype) == np.int32 and max(csr.nnz, *csr.shape) >= 2**31:
+        index_dtype = np.int64
     with _quiet_csr():
         return torch.sparse_csr_tensor(
-            torch.from_numpy(csr.indptr.astype(np.int64)),
-            torch.from_numpy(csr.indices.astype(np.int64)),
+            torch.from_numpy(csr.indptr.astype(index_dtype)),
+            torch.from_numpy(csr.indices.astype(index_dtype)),
             torch.from_numpy(csr.data),
             size=csr.shape,
             dtype=torch.float64,
@@ -146,7 +151,11 @@ class SparseMatrix(nn.Module):
 
     def __init__(self, matrix: scipy.sparse.sparray | scipy.sparse.spmatrix):
         super().__init__()
-        self._set((to_torch_csr(matrix), to_torch_csr(matrix.T)))
+        # int32 indices where they fit: the sparse kernels (MKL, cuSPARSE) take int32
+        # and convert int64 ones on every call (a product of the 6.6e4-DOF decoder's
+        # matrix by 8 fields: 0.30 against 0.48 ms in float32)
+        pair = (to_torch_csr(m, index_dtype=np.int32) for m in (matrix, matrix.T))
+        self._set(tuple(pair))
         self.shape = tuple(self._copies[torch.float64][0].shape)
 
     def _set(self, pair: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -149,12 +149,9 @@ class CoarseSpace(nn.Module):
         seen = np.flatnonzero(np.diff(galerkin.indptr))  # the coarse matrix's pattern
         galerkin = scipy.sparse.csr_array(galerkin[seen])
         self.register_buffer("slots", torch.from_numpy(seen.astype(np.int64)), persistent=False)
-        # int32 where they fit: the sparse kernels convert int64 indices on every call
-        index_type = np.int32 if galerkin.nnz < 2**31 else np.int64
-        for name, array in (("crow", galerkin.indptr), ("col", galerkin.indices)):
-            self.register_buffer(name, torch.from_numpy(array.astype(index_type)), persistent=False)
-        self.register_buffer("galerkin_weights", torch.from_numpy(galerkin.data), persistent=False)
-        self._galerkin = galerkin  # for matrix_from's composed maps
+        # with its transpose stored: autograd's backward of a CSR product transposes
+        # (a sort of its 1.4e6 entries at 1.7e4 DOFs) on every call
+        self.galerkin = SparseMatrix(galerkin)
         self._composed: tuple[SparseMatrix, SparseMatrix] | None = None
 
     def prolong(self, c: torch.Tensor) -> torch.Tensor:
@@ -167,15 +164,8 @@ class CoarseSpace(nn.Module):
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         """``Pᵀ J P`` ``(B, m, m)`` from ``J``'s entries ``(B, nnz)`` on the pattern."""
-        galerkin = torch.sparse_csr_tensor(
-            self.crow,
-            self.col,
-            self.galerkin_weights.to(values.dtype),
-            size=(len(self.crow) - 1, values.shape[1]),
-            check_invariants=False,  # built from a SciPy CSR matrix
-        )
         flat = values.new_zeros((len(values), self.size * self.size))
-        flat[:, self.slots] = (galerkin @ values.T).T
+        flat[:, self.slots] = self.galerkin(values)
         return flat.reshape(len(values), self.size, self.size)
 
     def matrix_from(self, to_entries: SparseMatrix, field: torch.Tensor) -> torch.Tensor:
@@ -186,7 +176,7 @@ class CoarseSpace(nn.Module):
         (a transposition of ``(B, nnz)``), and with fewer entries (Darcy at 6.6e4
         DOFs: 1.1e6 against 6.5e6). Differentiable in ``field``."""
         if self._composed is None or self._composed[0] is not to_entries:
-            self._composed = (to_entries, SparseMatrix(self._galerkin @ to_entries.scipy()))
+            self._composed = (to_entries, SparseMatrix(self.galerkin.scipy() @ to_entries.scipy()))
         flat = field.new_zeros((len(field), self.size * self.size))
         flat[:, self.slots] = self._composed[1].to(field.device)(field)
         return flat.reshape(len(field), self.size, self.size)
