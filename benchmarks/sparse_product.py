@@ -34,7 +34,7 @@ def _cases():
 
 
 def _timer(matrix: SparseMatrix, x: torch.Tensor, *, stored: bool, device):
-    csr = matrix._copies[x.dtype][0]
+    csr = matrix.csr(x.dtype)
 
     def run(steps: int) -> float:
         if device.type == "cuda":

@@ -133,9 +133,10 @@ class _Product(torch.autograd.Function):
 class SparseMatrix(nn.Module):
     """A constant sparse ``(m, n)`` matrix that moves with its module.
 
-    It keeps CSR copies of the matrix and of its transpose in float64 and float32
-    (values only; the index tensors are shared): a product in either precision
-    converts nothing, and its backward pass uses the stored transpose. ``.to(device)``
+    It keeps CSR copies of the matrix and of its transpose in float64, and in each
+    other precision it is used in from the first such product on (values only; the
+    index tensors are shared): a product converts nothing, and its backward pass
+    uses the stored transpose. ``.to(device)``
     moves the copies; ``.to(dtype)`` (``.float()``, ``.double()``) leaves them, so a
     model sent to float32 and back to float64 still has its float64 FE matrix.
 
@@ -159,12 +160,9 @@ class SparseMatrix(nn.Module):
         self.shape = tuple(self._copies[torch.float64][0].shape)
 
     def _set(self, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Keep the float64 ``(matrix, transpose)`` and float32 copies sharing its indices."""
+        """Keep the float64 ``(matrix, transpose)``; other precisions follow on use."""
         self.device = pair[0].device
-        self._copies = {
-            torch.float64: pair,
-            torch.float32: tuple(_csr_like(m, torch.float32) for m in pair),
-        }
+        self._copies = {torch.float64: pair}
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to/.cuda/.double/... all come here with a per-tensor function;
@@ -185,6 +183,18 @@ class SparseMatrix(nn.Module):
             t.cpu().numpy() for t in (matrix.crow_indices(), matrix.col_indices(), matrix.values())
         )
         return scipy.sparse.csr_array((values, col, crow), shape=tuple(matrix.shape))
+
+    def _pair(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(matrix, transpose)`` CSR tensors in ``dtype``."""
+        pair = self._copies.get(dtype)
+        if pair is None:  # another precision: converted once, then kept
+            pair = tuple(_csr_like(m, dtype) for m in self._copies[torch.float64])
+            self._copies[dtype] = pair
+        return pair
+
+    def csr(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The matrix as a torch sparse CSR tensor in ``dtype`` (the copy products use)."""
+        return self._pair(dtype)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``matrix @ x`` along the last dimension: ``(..., n)`` -> ``(..., m)``."""
@@ -210,10 +220,7 @@ class SparseMatrix(nn.Module):
             digits in half precision), differentiable in ``x``.
         """
         x = _prepared(x, self.device)
-        pair = self._copies.get(x.dtype)
-        if pair is None:  # another dtype (complex, say): converted once, then kept
-            pair = tuple(m.to(x.dtype) for m in self._copies[torch.float64])
-            self._copies[x.dtype] = pair
+        pair = self._pair(x.dtype)
         matrix, transposed = pair[::-1] if transpose else pair
         with torch.autocast(x.device.type, enabled=False):
             out = _Product.apply(x.reshape(x.shape[0], -1), _Pair(matrix, transposed))

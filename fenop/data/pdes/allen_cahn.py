@@ -163,14 +163,16 @@ class AllenCahnResidual(DirichletResidual):
 
     def linearised(self, pattern, u: torch.Tensor, *, u_prev: torch.Tensor):
         """``R(u)`` and ``J(u)`` on the pattern: ``J_ij = ∫ (1 + Δt (3u² - 1)) φ_j φ_i +
-        Δt ε² ∫ ∇φ_j·∇φ_i``, cell by cell; on the cells the forms see (``forms.on``)."""
+        Δt ε² ∫ ∇φ_j·∇φ_i``, cell by cell from its weights at the quadrature points
+        (:class:`~fenop.fem.jacobian.CellJacobian`); on the cells the forms see
+        (``forms.on``)."""
         forms = self.forms
         cells = self.cell_jacobian(pattern, u.device)
-        index = forms.active.index.to(u.device)
-        mass, stiffness = cells.on(index, "mass", "stiffness", dtype=u.dtype)
         values = forms.values(u)  # (B, E, Q)
         r = torch.where(self.dirichlet, u, self._weak(u, values, u_prev))
         reaction = 1 + self.dt * (3 * values**2 - 1)
-        local = torch.einsum("beq,ijeq->bije", reaction, mass)
-        local = local + self.dt * self.epsilon**2 * stiffness.sum(-1)
-        return r, self._with_dirichlet_rows(pattern, cells.assemble(local, index))
+        diffusion = torch.full_like(reaction, self.dt * self.epsilon**2)
+        index = forms.active.index.to(u.device)
+        weights = torch.stack([reaction, diffusion], dim=1)
+        entries = cells.weighted(weights, ("mass", "stiffness"), index)
+        return r, self._with_dirichlet_rows(pattern, entries)

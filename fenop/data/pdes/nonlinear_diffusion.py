@@ -103,16 +103,15 @@ class NonlinearDiffusionResidual(DirichletResidual):
 
     def linearised(self, pattern, u: torch.Tensor, *, f: torch.Tensor):
         """``R(u)`` and ``J(u)`` on the pattern: ``J_ij = ∫ (1 + u²) ∇φ_j·∇φ_i +
-        ∫ 2 u φ_j ∇u·∇φ_i``, cell by cell at the quadrature points; on the cells the
-        forms see (``forms.on``: then exact at the rows all of whose cells those are)."""
-        forms, dtype = self.forms, u.dtype
+        ∫ 2 u φ_j ∇u·∇φ_i``, cell by cell from its weights at the quadrature points
+        (:class:`~fenop.fem.jacobian.CellJacobian`: ``1 + u²`` on ``∇φ_i·∇φ_j`` and
+        ``2 u ∂_k u`` on ``∂_k φ_i φ_j``); on the cells the forms see (``forms.on``:
+        then exact at the rows all of whose cells those are)."""
+        forms = self.forms
         cells = self.cell_jacobian(pattern, u.device)
-        index = forms.active.index.to(u.device)
-        dphi, stiffness, dx, phi = cells.on(index, "dphi", "stiffness", "dx", "phi", dtype=dtype)
         values, gradients = forms.values(u), forms.gradients(u)  # (B, E, Q), (B, d, E, Q)
         r = torch.where(self.dirichlet, u, self._weak(values, gradients, f))
-        along = torch.einsum("bdeq,ideq->bieq", gradients, dphi)  # ∇u·∇φ_i
-        local = torch.einsum("beq,ijeq->bije", 1 + values**2, stiffness) + torch.einsum(
-            "beq,bieq,jeq->bije", 2 * values * dx, along, phi
-        )
-        return r, self._with_dirichlet_rows(pattern, cells.assemble(local, index))
+        weights = torch.cat([(1 + values**2)[:, None], 2 * values[:, None] * gradients], dim=1)
+        index = forms.active.index.to(u.device)
+        entries = cells.weighted(weights, ("stiffness", "gradient_value"), index)
+        return r, self._with_dirichlet_rows(pattern, entries)
