@@ -92,3 +92,22 @@ def test_a_device_move_moves_every_copy():
     assert all(m.device.type == "meta" for pair in module.matrix._copies.values() for m in pair)
     with pytest.raises(ValueError, match="input is on cpu but the FE matrix is on meta"):
         module.matrix(torch.zeros(5, dtype=torch.float64))
+
+
+def test_each_rows_product_and_its_gradients():
+    """``each``: one matrix-vector product a row, into a (B, m) result, against the
+    product along the last dimension, with its gradients (also twice) and forward mode."""
+    matrix = scipy.sparse.random(7, 5, density=0.5, random_state=0, format="csr")
+    module = SparseMatrix(matrix)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    out = module.each(x)
+    assert out.shape == (3, 7) and out.is_contiguous()
+    torch.testing.assert_close(out, module(x))
+    torch.testing.assert_close(module.each(x.float()), out.float(), rtol=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(module.each, (x,))
+    assert torch.autograd.gradgradcheck(lambda v: module.each(v).square(), (x,))
+    tangent = torch.randn_like(x)
+    _, derivative = torch.func.jvp(module.each, (x.detach(),), (tangent,))
+    torch.testing.assert_close(derivative, module(tangent))
+    with pytest.raises(ValueError, match=r"shape \(B, 5\)"):
+        module.each(x[:, :4])
