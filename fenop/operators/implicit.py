@@ -53,9 +53,11 @@ def scaled_system(matrix: torch.Tensor, ridge: float) -> tuple[torch.Tensor, tor
     largest = diagonal.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(matrix.dtype).tiny)
     live = diagonal > 1e-14 * largest
     scale = torch.where(live, diagonal.clamp_min(1e-300).rsqrt(), torch.zeros_like(diagonal))
-    scaled = scale[..., :, None] * matrix * scale[..., None, :]
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    return scaled + ridge * eye + torch.diag_embed((~live).to(matrix.dtype)), scale
+    # one pass over the systems, the diagonal's terms added in place: each pass over
+    # a batch of 8 coarse grids' 289 x 289 systems took 1.5-2 ms (five of them did)
+    scaled = matrix * (scale[..., :, None] * scale[..., None, :])
+    scaled.diagonal(dim1=-2, dim2=-1).add_(ridge + (~live).to(matrix.dtype))
+    return scaled, scale
 
 
 class _ImplicitRoot(torch.autograd.Function):
