@@ -371,10 +371,6 @@ class CellJacobian:
         self.every = torch.arange(self.n_cells, device=self.device)  # every cell, in order
         self._maps: dict[tuple[str, ...], tuple[SparseMatrix, int]] = {}
 
-    def blocks(self, names: tuple[str, ...]) -> int:
-        """``K``: the weights that the tensors ``names`` take."""
-        return self._map(names)[1]
-
     def _map(self, names: tuple[str, ...]) -> tuple[SparseMatrix, int]:
         """The map ``(nnz, K E Q)`` from the weights of the tensors ``names`` to the
         entries, and ``K``; made on the first call for ``names``."""
@@ -408,9 +404,9 @@ class CellJacobian:
         self, weights: torch.Tensor, names: tuple[str, ...], index: torch.Tensor
     ) -> torch.Tensor:
         """The entries ``(B, nnz)`` of ``Σ_k Σ_q w_{k,e,q} A^k_{ij,e,q}`` summed over the
-        cells ``index`` ``(E',)``, for weights ``(B, K, E', Q)`` (``K``:
-        :meth:`blocks`) and the tensors ``A^k`` of ``names`` in order;
-        differentiable in the weights."""
+        cells ``index`` ``(E',)``, for weights ``(B, K, E', Q)`` (``K``: one
+        for each of ``names``, ``d`` for ``"gradient_value"``) and the tensors ``A^k``
+        of ``names`` in order; differentiable in the weights."""
         matrix, k = self._map(tuple(names))
         if weights.ndim != 4 or weights.shape[1:3] != (k, len(index)):
             raise ValueError(

@@ -158,6 +158,7 @@ class _EachProduct(torch.autograd.Function):
 
 
 def _each(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix @ x_b`` for each row of ``x`` ``(B, n)``, one ``torch.mv`` each."""
     out = x.new_empty(x.shape[0], matrix.shape[0])
     for row, result in zip(x, out, strict=True):
         torch.mv(matrix, row, out=result)
@@ -170,9 +171,9 @@ class SparseMatrix(nn.Module):
     It keeps CSR copies of the matrix and of its transpose in float64, and in each
     other precision it is used in from the first such product on (values only; the
     index tensors are shared): a product converts nothing, and its backward pass
-    uses the stored transpose. ``.to(device)``
-    moves the copies; ``.to(dtype)`` (``.float()``, ``.double()``) leaves them, so a
-    model sent to float32 and back to float64 still has its float64 FE matrix.
+    uses the stored transpose. ``.to(device)`` moves the copies; ``.to(dtype)``
+    (``.float()``, ``.double()``) leaves them, so a model sent to float32 and back to
+    float64 still has its float64 FE matrix.
 
     The copies are not buffers: they are built from the mesh, so they stay out of
     state dicts (checkpoints) and out of what distributed training broadcasts.
