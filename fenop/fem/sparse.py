@@ -31,19 +31,14 @@ def _quiet_csr():
         yield
 
 
-def to_torch_csr(
-    matrix: scipy.sparse.sparray | scipy.sparse.spmatrix, *, index_dtype=np.int64
-) -> torch.Tensor:
-    """A float64 torch sparse CSR copy of a SciPy sparse ``(m, n)`` matrix, its indices
-    ``index_dtype`` (``np.int32`` where they fit: see :class:`SparseMatrix`)."""
+def to_torch_csr(matrix: scipy.sparse.sparray | scipy.sparse.spmatrix) -> torch.Tensor:
+    """A float64 torch sparse CSR copy of a SciPy sparse ``(m, n)`` matrix."""
     csr = scipy.sparse.csr_array(matrix, dtype=np.float64)
     csr.sum_duplicates()
-    if np.dtype(index_dtype) == np.int32 and max(csr.nnz, *csr.shape) >= 2**31:
-        index_dtype = np.int64
     with _quiet_csr():
         return torch.sparse_csr_tensor(
-            torch.from_numpy(csr.indptr.astype(index_dtype)),
-            torch.from_numpy(csr.indices.astype(index_dtype)),
+            torch.from_numpy(csr.indptr.astype(np.int64)),
+            torch.from_numpy(csr.indices.astype(np.int64)),
             torch.from_numpy(csr.data),
             size=csr.shape,
             dtype=torch.float64,
@@ -65,15 +60,15 @@ def _prepared(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x
 
 
-def _csr_like(csr: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``csr`` with its values in ``dtype``, sharing its index tensors."""
+def _csr_like(csr: torch.Tensor, dtype: torch.dtype, *, narrow: bool = False) -> torch.Tensor:
+    """``csr`` with its values in ``dtype``, sharing its index tensors (``narrow``:
+    with int32 copies of them where they fit)."""
+    crow, col = csr.crow_indices(), csr.col_indices()
+    if narrow and max(csr._nnz(), *csr.shape) < 2**31:
+        crow, col = crow.int(), col.int()
     with _quiet_csr():
         return torch.sparse_csr_tensor(
-            csr.crow_indices(),
-            csr.col_indices(),
-            csr.values().to(dtype),
-            size=csr.shape,
-            check_invariants=False,
+            crow, col, csr.values().to(dtype), size=csr.shape, check_invariants=False
         )
 
 
@@ -187,11 +182,7 @@ class SparseMatrix(nn.Module):
 
     def __init__(self, matrix: scipy.sparse.sparray | scipy.sparse.spmatrix):
         super().__init__()
-        # int32 indices where they fit: the sparse kernels (MKL, cuSPARSE) take int32
-        # and convert int64 ones on every call (a product of the 6.6e4-DOF decoder's
-        # matrix by 8 fields: 0.30 against 0.48 ms in float32)
-        pair = (to_torch_csr(m, index_dtype=np.int32) for m in (matrix, matrix.T))
-        self._set(tuple(pair))
+        self._set((to_torch_csr(matrix), to_torch_csr(matrix.T)))
         self.shape = tuple(self._copies[torch.float64][0].shape)
 
     def _set(self, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -219,12 +210,14 @@ class SparseMatrix(nn.Module):
         )
         return scipy.sparse.csr_array((values, col, crow), shape=tuple(matrix.shape))
 
-    def _pair(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(matrix, transpose)`` CSR tensors in ``dtype``."""
-        pair = self._copies.get(dtype)
-        if pair is None:  # another precision: converted once, then kept
-            pair = tuple(_csr_like(m, dtype) for m in self._copies[torch.float64])
-            self._copies[dtype] = pair
+    def _pair(self, dtype: torch.dtype, *, narrow: bool = False) -> tuple[torch.Tensor, ...]:
+        """The ``(matrix, transpose)`` CSR tensors in ``dtype``; ``narrow``: with int32
+        indices where they fit, for :meth:`each`."""
+        key = (dtype, narrow) if narrow else dtype
+        pair = self._copies.get(key)
+        if pair is None:  # another precision or index type: converted once, then kept
+            pair = tuple(_csr_like(m, dtype, narrow=narrow) for m in self._copies[torch.float64])
+            self._copies[key] = pair
         return pair
 
     def csr(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -246,8 +239,14 @@ class SparseMatrix(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.shape[1]:
             raise ValueError(f"`x` must have shape (B, {self.shape[1]}), got {tuple(x.shape)}")
         x = _prepared(x, self.device)
+        # int32 indices: the kernels convert int64 ones on every call (8-10 % of the
+        # constraint layer at 6.6e4 DOFs). Only here: a product of many columns with
+        # int32 indices rounds them differently with their number (FEMultigrid's
+        # weights trained on 2 processes then differed from one process's,
+        # tests/train/test_distributed.py); one vector a product does not.
         with torch.autocast(x.device.type, enabled=False):
-            return _EachProduct.apply(x.contiguous(), _Pair(*self._pair(x.dtype)))
+            pair = _Pair(*self._pair(x.dtype, narrow=True))
+            return _EachProduct.apply(x.contiguous(), pair)
 
     def transposed(self, x: torch.Tensor) -> torch.Tensor:
         """``matrixᵀ @ x`` along the last dimension: ``(..., m)`` -> ``(..., n)``, with
