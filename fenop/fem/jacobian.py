@@ -76,7 +76,7 @@ class _CSRPattern(nn.Module):
             self.register_buffer(name, torch.from_numpy(array.astype(np.int64)), persistent=False)
         # the block-diagonal patterns' indices, for the largest batch seen (see `block`)
         self._blocks: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._transposed: tuple | None = None  # the last transposed entries (see `transposed`)
+        self._transposed: tuple | None = None  # the last reordering (see `reordered`)
 
     def rows(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``A_b x_b``: entries ``(B, nnz)``, ``x`` ``(B, cols, M)`` -> ``(B, rows, M)``."""
@@ -87,20 +87,23 @@ class _CSRPattern(nn.Module):
         ``(B, rows)`` and ``(B, cols)``, by two gathers."""
         return take_columns(left, self.row) * take_columns(right, self.col)
 
-    def transposed(self, values: torch.Tensor) -> torch.Tensor:
-        """:meth:`block` of the transposes of the matrices whose entries are ``values``
-        ``(B, nnz)``, not differentiable. Reordering the entries is a gather of ``(B,
-        nnz)`` that took 3x the product with the transpose (6.6e4 DOFs, batch 8), and
-        a constraint's backward pass multiplies by one ``J``'s transpose once per
-        sweep: the last ``values``' reordering is kept, with a reference to them, so
-        that their memory, and with it the key, cannot pass to another tensor; an
-        in-place change of them changes their version, and the key."""
+    def reordered(self, values: torch.Tensor) -> torch.Tensor:
+        """The entries ``(B, nnz)`` of the transposes of the matrices whose entries are
+        ``values`` ``(B, nnz)``, in the transpose's order. Recorded where autograd
+        wants it; otherwise the last ``values``' reordering is kept: it is a gather
+        that took 3x the product with the transpose (6.6e4 DOFs, batch 8), and a
+        constraint's backward pass multiplies by one ``J``'s transpose once per sweep
+        and once in its solve. The key holds a reference to ``values``, so that their
+        memory, and with it the key, cannot pass to another tensor; an in-place
+        change of them changes their version, and the key."""
+        if torch.is_grad_enabled() and values.requires_grad:
+            return take_columns(values, self.transpose_order)
         key = (values.data_ptr(), values._version, values.shape, values.stride(), values.dtype)
         cached = self._transposed
         if cached is None or cached[0] != key or cached[1].device != values.device:
             entries = take_columns(values.detach(), self.transpose_order)
             cached = self._transposed = (key, values.detach(), entries)
-        return self.block(cached[2], transposed=True)
+        return cached[2]
 
     def block(self, values: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
         """The block-diagonal ``(B rows, B cols)`` CSR matrix of the B matrices whose
@@ -164,10 +167,7 @@ class _PatternProduct(torch.autograd.Function):
         grad = grad.reshape(batch * p.shape[0], fields)
         grad_values = grad_x = None
         if ctx.needs_input_grad[1]:
-            if torch.is_grad_enabled():  # create_graph: the reordering recorded, not kept
-                transposed = p.block(take_columns(values, p.transpose_order), transposed=True)
-            else:
-                transposed = p.transposed(values)
+            transposed = p.block(p.reordered(values), transposed=True)
             grad_x = csr_product(transposed, grad.squeeze(1)).reshape(batch, cols, fields)
         if ctx.needs_input_grad[0] and fields == 1:
             grad_values = p.outer(grad.reshape(batch, -1), x.reshape(batch, cols))
@@ -244,7 +244,7 @@ class JacobianPattern(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         if transpose:  # the DOF graph is symmetric: Jᵀ has J's pattern, its entries reordered
-            values = take_columns(values, self.pattern.transpose_order)
+            values = self.pattern.reordered(values)
         return self.pattern.rows(values, x.transpose(1, 2)).transpose(1, 2)
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
