@@ -34,7 +34,7 @@ from fenop._files import Locked, exclusive, replacing
 from fenop.data import _workers
 from fenop.data.header import StoreError, read_header
 from fenop.data.pdes import PDEFamily, get_pde
-from fenop.data.store import create_store, store_space, write_samples
+from fenop.data.store import create_store, dirichlet_label, store_space, write_samples
 from fenop.fem import FunctionSpace
 
 __all__ = ["SampleError", "WorkerDiedError", "generate"]
@@ -59,7 +59,7 @@ def _describe(family: PDEFamily, seed: int, n_samples: int) -> dict:
         "seed": int(seed),
         "n_samples": int(n_samples),
         "element": family.space.element,
-        "dirichlet": "boundary" if len(family.space.boundary_dofs) else "none",
+        "dirichlet": dirichlet_label(family.space),
         "fields": list(family.fields),
     }
 

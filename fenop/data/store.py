@@ -408,6 +408,13 @@ def _space(path, header: dict, mesh: skfem.Mesh) -> FunctionSpace:
         raise StoreError(path, str(exc)) from None
 
 
+def dirichlet_label(space: FunctionSpace) -> str:
+    """What a store's header and a model's description record of ``space``'s boundary
+    condition: ``"boundary"`` where it has Dirichlet DOFs, ``"none"`` where it has
+    none; a store's space is made back from it."""
+    return "boundary" if len(space.boundary_dofs) else "none"
+
+
 def store_space(path: str | os.PathLike) -> FunctionSpace:
     """The FE space a store's fields live in: its mesh, element and Dirichlet DOFs."""
     return read_store(path, allow_partial=True).space

@@ -35,7 +35,13 @@ from fenop._errors import InputError
 from fenop._files import replacing
 from fenop.data import StoreError, StoreInfo, read_store
 from fenop.data.header import open_h5
-from fenop.data.store import create_store, read_batches, sample_range, write_samples
+from fenop.data.store import (
+    create_store,
+    dirichlet_label,
+    read_batches,
+    sample_range,
+    write_samples,
+)
 from fenop.fem import FunctionSpace, RelativeH1Loss, RelativeL2Loss
 from fenop.operators import FEOperator
 from fenop.train.checkpoint import checkpoint_path, load_checkpoint, read_config
@@ -273,7 +279,7 @@ def prediction_attrs(
 
     return {
         **({"pde": store.header["pde"]} if "pde" in store.header else {}),
-        "dirichlet": "boundary" if len(space.boundary_dofs) else "none",
+        "dirichlet": dirichlet_label(space),
         "model": str(model_name),
         "fenop_version": __version__,
         "source": os.fspath(source),

@@ -29,6 +29,7 @@ import numpy as np
 
 from fenop._checks import unknown_options
 from fenop._errors import InputError
+from fenop.data.store import dirichlet_label
 from fenop.fem import FunctionSpace, Normalizer, hierarchy, is_nested
 from fenop.fem.encoders import extra_channels
 from fenop.fem.mesh import mesh_from_arrays
@@ -313,7 +314,7 @@ def _space_json(space: FunctionSpace) -> dict:
     return {
         "degree": space.degree,
         "element": space.element,
-        "dirichlet": "boundary" if len(space.boundary_dofs) else "none",
+        "dirichlet": dirichlet_label(space),
         "mesh": {
             "type": type(mesh).__name__,
             "points": mesh.p.T.tolist(),
