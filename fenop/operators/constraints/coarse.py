@@ -164,9 +164,7 @@ class CoarseSpace(nn.Module):
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         """``Pᵀ J P`` ``(B, m, m)`` from ``J``'s entries ``(B, nnz)`` on the pattern."""
-        flat = values.new_zeros((len(values), self.size * self.size))
-        flat[:, self.slots] = self.galerkin(values)
-        return flat.reshape(len(values), self.size, self.size)
+        return self._unpacked(self.galerkin(values))
 
     def matrix_from(self, to_entries: SparseMatrix, field: torch.Tensor) -> torch.Tensor:
         """``Pᵀ J P`` ``(B, m, m)`` for ``J``'s entries ``to_entries @ field`` (a
@@ -177,6 +175,11 @@ class CoarseSpace(nn.Module):
         DOFs: 1.1e6 against 6.5e6). Differentiable in ``field``."""
         if self._composed is None or self._composed[0] is not to_entries:
             self._composed = (to_entries, SparseMatrix(self.galerkin.scipy() @ to_entries.scipy()))
-        flat = field.new_zeros((len(field), self.size * self.size))
-        flat[:, self.slots] = self._composed[1].to(field.device)(field)
-        return flat.reshape(len(field), self.size, self.size)
+        return self._unpacked(self._composed[1].to(field.device)(field))
+
+    def _unpacked(self, entries: torch.Tensor) -> torch.Tensor:
+        """The coarse matrices ``(B, m, m)`` from their entries on the coarse pattern
+        ``(B, len(slots))``."""
+        flat = entries.new_zeros((len(entries), self.size * self.size))
+        flat[:, self.slots] = entries
+        return flat.reshape(len(entries), self.size, self.size)
