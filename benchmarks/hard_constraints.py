@@ -1,7 +1,8 @@
 """The hard-constraint layer in training: what it costs as the mesh grows.
 
 ``accuracy``: the same FEOperator (FNO, 12 modes, 32 channels, on the mesh's
-grid, or ``--grid 64`` a fixed 64 x 64 one) trained on one generated data set (R x R
+grid, or ``--grid 64`` a fixed 64 x 64 one; ``--processor femultigrid``: FEMultigrid,
+width 16, 2 layers, on the mesh's hierarchy) trained on one generated data set (R x R
 P1, 200 training and 50 test samples) in each way: unconstrained, soft (physics
 loss, weights 0.01, 0.1 and 1),
 global hard (Galerkin with N = --basis fields or 32, least squares), and experts
@@ -67,8 +68,11 @@ import torch
 
 from fenop.data.pdes import get_pde
 from fenop.fem import FunctionSpace, MetisPartition, RelativeH1Loss, RelativeL2Loss, unit_square
-from fenop.operators import FNO, FEOperator, HardConstraint, MoEConstraint
+from fenop.operators import FNO, FEMultigrid, FEOperator, HardConstraint, MoEConstraint
 from fenop.train.physics import PhysicsLoss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from darcy import square_hierarchy, square_levels  # the Darcy benchmark's pieces
 
 _INPUT = {"darcy": "a", "nonlinear_diffusion": "f"}
 
@@ -223,12 +227,17 @@ def _accuracy(args) -> dict:
         torch.stack(t) for t in zip(*(train[i] for i in range(n_train)), strict=True)
     )
     x_test, y_test = (torch.stack(t) for t in zip(*(test[i] for i in range(n_test)), strict=True))
+    processor = f"FNO on a {grid} x {grid} grid"
+    if args.processor == "femultigrid":
+        # the store's own space as the finest level, so that no interpolation enters
+        sides = square_levels(args.resolution)
+        levels = [*square_hierarchy(sides[:-1]), space]
+        processor = f"FEMultigrid on {' -> '.join(f'{n} x {n}' for n in sides)}"
     print(
         f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"{args.pde} {args.resolution} x {args.resolution} P1, {space.n_dofs} DOFs, "
         f"{n_train} / {n_test} samples, N = {args.basis}, batch {args.batch}, "
-        f"FNO on a {grid} x {grid} grid, {args.loss.upper()} loss, {args.seconds:g} s of "
-        "training each"
+        f"{processor}, {args.loss.upper()} loss, {args.seconds:g} s of training each"
     )
     print(
         "| variant | K N / n_free | epochs | ms / step | test rel. L2 | test rel. H1 | residual "
@@ -244,9 +253,13 @@ def _accuracy(args) -> dict:
         given = re.search(r"N=(\d+)", variant)
         n_basis = int(given.group(1)) if given else args.basis
         out = 1 + (n_basis if constraint is not None else 0)
-        processor = FNO(4, out, n_modes=(12, 12), hidden_channels=32)
         extra = {"constraint": constraint, "constraint_inputs": (name,)} if constraint else {}
-        model = FEOperator(space, space, processor, resolution=grid, **stats, **extra)
+        if args.processor == "femultigrid":  # on the mesh hierarchy itself: no grid
+            processor = FEMultigrid(levels, 1, out, width=16, n_layers=2)
+            model = FEOperator(space, space, processor, **stats, **extra)
+        else:
+            processor = FNO(4, out, n_modes=(12, 12), hidden_channels=32)
+            model = FEOperator(space, space, processor, resolution=grid, **stats, **extra)
         weight = float(variant.split("weight ")[1][:-1]) if variant.startswith("soft") else 0.0
         steps, seconds = _train_for(
             model,
@@ -492,6 +505,12 @@ def main(argv=None) -> dict | None:
     accuracy.add_argument("--loss", default="l2", choices=["l2", "h1"], help="training loss")
     accuracy.add_argument(
         "--grid", default="mesh", help="the FNO's grid: R x R (mesh, default) or N x N (N)"
+    )
+    accuracy.add_argument(
+        "--processor",
+        default="fno",
+        choices=["fno", "femultigrid"],
+        help="FNO on --grid, or FEMultigrid (width 16, 2 layers) on the mesh's hierarchy",
     )
     accuracy.add_argument(
         "--variants", nargs="+", default=list(_ACCURACY), choices=list(_ACCURACY), metavar="NAME"
