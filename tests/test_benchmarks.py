@@ -241,6 +241,18 @@ def test_hard_constraints_accuracy_trains_each_variant_for_the_budget(tmp_path, 
     assert "| global, Galerkin, N=32 | 0.65 |" in out
 
 
+def test_hard_constraints_accuracy_trains_femultigrid_on_the_stores_hierarchy(tmp_path, capsys):
+    small = ["--resolution", "17", "--samples", "8", "4", "--batch", "4", "--basis", "4"]
+    budget = ["--seconds", "1", "--data", str(tmp_path)]
+    variants = ["unconstrained", "global, default, N=8"]
+    results = load_script("benchmarks/hard_constraints.py").main(
+        ["accuracy", *small, *budget, "--processor", "femultigrid", "--variants", *variants]
+    )
+    assert set(results) == set(variants)
+    assert all(0 < row["test_l2"] < 10 and row["steps"] >= 1 for row in results.values())
+    assert "FEMultigrid on 9 x 9 -> 17 x 17," in capsys.readouterr().out
+
+
 def test_hard_constraints_scaling_and_layer_run(capsys):
     script = load_script("benchmarks/hard_constraints.py")
     small = ["--pde", "darcy", "--batch", "2", "--basis", "4", "--steps", "1"]
