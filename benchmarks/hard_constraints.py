@@ -190,6 +190,9 @@ _ACCURACY = {
     "global, default, N=32": lambda r: HardConstraint(r),
     "global, default, N=8": lambda r: HardConstraint(r),
     "global, default, N=8, linearised": lambda r: HardConstraint(r, global_solve="linearised"),
+    # past "auto"'s cap of 289 hats, for meshes much finer than 17 x 17 grid cells
+    "global, default, N=8, coarse grid 24": lambda r: HardConstraint(r, coarse_grid=24),
+    "global, default, N=8, coarse grid 33": lambda r: HardConstraint(r, coarse_grid=33),
     "MoE K=64, default": lambda r: MoEConstraint(r, MetisPartition(experts=64)),
     "MoE 64 DOFs/expert, default": lambda r: MoEConstraint(r, MetisPartition(dofs_per_expert=64)),
     "MoE 256 DOFs/expert, default": lambda r: MoEConstraint(r, MetisPartition(dofs_per_expert=256)),

@@ -122,12 +122,15 @@ def test_the_experts_coarse_grid_removes_the_smooth_error():
 @pytest.mark.parametrize(
     ("per_axis", "dim", "grid"),
     [
-        *[(3, 2, 0), (7, 2, 3), (15, 2, 5), (31, 2, 9), (63, 2, 17), (127, 2, 17), (511, 2, 17)],
-        *[(7, 3, 3), (15, 3, 5), (31, 3, 6)],  # 6^3 = 216 hats
+        *[(3, 2, 0), (7, 2, 3), (15, 2, 5), (31, 2, 9), (63, 2, 12), (127, 2, 17)],
+        *[(255, 2, 24), (511, 2, 33), (1023, 2, 33)],  # 33 x 33 = 1089 hats, the cap
+        *[(7, 3, 3), (15, 3, 5), (31, 3, 9), (63, 3, 10)],  # 10^3 = 1000 hats
     ],
 )
-def test_the_default_grid_is_a_quarter_of_the_dofs_per_axis_capped_at_289_hats(per_axis, dim, grid):
-    # 31 x 31 free DOFs (a 33 x 33 mesh): 9 points a side, as measured
+def test_the_default_grid_grows_as_the_square_root_of_the_cells_per_axis(per_axis, dim, grid):
+    # G - 1 = √(2 (N + 1)), at most N / 4 + 1 (small meshes) and 1089 hats; the grids
+    # measured: 9 on a 33 x 33 mesh (31 x 31 free DOFs), 17 on 129 x 129, 24 on
+    # 257 x 257, 33 on 513 x 513
     assert auto_resolution(per_axis**dim, dim) == grid
 
 

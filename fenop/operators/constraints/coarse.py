@@ -43,26 +43,32 @@ from fenop.fem.encoders import bounding_grid
 from fenop.fem.jacobian import JacobianPattern
 from fenop.fem.sparse import SparseMatrix
 
-# The largest grid "auto" picks: 289 hats (17 x 17 in 2D, 6 x 6 x 6 in 3D). Past it
-# the dense coarse solve and the map to its matrix grow faster than the mesh's work:
-# at 1.7e4 DOFs a 33 x 33 grid halved the error left by a 17 x 17 one at twice the
-# training step (BENCHMARKS.md, "In training, at equal time").
-_AUTO_MAX_HATS = 289
+# The largest grid "auto" picks: 1089 hats (33 x 33 in 2D, 10 x 10 x 10 in 3D), the
+# largest measured. Past it the dense coarse solve (m^3 a sample) would outgrow the
+# mesh's own work.
+_AUTO_MAX_HATS = 1089
 
 
 def auto_resolution(n_free: int, dim: int) -> int:
-    """The grid points per axis of ``coarse_grid="auto"`` for a mesh of ``n_free``
-    free DOFs in ``dim`` dimensions: a quarter of the DOFs per axis (as on a square
-    mesh, ``n_free^(1/d)``), plus one, capped at 289 hats; 0 (no grid) where that
-    is under 3 points. Measured where both paid: a 9 x 9 grid on a 33 x 33 mesh and
-    a 17 x 17 one (the cap) on a 129 x 129 mesh (BENCHMARKS.md).
+    """The grid points per axis ``G`` of ``coarse_grid="auto"`` for a mesh of
+    ``n_free`` free DOFs in ``dim`` dimensions, ``N = n_free^(1/d)`` of them per axis
+    (as on a square mesh): the grid's spacing the geometric mean of the mesh's and
+    twice the domain's, ``G - 1 = √(2 (N + 1))`` cells a side, and at most a
+    quarter of the DOFs per axis plus one, capped at 1089 hats; 0 (no grid) under
+    3 points. A grid that grows with the square root of the mesh's cells per axis
+    keeps the coarse space's share of the smooth error, which a network emitting
+    on a fixed grid leaves, as the mesh is refined, at a dense solve that stays
+    small beside the mesh's work. Measured where each paid at equal training time
+    (BENCHMARKS.md): 9 x 9 on a 33 x 33 mesh, 17 x 17 on a 129 x 129 mesh, 24 x 24
+    on 257 x 257 and 33 x 33 on 513 x 513 (0.47x the 17 x 17 grid's L2 error there,
+    at a step 8 % longer).
 
-    >>> auto_resolution(31 * 31, 2), auto_resolution(127 * 127, 2), auto_resolution(9, 2)
-    (9, 17, 0)
+    >>> [auto_resolution(n * n, 2) for n in (31, 127, 255, 511, 3)]
+    [9, 17, 24, 33, 0]
     """
     per_axis = n_free ** (1 / dim)
     cap = math.floor(_AUTO_MAX_HATS ** (1 / dim) + 1e-9)
-    resolution = min(round(per_axis / 4) + 1, cap)
+    resolution = min(round(math.sqrt(2 * (per_axis + 1))) + 1, round(per_axis / 4) + 1, cap)
     return resolution if resolution >= 3 else 0
 
 

@@ -46,10 +46,12 @@ class HardConstraint(_Constraint):
             box (:mod:`~fenop.operators.constraints.coarse`; for a residual that is
             not affine, of its linearisation), which holds the smooth part of the
             error that a basis from a grid coarser than the mesh misses. ``"auto"``
-            (default): ``G`` a quarter of the mesh's DOFs per axis, capped at 289
-            hats (:func:`~fenop.operators.constraints.coarse.auto_resolution`: 9 on a
-            33 x 33 mesh, 17 from 65 x 65 up; none on a mesh of 7 x 7 vertices or fewer); an int
-            ``G`` >= 3 that grid; ``0`` none. After it the residual is orthogonal
+            (default): ``G - 1`` the square root of twice the mesh's cells per
+            axis, capped at 1089 hats
+            (:func:`~fenop.operators.constraints.coarse.auto_resolution`: 9 on a
+            33 x 33 mesh, 17 on 129 x 129, 24 on 257 x 257, 33 from 513 x 513 up;
+            none on a mesh of 7 x 7 vertices or fewer); an int ``G`` >= 3 that
+            grid; ``0`` none. After it the residual is orthogonal
             to the coarse space, and no longer exactly to the basis. The default
             cycle (4 sweeps, the solve, the grid, 4 sweeps) divided the error of the
             solve alone by 3 to 6 at equal training time on 33 x 33 and 129 x 129
