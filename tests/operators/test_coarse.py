@@ -12,6 +12,7 @@ from fenop.fem import FunctionSpace, MetisPartition, load_mesh, unit_square
 from fenop.fem.jacobian import JacobianPattern
 from fenop.operators import HardConstraint, MoEConstraint
 from fenop.operators.constraints.coarse import CoarseSpace, auto_resolution
+from fenop.operators.constraints.factorisation import Factorisation
 from tests.helpers import PLAIN, ROOT, loglog_slope
 from tests.operators.test_constraints import (
     _darcy,
@@ -69,8 +70,46 @@ def test_the_coarse_matrix_from_darcys_coefficient_is_that_of_its_entries():
     basis = _smooth_fields(space, 3, seed=0)[None].expand(2, -1, -1)
     with torch.no_grad():
         out = layer(guess, basis, a=a)
-        layer._coarse_matrix = lambda inputs: None  # as for a residual without the map
+        layer._coarse_entries = lambda inputs: None  # as for a residual without the map
         torch.testing.assert_close(layer(guess, basis, a=a), out, rtol=1e-10, atol=1e-12)
+
+
+def test_the_coarse_factors_from_entries_are_those_of_the_dense_matrices():
+    space = FunctionSpace(unit_square(17), dirichlet="boundary")
+    residual = get_pde("darcy")(space).residual()
+    pattern = JacobianPattern(space)
+    coarse = CoarseSpace(pattern, ~residual.dirichlet, 5)
+    a = 1 + torch.rand(
+        3, space.n_dofs, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    values = residual.jacobian_entries(pattern, a=a)
+    entries = coarse.entries(values)
+    # a hat whose matrix entries all vanish (a dead unknown), a system not finite
+    entries[1, (coarse.slot_rows == 3) | (coarse.slot_cols == 3)] = 0.0
+    entries[2, 5] = float("nan")
+    matrix = coarse._unpacked(entries)
+    packed = coarse.factorised(entries, ridge=1e-12, symmetric=True)
+    dense = Factorisation(matrix, ridge=1e-12, symmetric=True)
+    torch.testing.assert_close(packed.scaled, dense.scaled, rtol=1e-14, atol=0, equal_nan=True)
+    torch.testing.assert_close(packed.scale, dense.scale, rtol=1e-14, atol=0)
+    rhs = torch.randn(3, coarse.size, dtype=torch.float64)
+    (w, ok), (w_dense, ok_dense) = packed.solve(rhs), dense.solve(rhs)
+    assert ok.tolist() == ok_dense.tolist() == [True, True, False]
+    torch.testing.assert_close(w[:2], w_dense[:2], rtol=1e-12, atol=0)
+    assert w[1, 3] == 0  # the dead unknown: a zero coefficient
+    torch.testing.assert_close(matrix[0] @ w[0], rhs[0], rtol=1e-8, atol=0)
+    # differentiable, along entries that keep the systems symmetric (Cholesky reads
+    # one triangle): those of Darcy's coefficient
+    few = CoarseSpace(pattern, ~residual.dirichlet, 3)
+    _, to_entries = residual.jacobian_map(pattern)
+    b = torch.randn(1, few.size, dtype=torch.float64)
+
+    def solved(a):
+        return few.factorised(few.entries_from(to_entries, a), ridge=0.0, symmetric=True).solve(b)[
+            0
+        ]
+
+    assert torch.autograd.gradcheck(solved, a[:1].clone().requires_grad_(True))
 
 
 def test_coarse_space_rejects_a_grid_without_interior_or_finer_than_the_mesh():

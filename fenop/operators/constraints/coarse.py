@@ -42,6 +42,8 @@ from torch import nn
 from fenop.fem.encoders import bounding_grid
 from fenop.fem.jacobian import JacobianPattern
 from fenop.fem.sparse import SparseMatrix
+from fenop.operators.constraints.factorisation import Factorisation
+from fenop.operators.implicit import unit_scale
 
 # The largest grid "auto" picks: 1089 hats (33 x 33 in 2D, 10 x 10 x 10 in 3D), the
 # largest measured. Past it the dense coarse solve (m^3 a sample) would outgrow the
@@ -126,7 +128,8 @@ class CoarseSpace(nn.Module):
     Shapes:
         :meth:`prolong`: ``(B, m)`` -> ``(B, n)``; :meth:`restrict`: ``(B, n)`` ->
         ``(B, m)``; :meth:`matrix`: ``J``'s entries ``(B, nnz)`` -> ``(B, m, m)``;
-        :meth:`matrix_from`: a field ``(B, n)`` -> ``(B, m, m)``.
+        :meth:`matrix_from`: a field ``(B, n)`` -> ``(B, m, m)``; :meth:`entries` and
+        :meth:`entries_from` the same to the ``s`` entries of its pattern ``(B, s)``.
     """
 
     def __init__(
@@ -154,7 +157,13 @@ class CoarseSpace(nn.Module):
         galerkin.sum_duplicates()
         seen = np.flatnonzero(np.diff(galerkin.indptr))  # the coarse matrix's pattern
         galerkin = scipy.sparse.csr_array(galerkin[seen])
-        self.register_buffer("slots", torch.from_numpy(seen.astype(np.int64)), persistent=False)
+        rows, cols = np.divmod(seen, self.size)
+        on_diagonal = np.flatnonzero(rows == cols)  # every hat sees a free DOF: all there
+        for name, array in {"slots": seen, "slot_rows": rows, "slot_cols": cols}.items():
+            self.register_buffer(name, torch.from_numpy(array.astype(np.int64)), persistent=False)
+        self.register_buffer(
+            "diagonal_slots", torch.from_numpy(on_diagonal.astype(np.int64)), persistent=False
+        )
         # with its transpose stored: autograd's backward of a CSR product transposes
         # (a sort of its 1.4e6 entries at 1.7e4 DOFs) on every call
         self.galerkin = SparseMatrix(galerkin)
@@ -170,22 +179,47 @@ class CoarseSpace(nn.Module):
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         """``Pᵀ J P`` ``(B, m, m)`` from ``J``'s entries ``(B, nnz)`` on the pattern."""
-        return self._unpacked(self.galerkin(values))
+        return self._unpacked(self.entries(values))
 
     def matrix_from(self, to_entries: SparseMatrix, field: torch.Tensor) -> torch.Tensor:
         """``Pᵀ J P`` ``(B, m, m)`` for ``J``'s entries ``to_entries @ field`` (a
-        residual's ``jacobian_map``, ``field`` ``(B, n)``), by one product with the two
-        maps composed, made on the first call with ``to_entries``: without ``J``'s
-        entries, whose product with :meth:`matrix`'s map wants them entry-major
+        residual's ``jacobian_map``, ``field`` ``(B, n)``)."""
+        return self._unpacked(self.entries_from(to_entries, field))
+
+    def entries(self, values: torch.Tensor) -> torch.Tensor:
+        """``Pᵀ J P``'s entries on the coarse pattern ``(B, s)`` (``s`` the pattern's
+        entries, a dozen or so a row) from ``J``'s entries ``(B, nnz)``."""
+        return self.galerkin(values)
+
+    def entries_from(self, to_entries: SparseMatrix, field: torch.Tensor) -> torch.Tensor:
+        """:meth:`entries` for ``J``'s entries ``to_entries @ field`` (a residual's
+        ``jacobian_map``, ``field`` ``(B, n)``), by one product with the two maps
+        composed, made on the first call with ``to_entries``: without ``J``'s
+        entries, whose product with :meth:`entries`' map wants them entry-major
         (a transposition of ``(B, nnz)``), and with fewer entries (Darcy at 6.6e4
         DOFs: 1.1e6 against 6.5e6). Differentiable in ``field``."""
         if self._composed is None or self._composed[0] is not to_entries:
             self._composed = (to_entries, SparseMatrix(self.galerkin.scipy() @ to_entries.scipy()))
-        return self._unpacked(self._composed[1].to(field.device)(field))
+        return self._composed[1].to(field.device)(field)
+
+    def factorised(self, entries: torch.Tensor, *, ridge: float, symmetric: bool) -> Factorisation:
+        """The factors of the coarse matrices whose :meth:`entries` are ``entries``
+        ``(B, s)``, scaled and ridged as every system of the constraints
+        (:func:`~fenop.operators.implicit.scaled_system`), the scaling and the check
+        for finite values done on the entries: on the dense ``(B, m, m)`` systems they
+        were four passes, which took as long as the Cholesky factorisation (a 24 x 24
+        grid, 576 hats, batch 8). Differentiable in ``entries``."""
+        scale, live = unit_scale(entries[:, self.diagonal_slots])
+        scaled = entries * scale[:, self.slot_rows] * scale[:, self.slot_cols]
+        with torch.no_grad():
+            finite = torch.isfinite(scaled).all(dim=1)
+        matrix = self._unpacked(scaled)
+        matrix.diagonal(dim1=-2, dim2=-1).add_(ridge + (~live).to(matrix.dtype))
+        return Factorisation.of_scaled(matrix, scale, symmetric=symmetric, finite=finite)
 
     def _unpacked(self, entries: torch.Tensor) -> torch.Tensor:
         """The coarse matrices ``(B, m, m)`` from their entries on the coarse pattern
-        ``(B, len(slots))``."""
+        ``(B, s)``."""
         flat = entries.new_zeros((len(entries), self.size * self.size))
         flat[:, self.slots] = entries
         return flat.reshape(len(entries), self.size, self.size)

@@ -83,7 +83,7 @@ class HardConstraint(_Constraint):
         u, ok, condition, iterations = self._global(g, phi, inputs, start if linearised else linear)
         after = self.smoothing or self.coarse_space is not None
         end = self._stage_linear(u, inputs, linear, after)
-        u, coarse_ok = self._coarse_corrected(u, end, self._coarse_matrix(inputs))
+        u, coarse_ok = self._coarse_corrected(u, end, self._coarse_entries(inputs))
         u = self._conserved(self._smoothed(u, end), linear)
         return self._finish(
             u, ok & coarse_ok, [condition], iterations.sum(dim=1), prediction.dtype, inputs, linear

@@ -363,8 +363,10 @@ class _Constraint(nn.Module):
             u = u - step * self._affine_residual(u, linear)
         return u
 
-    def _coarse_matrix(self, inputs: dict) -> torch.Tensor | None:
-        """The coarse grid's matrix ``(B, m, m)`` from the inputs alone, for an affine
+    def _coarse_entries(self, inputs: dict) -> torch.Tensor | None:
+        """The coarse grid's matrix from the inputs alone, its entries on its pattern
+        ``(B, s)`` (:meth:`CoarseSpace.entries
+        <fenop.operators.constraints.coarse.CoarseSpace.entries>`), for an affine
         residual whose Jacobian is linear in one of them (``residual.jacobian_map``:
         Darcy's in ``a``); ``None`` otherwise (:meth:`_coarse_corrected` then forms
         it from ``J``'s entries)."""
@@ -372,22 +374,25 @@ class _Constraint(nn.Module):
         if self.coarse_space is None or not self.affine or mapped is None:
             return None
         name, to_entries = mapped(self.pattern)
-        return self.coarse_space.matrix_from(to_entries, inputs[name])
+        return self.coarse_space.entries_from(to_entries, inputs[name])
 
-    def _coarse_corrected(self, u: torch.Tensor, linear, matrix=None):
+    def _coarse_corrected(self, u: torch.Tensor, linear, entries=None):
         """``u + P c`` ``(B, n)`` with ``Pᵀ (J (u + P c) + R(0)) = 0`` for the affine
         residual ``linear`` (``(R(0), J)``, as :meth:`_smoothed` takes it): the
         Galerkin correction in the coarse space (:attr:`coarse_grid`), and whether
         each solve succeeded ``(B,)``. The coarse space holds the smooth part of the
         error, which the network's basis misses on a mesh finer than its grid;
-        differentiable. ``matrix``: ``Pᵀ J P`` where the caller has it
-        (:meth:`_coarse_matrix`)."""
+        differentiable. ``entries``: ``Pᵀ J P``'s where the caller has them
+        (:meth:`_coarse_entries`)."""
         if self.coarse_space is None:
             return u, torch.ones(len(u), dtype=torch.bool, device=u.device)
         r = self._affine_residual(u, linear)
-        if matrix is None:
-            matrix = self.coarse_space.matrix(linear[1])
-        factors = self.coarse_systems.factorise(matrix)
+        if entries is None:
+            entries = self.coarse_space.entries(linear[1])
+        systems = self.coarse_systems
+        factors = self.coarse_space.factorised(
+            entries, ridge=systems.ridge, symmetric=systems.symmetric
+        )
         c, ok = factors.solve(-self.coarse_space.restrict(r))
         return u + self.coarse_space.prolong(c), ok
 
