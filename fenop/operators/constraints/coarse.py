@@ -42,6 +42,7 @@ from torch import nn
 from fenop.fem.encoders import bounding_grid
 from fenop.fem.jacobian import JacobianPattern
 from fenop.fem.sparse import SparseMatrix
+from fenop.operators.constraints.banded import BandedFactorisation, BandLayout
 from fenop.operators.constraints.factorisation import Factorisation
 from fenop.operators.implicit import unit_scale
 
@@ -159,6 +160,8 @@ class CoarseSpace(nn.Module):
         galerkin = scipy.sparse.csr_array(galerkin[seen])
         rows, cols = np.divmod(seen, self.size)
         on_diagonal = np.flatnonzero(rows == cols)  # every hat sees a free DOF: all there
+        # in the grid's order the matrix is banded: block tridiagonal (banded.py)
+        self.band = BandLayout(rows, cols, self.size)
         for name, array in {"slots": seen, "slot_rows": rows, "slot_cols": cols}.items():
             self.register_buffer(name, torch.from_numpy(array.astype(np.int64)), persistent=False)
         self.register_buffer(
@@ -202,20 +205,25 @@ class CoarseSpace(nn.Module):
             self._composed = (to_entries, SparseMatrix(self.galerkin.scipy() @ to_entries.scipy()))
         return self._composed[1].to(field.device)(field)
 
-    def factorised(self, entries: torch.Tensor, *, ridge: float, symmetric: bool) -> Factorisation:
+    def factorised(self, entries: torch.Tensor, *, ridge: float, symmetric: bool):
         """The factors of the coarse matrices whose :meth:`entries` are ``entries``
         ``(B, s)``, scaled and ridged as every system of the constraints
         (:func:`~fenop.operators.implicit.scaled_system`), the scaling and the check
-        for finite values done on the entries: on the dense ``(B, m, m)`` systems they
-        were four passes, which took as long as the Cholesky factorisation (a 24 x 24
-        grid, 576 hats, batch 8). Differentiable in ``entries``."""
+        for finite values done on the entries. Symmetric matrices (a symmetric
+        residual's) are factorised block by block in their band
+        (:class:`~fenop.operators.constraints.banded.BandedFactorisation`); others
+        densely (:class:`~fenop.operators.constraints.factorisation.Factorisation`,
+        LU). Either has ``solve(rhs)`` -> ``(w, ok)``; differentiable in ``entries``."""
         scale, live = unit_scale(entries[:, self.diagonal_slots])
         scaled = entries * scale[:, self.slot_rows] * scale[:, self.slot_cols]
         with torch.no_grad():
             finite = torch.isfinite(scaled).all(dim=1)
+        added = ridge + (~live).to(scaled.dtype)
+        if symmetric:
+            return BandedFactorisation(self.band, scaled, added, scale, finite=finite)
         matrix = self._unpacked(scaled)
-        matrix.diagonal(dim1=-2, dim2=-1).add_(ridge + (~live).to(matrix.dtype))
-        return Factorisation.of_scaled(matrix, scale, symmetric=symmetric, finite=finite)
+        matrix.diagonal(dim1=-2, dim2=-1).add_(added)
+        return Factorisation.of_scaled(matrix, scale, symmetric=False, finite=finite)
 
     def _unpacked(self, entries: torch.Tensor) -> torch.Tensor:
         """The coarse matrices ``(B, m, m)`` from their entries on the coarse pattern

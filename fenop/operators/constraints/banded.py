@@ -1,0 +1,139 @@
+"""Symmetric positive definite systems of small bandwidth, factorised block by block.
+
+The coarse grid's matrix ``Pᵀ J P`` couples only hats whose supports meet: in the
+grid's order its entries lie within ``w`` of the diagonal, ``w`` about one or two
+rows of the grid. Cut into blocks of ``b = w`` unknowns it is block tridiagonal,
+and its Cholesky factor is block bidiagonal: ``m / b`` factorisations of ``b x b``
+blocks, where a dense factorisation costs ``m³ / 3`` (a 24 x 24 grid, 576 hats:
+about 100x fewer operations, and no dense ``(m, m)`` system in memory).
+
+:class:`BandLayout` places a pattern's entries in the blocks; :class:`BandedFactorisation`
+factorises and solves, differentiable in the entries and the right-hand side
+(autograd through the blocks' factorisations and triangular solves).
+
+>>> import numpy as np, torch
+>>> dense = np.diag([4.0] * 5) + np.diag([1.0] * 4, 1) + np.diag([1.0] * 4, -1)
+>>> rows, cols = np.nonzero(dense)
+>>> layout = BandLayout(rows, cols, 5)
+>>> layout.block, layout.n_blocks
+(1, 5)
+>>> entries = torch.from_numpy(dense[rows, cols])[None]
+>>> factors = BandedFactorisation(layout, entries, torch.zeros(1, 5, dtype=torch.float64))
+>>> w, ok = factors.solve(torch.ones(1, 5, dtype=torch.float64))
+>>> bool(np.allclose(dense @ w[0].numpy(), 1.0)), ok.tolist()
+(True, [True])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fenop.operators.constraints.factorisation import _where
+
+
+class BandLayout:
+    """Where the entries ``(rows[s], cols[s])`` of a symmetric ``(m, m)`` pattern lie in
+    its block tridiagonal form: blocks of ``block`` unknowns (its bandwidth, the
+    largest ``|row - col|``), ``n_blocks`` of them, the last padded with unknowns of
+    their own (a unit diagonal). Entries above the diagonal blocks are left out: the
+    factorisation reads the diagonal blocks and those below them."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, size: int):
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        self.size = size
+        self.block = b = max(int(np.abs(rows - cols).max(initial=0)), 1)
+        self.n_blocks = -(-size // b)
+        block_rows, block_cols = rows // b, cols // b
+        within = (rows % b) * b + cols % b
+        diagonal = np.flatnonzero(block_rows == block_cols)
+        below = np.flatnonzero(block_rows == block_cols + 1)
+        # (entry, place in the flattened (n_blocks, b, b) or (n_blocks - 1, b, b) blocks)
+        self.diagonal = torch.from_numpy(diagonal)
+        self.diagonal_at = torch.from_numpy(block_rows[diagonal] * b * b + within[diagonal])
+        self.below = torch.from_numpy(below)
+        self.below_at = torch.from_numpy(block_cols[below] * b * b + within[below])
+
+    def blocks(self, entries: torch.Tensor, diagonal: torch.Tensor):
+        """The diagonal blocks ``(B, n_blocks, b, b)`` and those below them
+        ``(B, n_blocks - 1, b, b)`` of the matrices whose entries are ``entries``
+        ``(B, s)``, with ``diagonal`` ``(B, m)`` added to their diagonal (the padding's
+        is one). Differentiable in both."""
+        batch, b, nb = len(entries), self.block, self.n_blocks
+        device = entries.device
+        on = entries.new_zeros(batch, nb * b * b)
+        on[:, self.diagonal_at.to(device)] = entries[:, self.diagonal.to(device)]
+        under = entries.new_zeros(batch, max(nb - 1, 0) * b * b)
+        under[:, self.below_at.to(device)] = entries[:, self.below.to(device)]
+        padding = entries.new_ones(batch, nb * b - self.size)
+        added = torch.cat([diagonal, padding], dim=1).reshape(batch, nb, b)
+        on = on.reshape(batch, nb, b, b) + torch.diag_embed(added)
+        return on, under.reshape(batch, max(nb - 1, 0), b, b)
+
+
+class BandedFactorisation:
+    """The block Cholesky factors of symmetric positive definite systems in
+    :class:`BandLayout` ``layout``, scaled: ``entries`` ``(B, s)`` those of the scaled
+    systems ``S A S`` and ``diagonal`` ``(B, m)`` what the ridge adds to their diagonal
+    (as :func:`~fenop.operators.implicit.scaled_system`), ``scale`` ``(B, m)`` the
+    scale ``S``. A block whose factorisation fails is replaced by the identity (so
+    that its solves give no NaN) and its system reported in :attr:`ok`.
+
+    Attributes:
+        ok: ``(B,)`` whether each system factorised and is finite.
+    """
+
+    def __init__(self, layout: BandLayout, entries, diagonal, scale=None, *, finite=None):
+        self.layout = layout
+        self.scale = torch.ones_like(diagonal) if scale is None else scale
+        on, under = layout.blocks(entries, diagonal)
+        if finite is None:
+            with torch.no_grad():
+                finite = torch.isfinite(entries).all(dim=1) & torch.isfinite(diagonal).all(dim=1)
+        eye = torch.eye(layout.block, dtype=on.dtype, device=on.device)
+        ok = finite.clone()
+        self.factors, self.lowers = [], []  # L_kk, and L_(k+1)k
+        for k in range(layout.n_blocks):
+            block = on[:, k]
+            if k:  # what the blocks before left of it
+                block = block - self.lowers[-1] @ self.lowers[-1].transpose(-1, -2)
+            # LAPACK never sees NaN or Inf (see Factorisation)
+            block = _where(finite, block, eye)
+            factor, info = torch.linalg.cholesky_ex(block)
+            ok = ok & (info == 0)
+            factor = _where(info == 0, factor, eye)
+            self.factors.append(factor)
+            if k < layout.n_blocks - 1:  # L_(k+1)k L_kkᵀ = A_(k+1)k
+                self.lowers.append(
+                    torch.linalg.solve_triangular(
+                        factor.transpose(-1, -2), under[:, k], upper=True, left=False
+                    )
+                )
+        self.ok = ok
+
+    def solve(self, rhs: torch.Tensor):
+        """``w`` ``(B, m)`` solving the systems for ``rhs`` ``(B, m)``, and whether each
+        solve succeeded ``(B,)``."""
+        layout, batch = self.layout, len(rhs)
+        padded = torch.cat(
+            [self.scale * rhs, rhs.new_zeros(batch, layout.n_blocks * layout.block - layout.size)],
+            dim=1,
+        ).reshape(batch, layout.n_blocks, layout.block, 1)
+        forward = []  # L y = b, block by block
+        for k, factor in enumerate(self.factors):
+            part = padded[:, k]
+            if k:
+                part = part - self.lowers[k - 1] @ forward[-1]
+            forward.append(torch.linalg.solve_triangular(factor, part, upper=False))
+        backward = [None] * layout.n_blocks  # Lᵀ x = y, from the last block
+        for k in reversed(range(layout.n_blocks)):
+            part = forward[k]
+            if k < layout.n_blocks - 1:
+                part = part - self.lowers[k].transpose(-1, -2) @ backward[k + 1]
+            backward[k] = torch.linalg.solve_triangular(
+                self.factors[k].transpose(-1, -2), part, upper=True
+            )
+        w = self.scale * torch.cat(backward, dim=1)[:, : layout.size, 0]
+        with torch.no_grad():
+            ok = self.ok & torch.isfinite(w).all(dim=-1)
+        return w, ok
