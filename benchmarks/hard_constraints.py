@@ -89,6 +89,7 @@ _VARIANTS = (
     "moe 400 DOFs/expert",
     "moe K=16 newton",
     "global smoothing 4 coarse 17",
+    "global default",
 )
 
 
@@ -115,6 +116,8 @@ def _constraint(variant: str, residual):
         return HardConstraint(residual, **PLAIN)
     if variant == "global smoothing 4 coarse 17":
         return HardConstraint(residual, smoothing=4, coarse_grid=17)
+    if variant == "global default":  # the grid "auto" sizes by the mesh
+        return HardConstraint(residual)
     if variant.endswith("DOFs/expert"):
         return MoEConstraint(
             residual, MetisPartition(dofs_per_expert=int(variant.split()[1])), **PLAIN

@@ -47,8 +47,7 @@ from fenop.operators.constraints.factorisation import Factorisation
 from fenop.operators.implicit import unit_scale
 
 # The largest grid "auto" picks: 1089 hats (33 x 33 in 2D, 10 x 10 x 10 in 3D), the
-# largest measured. Past it the dense coarse solve (m^3 a sample) would outgrow the
-# mesh's own work.
+# largest measured.
 _AUTO_MAX_HATS = 1089
 
 
@@ -60,7 +59,7 @@ def auto_resolution(n_free: int, dim: int) -> int:
     quarter of the DOFs per axis plus one, capped at 1089 hats; 0 (no grid) under
     3 points. A grid that grows with the square root of the mesh's cells per axis
     keeps the coarse space's share of the smooth error, which a network emitting
-    on a fixed grid leaves, as the mesh is refined, at a dense solve that stays
+    on a fixed grid leaves, as the mesh is refined, at a coarse solve that stays
     small beside the mesh's work. Measured where each paid at equal training time
     (BENCHMARKS.md): 9 x 9 on a 33 x 33 mesh, 17 x 17 on a 129 x 129 mesh, 24 x 24
     on 257 x 257 and 33 x 33 on 513 x 513 (0.47x the 17 x 17 grid's L2 error there,
