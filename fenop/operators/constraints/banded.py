@@ -3,9 +3,11 @@
 The coarse grid's matrix ``Pᵀ J P`` couples only hats whose supports meet: in the
 grid's order its entries lie within ``w`` of the diagonal, ``w`` about one or two
 rows of the grid. Cut into blocks of ``b = w`` unknowns it is block tridiagonal,
-and its Cholesky factor is block bidiagonal: ``m / b`` factorisations of ``b x b``
-blocks, where a dense factorisation costs ``m³ / 3`` (a 24 x 24 grid, 576 hats:
-about 100x fewer operations, and no dense ``(m, m)`` system in memory).
+and its Cholesky factor is block bidiagonal: ``m / b`` factorisations, triangular
+solves and products of ``b x b`` blocks, where a dense factorisation costs
+``m³ / 3`` (a 24 x 24 grid on a 257 x 257 mesh, 576 hats in a band 50 wide: about
+20x fewer operations, 5x faster for a batch of 8, and no dense ``(m, m)`` system
+in memory).
 
 :class:`BandLayout` places a pattern's entries in the blocks; :class:`BandedFactorisation`
 factorises and solves, differentiable in the entries and the right-hand side
