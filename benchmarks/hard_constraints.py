@@ -193,7 +193,8 @@ _ACCURACY = {
     "global, default, N=32": lambda r: HardConstraint(r),
     "global, default, N=8": lambda r: HardConstraint(r),
     "global, default, N=8, linearised": lambda r: HardConstraint(r, global_solve="linearised"),
-    # past "auto"'s cap of 289 hats, for meshes much finer than 17 x 17 grid cells
+    # the grids "auto" takes on 257 x 257 and 513 x 513 meshes, measured against the
+    # 17 x 17 it was capped at before (BENCHMARKS.md, "The coarse grid as the mesh grows")
     "global, default, N=8, coarse grid 24": lambda r: HardConstraint(r, coarse_grid=24),
     "global, default, N=8, coarse grid 33": lambda r: HardConstraint(r, coarse_grid=33),
     "MoE K=64, default": lambda r: MoEConstraint(r, MetisPartition(experts=64)),
