@@ -30,18 +30,21 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from fenop.operators.constraints.factorisation import _where
 
 
-class BandLayout:
+class BandLayout(nn.Module):
     """Where the entries ``(rows[s], cols[s])`` of a symmetric ``(m, m)`` pattern lie in
     its block tridiagonal form: blocks of ``block`` unknowns (its bandwidth, the
     largest ``|row - col|``), ``n_blocks`` of them, the last padded with unknowns of
     their own (a unit diagonal). Entries above the diagonal blocks are left out: the
-    factorisation reads the diagonal blocks and those below them."""
+    factorisation reads the diagonal blocks and those below them. A module, so that
+    its index tensors move with the layer."""
 
     def __init__(self, rows: np.ndarray, cols: np.ndarray, size: int):
+        super().__init__()
         rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
         self.size = size
         self.block = b = max(int(np.abs(rows - cols).max(initial=0)), 1)
@@ -51,10 +54,14 @@ class BandLayout:
         diagonal = np.flatnonzero(block_rows == block_cols)
         below = np.flatnonzero(block_rows == block_cols + 1)
         # (entry, place in the flattened (n_blocks, b, b) or (n_blocks - 1, b, b) blocks)
-        self.diagonal = torch.from_numpy(diagonal)
-        self.diagonal_at = torch.from_numpy(block_rows[diagonal] * b * b + within[diagonal])
-        self.below = torch.from_numpy(below)
-        self.below_at = torch.from_numpy(block_cols[below] * b * b + within[below])
+        buffers = {
+            "diagonal": diagonal,
+            "diagonal_at": block_rows[diagonal] * b * b + within[diagonal],
+            "below": below,
+            "below_at": block_cols[below] * b * b + within[below],
+        }
+        for name, array in buffers.items():
+            self.register_buffer(name, torch.from_numpy(array.astype(np.int64)), persistent=False)
 
     def blocks(self, entries: torch.Tensor, diagonal: torch.Tensor):
         """The diagonal blocks ``(B, n_blocks, b, b)`` and those below them
@@ -62,11 +69,10 @@ class BandLayout:
         ``(B, s)``, with ``diagonal`` ``(B, m)`` added to their diagonal (the padding's
         is one). Differentiable in both."""
         batch, b, nb = len(entries), self.block, self.n_blocks
-        device = entries.device
         on = entries.new_zeros(batch, nb * b * b)
-        on[:, self.diagonal_at.to(device)] = entries[:, self.diagonal.to(device)]
+        on[:, self.diagonal_at] = entries[:, self.diagonal]
         under = entries.new_zeros(batch, max(nb - 1, 0) * b * b)
-        under[:, self.below_at.to(device)] = entries[:, self.below.to(device)]
+        under[:, self.below_at] = entries[:, self.below]
         padding = entries.new_ones(batch, nb * b - self.size)
         added = torch.cat([diagonal, padding], dim=1).reshape(batch, nb, b)
         on = on.reshape(batch, nb, b, b) + torch.diag_embed(added)
