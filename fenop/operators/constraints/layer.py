@@ -118,7 +118,7 @@ class _Constraint(nn.Module):
         if self.coarse_grid:
             self.coarse_space = CoarseSpace(self.pattern, self.free, self.coarse_grid)
         # the coarse correction is a Galerkin solve whatever the layer's condition
-        self.coarse_systems = DenseSystems(ridge=self.ridge, symmetric=bool(residual.symmetric))
+        self.coarse_symmetric = bool(residual.symmetric)
         self.everywhere = _IndexSets(None, self.space.n_dofs)
         self._pattern_checked = False
         self.report: dict[str, torch.Tensor] = {}
@@ -389,9 +389,8 @@ class _Constraint(nn.Module):
         r = self._affine_residual(u, linear)
         if entries is None:
             entries = self.coarse_space.entries(linear[1])
-        systems = self.coarse_systems
         factors = self.coarse_space.factorised(
-            entries, ridge=systems.ridge, symmetric=systems.symmetric
+            entries, ridge=self.ridge, symmetric=self.coarse_symmetric
         )
         c, ok = factors.solve(-self.coarse_space.restrict(r))
         return u + self.coarse_space.prolong(c), ok
