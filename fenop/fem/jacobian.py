@@ -179,6 +179,64 @@ class _PatternProduct(torch.autograd.Function):
         return grad_values, grad_x, None
 
 
+class _JacobiSweeps(torch.autograd.Function):
+    """``count`` sweeps ``u ← u - s ⊙ (A u + c)`` for entries ``values`` ``(B, nnz)``
+    of ``A`` on a square pattern, ``c``, ``s`` and ``u`` ``(B, n)``. Each sweep is one
+    sparse product that adds ``c`` in its kernel and one fused update, where
+    autograd's sweep is a product, an addition, a multiplication and a subtraction,
+    each a pass over ``(B, n)``, and as many again backward (measured: 31 against 22
+    ms for 4 sweeps forward and backward, 6.6e4 DOFs, batch 8). The backward pass,
+    from ``ḡ`` the gradient of ``u`` after a sweep: ``t = s ⊙ ḡ``, ``ḡ ← ḡ - Aᵀ t``
+    before it, ``c̄ -= t``, ``s̄ -= ḡ ⊙ (A u + c)`` and ``Ā -= t uᵀ`` on the pattern;
+    the sweeps' fields and residuals are kept only where ``s`` or ``A`` need their
+    gradient. Once differentiable."""
+
+    @staticmethod
+    def forward(ctx, values, offset, step, u, pattern: _CSRPattern, count: int):
+        keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
+        matrix = pattern.block(values)
+        u = u.clone(memory_format=torch.contiguous_format)
+        r = torch.empty_like(u)
+        fields, residuals = [], []
+        for _ in range(count):
+            if keep:
+                fields.append(u.clone())
+            torch.addmv(offset.reshape(-1), matrix, u.reshape(-1), out=r.reshape(-1))
+            if keep:
+                residuals.append(r.clone())
+            u.addcmul_(step, r, value=-1.0)
+        ctx.pattern, ctx.count = pattern, count
+        ctx.save_for_backward(values, step, *fields, *residuals)
+        return u
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        values, step, *kept = ctx.saved_tensors
+        fields, residuals = kept[: len(kept) // 2], kept[len(kept) // 2 :]
+        p, count = ctx.pattern, ctx.count
+        transposed = p.block(p.reordered(values), transposed=True)
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        t, spare = torch.empty_like(grad), torch.empty_like(grad)
+        grad_offset = torch.zeros_like(grad) if ctx.needs_input_grad[1] else None
+        grad_step = torch.zeros_like(grad) if ctx.needs_input_grad[2] else None
+        grad_values = torch.zeros_like(values) if ctx.needs_input_grad[0] else None
+        for k in reversed(range(count)):
+            torch.mul(step, grad, out=t)
+            if grad_offset is not None:
+                grad_offset.sub_(t)
+            if grad_step is not None:
+                grad_step.addcmul_(grad, residuals[k], value=-1.0)
+            if grad_values is not None:
+                grad_values.sub_(p.outer(t, fields[k]))
+            # into a second array: the kernel's output is not its input
+            torch.addmv(
+                grad.reshape(-1), transposed, t.reshape(-1), alpha=-1.0, out=spare.reshape(-1)
+            )
+            grad, spare = spare, grad
+        return grad_values, grad_offset, grad_step, grad, None, None
+
+
 class JacobianPattern(nn.Module):
     """The DOF-graph sparsity of a residual's Jacobian and a colouring of its columns.
 
@@ -252,6 +310,31 @@ class JacobianPattern(nn.Module):
         ``(B, n)`` and ``(B, n)``: the gradient with respect to ``J``'s entries of
         ``leftᵀ J right``."""
         return self.pattern.outer(left, right)
+
+    def jacobi(
+        self,
+        values: torch.Tensor,
+        offset: torch.Tensor,
+        step: torch.Tensor,
+        u: torch.Tensor,
+        *,
+        sweeps: int,
+    ) -> torch.Tensor:
+        """``u`` ``(B, n)`` after ``sweeps`` sweeps ``u ← u - step ⊙ (J u + offset)``,
+        ``J``'s entries ``values`` ``(B, nnz)``, ``offset`` and ``step`` ``(B, n)``: with
+        ``step = ω / diag(J)``, damped Jacobi on ``J u + offset = 0``. Differentiable
+        in all four, by a backward pass written out (:class:`_JacobiSweeps`)."""
+        if values.ndim != 2 or values.shape[1] != self.nnz:
+            raise ValueError(f"`values` must have shape (batch, {self.nnz}), got {values.shape}")
+        shape = (values.shape[0], self.space.n_dofs)
+        for name, x in (("offset", offset), ("step", step), ("u", u)):
+            if x.shape != shape:
+                raise ValueError(f"`{name}` must have shape {shape}, got {tuple(x.shape)}")
+        if not sweeps:
+            return u
+        dtype = values.dtype
+        offset, step, u = offset.to(dtype), step.to(dtype), u.to(dtype)
+        return _JacobiSweeps.apply(values, offset, step, u, self.pattern, int(sweeps))
 
     @property
     def entry_rows(self) -> torch.Tensor:

@@ -214,7 +214,10 @@ class FEOperator(KeepsComplexModule):
                 for i, name in enumerate(self.constraint_inputs)
                 if name is not None
             }
-            return self.constraint(y[:, :1], y[:, 1:], **inputs)
+            # split, not two slices: its backward is one concatenation, where each
+            # slice's fills a zero array of the whole output and adds into it
+            prediction, basis = y.split([1, y.shape[1] - 1], dim=1)
+            return self.constraint(prediction, basis, **inputs)
 
     def transfer(
         self,

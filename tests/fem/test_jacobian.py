@@ -111,6 +111,44 @@ def test_the_kept_transposes_follow_their_matrices():
         del first, second
 
 
+@pytest.mark.parametrize("wanted", ["all", "u only", "values only"])
+def test_jacobi_sweeps_are_dense_sweeps_with_their_gradients(wanted):
+    """The fused sweeps against dense ``u - s (A u + c)`` with autograd's gradient,
+    in every input or only some (the saved fields differ), and gradcheck."""
+    space = FunctionSpace(l_shape(5), dirichlet="boundary")
+    pattern = JacobianPattern(space)
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(2, pattern.nnz, dtype=torch.float64, generator=generator)
+    offset, u = torch.randn(2, 2, space.n_dofs, dtype=torch.float64, generator=generator)
+    step = torch.rand(2, space.n_dofs, dtype=torch.float64, generator=generator) / 4
+    grads = {
+        "all": (True,) * 4,
+        "u only": (False,) * 3 + (True,),
+        "values only": (True,) + (False,) * 3,
+    }
+    inputs = [
+        x.clone().requires_grad_(g)
+        for x, g in zip((values, offset, step, u), grads[wanted], strict=True)
+    ]
+
+    def dense(values, offset, step, u):
+        matrix = pattern.dense(values)
+        for _ in range(3):
+            u = u - step * ((matrix @ u[..., None])[..., 0] + offset)
+        return u
+
+    got = pattern.jacobi(*inputs, sweeps=3)
+    torch.testing.assert_close(got, dense(*inputs))
+    needed = [x for x in inputs if x.requires_grad]
+    weights = torch.randn(got.shape, dtype=torch.float64, generator=generator)
+    mine = torch.autograd.grad((got * weights).sum(), needed)
+    autograds = torch.autograd.grad((dense(*inputs) * weights).sum(), needed)
+    for a, b in zip(mine, autograds, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda *x: pattern.jacobi(*x, sweeps=2), tuple(inputs))
+    assert pattern.jacobi(*inputs, sweeps=0) is inputs[3]
+
+
 def test_blocks_are_the_subdomains_submatrices():
     space = FunctionSpace(unit_square(7))
     pattern = JacobianPattern(space)
@@ -140,6 +178,9 @@ def test_shapes_are_checked():
         pattern.values(torch.zeros(1, pattern.n_colours + 1, space.n_dofs))
     with pytest.raises(ValueError, match="values"):
         pattern.matmul(torch.zeros(1, 3), torch.zeros(1, 1, space.n_dofs))
+    fields = torch.zeros(1, space.n_dofs)
+    with pytest.raises(ValueError, match="step"):
+        pattern.jacobi(torch.zeros(1, pattern.nnz), fields, fields[:, 1:], fields, sweeps=1)
 
 
 @pytest.mark.parametrize("name", SPACES)

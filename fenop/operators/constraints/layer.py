@@ -357,11 +357,10 @@ class _Constraint(nn.Module):
         error; each sweep costs one product with ``J``. Differentiable."""
         if not self.smoothing:
             return u
-        diagonal = linear[1][:, self.pattern.diagonal]
+        r0, values = linear
+        diagonal = values[:, self.pattern.diagonal]
         step = torch.where(self.free & (diagonal != 0), _JACOBI_WEIGHT / diagonal, 0.0)
-        for _ in range(self.smoothing):
-            u = u - step * self._affine_residual(u, linear)
-        return u
+        return self.pattern.jacobi(values, r0, step, u, sweeps=self.smoothing)
 
     def _coarse_entries(self, inputs: dict) -> torch.Tensor | None:
         """The coarse grid's matrix from the inputs alone, its entries on its pattern
