@@ -70,7 +70,7 @@ class HardConstraint(_Constraint):
     """
 
     def forward(self, prediction, basis, **inputs):
-        g, phi, inputs = self._prepare(prediction, basis, inputs)
+        g, phi, inputs = self._prepare(prediction, basis, inputs, node_major=True)
         linear = self._linear_part(g, inputs)
         linearised = self.global_solve == "linearised"
         # For a residual that is not affine the stages before the solve (and, with
