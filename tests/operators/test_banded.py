@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fenop.operators.constraints.banded import BandedFactorisation, BandLayout
+from fenop.operators.constraints.banded import BandedFactorisation, BandedLU, BandLayout
 
 
 def _banded(size: int, width: int, batch: int, seed: int) -> np.ndarray:
@@ -67,3 +67,58 @@ def test_banded_solves_pass_gradcheck():
         return BandedFactorisation(layout, half[:, to_full], zero).solve(rhs)[0]
 
     assert torch.autograd.gradcheck(solved, (half, rhs))
+
+
+def _skewed(size: int, width: int, batch: int, seed: int) -> np.ndarray:
+    """:func:`_banded` plus a skew-symmetric part as large as its symmetric one off
+    the diagonal: not symmetric, with a positive definite symmetric part."""
+    rng = np.random.default_rng(seed + 100)
+    out = _banded(size, width, batch, seed)
+    for k in range(1, width + 1):
+        skew = rng.uniform(-1, 1, (batch, size - k))
+        out[:, np.arange(size - k), np.arange(k, size)] += skew
+        out[:, np.arange(k, size), np.arange(size - k)] -= skew
+    return out
+
+
+@pytest.mark.parametrize(("size", "width"), [(10, 3), (12, 3), (7, 1), (5, 6), (1, 1)])
+def test_banded_lu_solves_are_dense_solves(size, width):
+    matrices = _skewed(size, min(width, size - 1) if size > 1 else 0, 3, seed=size + width)
+    assert size == 1 or not np.allclose(matrices, matrices.transpose(0, 2, 1))
+    rows, cols = np.nonzero(np.abs(matrices).sum(axis=0))
+    layout = BandLayout(rows, cols, size)
+    entries = torch.from_numpy(matrices[:, rows, cols])
+    ridge = torch.full((3, size), 0.5, dtype=torch.float64)
+    scale = torch.rand(3, size, dtype=torch.float64) + 0.5
+    rhs = torch.randn(3, size, dtype=torch.float64)
+    w, ok = BandedLU(layout, entries, ridge, scale).solve(rhs)
+    systems = torch.from_numpy(matrices) + 0.5 * torch.eye(size, dtype=torch.float64)
+    expected = scale * torch.linalg.solve(systems, scale * rhs)
+    torch.testing.assert_close(w, expected, rtol=1e-11, atol=1e-13)
+    assert ok.tolist() == [True] * 3
+
+
+def test_banded_lu_reports_singular_and_non_finite_systems_without_nan():
+    matrices = _skewed(9, 2, 3, seed=0)
+    matrices[1, :3, :3] = 0.0  # the first block singular
+    rows, cols = np.nonzero(np.abs(_skewed(9, 2, 1, seed=0)[0]))
+    entries = torch.from_numpy(matrices[:, rows, cols])
+    entries[2, 0] = float("nan")
+    zero = torch.zeros(3, 9, dtype=torch.float64)
+    w, ok = BandedLU(BandLayout(rows, cols, 9), entries, zero).solve(torch.ones(3, 9).double())
+    assert ok.tolist() == [True, False, False]
+    assert torch.isfinite(w).all()
+
+
+def test_banded_lu_solves_pass_gradcheck():
+    matrices = _skewed(8, 2, 2, seed=1)
+    rows, cols = np.nonzero(np.abs(matrices).sum(axis=0))
+    layout = BandLayout(rows, cols, 8)
+    entries = torch.from_numpy(matrices[:, rows, cols]).requires_grad_(True)
+    rhs = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(2, 8, dtype=torch.float64)
+
+    def solved(entries, rhs):
+        return BandedLU(layout, entries, zero).solve(rhs)[0]
+
+    assert torch.autograd.gradcheck(solved, (entries, rhs))

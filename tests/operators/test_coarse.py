@@ -94,7 +94,7 @@ def test_the_coarse_factors_from_entries_are_those_of_the_dense_matrices():
     rhs = torch.randn(3, coarse.size, dtype=torch.float64)
     w_dense, ok_dense = dense.solve(rhs)
     assert ok_dense.tolist() == [True, True, False]
-    # symmetric: in the band, block by block; not: LU of the dense systems
+    # in the band, block by block: symmetric by Cholesky, not by block LU
     for symmetric in (True, False):
         factors = coarse.factorised(entries, ridge=1e-12, symmetric=symmetric)
         w, ok = factors.solve(rhs)
@@ -114,6 +114,33 @@ def test_the_coarse_factors_from_entries_are_those_of_the_dense_matrices():
         ]
 
     assert torch.autograd.gradcheck(solved, a[:1].clone().requires_grad_(True))
+
+
+def test_the_coarse_lu_of_a_nonlinear_linearisation_is_the_dense_one():
+    """Nonlinear diffusion linearised at a sample's solution: a coarse matrix that is
+    not symmetric, solved by block LU in its band as by a dense LU, and its
+    gradient in J's entries by gradcheck."""
+    space = FunctionSpace(unit_square(17), dirichlet="boundary")
+    family = get_pde("nonlinear_diffusion")(space)
+    residual, sample = family.residual(), family.sample(0, 0)
+    pattern = JacobianPattern(space)
+    u = torch.from_numpy(sample["u"])[None]
+    f = torch.from_numpy(sample["f"])[None]
+    _, values = residual.linearised(pattern, u, f=f)
+    coarse = CoarseSpace(pattern, ~residual.dirichlet, 5)
+    entries = coarse.entries(values)
+    matrix = coarse._unpacked(entries)
+    assert not torch.allclose(matrix, matrix.transpose(1, 2))
+    rhs = torch.randn(1, coarse.size, dtype=torch.float64)
+    w, ok = coarse.factorised(entries, ridge=1e-12, symmetric=False).solve(rhs)
+    expected, _ = Factorisation(matrix, ridge=1e-12, symmetric=False).solve(rhs)
+    assert ok.tolist() == [True]
+    torch.testing.assert_close(w, expected, rtol=1e-10, atol=1e-14)
+
+    def solved(entries):
+        return coarse.factorised(entries, ridge=0.0, symmetric=False).solve(rhs)[0]
+
+    assert torch.autograd.gradcheck(solved, entries.clone().requires_grad_(True))
 
 
 def test_coarse_space_rejects_a_grid_without_interior_or_finer_than_the_mesh():

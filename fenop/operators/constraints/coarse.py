@@ -42,8 +42,7 @@ from torch import nn
 from fenop.fem.encoders import bounding_grid
 from fenop.fem.jacobian import JacobianPattern
 from fenop.fem.sparse import SparseMatrix
-from fenop.operators.constraints.banded import BandedFactorisation, BandLayout
-from fenop.operators.constraints.factorisation import Factorisation
+from fenop.operators.constraints.banded import BandedFactorisation, BandedLU, BandLayout
 from fenop.operators.implicit import unit_scale
 
 # The largest grid "auto" picks: 1089 hats (33 x 33 in 2D, 10 x 10 x 10 in 3D), the
@@ -208,21 +207,18 @@ class CoarseSpace(nn.Module):
         """The factors of the coarse matrices whose :meth:`entries` are ``entries``
         ``(B, s)``, scaled and ridged as every system of the constraints
         (:func:`~fenop.operators.implicit.scaled_system`), the scaling and the check
-        for finite values done on the entries. Symmetric matrices (a symmetric
-        residual's) are factorised block by block in their band
-        (:class:`~fenop.operators.constraints.banded.BandedFactorisation`); others
-        densely (:class:`~fenop.operators.constraints.factorisation.Factorisation`,
-        LU). Either has ``solve(rhs)`` -> ``(w, ok)``; differentiable in ``entries``."""
+        for finite values done on the entries, block by block in their band:
+        symmetric matrices (a symmetric residual's) by Cholesky
+        (:class:`~fenop.operators.constraints.banded.BandedFactorisation`), others by
+        block LU (:class:`~fenop.operators.constraints.banded.BandedLU`). Either has
+        ``solve(rhs)`` -> ``(w, ok)``; differentiable in ``entries``."""
         scale, live = unit_scale(entries[:, self.diagonal_slots])
         scaled = entries * scale[:, self.slot_rows] * scale[:, self.slot_cols]
         with torch.no_grad():
             finite = torch.isfinite(scaled).all(dim=1)
         added = ridge + (~live).to(scaled.dtype)
-        if symmetric:
-            return BandedFactorisation(self.band, scaled, added, scale, finite=finite)
-        matrix = self._unpacked(scaled)
-        matrix.diagonal(dim1=-2, dim2=-1).add_(added)
-        return Factorisation.of_scaled(matrix, scale, symmetric=False, finite=finite)
+        kind = BandedFactorisation if symmetric else BandedLU
+        return kind(self.band, scaled, added, scale, finite=finite)
 
     def _unpacked(self, entries: torch.Tensor) -> torch.Tensor:
         """The coarse matrices ``(B, m, m)`` from their entries on the coarse pattern
