@@ -32,6 +32,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 import torch
 
+from fenop._allocator import keep_freed_memory
 from fenop.data.pdes import get_pde
 from fenop.fem import FunctionSpace, MetisPartition, unit_square
 from fenop.operators import FNO, FEOperator, HardConstraint, MoEConstraint
@@ -134,11 +135,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tol", type=float, default=1e-8, help="pyamg's relative residual")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc returning freed memory to the system (fenop's command keeps it)",
+    )
     args = parser.parse_args(argv)
+    kept = not args.default_allocator and keep_freed_memory()
     print(
         f"Darcy, {args.samples} samples, batch {args.batch}, median of {args.rounds} rounds; "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}, "
+        + ("glibc keeping freed memory" if kept else "the default allocator")
     )
     results = {n: _resolution(n, args) for n in args.resolutions}
     solvers = [s for s in ("scikit-fem", "pyamg") if s in results[args.resolutions[0]]["times"]]

@@ -66,6 +66,7 @@ from pathlib import Path
 
 import torch
 
+from fenop._allocator import keep_freed_memory
 from fenop.data.pdes import get_pde
 from fenop.fem import FunctionSpace, MetisPartition, RelativeH1Loss, RelativeL2Loss, unit_square
 from fenop.operators import FNO, FEMultigrid, FEOperator, HardConstraint, MoEConstraint
@@ -197,6 +198,8 @@ _ACCURACY = {
     # 17 x 17 it was capped at before (BENCHMARKS.md, "The coarse grid as the mesh grows")
     "global, default, N=8, coarse grid 24": lambda r: HardConstraint(r, coarse_grid=24),
     "global, default, N=8, coarse grid 33": lambda r: HardConstraint(r, coarse_grid=33),
+    # fewer sweeps: half the cycle's sparse products
+    "global, default, N=8, smoothing 2": lambda r: HardConstraint(r, smoothing=2),
     "MoE K=64, default": lambda r: MoEConstraint(r, MetisPartition(experts=64)),
     "MoE 64 DOFs/expert, default": lambda r: MoEConstraint(r, MetisPartition(dofs_per_expert=64)),
     "MoE 256 DOFs/expert, default": lambda r: MoEConstraint(r, MetisPartition(dofs_per_expert=256)),
@@ -207,6 +210,10 @@ _ACCURACY = {
         r, MetisPartition(dofs_per_expert=4000)
     ),
 }
+
+
+# what the header lines say of the allocator (as the `fenop` command: keep_freed_memory)
+_ALLOCATOR = ["the default allocator"]
 
 
 def _accuracy(args) -> dict:
@@ -241,7 +248,8 @@ def _accuracy(args) -> dict:
         levels = [*square_hierarchy(sides[:-1]), space]
         processor = f"FEMultigrid on {' -> '.join(f'{n} x {n}' for n in sides)}"
     print(
-        f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{_ALLOCATOR[0]}; "
         f"{args.pde} {args.resolution} x {args.resolution} P1, {space.n_dofs} DOFs, "
         f"{n_train} / {n_test} samples, N = {args.basis}, batch {args.batch}, "
         f"{processor}, {args.loss.upper()} loss, {args.seconds:g} s of training each"
@@ -428,7 +436,8 @@ def _layer(args) -> None:
     guess = (u + 0.05 * u.std() * torch.randn(u.shape, generator=generator))[:, None]
     basis = torch.randn(args.batch, args.basis, space.n_dofs, generator=generator) * u.std()
     print(
-        f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{_ALLOCATOR[0]}; "
         f"{args.pde} {args.resolution} x {args.resolution} P1, {space.n_dofs} DOFs, "
         f"batch {args.batch}, N = {args.basis}"
     )
@@ -455,7 +464,8 @@ def _layer(args) -> None:
 
 def _scaling(args) -> None:
     print(
-        f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{_ALLOCATOR[0]}; "
         f"{args.pde}, batch {args.batch}, N = {args.basis}, FNO on "
         + ("a 64 x 64 grid" if args.grid == "64" else "an R x R grid")
     )
@@ -478,6 +488,7 @@ def _scaling(args) -> None:
                 f"--basis={args.basis}",
                 f"--steps={args.steps}",
                 f"--grid={args.grid}",
+                *(["--default-allocator"] if args.default_allocator else []),
             ]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
@@ -539,7 +550,15 @@ def main(argv=None) -> dict | None:
         sub.add_argument(
             "--grid", default="64", choices=["64", "mesh"], help="the FNO's grid: 64 or R x R"
         )
+    for sub in (accuracy, scaling, layer, step):
+        sub.add_argument(
+            "--default-allocator",
+            action="store_true",
+            help="leave glibc returning freed memory to the system (fenop's command keeps it)",
+        )
     args = parser.parse_args(argv)
+    if not args.default_allocator and keep_freed_memory():
+        _ALLOCATOR[0] = "glibc keeping freed memory"
     if args.command == "_step":
         print(json.dumps(_step(args)))
     elif args.command == "layer":

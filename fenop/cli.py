@@ -27,6 +27,7 @@ import sys
 import threading
 from pathlib import Path
 
+from fenop._allocator import keep_freed_memory
 from fenop._cli_parser import EXIT_BAD_INPUT, build_parser
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -437,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
     args = parser.parse_args(argv)
+    keep_freed_memory()  # the layers' arrays of tens of MiB, not faulted in anew each time
     if threading.current_thread() is not threading.main_thread():  # signals go to the main one
         return _run(args)
     # SIGTERM ends a command as Ctrl-C does: partial outputs removed, runs resumable.
