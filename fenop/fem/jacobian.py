@@ -12,7 +12,8 @@ would take ``N`` of them. Products with the recovered matrix are sparse: their c
 is the DOFs', not the cells' times the quadrature points'.
 
 :class:`JacobianPattern` holds the pattern, the colouring and batched products
-``J X`` that are differentiable in both ``J``'s values and ``X``; its
+``J X`` that are differentiable in both ``J``'s values and ``X`` (and damped Jacobi
+sweeps made of them, :meth:`~JacobianPattern.jacobi`); its
 :meth:`~JacobianPattern.blocks` are the diagonal blocks ``J[rows_k, cols_k]`` of
 subdomains, so that each costs its own entries' work.
 
@@ -250,7 +251,8 @@ class JacobianPattern(nn.Module):
 
     Shapes:
         :meth:`values`: products ``(B, c, n)`` -> entries ``(B, nnz)``;
-        :meth:`matmul`: entries ``(B, nnz)``, fields ``(B, M, n)`` -> ``(B, M, n)``.
+        :meth:`matmul`: entries ``(B, nnz)``, fields ``(B, M, n)`` -> ``(B, M, n)``;
+        :meth:`jacobi`: entries ``(B, nnz)``, offset, step and field ``(B, n)`` -> ``(B, n)``.
     """
 
     def __init__(self, space: FunctionSpace):
