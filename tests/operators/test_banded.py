@@ -19,18 +19,33 @@ def _banded(size: int, width: int, batch: int, seed: int) -> np.ndarray:
     return out
 
 
+def _skewed(size: int, width: int, batch: int, seed: int) -> np.ndarray:
+    """:func:`_banded` plus a skew-symmetric part as large as its symmetric one off
+    the diagonal: not symmetric, with a positive definite symmetric part."""
+    rng = np.random.default_rng(seed + 100)
+    out = _banded(size, width, batch, seed)
+    for k in range(1, width + 1):
+        skew = rng.uniform(-1, 1, (batch, size - k))
+        out[:, np.arange(size - k), np.arange(k, size)] += skew
+        out[:, np.arange(k, size), np.arange(size - k)] -= skew
+    return out
+
+
+@pytest.mark.parametrize("kind", ["cholesky", "lu"])
 @pytest.mark.parametrize(("size", "width"), [(10, 3), (12, 3), (7, 1), (5, 6), (1, 1)])
-def test_banded_solves_are_dense_solves(size, width):
+def test_banded_solves_are_dense_solves(kind, size, width):
     # blocks of `width` unknowns, the last padded where size is not a multiple of it
-    matrices = _banded(size, min(width, size - 1) if size > 1 else 0, 3, seed=size + width)
+    make, factorised = {"cholesky": (_banded, BandedFactorisation), "lu": (_skewed, BandedLU)}[kind]
+    matrices = make(size, min(width, size - 1) if size > 1 else 0, 3, seed=size + width)
+    if kind == "lu" and size > 1:
+        assert not np.allclose(matrices, matrices.transpose(0, 2, 1))
     rows, cols = np.nonzero(np.abs(matrices).sum(axis=0))
     layout = BandLayout(rows, cols, size)
     entries = torch.from_numpy(matrices[:, rows, cols])
     ridge = torch.full((3, size), 0.5, dtype=torch.float64)
     scale = torch.rand(3, size, dtype=torch.float64) + 0.5
-    factors = BandedFactorisation(layout, entries, ridge, scale)
     rhs = torch.randn(3, size, dtype=torch.float64)
-    w, ok = factors.solve(rhs)
+    w, ok = factorised(layout, entries, ridge, scale).solve(rhs)
     # w = S (A + ridge I)⁻¹ S rhs
     systems = torch.from_numpy(matrices) + 0.5 * torch.eye(size, dtype=torch.float64)
     expected = scale * torch.linalg.solve(systems, scale * rhs)
@@ -67,35 +82,6 @@ def test_banded_solves_pass_gradcheck():
         return BandedFactorisation(layout, half[:, to_full], zero).solve(rhs)[0]
 
     assert torch.autograd.gradcheck(solved, (half, rhs))
-
-
-def _skewed(size: int, width: int, batch: int, seed: int) -> np.ndarray:
-    """:func:`_banded` plus a skew-symmetric part as large as its symmetric one off
-    the diagonal: not symmetric, with a positive definite symmetric part."""
-    rng = np.random.default_rng(seed + 100)
-    out = _banded(size, width, batch, seed)
-    for k in range(1, width + 1):
-        skew = rng.uniform(-1, 1, (batch, size - k))
-        out[:, np.arange(size - k), np.arange(k, size)] += skew
-        out[:, np.arange(k, size), np.arange(size - k)] -= skew
-    return out
-
-
-@pytest.mark.parametrize(("size", "width"), [(10, 3), (12, 3), (7, 1), (5, 6), (1, 1)])
-def test_banded_lu_solves_are_dense_solves(size, width):
-    matrices = _skewed(size, min(width, size - 1) if size > 1 else 0, 3, seed=size + width)
-    assert size == 1 or not np.allclose(matrices, matrices.transpose(0, 2, 1))
-    rows, cols = np.nonzero(np.abs(matrices).sum(axis=0))
-    layout = BandLayout(rows, cols, size)
-    entries = torch.from_numpy(matrices[:, rows, cols])
-    ridge = torch.full((3, size), 0.5, dtype=torch.float64)
-    scale = torch.rand(3, size, dtype=torch.float64) + 0.5
-    rhs = torch.randn(3, size, dtype=torch.float64)
-    w, ok = BandedLU(layout, entries, ridge, scale).solve(rhs)
-    systems = torch.from_numpy(matrices) + 0.5 * torch.eye(size, dtype=torch.float64)
-    expected = scale * torch.linalg.solve(systems, scale * rhs)
-    torch.testing.assert_close(w, expected, rtol=1e-11, atol=1e-13)
-    assert ok.tolist() == [True] * 3
 
 
 def test_banded_lu_reports_singular_and_non_finite_systems_without_nan():

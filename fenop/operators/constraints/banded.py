@@ -81,6 +81,16 @@ class BandLayout(nn.Module):
         on = on.reshape(batch, nb, b, b) + torch.diag_embed(added)
         return on, self._off(entries, self.below, self.below_at)
 
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """A right-hand side ``(B, m)`` in blocks ``(B, n_blocks, b, 1)``, zero on the
+        padding."""
+        padding = x.new_zeros(len(x), self.n_blocks * self.block - self.size)
+        return torch.cat([x, padding], dim=1).reshape(len(x), self.n_blocks, self.block, 1)
+
+    def joined(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """The blocks ``(B, b, 1)`` of a solution, in order, as ``(B, m)``."""
+        return torch.cat(blocks, dim=1)[:, : self.size, 0]
+
     def above_blocks(self, entries: torch.Tensor) -> torch.Tensor:
         """The blocks above the diagonal ones ``(B, n_blocks - 1, b, b)``."""
         return self._off(entries, self.above, self.above_at)
@@ -135,11 +145,8 @@ class BandedFactorisation:
     def solve(self, rhs: torch.Tensor):
         """``w`` ``(B, m)`` solving the systems for ``rhs`` ``(B, m)``, and whether each
         solve succeeded ``(B,)``."""
-        layout, batch = self.layout, len(rhs)
-        padded = torch.cat(
-            [self.scale * rhs, rhs.new_zeros(batch, layout.n_blocks * layout.block - layout.size)],
-            dim=1,
-        ).reshape(batch, layout.n_blocks, layout.block, 1)
+        layout = self.layout
+        padded = layout.split(self.scale * rhs)
         forward = []  # L y = b, block by block
         for k, factor in enumerate(self.factors):
             part = padded[:, k]
@@ -154,7 +161,7 @@ class BandedFactorisation:
             backward[k] = torch.linalg.solve_triangular(
                 self.factors[k].transpose(-1, -2), part, upper=True
             )
-        w = self.scale * torch.cat(backward, dim=1)[:, : layout.size, 0]
+        w = self.scale * layout.joined(backward)
         with torch.no_grad():
             ok = self.ok & torch.isfinite(w).all(dim=-1)
         return w, ok
@@ -208,11 +215,8 @@ class BandedLU:
     def solve(self, rhs: torch.Tensor):
         """``w`` ``(B, m)`` solving the systems for ``rhs`` ``(B, m)``, and whether each
         solve succeeded ``(B,)``."""
-        layout, batch = self.layout, len(rhs)
-        padded = torch.cat(
-            [self.scale * rhs, rhs.new_zeros(batch, layout.n_blocks * layout.block - layout.size)],
-            dim=1,
-        ).reshape(batch, layout.n_blocks, layout.block, 1)
+        layout = self.layout
+        padded = layout.split(self.scale * rhs)
         down = []  # S_k⁻¹ (b_k - A_k(k-1) y_(k-1)), block by block
         for k, (lu, pivots) in enumerate(self.factors):
             part = padded[:, k]
@@ -223,7 +227,7 @@ class BandedLU:
         up[-1] = down[-1]
         for k in reversed(range(layout.n_blocks - 1)):
             up[k] = down[k] - self.gains[k] @ up[k + 1]
-        w = self.scale * torch.cat(up, dim=1)[:, : layout.size, 0]
+        w = self.scale * layout.joined(up)
         with torch.no_grad():
             ok = self.ok & torch.isfinite(w).all(dim=-1)
         return w, ok
