@@ -42,27 +42,11 @@ class Factorisation:
     """
 
     def __init__(self, matrix: torch.Tensor, *, ridge: float, symmetric: bool):
-        self._factorise(*scaled_system(matrix, ridge), symmetric=symmetric)
-
-    @classmethod
-    def of_scaled(
-        cls, scaled: torch.Tensor, scale: torch.Tensor, *, symmetric: bool, finite=None
-    ) -> Factorisation:
-        """The factors of systems already scaled and ridged, ``scaled`` ``(..., N, N)``
-        with their scale ``(..., N)`` (as :func:`~fenop.operators.implicit.scaled_system`
-        returns them); ``finite`` ``(...)``, where the caller knows, whether each is
-        finite (a pass over the systems saved)."""
-        factors = cls.__new__(cls)
-        factors._factorise(scaled, scale, symmetric=symmetric, finite=finite)
-        return factors
-
-    def _factorise(self, scaled, scale, *, symmetric: bool, finite=None) -> None:
-        self.scaled, self.scale = scaled, scale
+        self.scaled, self.scale = scaled_system(matrix, ridge)
         self.symmetric, self.pivots = symmetric, None
-        eye = torch.eye(scaled.shape[-1], dtype=scaled.dtype, device=scaled.device)
-        if finite is None:
-            with torch.no_grad():
-                finite = torch.isfinite(self.scaled).all(dim=(-1, -2))
+        eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+        with torch.no_grad():
+            finite = torch.isfinite(self.scaled).all(dim=(-1, -2))
         # LAPACK never sees NaN or Inf: MKL's LU did not return from one (measured)
         scaled = _where(finite, self.scaled, eye)
         if symmetric:
