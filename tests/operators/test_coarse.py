@@ -54,14 +54,20 @@ def test_coarse_space_products_match_scipy(mesh, resolution):
     np.testing.assert_allclose(got, expected, atol=1e-11 * np.abs(expected).max())
 
 
-def test_the_coarse_matrix_from_darcys_coefficient_is_that_of_its_entries():
+def _darcy_coarse(batch: int):
+    """Darcy on a 17 x 17 mesh, its pattern, the 5 x 5 grid's coarse space and
+    ``batch`` seeded coefficients ``(batch, n)`` in [1, 2]."""
     space = FunctionSpace(unit_square(17), dirichlet="boundary")
     residual = get_pde("darcy")(space).residual()
     pattern = JacobianPattern(space)
     coarse = CoarseSpace(pattern, ~residual.dirichlet, 5)
-    a = 1 + torch.rand(
-        2, space.n_dofs, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
-    )
+    generator = torch.Generator().manual_seed(0)
+    a = 1 + torch.rand(batch, space.n_dofs, dtype=torch.float64, generator=generator)
+    return space, residual, pattern, coarse, a
+
+
+def test_the_coarse_matrix_from_darcys_coefficient_is_that_of_its_entries():
+    space, residual, pattern, coarse, a = _darcy_coarse(2)
     name, to_entries = residual.jacobian_map(pattern)
     expected = coarse.matrix(residual.jacobian_entries(pattern, a=a))
     torch.testing.assert_close(coarse.matrix_from(to_entries, a), expected, rtol=1e-12, atol=0)
@@ -77,13 +83,7 @@ def test_the_coarse_matrix_from_darcys_coefficient_is_that_of_its_entries():
 
 
 def test_the_coarse_factors_from_entries_are_those_of_the_dense_matrices():
-    space = FunctionSpace(unit_square(17), dirichlet="boundary")
-    residual = get_pde("darcy")(space).residual()
-    pattern = JacobianPattern(space)
-    coarse = CoarseSpace(pattern, ~residual.dirichlet, 5)
-    a = 1 + torch.rand(
-        3, space.n_dofs, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
-    )
+    _, residual, pattern, coarse, a = _darcy_coarse(3)
     values = residual.jacobian_entries(pattern, a=a)
     entries = coarse.entries(values)
     # a hat whose matrix entries all vanish (a dead unknown), a system not finite
