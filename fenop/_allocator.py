@@ -16,7 +16,6 @@ library should not change its process's allocator on import.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 # mallopt's parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -26,10 +25,11 @@ _M_MMAP_MAX = -4
 def keep_freed_memory() -> bool:
     """Have glibc serve every allocation from its heap and never trim it; whether it
     took effect (``False`` off glibc, e.g. macOS or musl, where nothing changes)."""
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):  # no C library found, or not glibc
+        # the process's own symbols, libc's among them: find_library("c") would run
+        # ldconfig in a subprocess on every start of the command
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no mallopt: not glibc
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success
