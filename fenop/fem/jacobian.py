@@ -36,10 +36,9 @@ import torch
 from torch import nn
 
 from fenop.fem.colouring import colour_graph
-from fenop.fem.forms import quadrature_data
 from fenop.fem.partition import _canonical_order, dof_graph
 from fenop.fem.space import FunctionSpace
-from fenop.fem.sparse import SparseMatrix, _quiet_csr, csr_product
+from fenop.fem.sparse import _quiet_csr, csr_product
 
 
 def take_columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -414,92 +413,3 @@ class JacobianBlocks(nn.Module):
         columns = x.permute(0, 1, 3, 2).reshape(batch, k * self.width, fields)
         out = self.pattern.rows(take_columns(values, self.take), columns)
         return out.reshape(batch, k, self.height, fields).transpose(-1, -2)
-
-
-class CellJacobian:
-    """A residual's Jacobian assembled cell by cell on a :class:`JacobianPattern`, from
-    weights at the quadrature points: the entries of
-
-        ``J_ij = Σ_k Σ_e Σ_q w_{k,e,q} A^k_{ij,e,q}``
-
-    for fixed local tensors ``A^k`` of the cells (below), on all cells or on those
-    the residual's forms see (``FEForms.on``). The entries are linear in the weights
-    ``w`` ``(B, K, E, Q)``: a fixed sparse map, made once per set of tensors, takes
-    them to the entries in one sparse product, and its stored transpose gives the
-    backward pass. One pass, where recovering the Jacobian takes one linearisation
-    per colour of the pattern; and 2x faster, forward and backward, than contracting
-    the local tensors with the weights and scattering the local matrices into the
-    entries (nonlinear diffusion at 1.7e4 DOFs, batch 8: 33 + 32 against 55 + 79 ms),
-    at the map's memory (``K N² E Q`` entries: 2.7e6 for that residual's three).
-
-    The tensors, ``N`` local basis functions, ``E`` cells, ``Q`` quadrature points,
-    ``d`` dimensions, ``dx`` the quadrature weights: ``"mass"`` ``φ_i φ_j dx``,
-    ``"stiffness"`` ``∇φ_i·∇φ_j dx`` and ``"gradient_value"`` ``∂_k φ_i φ_j dx``,
-    ``d`` tensors, one per axis ``k``. Made once per residual and device.
-
-    >>> import torch
-    >>> from fenop.fem import FunctionSpace, unit_square
-    >>> space = FunctionSpace(unit_square(5))
-    >>> pattern = JacobianPattern(space)
-    >>> cells = CellJacobian(pattern, torch.device("cpu"))
-    >>> ones = torch.ones(1, 1, cells.n_cells, 3, dtype=torch.float64)  # (B, K, E, Q)
-    >>> stiffness = pattern.dense(cells.weighted(ones, ("stiffness",), cells.every))[0]
-    >>> bool(torch.allclose(stiffness, space.stiffness.to_dense()))
-    True
-    """
-
-    TENSORS = ("mass", "stiffness", "gradient_value")
-
-    def __init__(self, pattern: JacobianPattern, device: torch.device):
-        self.pattern, self.device = pattern, torch.device(device)
-        self.n_cells = pattern.space.basis.element_dofs.shape[1]
-        self.every = torch.arange(self.n_cells, device=self.device)  # every cell, in order
-        self._maps: dict[tuple[str, ...], tuple[SparseMatrix, int]] = {}
-
-    def _map(self, names: tuple[str, ...]) -> tuple[SparseMatrix, int]:
-        """The map ``(nnz, K E Q)`` from the weights of the tensors ``names`` to the
-        entries, and ``K``; made on the first call for ``names``."""
-        if names not in self._maps:
-            unknown = [name for name in names if name not in self.TENSORS]
-            if unknown or not names:
-                raise ValueError(f"cell tensors are {self.TENSORS}, got {names}")
-            phi, dphi, dx = quadrature_data(self.pattern.space)
-            tensors = {  # (K, N, N, E, Q) each
-                "mass": lambda: np.einsum("ieq,jeq,eq->ijeq", phi, phi, dx)[None],
-                "stiffness": lambda: np.einsum("ideq,jdeq,eq->ijeq", dphi, dphi, dx)[None],
-                "gradient_value": lambda: np.einsum("ideq,jeq,eq->dijeq", dphi, phi, dx),
-            }
-            local = np.concatenate([tensors[name]() for name in names])
-            k, _, _, e, q = local.shape
-            rows = np.broadcast_to(self.pattern.local_slots()[None, ..., None], local.shape)
-            columns = np.arange(k * e * q).reshape(k, 1, 1, e, q)
-            matrix = scipy.sparse.csr_array(
-                (local.ravel(), (rows.ravel(), np.broadcast_to(columns, local.shape).ravel())),
-                shape=(self.pattern.nnz, k * e * q),
-            )
-            matrix.sum_duplicates()
-            self._maps[names] = (SparseMatrix(matrix).to(self.device), k)
-        return self._maps[names]
-
-    def _every_cell(self, index: torch.Tensor) -> bool:
-        """Whether ``index`` is every cell in order."""
-        return index.shape == self.every.shape and bool(torch.equal(index, self.every))
-
-    def weighted(
-        self, weights: torch.Tensor, names: tuple[str, ...], index: torch.Tensor
-    ) -> torch.Tensor:
-        """The entries ``(B, nnz)`` of ``Σ_k Σ_q w_{k,e,q} A^k_{ij,e,q}`` summed over the
-        cells ``index`` ``(E',)``, for weights ``(B, K, E', Q)`` (``K``: one
-        for each of ``names``, ``d`` for ``"gradient_value"``) and the tensors ``A^k``
-        of ``names`` in order; differentiable in the weights."""
-        matrix, k = self._map(tuple(names))
-        if weights.ndim != 4 or weights.shape[1:3] != (k, len(index)):
-            raise ValueError(
-                f"`weights` must have shape (batch, {k}, {len(index)}, Q) for {names} on "
-                f"{len(index)} cells, got {tuple(weights.shape)}"
-            )
-        if not self._every_cell(index):  # the other cells' weights zero
-            full = weights.new_zeros(*weights.shape[:2], self.n_cells, weights.shape[3])
-            weights = full.index_copy(2, index, weights)
-        # contiguous: later gathers from a strided (B, nnz) array run 3x slower
-        return matrix(weights.flatten(1)).contiguous()

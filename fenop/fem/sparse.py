@@ -229,15 +229,17 @@ class SparseMatrix(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         return self.rows(flat.T).T.reshape(*x.shape[:-1], self.shape[0])
 
-    def each(self, x: torch.Tensor) -> torch.Tensor:
-        """``matrix @ x_b`` for each ``x_b`` of ``x`` ``(B, n)`` -> ``(B, m)``, by one
-        matrix-vector product each, into the rows of the result: for a tall matrix
-        and a few rows, where :meth:`forward`'s product writes ``(m, B)`` and its
+    def each(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+        """``matrix @ x_b`` (``transpose``: ``matrixᵀ @ x_b``) for each ``x_b`` of ``x``
+        ``(B, n)`` -> ``(B, m)`` (``(B, m)`` -> ``(B, n)``), by one matrix-vector
+        product each, into the rows of the result: for a tall matrix and a few
+        rows, where :meth:`forward`'s product writes ``(m, B)`` and its
         transposition copies that (Darcy's map to its Jacobian's entries at 6.6e4
         DOFs, batch 8: the product, its transposition and a masked copy took
         28-38 ms, this product and the Dirichlet rows 5-7 ms). Differentiable."""
-        if x.ndim != 2 or x.shape[1] != self.shape[1]:
-            raise ValueError(f"`x` must have shape (B, {self.shape[1]}), got {tuple(x.shape)}")
+        width = self.shape[0] if transpose else self.shape[1]
+        if x.ndim != 2 or x.shape[1] != width:
+            raise ValueError(f"`x` must have shape (B, {width}), got {tuple(x.shape)}")
         x = _prepared(x, self.device)
         # int32 indices: the kernels convert int64 ones on every call (8-10 % of the
         # constraint layer at 6.6e4 DOFs). Only here: a product of many columns with
@@ -246,7 +248,7 @@ class SparseMatrix(nn.Module):
         # tests/train/test_distributed.py); one vector a product does not.
         with torch.autocast(x.device.type, enabled=False):
             pair = _Pair(*self._pair(x.dtype, narrow=True))
-            return _EachProduct.apply(x.contiguous(), pair)
+            return _EachProduct.apply(x.contiguous(), pair.swapped() if transpose else pair)
 
     def transposed(self, x: torch.Tensor) -> torch.Tensor:
         """``matrixᵀ @ x`` along the last dimension: ``(..., m)`` -> ``(..., n)``, with

@@ -164,7 +164,7 @@ class AllenCahnResidual(DirichletResidual):
     def linearised(self, pattern, u: torch.Tensor, *, u_prev: torch.Tensor):
         """``R(u)`` and ``J(u)`` on the pattern: ``J_ij = ∫ (1 + Δt (3u² - 1)) φ_j φ_i +
         Δt ε² ∫ ∇φ_j·∇φ_i``, cell by cell from its weights at the quadrature points
-        (:class:`~fenop.fem.jacobian.CellJacobian`); on the cells the forms see
+        (:class:`~fenop.fem.cell_jacobian.CellJacobian`); on the cells the forms see
         (``forms.on``)."""
         forms = self.forms
         cells = self.cell_jacobian(pattern, u.device)

@@ -26,7 +26,7 @@ from torch import nn
 
 from fenop.data.grf import GaussianRandomField, sample_rng
 from fenop.fem import FEForms, FunctionSpace
-from fenop.fem.jacobian import CellJacobian
+from fenop.fem.cell_jacobian import CellJacobian
 from fenop.fem.mesh import bounding_box
 
 
@@ -194,7 +194,7 @@ class DirichletResidual(nn.Module):
 
     def cell_jacobian(self, pattern, device: torch.device) -> CellJacobian:
         """The cell data for assembling this residual's Jacobian on ``pattern``
-        (:class:`~fenop.fem.jacobian.CellJacobian`), made on the first call for a
+        (:class:`~fenop.fem.cell_jacobian.CellJacobian`), made on the first call for a
         pattern and device, for :meth:`linearised`."""
         cached = self._cell_jacobian
         if cached is None or cached.pattern is not pattern or cached.device != device:

