@@ -227,8 +227,10 @@ class _JacobiSweeps(torch.autograd.Function):
                 grad_offset.sub_(t)
             if grad_step is not None:
                 grad_step.addcmul_(grad, residuals[k], value=-1.0)
-            if grad_values is not None:
-                grad_values.sub_(p.outer(t, fields[k]))
+            if grad_values is not None:  # one pass: a product and a subtraction took 2x
+                grad_values.addcmul_(
+                    take_columns(t, p.row), take_columns(fields[k], p.col), value=-1.0
+                )
             # into a second array: the kernel's output is not its input
             torch.addmv(
                 grad.reshape(-1), transposed, t.reshape(-1), alpha=-1.0, out=spare.reshape(-1)
