@@ -91,6 +91,7 @@ _VARIANTS = (
     "moe K=16 newton",
     "global smoothing 4 coarse 17",
     "global default",
+    "global default linearised",
 )
 
 
@@ -119,6 +120,8 @@ def _constraint(variant: str, residual):
         return HardConstraint(residual, smoothing=4, coarse_grid=17)
     if variant == "global default":  # the grid "auto" sizes by the mesh
         return HardConstraint(residual)
+    if variant == "global default linearised":  # a nonlinear residual's one Newton step
+        return HardConstraint(residual, global_solve="linearised")
     if variant.endswith("DOFs/expert"):
         return MoEConstraint(
             residual, MetisPartition(dofs_per_expert=int(variant.split()[1])), **PLAIN
