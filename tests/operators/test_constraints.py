@@ -690,6 +690,33 @@ def test_smoothing_is_damped_jacobi_around_the_galerkin_solve(coarse_grid):
 
 
 @pytest.mark.parametrize(
+    "dtype, tolerance", [(torch.float64, 0.0), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)]
+)
+def test_the_sweeps_run_in_the_outputs_precision(monkeypatch, dtype, tolerance):
+    # float64 and float32 outputs: sweeps in their precision (half precisions: in
+    # float32); the output that of the float64 layer on the same (rounded) inputs,
+    # to the output's rounding
+    space, residual, a, u = _darcy(17)
+    guess, basis = _guess_and_basis(space, u)
+    guess, basis, a = (x.to(dtype) for x in (guess, basis, a))
+    layer = HardConstraint(residual)
+    seen = []
+    jacobi = layer.pattern.jacobi
+
+    def spy(values, *args, **kwargs):
+        seen.append(values.dtype)
+        return jacobi(values, *args, **kwargs)
+
+    monkeypatch.setattr(layer.pattern, "jacobi", spy)
+    out = layer(guess, basis, a=a)
+    assert out.dtype == dtype
+    assert seen == [torch.float64 if dtype == torch.float64 else torch.float32] * 2
+    expected = layer(guess.double(), basis.double(), a=a.double())
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=tolerance * scale)
+
+
+@pytest.mark.parametrize(
     "make",
     [
         lambda r: HardConstraint(r, smoothing=4, coarse_grid=0),

@@ -47,7 +47,8 @@ after that is sparse, each expert's with its own block of ``J``, so the layer's
 cost and memory grow linearly with the mesh (BENCHMARKS.md).
 
 Every solve is a small dense float64 system, symmetrically scaled to a unit
-diagonal, with a small ridge; Cholesky where it is symmetric, LU otherwise. Its
+diagonal, with a small ridge; Cholesky where it is symmetric, LU otherwise. The
+Jacobi sweeps around the solves run in the output's precision. Its
 condition number is monitored: ``report`` says, per sample, whether every solve
 succeeded, how many systems were numerically singular (basis fields dependent on
 an expert's patch: the ridge then picks the coefficients), how many sweeps ran,

@@ -214,7 +214,7 @@ class MoEConstraint(_Constraint):
         # as HardConstraint's: the stages before the coarse solve (and, linearised,
         # the solve) on the residual linearised at the prediction
         start = self._stage_linear(g, inputs, linear, self.smoothing or linearised)
-        u, conditions = self._smoothed(g, start), []
+        u, conditions = self._smoothed(g, start, prediction.dtype), []
         if self.coarse:
             u, ok, condition, steps = self._global(
                 u, phi, inputs, start if linearised else linear, data
@@ -265,7 +265,7 @@ class MoEConstraint(_Constraint):
         ok = ok & expert_ok & coarse_ok
         iterations = iterations + expert_iterations
         conditions = conditions + expert_conditions
-        u = self._conserved(self._smoothed(u, end), linear)
+        u = self._conserved(self._smoothed(u, end, prediction.dtype), linear)
         return self._finish(u, ok, conditions, iterations, prediction.dtype, inputs, linear)
 
     def _tracked_sweeps(self, u, r, phi, values):

@@ -79,12 +79,12 @@ class HardConstraint(_Constraint):
         # Newton steps. One linearisation for all had 3x the L2 error in training
         # (BENCHMARKS.md, nonlinear diffusion at 1.7e4 DOFs).
         start = self._stage_linear(g, inputs, linear, self.smoothing or linearised)
-        g = self._smoothed(g, start)
+        g = self._smoothed(g, start, prediction.dtype)
         u, ok, condition, iterations = self._global(g, phi, inputs, start if linearised else linear)
         after = self.smoothing or self.coarse_space is not None
         end = self._stage_linear(u, inputs, linear, after)
         u, coarse_ok = self._coarse_corrected(u, end, self._coarse_entries(inputs))
-        u = self._conserved(self._smoothed(u, end), linear)
+        u = self._conserved(self._smoothed(u, end, prediction.dtype), linear)
         return self._finish(
             u, ok & coarse_ok, [condition], iterations.sum(dim=1), prediction.dtype, inputs, linear
         )

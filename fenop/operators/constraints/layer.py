@@ -356,20 +356,31 @@ class _Constraint(nn.Module):
             self._check_pattern(zero, inputs, r0, entries)
         return r0, entries.to(u.dtype)
 
-    def _smoothed(self, u: torch.Tensor, linear) -> torch.Tensor:
+    def _smoothed(self, u: torch.Tensor, linear, dtype: torch.dtype) -> torch.Tensor:
         """``u`` ``(B, n)`` after :attr:`smoothing` sweeps of damped Jacobi on the FE
         system ``linear`` (``(R(0), J)``: a residual's own, or a linearisation,
         :meth:`_stage_linear`), ``u ← u - ω D⁻¹ (J u + R(0))`` on the free DOFs
         (``D`` the diagonal of ``J``). The smoother of a multigrid: it removes the
         error at the mesh's own scale, which a basis the network emits on a coarser
         grid cannot carry and a Galerkin solve then trades against the smooth
-        error; each sweep costs one product with ``J``. Differentiable."""
+        error; each sweep costs one product with ``J``. Differentiable.
+
+        The sweeps run in ``dtype``, the output's precision (float32 for half
+        precisions), and return ``u``'s: a smoother's rounding stays at that
+        precision, unlike a solve's, which its condition number multiplies. In
+        float32 a sparse product moves two thirds of the bytes: the global
+        default's forward and backward passes took a fifth less time (Darcy at
+        6.6e4 DOFs, batch 8; BENCHMARKS.md, "The sweeps in the output's
+        precision"), its float32 output within float32's rounding of the float64
+        sweeps'."""
         if not self.smoothing:
             return u
         r0, values = linear
         diagonal = take_columns(values, self.pattern.diagonal)
         step = torch.where(self.free & (diagonal != 0), _JACOBI_WEIGHT / diagonal, 0.0)
-        return self.pattern.jacobi(values, r0, step, u, sweeps=self.smoothing)
+        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        low = [x.to(dtype) for x in (values, r0, step, u)]
+        return self.pattern.jacobi(*low, sweeps=self.smoothing).to(u.dtype)
 
     def _coarse_entries(self, inputs: dict) -> torch.Tensor | None:
         """The coarse grid's matrix from the inputs alone, its entries on its pattern
