@@ -7,16 +7,13 @@ import pytest
 import torch
 
 from fenop.data.pdes import get_pde
-from fenop.fem import FunctionSpace, l_shape, unit_cube, unit_square
+from fenop.fem import FunctionSpace, unit_cube
 from fenop.fem.cell_jacobian import CellJacobian
 from fenop.fem.jacobian import JacobianPattern
+from tests.fem.test_jacobian import SPACES as PATTERN_SPACES
 
-SPACES = {
-    "P1 L-shape": lambda: FunctionSpace(l_shape(7), dirichlet="boundary"),
-    "P1 cube": lambda: FunctionSpace(unit_cube(3), dirichlet="boundary"),
-    "P2 square": lambda: FunctionSpace(unit_square(5), degree=2, dirichlet="boundary"),
-    "Q1 square": lambda: FunctionSpace(unit_square(6, cell="quad"), dirichlet="boundary"),
-}
+# the pattern's spaces, and a 3D one
+SPACES = {**PATTERN_SPACES, "P1 cube": lambda: FunctionSpace(unit_cube(3), dirichlet="boundary")}
 
 
 def _cells(name):

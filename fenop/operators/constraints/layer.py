@@ -379,8 +379,8 @@ class _Constraint(nn.Module):
         diagonal = take_columns(values, self.pattern.diagonal)
         step = torch.where(self.free & (diagonal != 0), _JACOBI_WEIGHT / diagonal, 0.0)
         dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        low = [x.to(dtype) for x in (values, r0, step, u)]
-        return self.pattern.jacobi(*low, sweeps=self.smoothing).to(u.dtype)
+        # jacobi works in its entries' precision
+        return self.pattern.jacobi(values.to(dtype), r0, step, u, sweeps=self.smoothing).to(u.dtype)
 
     def _coarse_entries(self, inputs: dict) -> torch.Tensor | None:
         """The coarse grid's matrix from the inputs alone, its entries on its pattern
