@@ -15,7 +15,7 @@ and the ``[model.constraint]`` table of a training configuration::
 
 and every keyword argument of the kind's layer, with its default: ``condition``,
 ``ridge``, ``max_iterations``, ``tolerance``, ``chord``, ``smoothing``, ``global_solve``,
-``coarse_grid`` and ``conserve`` for both kinds, and
+``coarse_grid``, ``conserve`` and ``frozen_jacobian`` for both kinds, and
 ``overlap``, ``sweeps``, ``coarse``, ``update`` and ``nonlinear`` for the experts
 (:class:`~fenop.operators.MoEConstraint`). Their types, defaults and choices are read
 from the layers' signatures (:mod:`fenop._options`), so there is one declaration of

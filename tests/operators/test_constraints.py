@@ -859,6 +859,123 @@ def test_a_linearised_cycle_passes_gradcheck(make):
     assert _gradcheck(make(residual), small, u, "f", f, fast=True)
 
 
+def _frozen_dense_cycle(residual, f, guess, phi, hats, sweeps):
+    """:func:`_dense_cycle`'s linearised cycle in torch, differentiable in ``guess``
+    ``(n,)`` and ``phi`` ``(N, n)`` with each linearisation held fixed: ``R(at)`` and
+    ``J(at)`` constants, so that each stage is affine in the field it starts from."""
+    free = ~residual.dirichlet
+
+    def jacobi(x, r, jacobian, at):  # on R(at) + J (x - at), as _dense_cycle's
+        step = torch.where(free, 2 / 3 / torch.diagonal(jacobian), 0.0)
+        for _ in range(sweeps):
+            x = x - step * (jacobian @ (x - at) + r)
+        return x
+
+    at = guess.detach()
+    r, jacobian = _dense_linearisation(residual, f, at)
+    x = jacobi(guess, r, jacobian, at)
+    rx = r + jacobian @ (x - at)
+    u = x + phi.T @ torch.linalg.solve(phi @ jacobian @ phi.T, -phi @ rx)
+    at = u.detach()
+    r, jacobian = _dense_linearisation(residual, f, at)
+    c = torch.linalg.solve(hats.T @ jacobian @ hats, -hats.T @ (r + jacobian @ (u - at)))
+    return jacobi(u + hats @ c, r, jacobian, at)
+
+
+def _cycle_case(eps: float):
+    """Nonlinear diffusion on 17 x 17: a guess ``eps`` (relative, in the max norm) off
+    the solution along a smooth field, 4 smooth basis fields, the input ``f``."""
+    space, residual, f, u = _nonlinear(17)
+    direction = _smooth_fields(space, 1, seed=2)[0]
+    guess = u[0] + eps * direction / direction.abs().max() * u.abs().max()
+    return space, residual, f, guess, _smooth_fields(space, 4, seed=7)
+
+
+def _output_and_gradients(layer, guess, basis, f, weights):
+    """The layer's output ``(n,)`` and the gradients of ``weights · output`` in the
+    guess ``(n,)`` and the basis ``(N, n)``."""
+    g, phi = guess.clone().requires_grad_(), basis.clone().requires_grad_()
+    out = layer(g[None, None], phi[None], f=f)[0, 0]
+    (out * weights).sum().backward()
+    return out.detach(), g.grad, phi.grad
+
+
+# the cycle with its gradient through J(u) (False) and with J held fixed (True)
+CYCLES = {
+    "global, newton": lambda r, frozen: HardConstraint(
+        r, smoothing=3, coarse_grid=5, frozen_jacobian=frozen
+    ),
+    "global, linearised": lambda r, frozen: HardConstraint(
+        r, smoothing=3, coarse_grid=5, global_solve="linearised", frozen_jacobian=frozen
+    ),
+    "moe": lambda r, frozen: MoEConstraint(
+        r, MetisPartition(experts=4), sweeps=2, smoothing=2, coarse_grid=5, frozen_jacobian=frozen
+    ),
+}
+
+
+def _exact_and_frozen(name: str, eps: float):
+    """``(output, gradient in the guess, in the basis)`` of the cycle ``name`` with
+    and without J held fixed, on :func:`_cycle_case`."""
+    space, residual, f, guess, basis = _cycle_case(eps)
+    weights = torch.randn(space.n_dofs, generator=torch.Generator().manual_seed(0)).double()
+    return [
+        _output_and_gradients(CYCLES[name](residual, frozen), guess, basis, f, weights)
+        for frozen in (False, True)
+    ]
+
+
+@pytest.mark.parametrize("name", list(CYCLES))
+def test_a_frozen_jacobian_keeps_the_output(name):
+    exact, held = _exact_and_frozen(name, 0.2)
+    assert _relative(held[0], exact[0]) < 1e-12
+    # what it changes is the gradient: J(u)'s dependence on u is left out
+    assert _relative(held[1], exact[1]) > 1e-6
+    assert all(torch.isfinite(g).all() for g in held[1:])
+
+
+def test_the_frozen_gradient_is_autograds_through_the_cycle_with_fixed_linearisations():
+    space, residual, f, guess, basis = _cycle_case(0.2)
+    weights = torch.randn(space.n_dofs, generator=torch.Generator().manual_seed(0)).double()
+    layer = CYCLES["global, linearised"](residual, True)
+    out, grad_guess, grad_basis = _output_and_gradients(layer, guess, basis, f, weights)
+    free = ~residual.dirichlet
+    hats = torch.from_numpy(_grid_hats(space, 5, free.numpy()))
+    g, b = guess.clone().requires_grad_(), basis.clone().requires_grad_()
+    expected = _frozen_dense_cycle(residual, f, g, torch.where(free, b, 0.0), hats, 3)
+    (expected * weights).sum().backward()
+    assert _relative(out, expected.detach()) < 1e-9
+    assert _relative(grad_guess, g.grad) < 1e-8
+    assert _relative(grad_basis, b.grad) < 1e-8
+
+
+@pytest.mark.parametrize("name", list(CYCLES))
+def test_the_frozen_gradients_error_is_first_order_in_the_predictions(name):
+    # the term left out is J's derivative times each stage's correction, which is
+    # of the size of the prediction's error
+    differences = []
+    for eps in (0.1, 0.01):
+        exact, held = _exact_and_frozen(name, eps)
+        differences.append([_relative(h, e) for h, e in zip(held[1:], exact[1:], strict=True)])
+    for coarse, fine in zip(*differences, strict=True):
+        assert 5 < coarse / fine < 20, differences
+
+
+def test_a_frozen_jacobian_leaves_an_affine_residuals_gradient_exact():
+    space, residual, a, u = _darcy(9)
+    guess, basis = _guess_and_basis(space, u)
+    weights = torch.randn(space.n_dofs, generator=torch.Generator().manual_seed(0)).double()
+    for make in (HardConstraint, lambda r, **o: MoEConstraint(r, MetisPartition(experts=4), **o)):
+        results = []
+        for frozen in (False, True):
+            g, phi = guess.clone().requires_grad_(), basis.clone().requires_grad_()
+            out = make(residual, frozen_jacobian=frozen)(g, phi, a=a)
+            (out[0, 0] * weights).sum().backward()
+            results.append((out.detach(), g.grad, phi.grad))
+        for exact, held in zip(*results, strict=True):
+            assert torch.equal(exact, held)
+
+
 def _no_flux_heat(n: int):
     """A no-flux heat step on ``unit_square(n)`` (no Dirichlet DOFs): the space, its
     residual, the state before the step ``(1, n)`` and the next one."""

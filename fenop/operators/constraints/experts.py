@@ -82,6 +82,8 @@ class MoEConstraint(_Constraint):
             after the experts').
         conserve: as for :class:`HardConstraint` (the constant joins each
             expert's fields too).
+        frozen_jacobian: as for :class:`HardConstraint` (also the linearised
+            sweeps' linearisation).
 
     Shapes:
         as for :class:`HardConstraint`.
@@ -106,6 +108,7 @@ class MoEConstraint(_Constraint):
         global_solve: Nonlinear = "newton",
         coarse_grid: int | str = "auto",
         conserve: bool = True,
+        frozen_jacobian: bool = False,
     ):
         super().__init__(
             residual,
@@ -118,6 +121,7 @@ class MoEConstraint(_Constraint):
             global_solve=global_solve,
             coarse_grid=coarse_grid,
             conserve=conserve,
+            frozen_jacobian=frozen_jacobian,
         )
         if isinstance(update, str):
             update = UPDATE_ALIASES.get(update, update)
@@ -225,7 +229,9 @@ class MoEConstraint(_Constraint):
         # not affine, its linearisation at the sweeps' starting field, R(u) - J u and
         # J; none where the experts solve their own nonlinear problems.
         sweep_linear, r_start = linear, None
-        if self.linear_sweeps and not self.affine:
+        if self.linear_sweeps and not self.affine and self.frozen_jacobian:
+            sweep_linear = self._stage_linear(u, inputs, linear, True)
+        elif self.linear_sweeps and not self.affine:
             sweep_linear, r_start = self._linearised_at(u, inputs)
         # Sharded over processes (shard()): what every process holds enters its share
         # of the experts through to_shards, and their corrections leave through

@@ -63,6 +63,17 @@ class HardConstraint(_Constraint):
             correction by a constant makes the sum of the residual over the free
             DOFs zero, which the sweeps and the grid after the solve leave off by
             their own error. ``False``: neither.
+        frozen_jacobian: for a residual that is not affine, the gradient through
+            the cycle's stages with each linearisation (``J`` and ``R(u) - J u``)
+            held fixed: the output is the same, and the backward pass no longer
+            goes through the linearisations (Newton's root keeps its exact
+            implicit gradient). Not the default: the layer's backward pass took a
+            seventh of the time and the training step 0.64x, but at equal training
+            time the L2 error doubled (nonlinear diffusion at 6.6e4 DOFs;
+            BENCHMARKS.md, "The gradient through the linearisations"). What it
+            drops, ``J``'s derivative times each stage's correction, is small in
+            norm, but a Newton-like stage cancels its output's first-order
+            dependence on the prediction, and this is most of what remains.
 
     Shapes:
         ``prediction (B, 1, n)``, ``basis (B, N, n)``, each input ``(B, n)`` ->

@@ -64,6 +64,7 @@ class _Constraint(nn.Module):
         global_solve: Nonlinear = "newton",
         coarse_grid: int | str = "auto",
         conserve: bool = True,
+        frozen_jacobian: bool = False,
     ):
         super().__init__()
         if condition not in CONDITIONS:
@@ -107,6 +108,7 @@ class _Constraint(nn.Module):
         self.max_iterations, self.tolerance = int(max_iterations), float(tolerance)
         self.chord, self.smoothing = bool(chord), int(smoothing)
         self.global_solve = global_solve
+        self.frozen_jacobian = bool(frozen_jacobian)
         self.space = residual.forms.space
         self.symmetric = self.rule.symmetric(residual)
         self.systems = DenseSystems(ridge=self.ridge, symmetric=self.symmetric)
@@ -333,9 +335,13 @@ class _Constraint(nn.Module):
         ``(R(0), J)``: an affine residual's own ``linear``; for one that is not
         affine, where ``wanted``, its linearisation at ``u`` (:meth:`_linearised_at`),
         so that each sweep or correction of the stage is a sparse product instead of
-        a residual evaluation or a linearisation of its own; else ``None``."""
+        a residual evaluation or a linearisation of its own (with
+        :attr:`frozen_jacobian`, found at ``u`` detached: a constant of the backward
+        pass); else ``None``."""
         if self.affine or not wanted:
             return linear
+        if self.frozen_jacobian:
+            u = u.detach()
         return self._linearised_at(u, inputs)[0]
 
     def _linear_part(self, u, inputs):
