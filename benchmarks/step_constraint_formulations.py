@@ -50,8 +50,9 @@ from fenop.fem import FunctionSpace, MetisPartition, RelativeL2Loss, unit_square
 from fenop.operators import HardConstraint, MoEConstraint
 
 # The variants as measured before the layers' default cycle: the condition alone
-# unless a variant names its sweeps and grid.
-PLAIN = {"smoothing": 0, "coarse_grid": 0}
+# (for a residual that is not affine, Newton's root) unless a variant names its
+# sweeps and grid.
+PLAIN = {"smoothing": 0, "coarse_grid": 0, "global_solve": "newton"}
 
 K, DT, STEPS = 0.1, 0.005, 20
 

@@ -23,9 +23,9 @@ DEVICES = [
 ]
 
 # A constraint layer's formulation alone: the two-grid cycle the layers add by
-# default (Jacobi sweeps and a coarse grid around the solve) turned off, for tests
-# of the solve itself.
-PLAIN = {"smoothing": 0, "coarse_grid": 0}
+# default (Jacobi sweeps and a coarse grid around the solve) turned off, and for a
+# residual that is not affine Newton's root, for tests of the solve itself.
+PLAIN = {"smoothing": 0, "coarse_grid": 0, "global_solve": "newton"}
 
 
 def l_shape_interior_points(rng: np.random.Generator, n: int, *, margin: float = 1e-6):

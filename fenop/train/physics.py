@@ -180,8 +180,9 @@ def build_constraint(description: dict, space: FunctionSpace) -> nn.Module:
         if key not in description:
             raise ConstraintError(f"a constraint description needs {key!r}")
     # A description written before an option existed loads back to the same outputs:
-    # the experts then solved by Newton's method; no layer smoothed or had a grid.
-    legacy = {"smoothing": 0, "coarse_grid": 0}
+    # the experts then solved by Newton's method; no layer smoothed or had a grid,
+    # and the global solve was Newton's.
+    legacy = {"smoothing": 0, "coarse_grid": 0, "global_solve": "newton"}
     if description.get("kind") == "moe":
         legacy["nonlinear"] = "newton"
     description = {**legacy, **description}

@@ -369,6 +369,8 @@ def test_bad_arguments_are_refused():
         )
     with pytest.raises(ValueError, match="`update` must be one of"):
         MoEConstraint(residual, MetisPartition(experts=2), update="jacobi")
+    with pytest.raises(ValueError, match=r"`global_solve` must be one of \('auto'"):
+        HardConstraint(residual, global_solve="picard")
 
     class Bare(torch.nn.Module):  # a residual without what the protocol names
         forms, affine = residual.forms, True
@@ -553,14 +555,16 @@ SECOND_ORDER = {
         ),
         1e3,
     ),
-    "global galerkin": (lambda r, how: HardConstraint(r, global_solve=how, **PLAIN), 30),
+    "global galerkin": (lambda r, how: HardConstraint(r, **{**PLAIN, "global_solve": how}), 30),
     "global least squares": (
-        lambda r, how: HardConstraint(r, condition="least_squares", global_solve=how, **PLAIN),
+        lambda r, how: HardConstraint(
+            r, condition="least_squares", **{**PLAIN, "global_solve": how}
+        ),
         30,
     ),
     "moe coarse": (  # its coarse solve alone
         lambda r, how: MoEConstraint(
-            r, MetisPartition(experts=4), sweeps=0, global_solve=how, **PLAIN
+            r, MetisPartition(experts=4), sweeps=0, **{**PLAIN, "global_solve": how}
         ),
         30,
     ),
@@ -592,7 +596,7 @@ def test_a_linearised_global_solve_meets_the_condition_of_the_linearisation():
     space, residual, f, u = _nonlinear(9)
     basis = _smooth_fields(space, 4, seed=5)
     guess = 0.7 * u
-    layer = HardConstraint(residual, global_solve="linearised", **PLAIN)
+    layer = HardConstraint(residual, **{**PLAIN, "global_solve": "linearised"})
     out = layer(guess[:, None], basis[None], f=f)[:, 0]
     step, h = out - guess, 1e-6
     jacobian_step = (residual(guess + h * step, f=f) - residual(guess - h * step, f=f)) / (2 * h)
@@ -602,12 +606,12 @@ def test_a_linearised_global_solve_meets_the_condition_of_the_linearisation():
     assert tested.abs().max() < 1e-7 * (basis[:, free] @ residual(guess, f=f)[0, free]).abs().max()
     assert layer.report["iterations"].tolist() == [1] and layer.report["converged"].all()
     with pytest.raises(ValueError, match="global_solve"):
-        HardConstraint(residual, global_solve="chord", **PLAIN)
+        HardConstraint(residual, **{**PLAIN, "global_solve": "chord"})
 
 
 def test_a_linearised_global_solve_passes_gradcheck():
     space, residual, f, u = _nonlinear(5)
-    layer = HardConstraint(residual, global_solve="linearised", **PLAIN)
+    layer = HardConstraint(residual, **{**PLAIN, "global_solve": "linearised"})
     assert _gradcheck(layer, space, u, "f", f, fast=False)
 
 
@@ -903,7 +907,7 @@ def _output_and_gradients(layer, guess, basis, f, weights):
 # the cycle with its gradient through J(u) (False) and with J held fixed (True)
 CYCLES = {
     "global, newton": lambda r, frozen: HardConstraint(
-        r, smoothing=3, coarse_grid=5, frozen_jacobian=frozen
+        r, smoothing=3, coarse_grid=5, global_solve="newton", frozen_jacobian=frozen
     ),
     "global, linearised": lambda r, frozen: HardConstraint(
         r, smoothing=3, coarse_grid=5, global_solve="linearised", frozen_jacobian=frozen

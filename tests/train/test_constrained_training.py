@@ -122,6 +122,23 @@ def test_experts_solve_the_linearisation_unless_a_description_predates_the_optio
 
 
 @pytest.mark.parametrize("kind", ["moe", "global"])
+def test_the_global_solve_is_chosen_by_the_residual_unless_a_description_predates_it(kind):
+    from fenop.fem import FunctionSpace
+    from fenop.train.physics import build_constraint, constraint_table
+
+    space = FunctionSpace(unit_square(9), dirichlet="boundary")
+    table = constraint_table({"kind": kind, **({"experts": 2} if kind == "moe" else {})})
+    assert table["global_solve"] == "auto"
+    steady = {**table, "pde": "nonlinear_diffusion", "parameters": {}, "inputs": ["f"]}
+    assert build_constraint(steady, space).global_solve == "linearised"
+    step = {**table, "pde": "allen_cahn", "parameters": {}, "inputs": ["u_prev"]}
+    assert build_constraint(step, space).global_solve == "newton"
+    # a checkpoint's description written before the option: Newton's method
+    older = {key: value for key, value in steady.items() if key != "global_solve"}
+    assert build_constraint(older, space).global_solve == "newton"
+
+
+@pytest.mark.parametrize("kind", ["moe", "global"])
 def test_a_description_from_before_the_two_grid_default_loads_without_it(kind):
     from fenop.fem import FunctionSpace
     from fenop.train.physics import build_constraint, constraint_table

@@ -151,6 +151,7 @@ class AdvectionDiffusionResidual(DirichletResidual):
     """
 
     affine = True
+    time_step = True
 
     def __init__(self, space: FunctionSpace, *, velocity: np.ndarray, kappa: float, dt: float):
         super().__init__(space)

@@ -143,6 +143,8 @@ class AllenCahnResidual(DirichletResidual):
     Shapes: ``u``, ``u_prev``: ``(..., n_dofs)`` -> ``(..., n_dofs)``.
     """
 
+    time_step = True
+
     def __init__(self, space: FunctionSpace, *, epsilon: float, dt: float):
         super().__init__(space)
         self.epsilon, self.dt = epsilon, dt

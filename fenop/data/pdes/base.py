@@ -147,18 +147,21 @@ class DirichletResidual(nn.Module):
     ``(..., n_dofs)``; its Dirichlet rows are replaced by ``u`` itself, so the
     residual vanishes exactly when ``u`` solves the condensed FE system.
 
-    Three attributes tell a hard constraint how to solve with it: ``affine``,
+    Four attributes tell a hard constraint how to solve with it: ``affine``,
     whether ``R`` is affine in ``u`` (then one linear solve is exact),
     ``symmetric``, whether its Jacobian is symmetric on the free DOFs (then a
-    Cholesky factorisation serves), and ``conserved``, whether the sum of ``R``
-    over the free DOFs is a conservation law's discrete balance (its test against
-    the constant field, with no Dirichlet DOFs: a no-flux problem's mass), which a
-    constraint then imposes exactly.
+    Cholesky factorisation serves), ``conserved``, whether the sum of ``R`` over
+    the free DOFs is a conservation law's discrete balance (its test against the
+    constant field, with no Dirichlet DOFs: a no-flux problem's mass), which a
+    constraint then imposes exactly, and ``time_step``, whether ``R`` is one step
+    of a time-dependent PDE (a rollout then feeds each step's leftover error into
+    the next, and a constraint solves a nonlinear one by Newton's method).
     """
 
     affine: ClassVar[bool] = False
     symmetric: ClassVar[bool] = False
     conserved: bool = False
+    time_step: ClassVar[bool] = False
 
     def __init__(self, space: FunctionSpace):
         super().__init__()

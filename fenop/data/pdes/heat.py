@@ -169,6 +169,7 @@ class HeatResidual(DirichletResidual):
 
     affine = True
     symmetric = True
+    time_step = True
 
     def __init__(
         self,

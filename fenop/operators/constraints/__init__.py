@@ -82,10 +82,12 @@ layers).
 
 from fenop.operators.constraints.common import (
     CONDITIONS,
+    GLOBAL_SOLVES,
     NONLINEAR,
     UPDATE_ALIASES,
     UPDATES,
     Condition,
+    GlobalSolve,
     Nonlinear,
     Update,
     free_dofs,
@@ -96,11 +98,13 @@ from fenop.operators.constraints.residual import AssembledJacobian, Residual
 
 __all__ = [
     "CONDITIONS",
+    "GLOBAL_SOLVES",
     "NONLINEAR",
     "UPDATES",
     "UPDATE_ALIASES",
     "AssembledJacobian",
     "Condition",
+    "GlobalSolve",
     "HardConstraint",
     "MoEConstraint",
     "Nonlinear",

@@ -18,7 +18,12 @@ Update = Literal["multiplicative", "restricted_additive"]
 UPDATE_ALIASES = {"colours": "multiplicative", "owners": "restricted_additive"}
 # How MoEConstraint's experts treat a residual that is not affine (see its docstring).
 Nonlinear = Literal["linearised", "newton"]
-CONDITIONS, UPDATES, NONLINEAR = (typing.get_args(c) for c in (Condition, Update, Nonlinear))
+# How the layers' global (or coarse) solve treats one: as Nonlinear, or "auto",
+# by what the residual is (see HardConstraint's docstring).
+GlobalSolve = Literal["auto", "linearised", "newton"]
+CONDITIONS, UPDATES, NONLINEAR, GLOBAL_SOLVES = (
+    typing.get_args(c) for c in (Condition, Update, Nonlinear, GlobalSolve)
+)
 # Solves whose scaled matrix is worse conditioned than this are reported as failed.
 _CONDITION_LIMIT = 1e10
 

@@ -14,6 +14,7 @@ from fenop.operators.constraints.common import (
     UPDATE_ALIASES,
     UPDATES,
     Condition,
+    GlobalSolve,
     Nonlinear,
     Update,
 )
@@ -78,8 +79,8 @@ class MoEConstraint(_Constraint):
         ridge, max_iterations, tolerance, chord, smoothing, global_solve, coarse_grid:
             as for :class:`HardConstraint`, with the same defaults (the smoothing
             sweeps come before the coarse solve and after the experts';
-            ``global_solve`` is the coarse solve's; the grid's correction comes
-            after the experts').
+            ``global_solve`` is the coarse solve's, ``"auto"`` choosing as there;
+            the grid's correction comes after the experts').
         conserve: as for :class:`HardConstraint` (the constant joins each
             expert's fields too).
         frozen_jacobian: as for :class:`HardConstraint` (also the linearised
@@ -105,7 +106,7 @@ class MoEConstraint(_Constraint):
         tolerance: float = 1e-10,
         chord: bool = True,
         smoothing: int = 4,
-        global_solve: Nonlinear = "newton",
+        global_solve: GlobalSolve = "auto",
         coarse_grid: int | str = "auto",
         conserve: bool = True,
         frozen_jacobian: bool = False,

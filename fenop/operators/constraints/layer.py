@@ -17,9 +17,9 @@ from fenop.operators.constraints.coarse import CoarseSpace, auto_resolution
 from fenop.operators.constraints.common import (
     _CONDITION_LIMIT,
     CONDITIONS,
-    NONLINEAR,
+    GLOBAL_SOLVES,
     Condition,
-    Nonlinear,
+    GlobalSolve,
     _needs_gradient,
     free_dofs,
 )
@@ -61,7 +61,7 @@ class _Constraint(nn.Module):
         tolerance: float = 1e-10,
         chord: bool = True,
         smoothing: int = 4,
-        global_solve: Nonlinear = "newton",
+        global_solve: GlobalSolve = "auto",
         coarse_grid: int | str = "auto",
         conserve: bool = True,
         frozen_jacobian: bool = False,
@@ -69,8 +69,8 @@ class _Constraint(nn.Module):
         super().__init__()
         if condition not in CONDITIONS:
             raise ValueError(f"`condition` must be one of {CONDITIONS}, got {condition!r}")
-        if global_solve not in NONLINEAR:
-            raise ValueError(f"`global_solve` must be one of {NONLINEAR}, got {global_solve!r}")
+        if global_solve not in GLOBAL_SOLVES:
+            raise ValueError(f"`global_solve` must be one of {GLOBAL_SOLVES}, got {global_solve!r}")
         if not 0 <= ridge < math.inf:
             raise ValueError(f"`ridge` must be non-negative and finite, got {ridge}")
         if max_iterations < 1 or not 0 < tolerance < math.inf:
@@ -107,6 +107,8 @@ class _Constraint(nn.Module):
         self.assembled = isinstance(residual, AssembledJacobian)
         self.max_iterations, self.tolerance = int(max_iterations), float(tolerance)
         self.chord, self.smoothing = bool(chord), int(smoothing)
+        if global_solve == "auto":  # measured best for each (HardConstraint's docstring)
+            global_solve = "newton" if getattr(residual, "time_step", False) else "linearised"
         self.global_solve = global_solve
         self.frozen_jacobian = bool(frozen_jacobian)
         self.space = residual.forms.space

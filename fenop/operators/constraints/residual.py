@@ -30,7 +30,10 @@ class Residual(Protocol):
 
     Optional: ``conserved`` (default false), whether the sum of ``R`` over the
     free DOFs is a conservation law's discrete balance (a no-flux problem's
-    mass), which the layers then impose exactly (their ``conserve`` option).
+    mass), which the layers then impose exactly (their ``conserve`` option);
+    ``time_step`` (default false), whether ``R`` is one step of a time-dependent
+    PDE, which for a residual that is not affine makes the layers' global solve
+    Newton's method by default (their ``global_solve = "auto"``).
     """
 
     forms: object
