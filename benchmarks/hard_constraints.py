@@ -36,7 +36,9 @@ sample (the data generator's).
 
 ``layer``: the constraint layer alone on one batch (a guess 5 % off the solutions,
 random basis fields): its forward pass without gradients (what inference costs),
-with them, and the backward pass.
+with them, and the backward pass; and what bounds them: one sparse product with
+the batch's ``J`` (float32 and float64, the GB/s it moves) against a copy's GB/s,
+and each variant's forward and backward passes in units of that float32 product.
 
     python benchmarks/hard_constraints.py accuracy --pde darcy --seconds 60
     python benchmarks/hard_constraints.py accuracy --resolution 129 --grid 64 \
@@ -69,6 +71,8 @@ import torch
 from fenop._allocator import keep_freed_memory
 from fenop.data.pdes import get_pde
 from fenop.fem import FunctionSpace, MetisPartition, RelativeH1Loss, RelativeL2Loss, unit_square
+from fenop.fem.jacobian import JacobianPattern
+from fenop.fem.sparse import csr_product
 from fenop.operators import FNO, FEMultigrid, FEOperator, HardConstraint, MoEConstraint
 from fenop.train.physics import PhysicsLoss
 
@@ -461,8 +465,9 @@ def _layer(args) -> None:
         f"{args.pde} {args.resolution} x {args.resolution} P1, {space.n_dofs} DOFs, "
         f"batch {args.batch}, N = {args.basis}"
     )
-    print("| variant | forward, no gradient (s) | forward (s) | backward (s) |")
-    print("|---|---:|---:|---:|")
+    product = _bandwidth(space, args.batch)
+    print("| variant | forward, no gradient (s) | forward (s) | backward (s) | in J products |")
+    print("|---|---:|---:|---:|---:|")
     for variant in args.variants:
         layer = _constraint(variant, family.residual())
         inference, forward, backward = [], [], []
@@ -478,8 +483,45 @@ def _layer(args) -> None:
             loss.backward()
             forward.append(middle - begin)
             backward.append(time.perf_counter() - middle)
-        medians = (statistics.median(t[1:]) for t in (inference, forward, backward))
-        print(f"| {variant} | " + " | ".join(f"{t:.3f}" for t in medians) + " |", flush=True)
+        medians = [statistics.median(t[1:]) for t in (inference, forward, backward)]
+        products = (medians[1] + medians[2]) / product
+        print(
+            f"| {variant} | " + " | ".join(f"{t:.3f}" for t in medians) + f" | {products:.0f} |",
+            flush=True,
+        )
+
+
+def _median_seconds(run, repeats: int = 15) -> float:
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times[1:])
+
+
+def _bandwidth(space, batch: int) -> float:
+    """Prints what one sparse product with ``J`` for ``batch`` samples costs (the
+    block-diagonal CSR matrix the layers multiply by, int32 indices), in float32 and
+    float64, and the GB/s it moves (entries, column indices, the vector read and the
+    result written) against a copy of 200 MB; returns the float32 product's seconds."""
+    pattern = JacobianPattern(space)
+    source = torch.randn(25_000_000)
+    target = torch.empty_like(source)
+    copy = _median_seconds(lambda: target.copy_(source))
+    print(f"# a copy of {source.nbytes / 1e6:.0f} MB: {2 * source.nbytes / copy / 1e9:.1f} GB/s")
+    seconds = {}
+    for dtype in (torch.float32, torch.float64):
+        values = torch.randn(batch, pattern.nnz, dtype=dtype)
+        matrix = pattern.pattern.block(values)
+        x = torch.randn(batch * space.n_dofs, dtype=dtype)
+        seconds[dtype] = _median_seconds(lambda m=matrix, x=x: csr_product(m, x))
+        moved = values.numel() * (values.element_size() + 4) + 2 * x.nbytes
+        print(
+            f"# J x for {batch} samples ({values.numel() / 1e6:.1f}M entries), {dtype}: "
+            f"{1000 * seconds[dtype]:.2f} ms, {moved / seconds[dtype] / 1e9:.1f} GB/s"
+        )
+    return seconds[torch.float32]
 
 
 def _scaling(args) -> None:

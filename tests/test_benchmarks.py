@@ -263,6 +263,7 @@ def test_hard_constraints_scaling_and_layer_run(capsys):
     assert "| 9 | 81 | moe K=16 | 16 |" in out and "failed" not in out
     assert "| 9 | 81 | basis only | 0 |" in out
     assert "| global |" in out
+    assert "torch.float32:" in out and "GB/s" in out  # the sparse product's bound
 
 
 def test_constraint_at_scale_takes_a_trained_models_error_apart(tmp_path, capsys):
