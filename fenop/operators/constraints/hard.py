@@ -46,10 +46,9 @@ class HardConstraint(_Constraint):
             On nonlinear diffusion (a steady problem) the linearised solve had
             0.70-0.80x the L2 and 0.87-0.94x the H1 error of Newton's at equal
             training time, with a 1.4-1.8x cheaper step (1.7e4 and 6.6e4 DOFs,
-            four runs); on
-            Allen-Cahn steppers one Newton step a time rolled out at twice
-            Newton's error, and without the cycle diverged: a rollout feeds each
-            step's leftover error into the next (BENCHMARKS.md).
+            four runs); on Allen-Cahn steppers one Newton step a time rolled out
+            at twice Newton's error, and without the cycle diverged: a rollout
+            feeds each step's leftover error into the next (BENCHMARKS.md).
         coarse_grid: a fixed coarse space after the solve: a Galerkin correction in
             the span of the hat functions of a ``G^d`` grid over the mesh's bounding
             box (:mod:`~fenop.operators.constraints.coarse`; for a residual that is
