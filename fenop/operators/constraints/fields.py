@@ -67,10 +67,11 @@ class _Contraction(torch.autograd.Function):
         return out
 
 
-def _basis_in_float64(basis: torch.Tensor, free: torch.Tensor, *, node_major: bool):
-    """``basis`` ``(B, N, n)`` in float64, zero where ``free`` ``(n,)`` is False; with
-    ``node_major`` stored as ``(B, n, N)`` (returned as its transposed view)."""
-    return _Float64Basis.apply(basis, free, node_major)
+def _basis_in_float64(basis: torch.Tensor, fixed: torch.Tensor, *, node_major: bool):
+    """``basis`` ``(B, N, n)`` in float64, zero at the DOFs ``fixed`` (indices, the
+    Dirichlet DOFs); with ``node_major`` stored as ``(B, n, N)`` (returned as its
+    transposed view)."""
+    return _Float64Basis.apply(basis, fixed, node_major)
 
 
 class _Float64Basis(torch.autograd.Function):
@@ -83,8 +84,7 @@ class _Float64Basis(torch.autograd.Function):
     6.6e4 DOFs, batch 8, N = 16)."""
 
     @staticmethod
-    def forward(ctx, basis, free, node_major):
-        fixed = (~free).nonzero().squeeze(1)  # the Dirichlet DOFs
+    def forward(ctx, basis, fixed, node_major):
         ctx.save_for_backward(fixed)
         ctx.dtype = basis.dtype
         if not node_major:

@@ -120,6 +120,8 @@ class _Constraint(nn.Module):
         else:  # chord iterations: the condition alone at each trial point
             self.root_finder = Newton(systems=self.systems, stopping=stopping, chord=self.chord)
         self.register_buffer("free", free_dofs(residual), persistent=False)
+        # the Dirichlet DOFs' indices, found once (nonzero waits for the device)
+        self.register_buffer("fixed", (~self.free).nonzero().squeeze(1), persistent=False)
         self.pattern = JacobianPattern(self.space)
         if coarse_grid == "auto":
             coarse_grid = auto_resolution(int(self.free.sum()), self.space.dim)
@@ -306,7 +308,7 @@ class _Constraint(nn.Module):
         free = self.free.to(basis.device)
         # float64 throughout: the small systems are ill-conditioned in float32
         g = prediction[:, 0].double()
-        phi = _basis_in_float64(basis, free, node_major=node_major)
+        phi = _basis_in_float64(basis, self.fixed.to(basis.device), node_major=node_major)
         if self.conserves:  # the constant joins the basis: its Galerkin test is the balance
             ones = free.to(phi.dtype).expand(len(phi), 1, -1)
             phi = torch.cat([phi, ones], dim=1)
