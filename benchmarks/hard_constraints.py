@@ -77,6 +77,7 @@ from fenop.operators import FNO, FEMultigrid, FEOperator, HardConstraint, MoECon
 from fenop.train.physics import PhysicsLoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from constraint_inference import _median_time  # the inference benchmark's timer
 from darcy import square_hierarchy, square_levels  # the Darcy benchmark's pieces
 
 _INPUT = {"darcy": "a", "nonlinear_diffusion": "f"}
@@ -491,31 +492,25 @@ def _layer(args) -> None:
         )
 
 
-def _median_seconds(run, repeats: int = 15) -> float:
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times[1:])
-
-
 def _bandwidth(space, batch: int) -> float:
     """Prints what one sparse product with ``J`` for ``batch`` samples costs (the
     block-diagonal CSR matrix the layers multiply by, int32 indices), in float32 and
     float64, and the GB/s it moves (entries, column indices, the vector read and the
-    result written) against a copy of 200 MB; returns the float32 product's seconds."""
+    result written) against a copy of 100 MB (read and written); returns the float32
+    product's seconds. Each timing is the median of 14 calls after one."""
     pattern = JacobianPattern(space)
     source = torch.randn(25_000_000)
     target = torch.empty_like(source)
-    copy = _median_seconds(lambda: target.copy_(source))
+    target.copy_(source)
+    copy = _median_time(lambda: target.copy_(source), 14)
     print(f"# a copy of {source.nbytes / 1e6:.0f} MB: {2 * source.nbytes / copy / 1e9:.1f} GB/s")
     seconds = {}
     for dtype in (torch.float32, torch.float64):
         values = torch.randn(batch, pattern.nnz, dtype=dtype)
         matrix = pattern.pattern.block(values)
         x = torch.randn(batch * space.n_dofs, dtype=dtype)
-        seconds[dtype] = _median_seconds(lambda m=matrix, x=x: csr_product(m, x))
+        csr_product(matrix, x)
+        seconds[dtype] = _median_time(lambda m=matrix, x=x: csr_product(m, x), 14)
         moved = values.numel() * (values.element_size() + 4) + 2 * x.nbytes
         print(
             f"# J x for {batch} samples ({values.numel() / 1e6:.1f}M entries), {dtype}: "

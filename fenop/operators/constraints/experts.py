@@ -230,10 +230,11 @@ class MoEConstraint(_Constraint):
         # not affine, its linearisation at the sweeps' starting field, R(u) - J u and
         # J; none where the experts solve their own nonlinear problems.
         sweep_linear, r_start = linear, None
-        if self.linear_sweeps and not self.affine and self.frozen_jacobian:
-            sweep_linear = self._stage_linear(u, inputs, linear, True)
-        elif self.linear_sweeps and not self.affine:
-            sweep_linear, r_start = self._linearised_at(u, inputs)
+        if self.linear_sweeps and not self.affine:
+            if self.frozen_jacobian:  # R(u) below: the fixed J u + R(0), the same value
+                sweep_linear = self._stage_linear(u, inputs, linear, True)
+            else:
+                sweep_linear, r_start = self._linearised_at(u, inputs)
         # Sharded over processes (shard()): what every process holds enters its share
         # of the experts through to_shards, and their corrections leave through
         # from_shards; with one process both are the identity.
