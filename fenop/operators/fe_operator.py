@@ -42,7 +42,10 @@ class FEOperator(KeepsComplexModule):
     a prediction and ``N`` basis fields (set to zero on the Dirichlet DOFs), and the
     output is the constraint's: the prediction corrected in the span of the basis so
     that the PDE's residual vanishes against it. The residual's inputs are the
-    model's input fields, named by ``constraint_inputs``.
+    model's input fields, named by ``constraint_inputs``. A grid processor's basis
+    is handed over on its grid where the constraint takes it so
+    (``constraint.takes_grid_basis``: the global Galerkin solve of a linear system),
+    and decoded to the mesh otherwise.
 
     Args:
         space_in, space_out: FE spaces of input and output.
@@ -199,25 +202,37 @@ class FEOperator(KeepsComplexModule):
             # Affine per channel, so it commutes with the decoder's interpolation
             # (whose weights sum to one) and comes before the exact boundary values.
             y = self._unnormalised(y.to(x.dtype))
-            if not self.native:
-                y = self.decoder(y, boundary_values=boundary_values)
-            else:
-                if self.decoder is not None:
-                    y = self.decoder(y)
-                if len(self.boundary_dofs):
-                    g = self.boundary_values if boundary_values is None else boundary_values
-                    y = impose_dirichlet(y, self.boundary_dofs, g)
             if self.constraint is None:
-                return y
+                return self._decoded(y, boundary_values)
+            # split, not two slices: its backward is one concatenation, where each
+            # slice's fills a zero array of the whole output and adds into it
+            channels = [1, y.shape[1] - 1]
+            if not self.native and getattr(self.constraint, "takes_grid_basis", False):
+                # The basis stays on the grid: the constraint combines its fields in
+                # the grid's hats (the decoder's interpolation), and one field is
+                # decoded instead of 1 + N (BENCHMARKS.md, "The basis on the grid").
+                prediction, basis = y.split(channels, dim=1)
+                prediction = self._decoded(prediction, boundary_values)
+            else:
+                prediction, basis = self._decoded(y, boundary_values).split(channels, dim=1)
             inputs = {
                 name: fields[:, i]
                 for i, name in enumerate(self.constraint_inputs)
                 if name is not None
             }
-            # split, not two slices: its backward is one concatenation, where each
-            # slice's fills a zero array of the whole output and adds into it
-            prediction, basis = y.split([1, y.shape[1] - 1], dim=1)
             return self.constraint(prediction, basis, **inputs)
+
+    def _decoded(self, y: torch.Tensor, boundary_values: torch.Tensor | None) -> FETensor:
+        """The processor's outputs ``y`` (in physical units) as FE coefficients
+        ``(B, C, n_dofs_out)`` with the Dirichlet values."""
+        if not self.native:
+            return self.decoder(y, boundary_values=boundary_values)
+        if self.decoder is not None:
+            y = self.decoder(y)
+        if len(self.boundary_dofs):
+            g = self.boundary_values if boundary_values is None else boundary_values
+            y = impose_dirichlet(y, self.boundary_dofs, g)
+        return y
 
     def transfer(
         self,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fenop.data.pdes import get_pde
-from fenop.fem import FunctionSpace, MetisPartition, load_mesh, unit_square
+from fenop.fem import FEDecoder, FunctionSpace, MetisPartition, load_mesh, unit_square
 from fenop.fem.jacobian import JacobianPattern
 from fenop.operators import HardConstraint, MoEConstraint
 from fenop.operators.constraints.coarse import CoarseSpace, auto_resolution
@@ -66,6 +66,30 @@ def _darcy_coarse(batch: int):
     return space, residual, pattern, coarse, a
 
 
+def test_a_grid_of_more_hats_than_free_dofs_combines_fields_as_the_decoder_does():
+    """The span of a grid's hats as the basis fields a network emits on it: the
+    coefficients picked from grid values are the decoder's interpolant, and the
+    products with ``Pᵀ J P`` are the dense ones."""
+    space = FunctionSpace(unit_square(9), dirichlet="boundary")
+    residual = get_pde("darcy")(space).residual()
+    pattern, free = JacobianPattern(space), ~residual.dirichlet
+    with pytest.raises(ValueError, match="they are dependent"):
+        CoarseSpace(pattern, free, 12)
+    grid = CoarseSpace(pattern, free, (12, 10), independent=False)
+    assert grid.grid_shape == (12, 10) and grid.size > int(free.sum())
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(2, 3, 12, 10, dtype=torch.float64, generator=generator)
+    decoded = FEDecoder(space, (12, 10)).double()(values)  # zero Dirichlet values
+    torch.testing.assert_close(grid.prolong(grid.from_grid(values)), decoded, rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match=r"must have shape \(batch, fields, 12, 10\)"):
+        grid.from_grid(values[..., :9])
+    a = 1 + torch.rand(2, space.n_dofs, dtype=torch.float64, generator=generator)
+    entries = grid.entries(residual.jacobian_entries(pattern, a=a))
+    c = grid.from_grid(values)
+    expected = c @ grid.matrix(residual.jacobian_entries(pattern, a=a)).transpose(1, 2)
+    torch.testing.assert_close(grid.apply(entries, c), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_the_coarse_matrix_from_darcys_coefficient_is_that_of_its_entries():
     space, residual, pattern, coarse, a = _darcy_coarse(2)
     name, to_entries = residual.jacobian_map(pattern)
@@ -78,7 +102,7 @@ def test_the_coarse_matrix_from_darcys_coefficient_is_that_of_its_entries():
     basis = _smooth_fields(space, 3, seed=0)[None].expand(2, -1, -1)
     with torch.no_grad():
         out = layer(guess, basis, a=a)
-        layer._coarse_entries = lambda inputs: None  # as for a residual without the map
+        layer.residual.jacobian_map = None  # as for a residual without the map
         torch.testing.assert_close(layer(guess, basis, a=a), out, rtol=1e-10, atol=1e-12)
 
 

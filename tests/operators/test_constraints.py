@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fenop.data.pdes import get_pde
-from fenop.fem import FunctionSpace, GivenPartition, MetisPartition, unit_square
+from fenop.fem import FEDecoder, FunctionSpace, GivenPartition, MetisPartition, unit_square
 from fenop.fem.encoders import bounding_grid
 from fenop.operators import HardConstraint, MoEConstraint
 from tests.fem.test_partition import _renumbered
@@ -1039,3 +1039,56 @@ def test_conservation_passes_gradcheck_and_is_refused_for_a_nonlinear_residual()
     with pytest.raises(ValueError, match="only for an affine residual; pass conserve=False"):
         HardConstraint(nonlinear)
     assert not HardConstraint(nonlinear, conserve=False).conserves
+
+
+# A basis on a grid: the fields a network emits there, combined in the grid's hats
+# instead of decoded to the mesh (what FEOperator hands a global Galerkin solve).
+GRID_BASES = {
+    "darcy, default cycle": (lambda: _darcy(17), "a", lambda r: HardConstraint(r)),
+    "darcy, the solve alone": (lambda: _darcy(17), "a", lambda r: HardConstraint(r, **PLAIN)),
+    "nonlinear diffusion, linearised": (lambda: _nonlinear(17), "f", HardConstraint),
+    "no-flux heat, conserved": (lambda: _no_flux_heat(17), "u_prev", HardConstraint),
+}
+
+
+@pytest.mark.parametrize("name", GRID_BASES)
+@pytest.mark.parametrize("resolution", [6, 24])  # fewer hats than free DOFs, and more
+def test_a_basis_on_a_grid_gives_the_decoded_basis_output_and_gradients(name, resolution):
+    make_case, input_name, make = GRID_BASES[name]
+    space, residual, field, u = make_case()
+    layer = make(residual)
+    assert layer.takes_grid_basis
+    generator = torch.Generator().manual_seed(0)
+    shape = (1, 3, resolution, resolution)
+    values = torch.randn(shape, dtype=torch.float64, generator=generator) * u.std()
+    guess = u + 0.05 * u.std() * torch.randn(u.shape, dtype=torch.float64, generator=generator)
+    weights = torch.randn(u.shape, dtype=torch.float64, generator=generator)
+    decoder = FEDecoder(space, resolution).double()  # zero Dirichlet values
+    results = []
+    for on_grid in (True, False):
+        g, b, x = (t.clone().requires_grad_(True) for t in (guess, values, field))
+        out = layer(g[:, None], b if on_grid else decoder(b), **{input_name: x})
+        (out[:, 0] * weights).sum().backward()
+        results.append((out.detach(), g.grad, b.grad, x.grad))
+    # the layer moved the guess (two paths that did nothing would agree too)
+    assert _relative(results[1][0][:, 0], guess) > 1e-4
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * expected.abs().max())
+
+
+def test_a_basis_on_a_grid_is_taken_by_the_galerkin_solve_of_a_linear_system_alone():
+    _, residual, a, u = _darcy(9)
+    values = torch.zeros(1, 2, 5, 5, dtype=torch.float64)
+    refusing = (
+        HardConstraint(residual, condition="least_squares"),
+        MoEConstraint(residual, MetisPartition(experts=2)),
+    )
+    for layer in refusing:
+        assert not layer.takes_grid_basis
+        with pytest.raises(ValueError, match=r"`basis` must have shape \(1, N, 81\), got"):
+            layer(u[:, None], values, a=a)
+    with pytest.raises(ValueError, match=r"\(1, N, 81\) or \(1, N, \*grid\), got \(1, 2, 5\)"):
+        HardConstraint(residual)(u[:, None], values[..., 0], a=a)
+    _, nonlinear, _, _ = _nonlinear(9)
+    assert not HardConstraint(nonlinear, global_solve="newton").takes_grid_basis
+    assert HardConstraint(nonlinear).takes_grid_basis  # one Newton step: a linear system

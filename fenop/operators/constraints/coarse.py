@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from fenop.fem.encoders import bounding_grid
-from fenop.fem.jacobian import JacobianPattern
+from fenop.fem.jacobian import JacobianPattern, _CSRPattern
 from fenop.fem.sparse import SparseMatrix
 from fenop.operators.constraints.banded import BandedFactorisation, BandedLU, BandLayout
 from fenop.operators.implicit import unit_scale
@@ -73,10 +73,14 @@ def auto_resolution(n_free: int, dim: int) -> int:
     return resolution if resolution >= 3 else 0
 
 
-def grid_hats(space, free: torch.Tensor, resolution: int | Sequence[int]) -> scipy.sparse.csr_array:
+def grid_hats(
+    space, free: torch.Tensor, resolution: int | Sequence[int], *, independent: bool = True
+) -> tuple[scipy.sparse.csr_array, np.ndarray]:
     """``P`` ``(n, m)``: the hat functions of a ``resolution`` grid over the bounding box
     of ``space``'s mesh at its DOFs, zero where ``free`` ``(n,)`` is not, those that no
-    free DOF sees dropped (:class:`CoarseSpace`'s arguments and checks)."""
+    free DOF sees dropped; and the grid points ``(m,)`` (flat, C order) of its columns.
+    ``independent``: refuse more hats than free DOFs (:class:`CoarseSpace`'s
+    arguments and checks)."""
     grid = bounding_grid(space, resolution)
     if min(grid.shape) < 3:
         raise ValueError(
@@ -88,13 +92,13 @@ def grid_hats(space, free: torch.Tensor, resolution: int | Sequence[int]) -> sci
     seen = np.flatnonzero(np.asarray(p.sum(axis=0)).ravel() > 0)
     p = scipy.sparse.csr_array(p[:, seen])
     p.sort_indices()
-    if p.shape[1] > int(mask.sum()):
+    if independent and p.shape[1] > int(mask.sum()):
         raise ValueError(
             f"a coarse grid of {grid.shape} points gives {p.shape[1]} hat functions for "
             f"the {int(mask.sum())} free DOFs: they are dependent; a coarse space takes "
             "a grid several times coarser than the mesh"
         )
-    return p
+    return p, seen
 
 
 def _padded_rows(p: scipy.sparse.csr_array) -> tuple[np.ndarray, np.ndarray]:
@@ -120,23 +124,37 @@ class CoarseSpace(nn.Module):
         resolution: grid points per axis (an int for every axis), at least 3, with
             no more hats than free DOFs (more are dependent, and their Galerkin
             matrix singular): a grid several times coarser than the mesh.
+        independent: ``False`` allows more hats than free DOFs: for a space that is
+            never solved in, only combined (the grid a network's basis fields are
+            emitted on, :class:`~fenop.operators.HardConstraint`).
 
     Attributes:
         size: ``m``, the coarse space's dimension.
+        grid_shape: the grid's points per axis.
 
     Shapes:
         :meth:`prolong`: ``(B, m)`` -> ``(B, n)``; :meth:`restrict`: ``(B, n)`` ->
         ``(B, m)``; :meth:`matrix`: ``J``'s entries ``(B, nnz)`` -> ``(B, m, m)``;
         :meth:`matrix_from`: a field ``(B, n)`` -> ``(B, m, m)``; :meth:`entries` and
-        :meth:`entries_from` the same to the ``s`` entries of its pattern ``(B, s)``.
+        :meth:`entries_from` the same to the ``s`` entries of its pattern ``(B, s)``;
+        :meth:`apply`: entries ``(B, s)``, fields ``(B, M, m)`` -> ``(B, M, m)``;
+        :meth:`from_grid`: grid values ``(B, M, *grid)`` -> ``(B, M, m)``.
     """
 
     def __init__(
-        self, pattern: JacobianPattern, free: torch.Tensor, resolution: int | Sequence[int]
+        self,
+        pattern: JacobianPattern,
+        free: torch.Tensor,
+        resolution: int | Sequence[int],
+        *,
+        independent: bool = True,
     ):
         super().__init__()
-        p = grid_hats(pattern.space, free, resolution)
+        p, points = grid_hats(pattern.space, free, resolution, independent=independent)
         self.size = p.shape[1]
+        self.grid_shape = bounding_grid(pattern.space, resolution).shape
+        # the grid point of each hat, to pick the hats' values from a grid tensor
+        self.register_buffer("points", torch.from_numpy(points.astype(np.int64)), persistent=False)
         # P and Pᵀ as sparse products (2^d entries a row): a gather and a scatter-add
         # of (B, n, 2^d) took 5-6x as long, forward and backward (6.6e4 DOFs, batch 8)
         self.hats = SparseMatrix(p)
@@ -160,6 +178,12 @@ class CoarseSpace(nn.Module):
         on_diagonal = np.flatnonzero(rows == cols)  # every hat sees a free DOF: all there
         # in the grid's order the matrix is banded: block tridiagonal (banded.py)
         self.band = BandLayout(rows, cols, self.size)
+        # the same pattern for products with the coarse matrices (the slots are in
+        # row-major order, as a CSR matrix's entries)
+        slots = np.arange(len(seen), dtype=np.float64)
+        self.pattern = _CSRPattern(
+            scipy.sparse.csr_array((slots, (rows, cols)), shape=(self.size, self.size))
+        )
         for name, array in {"slots": seen, "slot_rows": rows, "slot_cols": cols}.items():
             self.register_buffer(name, torch.from_numpy(array.astype(np.int64)), persistent=False)
         self.register_buffer(
@@ -177,6 +201,24 @@ class CoarseSpace(nn.Module):
     def restrict(self, r: torch.Tensor) -> torch.Tensor:
         """``Pᵀ r``: ``(B, n)`` -> ``(B, m)`` (``(B, k, n)`` -> ``(B, k, m)`` too)."""
         return self.hats.transposed(r)
+
+    def from_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """The hats' coefficients ``(B, M, m)`` of the fields whose values on the grid are
+        ``values`` ``(B, M, *grid)``: ``P`` times them is the fields' multilinear
+        interpolant at the DOFs (:class:`~fenop.fem.FEDecoder`'s), zero at the
+        Dirichlet DOFs."""
+        if values.ndim != 2 + len(self.grid_shape) or tuple(values.shape[2:]) != self.grid_shape:
+            raise ValueError(
+                f"grid values must have shape (batch, fields, "
+                f"{', '.join(map(str, self.grid_shape))}), got {tuple(values.shape)}"
+            )
+        return values.flatten(2).index_select(2, self.points.to(values.device))
+
+    def apply(self, entries: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        """``(Pᵀ J P) c`` ``(B, M, m)`` for each of the coefficients ``fields``
+        ``(B, M, m)``, from the coarse matrices' :meth:`entries` ``(B, s)``: a sparse
+        product; differentiable in both."""
+        return self.pattern.rows(entries, fields.transpose(1, 2)).transpose(1, 2)
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         """``Pᵀ J P`` ``(B, m, m)`` from ``J``'s entries ``(B, nnz)`` on the pattern."""

@@ -269,7 +269,7 @@ class MoEConstraint(_Constraint):
         if end is None and not self.affine:
             after = self.smoothing or self.coarse_space is not None
             end = self._stage_linear(u, inputs, linear, after)
-        u, coarse_ok = self._coarse_corrected(u, end, self._coarse_entries(inputs))
+        u, coarse_ok = self._coarse_corrected(u, end, inputs)
         ok = ok & expert_ok & coarse_ok
         iterations = iterations + expert_iterations
         conditions = conditions + expert_conditions

@@ -32,7 +32,7 @@ from fenop.operators.constraints.fields import (
     _jvp,
     _tested,
 )
-from fenop.operators.constraints.galerkin import _galerkin_solve
+from fenop.operators.constraints.galerkin import _galerkin_solve, _grid_galerkin_solve
 from fenop.operators.constraints.residual import AssembledJacobian, missing_members
 from fenop.operators.constraints.roots import (
     LevenbergMarquardt,
@@ -50,6 +50,9 @@ _JACOBI_WEIGHT = 2 / 3
 class _Constraint(nn.Module):
     """What both constraints share: the residual, its checks, the experts' solves,
     and the options of :class:`~fenop.operators.HardConstraint`, which adds none."""
+
+    # whether forward takes basis fields as values on a grid (HardConstraint's)
+    takes_grid_basis = False
 
     def __init__(
         self,
@@ -132,6 +135,9 @@ class _Constraint(nn.Module):
         # the coarse correction is a Galerkin solve whatever the layer's condition
         self.coarse_symmetric = bool(residual.symmetric)
         self.everywhere = _IndexSets(None, self.space.n_dofs)
+        # the spans of the grids' hats that bases came on, by grid shape (_grid_space);
+        # not submodules: built from the mesh on first use, moved to the basis' device
+        self._grids: dict[tuple[int, ...], CoarseSpace] = {}
         self._pattern_checked = False
         self.report: dict[str, torch.Tensor] = {}
 
@@ -141,10 +147,25 @@ class _Constraint(nn.Module):
             raise ValueError(
                 f"`prediction` must have shape (batch, 1, {n}), got {tuple(prediction.shape)}"
             )
-        if basis.ndim != 3 or basis.shape[0] != prediction.shape[0] or basis.shape[2] != n:
+        batch = prediction.shape[0]
+        on_grid = self.takes_grid_basis and basis.ndim == 2 + self.space.dim
+        on_mesh = basis.ndim == 3 and basis.shape[2] == n
+        if basis.ndim < 3 or basis.shape[0] != batch or not (on_grid or on_mesh):
+            grid = f" or ({batch}, N, *grid)" if self.takes_grid_basis else ""
             raise ValueError(
-                f"`basis` must have shape ({prediction.shape[0]}, N, {n}), got {tuple(basis.shape)}"
+                f"`basis` must have shape ({batch}, N, {n}){grid}, got {tuple(basis.shape)}"
             )
+
+    def _grid_space(self, basis: torch.Tensor) -> CoarseSpace | None:
+        """For basis fields given on a grid over the mesh's bounding box, ``(B, N,
+        *grid)``, the span of that grid's hats at the free DOFs (made on the first
+        basis on that grid); ``None`` for fields on the mesh ``(B, N, n)``."""
+        if not self.takes_grid_basis or basis.ndim != 2 + self.space.dim:
+            return None  # on the mesh, or a shape that _check refuses
+        shape = tuple(basis.shape[2:])
+        if shape not in self._grids:
+            self._grids[shape] = CoarseSpace(self.pattern, self.free, shape, independent=False)
+        return self._grids[shape].to(basis.device)
 
     def _residual_of(self, u: torch.Tensor, inputs: dict) -> torch.Tensor:
         """``R(u; inputs)`` for ``u`` ``(B, ..., n)``, inputs ``(B, n)`` broadcast over ``...``."""
@@ -298,29 +319,44 @@ class _Constraint(nn.Module):
         w = implicit_root(condition_of, w, u, local, *values, jacobian=jacobian, ridge=self.ridge)
         return w, result.converged, result.condition, result.iterations
 
-    def _prepare(self, prediction, basis, inputs, *, node_major: bool = False):
+    def _prepare(self, prediction, basis, inputs, *, node_major: bool = False, grid=None):
         """The prediction ``(B, n)``, the basis ``(B, N, n)`` and the inputs in float64,
         the basis zero on the Dirichlet DOFs. ``node_major``: the basis stored as
         ``(B, n, N)`` (a transposed view of it returned), the layout of a sparse
         product of ``J`` with all its fields, which otherwise copies them into it
-        (at 6.6e4 DOFs, batch 8, N = 8, the copy took as long as the product)."""
+        (at 6.6e4 DOFs, batch 8, N = 8, the copy took as long as the product).
+        ``grid``: the basis is on that grid (:meth:`_grid_space`), and its fields are
+        returned as the grid's hats' coefficients ``(B, N, m)``."""
         self._check(prediction, basis)
-        free = self.free.to(basis.device)
         # float64 throughout: the small systems are ill-conditioned in float32
         g = prediction[:, 0].double()
-        phi = _basis_in_float64(basis, self.fixed.to(basis.device), node_major=node_major)
+        if grid is not None:
+            phi = grid.from_grid(basis).double()
+            ones = phi.new_ones(len(phi), 1, grid.size)  # the hats sum to 1 at free DOFs
+        else:
+            phi = _basis_in_float64(basis, self.fixed.to(basis.device), node_major=node_major)
+            ones = self.free.to(basis.device, phi.dtype).expand(len(phi), 1, -1)
         if self.conserves:  # the constant joins the basis: its Galerkin test is the balance
-            ones = free.to(phi.dtype).expand(len(phi), 1, -1)
             phi = torch.cat([phi, ones], dim=1)
         return g, phi, {k: v.double() for k, v in inputs.items()}
 
-    def _global(self, u, phi, inputs, linear=None, data=None):
+    def _global(self, u, phi, inputs, linear=None, data=None, grid=None):
         """One solve over the whole domain: ``u + Φ w`` with the condition of the
         residual, or of the affine one ``linear`` where given (for a residual that is
-        not affine, a linearisation: one Newton step)."""
+        not affine, a linearisation: one Newton step). ``grid``: ``phi`` holds the
+        coefficients of the fields in that grid's hats (:meth:`_prepare`), which
+        only the Galerkin solve of an affine residual takes (``takes_grid_basis``)."""
         if linear is not None and self.rule is RULES["galerkin"]:
-            out, ok, condition = _galerkin_solve(u, phi, *linear, self.pattern, self.systems)
+            if grid is not None:
+                entries = self._entries_on(grid, inputs, linear[1])
+                out, ok, condition = _grid_galerkin_solve(
+                    u, phi, grid, *linear, entries, self.pattern, self.systems
+                )
+            else:
+                out, ok, condition = _galerkin_solve(u, phi, *linear, self.pattern, self.systems)
             return out, ok, condition, torch.ones_like(condition, dtype=torch.int64)
+        if grid is not None:
+            raise AssertionError("a basis on a grid reached a solve that does not take one")
         sets = (self.everywhere, self.everywhere, None)
         w, ok, condition, iterations = self._experts(
             u, phi[:, None], sets, inputs, linear, data=data
@@ -392,32 +428,30 @@ class _Constraint(nn.Module):
         # jacobi works in its entries' precision
         return self.pattern.jacobi(values.to(dtype), r0, step, u, sweeps=self.smoothing).to(u.dtype)
 
-    def _coarse_entries(self, inputs: dict) -> torch.Tensor | None:
-        """The coarse grid's matrix from the inputs alone, its entries on its pattern
-        ``(B, s)`` (:meth:`CoarseSpace.entries
-        <fenop.operators.constraints.coarse.CoarseSpace.entries>`), for an affine
-        residual whose Jacobian is linear in one of them (``residual.jacobian_map``:
-        Darcy's in ``a``); ``None`` otherwise (:meth:`_coarse_corrected` then forms
-        it from ``J``'s entries)."""
+    def _entries_on(self, space: CoarseSpace, inputs: dict, values: torch.Tensor):
+        """``Pᵀ J P``'s entries ``(B, s)`` for the hats ``P`` of ``space``
+        (:meth:`CoarseSpace.entries
+        <fenop.operators.constraints.coarse.CoarseSpace.entries>`): from the inputs
+        alone for an affine residual whose Jacobian is linear in one of them
+        (``residual.jacobian_map``: Darcy's in ``a``), else from ``J``'s entries
+        ``values`` ``(B, nnz)``."""
         mapped = getattr(self.residual, "jacobian_map", None)
-        if self.coarse_space is None or not self.affine or mapped is None:
-            return None
-        name, to_entries = mapped(self.pattern)
-        return self.coarse_space.entries_from(to_entries, inputs[name])
+        if self.affine and mapped is not None:
+            name, to_entries = mapped(self.pattern)
+            return space.entries_from(to_entries, inputs[name])
+        return space.entries(values)
 
-    def _coarse_corrected(self, u: torch.Tensor, linear, entries=None):
+    def _coarse_corrected(self, u: torch.Tensor, linear, inputs: dict):
         """``u + P c`` ``(B, n)`` with ``Pᵀ (J (u + P c) + R(0)) = 0`` for the affine
         residual ``linear`` (``(R(0), J)``, as :meth:`_smoothed` takes it): the
         Galerkin correction in the coarse space (:attr:`coarse_grid`), and whether
         each solve succeeded ``(B,)``. The coarse space holds the smooth part of the
         error, which the network's basis misses on a mesh finer than its grid;
-        differentiable. ``entries``: ``Pᵀ J P``'s where the caller has them
-        (:meth:`_coarse_entries`)."""
+        differentiable."""
         if self.coarse_space is None:
             return u, torch.ones(len(u), dtype=torch.bool, device=u.device)
         r = self._affine_residual(u, linear)
-        if entries is None:
-            entries = self.coarse_space.entries(linear[1])
+        entries = self._entries_on(self.coarse_space, inputs, linear[1])
         factors = self.coarse_space.factorised(
             entries, ridge=self.ridge, symmetric=self.coarse_symmetric
         )
