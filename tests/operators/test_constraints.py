@@ -315,6 +315,24 @@ def _gradcheck(layer, space, u, name: str, field, *, fast: bool) -> bool:
     )
 
 
+def test_the_reported_residual_norm_is_the_outputs_made_when_first_read():
+    space, residual, a, u = _darcy(9)
+    layer = HardConstraint(residual)
+    basis = _smooth_fields(space, 2, seed=1)[None]
+    out = layer((0.9 * u)[:, None], basis, a=a)
+    evaluations = []
+    evaluate = layer._residual_of
+    layer._residual_of = lambda *args: evaluations.append(1) or evaluate(*args)
+    assert (
+        list(layer.report) == ["converged", "singular", "condition", "iterations", "residual_norm"]
+        and not evaluations
+    )
+    expected = torch.where(residual.dirichlet, 0.0, residual(out[:, 0], a=a)).norm(dim=-1)
+    torch.testing.assert_close(layer.report["residual_norm"], expected, rtol=1e-10, atol=0)
+    layer.report["residual_norm"]
+    assert len(evaluations) == 1
+
+
 def test_singular_systems_and_failed_solves_are_reported_not_hidden():
     space, residual, a, u = _darcy(17)
     field = _smooth_fields(space, 1, seed=5)[0]

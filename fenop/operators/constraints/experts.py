@@ -274,7 +274,7 @@ class MoEConstraint(_Constraint):
         iterations = iterations + expert_iterations
         conditions = conditions + expert_conditions
         u = self._conserved(self._smoothed(u, end, prediction.dtype), linear)
-        return self._finish(u, ok, conditions, iterations, prediction.dtype, inputs, linear)
+        return self._finish(u, ok, conditions, iterations, prediction.dtype, inputs)
 
     def _tracked_sweeps(self, u, r, phi, values):
         """The sweeps colour by colour for an affine residual (or a linearisation) of

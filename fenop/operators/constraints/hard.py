@@ -124,5 +124,5 @@ class HardConstraint(_Constraint):
         u, coarse_ok = self._coarse_corrected(u, end, inputs)
         u = self._conserved(self._smoothed(u, end, prediction.dtype), linear)
         return self._finish(
-            u, ok & coarse_ok, [condition], iterations.sum(dim=1), prediction.dtype, inputs, linear
+            u, ok & coarse_ok, [condition], iterations.sum(dim=1), prediction.dtype, inputs
         )
