@@ -225,6 +225,7 @@ _ACCURACY = {
     "global, default, N=8, coarse grid 33": lambda r: HardConstraint(r, coarse_grid=33),
     # fewer sweeps: half the cycle's sparse products
     "global, default, N=8, smoothing 2": lambda r: HardConstraint(r, smoothing=2),
+    "global, default, N=32, smoothing 2": lambda r: HardConstraint(r, smoothing=2),
     "MoE K=64, default": lambda r: MoEConstraint(r, MetisPartition(experts=64)),
     "MoE 64 DOFs/expert, default": lambda r: MoEConstraint(r, MetisPartition(dofs_per_expert=64)),
     "MoE 256 DOFs/expert, default": lambda r: MoEConstraint(r, MetisPartition(dofs_per_expert=256)),

@@ -92,9 +92,9 @@ class HardConstraint(_Constraint):
         then their multilinear interpolants (zero on the Dirichlet DOFs), the same
         output, but the solve combines them in the grid's hats and never forms
         them on the mesh. :class:`~fenop.operators.FEOperator` hands a grid
-        processor's basis over so: the layer's training step at 6.6e4 DOFs fell
-        from 2.7x to 1.9x the unconstrained step (BENCHMARKS.md, "The basis on
-        the grid").
+        processor's basis over so: 32 fields then cost what 8 do, and the
+        training step with 32 took 1.8x less time at 6.6e4 DOFs and 1.9x less
+        at 2.6e5 (BENCHMARKS.md, "The basis on the grid").
     """
 
     @property

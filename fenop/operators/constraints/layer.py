@@ -346,7 +346,7 @@ class _Constraint(nn.Module):
         residual, or of the affine one ``linear`` where given (for a residual that is
         not affine, a linearisation: one Newton step). ``grid``: ``phi`` holds the
         coefficients of the fields in that grid's hats (:meth:`_prepare`), which
-        only the Galerkin solve of an affine residual takes (``takes_grid_basis``)."""
+        only the Galerkin solve of a linear system takes (``takes_grid_basis``)."""
         if linear is not None and self.rule is RULES["galerkin"]:
             if grid is not None:
                 entries = self._entries_on(grid, inputs, linear[1])
