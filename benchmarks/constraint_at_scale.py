@@ -9,7 +9,9 @@ and its outputs ``g`` on held-out samples are taken apart and corrected:
   the nested (R + 1) / 2 mesh (the scales a 64 x 64 grid can carry) and the rest;
 - **smoothing**: ``ν`` sweeps of damped Jacobi on the FE system itself,
   ``u ← u - ω D⁻¹ R(u)`` (ω = 2/3), the smoother of a multigrid: linear cost, no
-  factorisation;
+  factorisation; and ``ν`` steps of Chebyshev smoothing of the same cost (one
+  product with ``J`` each), the polynomial in ``D⁻¹ J`` smallest on the upper part
+  ``[λ / 10, λ]`` or ``[λ / 30, λ]`` of its spectrum (``λ`` Gershgorin's bound);
 - **coarse oracle**: ``g`` plus the coarse part of its error exactly (what the best
   basis a 64 x 64 grid can emit would give a Galerkin solve), then ``ν`` sweeps;
 - **Galerkin**: a global Galerkin solve in the span of 16 fields made from ``g``
@@ -20,8 +22,9 @@ and its outputs ``g`` on held-out samples are taken apart and corrected:
   functions interpolated at the mesh's DOFs (zero on its Dirichlet DOFs), a fixed
   space that needs nothing from the network (its sparse matrix ``Pᵀ J P`` formed,
   factorised and solved per sample), then ``ν`` sweeps; with ``ν`` sweeps before it
-  too (a two-grid cycle from the network's output); and with the 16 fields above,
-  one solve after the other or beside the coarse space in one solve.
+  too (a two-grid cycle from the network's output; also with Chebyshev steps); and
+  with the 16 fields above, one solve after the other or beside the coarse space in
+  one solve.
 
 Each row gives the relative L2 and H1 errors against the FE solution, averaged
 over the test samples, and the time per sample of the correction (float64, CPU),
@@ -56,6 +59,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hard_constraints import _train_for
 
 OMEGA = 2 / 3
+# Chebyshev smoothing's intervals, [λ / ratio, λ] of D⁻¹ J's spectrum
+CHEBYSHEV = (10, 30)
 
 
 def _errors(space, u, v) -> tuple[float, float]:
@@ -86,6 +91,27 @@ class _System:
     def jacobi(self, u, sweeps: int):
         for _ in range(sweeps):
             u = u - OMEGA * np.where(self.free, self.residual(u) / self.diagonal, 0.0)
+        return u
+
+    def chebyshev(self, u, sweeps: int, ratio: float):
+        """``sweeps`` steps of Chebyshev smoothing on ``D⁻¹ J`` (one product with ``J``
+        each, as a Jacobi sweep): the polynomial smallest on ``[λ / ratio, λ]``, ``λ``
+        Gershgorin's bound on ``D⁻¹ J``'s spectrum over the free rows."""
+        dinv = np.where(self.free, 1 / self.diagonal, 0.0)
+        rows = np.abs(self.matrix) @ np.ones(len(u))
+        top = float(np.max(np.where(self.free, rows * np.abs(dinv), 0.0)))
+        theta, delta = (top + top / ratio) / 2, (top - top / ratio) / 2
+        sigma = theta / delta
+        rho = 1 / sigma
+        r = -self.residual(u)
+        d = dinv * r / theta
+        for k in range(sweeps):
+            u = u + d
+            if k == sweeps - 1:
+                break
+            r = r - self.matrix @ d
+            rho, previous = 1 / (2 * sigma - rho), rho
+            d = rho * previous * d + 2 * rho / delta * dinv * r
         return u
 
     def galerkin(self, u, basis):
@@ -203,6 +229,11 @@ def main(argv=None) -> None:
             begin = time.perf_counter()
             v = system.jacobi(g, nu)
             record(f"Jacobi, {nu} sweeps", v, u, time.perf_counter() - begin)
+        for ratio in CHEBYSHEV:
+            for nu in sweeps:
+                begin = time.perf_counter()
+                v = system.chebyshev(g, nu, ratio)
+                record(f"Chebyshev 1/{ratio}, {nu} sweeps", v, u, time.perf_counter() - begin)
         for nu in (0, *sweeps):
             record(f"coarse oracle, then {nu} sweeps", system.jacobi(g + coarse, nu), u)
         basis = np.stack([g * x**p * y**q for p in range(4) for q in range(4)])
@@ -226,12 +257,16 @@ def main(argv=None) -> None:
                 record(
                     f"coarse {size} ({m} DOFs), then {nu} sweeps", v, u, time.perf_counter() - begin
                 )
-            for nu in (2, 4):
+            for nu in (1, 2, 4):
                 begin = time.perf_counter()
                 v = system.jacobi(_coarse_galerkin(system, p, system.jacobi(g, nu)), nu)
                 record(
                     f"{nu} sweeps, coarse {size}, {nu} sweeps", v, u, time.perf_counter() - begin
                 )
+                for ratio in CHEBYSHEV:
+                    v = system.chebyshev(g, nu, ratio)
+                    v = system.chebyshev(_coarse_galerkin(system, p, v), nu, ratio)
+                    record(f"{nu} Chebyshev 1/{ratio}, coarse {size}, the same", v, u)
             v = system.galerkin(_coarse_galerkin(system, p, g), basis)
             record(f"coarse {size}, Galerkin N=16, then 4 sweeps", system.jacobi(v, 4), u)
             v = _coarse_galerkin(system, p, system.galerkin(g, basis))
