@@ -17,20 +17,18 @@ def _galerkin_solve(g, phi, r0, values, pattern: JacobianPattern, systems: Dense
     return _GalerkinSolve.apply(g, phi, r0, values, pattern, factors)
 
 
-def _grid_galerkin_solve(
-    g, coefficients, grid: CoarseSpace, r0, values, entries, pattern, systems: DenseSystems
-):
+def _grid_galerkin_solve(g, r, coefficients, grid: CoarseSpace, entries, systems: DenseSystems):
     """The solve of :func:`_galerkin_solve` for basis fields ``Φ = C Pᵀ`` given by
     their coefficients ``C`` ``(B, N, m)`` in the hats ``P`` ``(n, m)`` of ``grid``
     (the fields a network emits on that grid, interpolated as its decoder does):
-    ``Φ J Φᵀ = C (Pᵀ J P) Cᵀ`` and ``Φ R(g) = C Pᵀ R(g)``, with ``Pᵀ J P``'s entries
-    ``entries`` ``(B, s)`` on the grid's pattern. The same output, but nothing of
-    size ``N n`` is formed: the fields' products, the solve's and its gradient's
-    are on the grid's ``m`` hats, and the mesh sees one residual, one restriction
-    and one prolongation (and ``Pᵀ J P``, one sparse product whatever ``N``).
+    ``Φ J Φᵀ = C (Pᵀ J P) Cᵀ`` and ``Φ R(g) = C Pᵀ R(g)``, with ``r = R(g)`` ``(B, n)``
+    and ``Pᵀ J P``'s entries ``entries`` ``(B, s)`` on the grid's pattern. The same
+    output, but nothing of size ``N n`` is formed: the fields' products, the
+    solve's and its gradient's are on the grid's ``m`` hats, and the mesh sees one
+    residual, one restriction and one prolongation (and ``Pᵀ J P``, one sparse
+    product whatever ``N``).
     Autograd differentiates it. Returns the output ``(B, n)``, whether each solve
     succeeded ``(B,)`` and the condition numbers ``(B, 1)``."""
-    r = pattern.matmul(values, g[:, None])[:, 0] + r0
     matrix = coefficients @ grid.apply(entries, coefficients).transpose(-1, -2)
     factors = systems.factorise(matrix)
     w, ok = factors.solve(-(coefficients @ grid.restrict(r)[..., None])[..., 0])

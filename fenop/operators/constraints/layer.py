@@ -333,11 +333,13 @@ class _Constraint(nn.Module):
         g = prediction[:, 0].double()
         if grid is not None:
             phi = grid.from_grid(basis).double()
-            ones = phi.new_ones(len(phi), 1, grid.size)  # the hats sum to 1 at free DOFs
         else:
             phi = _basis_in_float64(basis, self.fixed.to(basis.device), node_major=node_major)
-            ones = self.free.to(basis.device, phi.dtype).expand(len(phi), 1, -1)
         if self.conserves:  # the constant joins the basis: its Galerkin test is the balance
+            if grid is not None:  # the hats sum to 1 at the free DOFs
+                ones = phi.new_ones(len(phi), 1, grid.size)
+            else:
+                ones = self.free.to(basis.device, phi.dtype).expand(len(phi), 1, -1)
             phi = torch.cat([phi, ones], dim=1)
         return g, phi, {k: v.double() for k, v in inputs.items()}
 
@@ -349,10 +351,9 @@ class _Constraint(nn.Module):
         only the Galerkin solve of a linear system takes (``takes_grid_basis``)."""
         if linear is not None and self.rule is RULES["galerkin"]:
             if grid is not None:
+                r = self._affine_residual(u, linear)
                 entries = self._entries_on(grid, inputs, linear[1])
-                out, ok, condition = _grid_galerkin_solve(
-                    u, phi, grid, *linear, entries, self.pattern, self.systems
-                )
+                out, ok, condition = _grid_galerkin_solve(u, r, phi, grid, entries, self.systems)
             else:
                 out, ok, condition = _galerkin_solve(u, phi, *linear, self.pattern, self.systems)
             return out, ok, condition, torch.ones_like(condition, dtype=torch.int64)
